@@ -1,0 +1,217 @@
+"""Building blocks shared by the image encoder, the connector and the decoder.
+
+Every parameter is created with logical axis names (see `mm1_jax.sharding` for the
+names and the rules that map them onto mesh axes). Dimension letters used in
+shape comments:
+
+  B: batch            T: query length          S: key length
+  D: model width      F: MLP hidden width      V: vocabulary
+  N: query heads      K: key/value heads       H: head dim
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+Initializer = Callable[..., jax.Array]
+
+default_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def _prod(xs: Sequence[int]) -> int:
+  return int(math.prod(xs))
+
+
+class Linear(nn.Module):
+  """A dense layer over the trailing `len(in_axes)` dims, computed as one 2-D matmul.
+
+  Leading (token) dims are flattened before the matmul so that the weight gradient
+  contracts a single dimension; on CPU this made the train step ~1.4x faster than
+  a batched einsum, and on TPU/GPU it lowers to the same dot_general.
+
+  Attributes:
+    features: output feature shape, e.g. (num_heads, head_dim).
+    axes: logical axis names of the kernel, input names first then output names.
+    num_in: how many trailing input dims are contracted.
+  """
+
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  num_in: int = 1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[-self.num_in:]
+    lead = x.shape[:-self.num_in]
+    fan_in = _prod(in_shape)
+    kernel_shape = tuple(in_shape) + tuple(self.features)
+    assert len(self.axes) == len(kernel_shape), (self.axes, kernel_shape)
+
+    def init(key, shape, dtype):
+      # Initialise as a 2-D (fan_in, fan_out) matrix so variance scaling sees the right fans.
+      w = self.kernel_init(key, (fan_in, _prod(self.features)), dtype)
+      return w.reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                        kernel_shape, self.param_dtype)
+    kernel = jnp.asarray(kernel, self.dtype).reshape(fan_in, -1)
+    y = jnp.dot(jnp.asarray(x, self.dtype).reshape(-1, fan_in), kernel)
+    y = y.reshape(lead + tuple(self.features))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.axes[self.num_in:]),
+                        tuple(self.features), self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm; statistics in float32 whatever the compute dtype."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with logically partitioned scale and bias; statistics in float32."""
+
+  eps: float = 1e-6
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis_name,)), (d,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.axis_name,)), (d,), jnp.float32)
+      y = y + bias
+    return y.astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (rotate-half form).
+
+  Args:
+    x: float[B, T, N, H], H even.
+    positions: int[B, T].
+    base: RoPE wavelength base.
+  Returns:
+    float[B, T, N, H] in x's dtype.
+  """
+  h = x.shape[-1]
+  inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+KVCache = tuple[jax.Array, jax.Array]  # (key, value), each float[B, S_max, K, H]
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention with optional RoPE and a KV cache.
+
+  With `cache=(k, v)` and `cache_index=i`, the T new keys/values are written into
+  slots [i, i + T) of the cache and the queries attend over the whole cache; the
+  caller's mask says which slots are valid for which query.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_bias: bool = False
+  use_rope: bool = True
+  rope_base: float = 10000.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array | None = None,
+               cache: KVCache | None = None, cache_index: jax.Array | int = 0
+               ) -> tuple[jax.Array, KVCache | None]:
+    """x: float[B, T, D]; mask: bool[B, 1, T, S] or None (full attention)."""
+    d = x.shape[-1]
+    dense = lambda feats, axes, name, n_in=1: Linear(  # noqa: E731
+        feats, axes, num_in=n_in, use_bias=self.use_bias, dtype=self.dtype, name=name)
+    q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), "query")(x)
+    k = dense((self.num_kv_heads, self.head_dim), ("embed", "heads", "kv"), "key")(x)
+    v = dense((self.num_kv_heads, self.head_dim), ("embed", "heads", "kv"), "value")(x)
+    if self.use_rope:
+      q = apply_rope(q, positions, self.rope_base)
+      k = apply_rope(k, positions, self.rope_base)
+
+    new_cache = None
+    if cache is not None:
+      zero = jnp.zeros((), jnp.int32)
+      idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), idx)
+      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), idx)
+      new_cache = (k, v)
+
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    out = dense((d,), ("heads", "kv", "embed"), "out", n_in=2)(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """Feed-forward block: SwiGLU (`act='swiglu'`) or a plain two-layer MLP."""
+
+  hidden: int
+  act: str = "swiglu"
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    dense = lambda feats, axes, name: Linear(  # noqa: E731
+        feats, axes, use_bias=self.use_bias, dtype=self.dtype, name=name)
+    if self.act == "swiglu":
+      h = nn.silu(dense((self.hidden,), ("embed", "mlp"), "gate")(x))
+      h = h * dense((self.hidden,), ("embed", "mlp"), "up")(x)
+    else:
+      h = activation(self.act)(dense((self.hidden,), ("embed", "mlp"), "up")(x))
+    return dense((d,), ("mlp", "embed"), "down")(h)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  acts = {
+      "gelu": nn.gelu,
+      "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+      "silu": nn.silu,
+      "relu": nn.relu,
+  }
+  if name not in acts:
+    raise ValueError(f"unknown activation {name!r}; choose from {sorted(acts)}")
+  return acts[name]

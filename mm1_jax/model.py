@@ -1,0 +1,153 @@
+"""MM1: image encoder -> connector -> decoder-only LLM.
+
+Each image becomes Q tokens. The text sequence carries Q copies of the image
+placeholder id for every image, in order; `splice_images` swaps those positions
+for the connector's outputs. Loss is on text tokens only.
+
+Batch layout (see `mm1_jax.data.pipeline`):
+  tokens:       int32[B, T]   inputs, image placeholders included
+  targets:      int32[B, T]   next token
+  loss_weights: float32[B, T] 1 on text targets, 0 on image placeholders and padding
+  segment_ids:  int32[B, T]   0 is padding; packed examples get distinct ids
+  positions:    int32[B, T]   position within its segment
+  images:       uint8[B, N, H, W, 3], N images per sequence (unused slots are zeros)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mm1_jax import connector as connector_lib
+from mm1_jax import decoder as decoder_lib
+from mm1_jax import vit as vit_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class MM1Config:
+  """Composite config: one sub-config per component."""
+
+  encoder: vit_lib.ViTConfig = vit_lib.ViTConfig()
+  connector: connector_lib.CAbstractorConfig = connector_lib.CAbstractorConfig()
+  decoder: decoder_lib.DecoderConfig = decoder_lib.DecoderConfig()
+  image_token_id: int = 4  # id of the `<image>` placeholder in the vocabulary
+
+  @property
+  def tokens_per_image(self) -> int:
+    return self.connector.num_tokens
+
+
+def splice_images(text_emb: jax.Array, image_emb: jax.Array, is_image: jax.Array) -> jax.Array:
+  """Puts image tokens at the placeholder positions, in order.
+
+  Args:
+    text_emb: float[B, T, D] token embeddings.
+    image_emb: float[B, M, D] image tokens (M = images x Q), in sequence order.
+    is_image: bool[B, T]; row b must have at most M True entries.
+  Returns:
+    float[B, T, D]
+  """
+  idx = jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1
+  idx = jnp.clip(idx, 0, image_emb.shape[1] - 1)
+  gathered = jnp.take_along_axis(image_emb, idx[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered.astype(text_emb.dtype), text_emb)
+
+
+def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+  """bool[B, 1, T, T]: causal, within the same segment, padding (id 0) excluded.
+
+  A padding query keeps a self-edge so that its softmax row is never empty.
+  """
+  t = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  valid = (segment_ids[:, None, :] > 0) | jnp.eye(t, dtype=bool)[None]
+  return (causal[None] & same & valid)[:, None]
+
+
+def cache_mask(kv_valid: jax.Array, index: jax.Array | int, num_queries: int) -> jax.Array:
+  """bool[B, 1, T, S] for queries at cache slots [index, index + T) over S cache slots."""
+  s = kv_valid.shape[1]
+  q_slot = jnp.asarray(index) + jnp.arange(num_queries)
+  k_slot = jnp.arange(s)
+  causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+  own = k_slot[None, :] == q_slot[:, None]  # keep a self-edge for left-padding queries
+  return ((causal[None] & kv_valid[:, None, :]) | own[None])[:, None]
+
+
+class MM1(nn.Module):
+  config: MM1Config
+
+  def setup(self):
+    c = self.config
+    self.encoder = vit_lib.ViT(c.encoder, name="encoder")
+    self.connector = connector_lib.CAbstractor(c.connector, out_dim=c.decoder.width, name="connector")
+    self.decoder = decoder_lib.Decoder(c.decoder, name="decoder")
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """uint8[B, N, H, W, 3] -> image tokens float[B, N * Q, D]."""
+    b, n = images.shape[:2]
+    feats = self.encoder(images.reshape((b * n,) + images.shape[2:]))
+    tokens = self.connector(feats)  # [B * N, Q, D]
+    return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+  def embed_inputs(self, tokens: jax.Array, images: jax.Array) -> jax.Array:
+    text = self.decoder.embed(tokens)
+    return splice_images(text, self.encode_images(images), tokens == self.config.image_token_id)
+
+  def __call__(self, tokens: jax.Array, images: jax.Array, segment_ids: jax.Array,
+               positions: jax.Array) -> jax.Array:
+    """Training / scoring forward pass: logits float32[B, T, V]."""
+    x = self.embed_inputs(tokens, images)
+    logits, _ = self.decoder(x, segment_causal_mask(segment_ids), positions)
+    return logits
+
+  def prefill(self, tokens: jax.Array, images: jax.Array, valid: jax.Array, cache):
+    """Runs a left-padded prompt into an empty cache.
+
+    Args:
+      tokens: int32[B, P] prompts, left-padded.
+      images: uint8[B, N, H, W, 3].
+      valid: bool[B, P], False on padding.
+      cache: empty per-layer caches of length S >= P.
+    Returns:
+      (logits of the last prompt position float32[B, V], filled cache)
+    """
+    s = cache[0][0].shape[1]
+    kv_valid = jnp.pad(valid, ((0, 0), (0, s - valid.shape[1])))
+    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    x = self.embed_inputs(tokens, images)
+    logits, cache = self.decoder(x, cache_mask(kv_valid, 0, tokens.shape[1]), positions, cache, 0)
+    return logits[:, -1], cache
+
+  def decode_step(self, token: jax.Array, position: jax.Array, kv_valid: jax.Array, cache,
+                  index: jax.Array):
+    """One decoding step: token int32[B], position int32[B] at cache slot `index`."""
+    x = self.decoder.embed(token[:, None])
+    logits, cache = self.decoder(x, cache_mask(kv_valid, index, 1), position[:, None], cache, index)
+    return logits[:, 0], cache
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                  z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted mean next-token cross-entropy, float32 throughout.
+
+  Args:
+    logits: float32[B, T, V]; targets: int32[B, T]; weights: float32[B, T].
+    z_loss: weight of the log-partition penalty (z^2), 0 to disable.
+  Returns:
+    (loss, {'loss', 'z_loss', 'accuracy', 'num_tokens'})
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  denom = jnp.maximum(weights.sum(), 1.0)
+  loss = (nll * weights).sum() / denom
+  zl = (jnp.square(log_z) * weights).sum() / denom
+  acc = ((jnp.argmax(logits, -1) == targets) * weights).sum() / denom
+  total = loss + z_loss * zl
+  return total, {"loss": loss, "z_loss": zl, "accuracy": acc, "num_tokens": weights.sum()}

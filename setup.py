@@ -1,0 +1,41 @@
+"""mm1_jax: MM1-style multimodal LLM pre-training in JAX, from one CPU to TPU pods."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mm1_jax",
+    version="0.1.0",
+    description="MM1 multimodal LLM pre-training and few-shot evaluation in JAX/Flax",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mm1_jax", "mm1_jax.*", "tasks", "tasks.*"]),
+    package_data={"mm1_jax.data": ["assets/*.model"]},
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "gin-config>=0.5,<0.6",
+        "numpy>=1.26",
+        "pillow>=10",
+        "sentencepiece>=0.2,<0.3",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6,<3",
+        # Data stack: seqio tasks over TFRecord shards (imported lazily by the trainer).
+        "seqio>=0.0.20,<0.1",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.9,<5",
+        "grain>=0.2.18,<0.3",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mm1-train=mm1_jax.cli:train_entry",
+            "mm1-eval=mm1_jax.cli:eval_entry",
+        ],
+    },
+)

@@ -1,0 +1,33 @@
+"""Test setup: 8 simulated CPU devices and a shared generated corpus.
+
+Both must be set before jax / the task registry are imported.
+"""
+
+import os
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MM1_DATA_DIR", os.path.join(tempfile.gettempdir(), "mm1_jax_test_corpus"))
+
+import pytest  # noqa: E402
+
+from mm1_jax import connector, decoder, model, vit  # noqa: E402
+
+
+def tiny_model_config() -> model.MM1Config:
+  """Smaller than gin/models/mm1_tiny.gin so that tests compile and run fast."""
+  return model.MM1Config(
+      encoder=vit.ViTConfig(image_size=64, patch_size=16, width=64, depth=2, num_heads=2, mlp_dim=128),
+      connector=connector.CAbstractorConfig(num_tokens=4, hidden=32, depth=1),
+      decoder=decoder.DecoderConfig(vocab_size=256, width=64, depth=2, num_heads=4, num_kv_heads=2,
+                                    head_dim=16, mlp_dim=128),
+      image_token_id=3,
+  )
+
+
+@pytest.fixture
+def tiny_config() -> model.MM1Config:
+  return tiny_model_config()

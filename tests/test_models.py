@@ -1,0 +1,189 @@
+"""Shapes and behaviour of every module: ViT, C-Abstractor, decoder, MM1."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mm1_jax import connector, decoder, layers, model, vit
+
+
+def _init_apply(module, *args):
+  variables = module.init(jax.random.PRNGKey(0), *args)
+  return nn.meta.unbox(variables), module.apply(nn.meta.unbox(variables), *args)
+
+
+def test_vit_output_shape_and_uint8_input(tiny_config):
+  enc = vit.ViT(tiny_config.encoder)
+  images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
+  variables, out = _init_apply(enc, images)
+  assert out.shape == (3, tiny_config.encoder.num_patches, tiny_config.encoder.width)
+  # uint8 and the same pixels as float in [0, 1] are the same input.
+  out_f = enc.apply(variables, images.astype(np.float32) / 255.0)
+  np.testing.assert_allclose(out, out_f, atol=1e-5)
+
+
+def test_vit_with_cls_drops_it():
+  cfg = vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
+                      use_cls=True)
+  _, out = _init_apply(vit.ViT(cfg), jnp.zeros((2, 32, 32, 3)))
+  assert out.shape == (2, 16, 32)
+
+
+def test_vit_rejects_wrong_resolution(tiny_config):
+  with pytest.raises(ValueError, match="64px"):
+    vit.ViT(tiny_config.encoder).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_adaptive_pool_matches_reference_bins():
+  # 5 -> 3 bins as torch's adaptive pool: [0,2), [1,4), [3,5).
+  m = connector.adaptive_pool_matrix(5, 3)
+  np.testing.assert_allclose(m.sum(1), 1.0)
+  np.testing.assert_allclose(m[0], [0.5, 0.5, 0, 0, 0])
+  np.testing.assert_allclose(m[1], [0, 1 / 3, 1 / 3, 1 / 3, 0])
+  np.testing.assert_allclose(m[2], [0, 0, 0, 0.5, 0.5])
+  x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+  pooled = connector.adaptive_avg_pool2d(x, 2)
+  np.testing.assert_allclose(pooled, x.reshape(2, 2, 2, 2, 2, 3).mean(axis=(2, 4)))
+
+
+def test_regnet_block_shapes_and_shortcut():
+  x = jnp.ones((2, 4, 4, 8))
+  variables, y = _init_apply(connector.RegNetBlock(16), x)
+  assert y.shape == (2, 4, 4, 16)
+  assert "shortcut" in variables["params"]  # 1x1 conv when channels change
+  variables, y = _init_apply(connector.RegNetBlock(8), x)
+  assert "shortcut" not in variables["params"]
+  assert variables["params"]["se_reduce"]["kernel"].shape == (8, 2)  # se ratio 0.25 of input
+
+
+def test_c_abstractor_output_tokens(tiny_config):
+  cfg = connector.CAbstractorConfig(num_tokens=9, hidden=32, depth=2)
+  variables, y = _init_apply(connector.CAbstractor(cfg, out_dim=48), jnp.ones((2, 36, 24)))
+  assert y.shape == (2, 9, 48)
+  assert set(variables["params"]) >= {"pos_embed", "stage1_0", "stage1_1", "stage2_0", "stage2_1",
+                                      "readout_1", "readout_2"}
+  with pytest.raises(ValueError, match="square"):
+    connector.CAbstractor(cfg, out_dim=48).init(jax.random.PRNGKey(0), jnp.ones((2, 35, 24)))
+
+
+def test_decoder_shapes_and_gqa(tiny_config):
+  dec = decoder.Decoder(tiny_config.decoder)
+  x = jnp.ones((2, 10, tiny_config.decoder.width))
+  mask = model.segment_causal_mask(jnp.ones((2, 10), jnp.int32))
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  variables = dec.init(jax.random.PRNGKey(0), x, mask, pos)
+  (logits, cache) = dec.apply(variables, x, mask, pos)
+  assert logits.shape == (2, 10, tiny_config.decoder.vocab_size) and logits.dtype == jnp.float32
+  assert cache is None
+  kernel = nn.meta.unbox(variables)["params"]["block_0"]["attn"]["key"]["kernel"]
+  assert kernel.shape == (tiny_config.decoder.width, tiny_config.decoder.num_kv_heads,
+                          tiny_config.decoder.head_dim)
+
+
+def test_rope_is_relative():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  dot = lambda a, b: float((layers.apply_rope(q, jnp.array([[a]])) *  # noqa: E731
+                            layers.apply_rope(k, jnp.array([[b]]))).sum())
+  assert dot(3, 1) == pytest.approx(dot(10, 8), rel=1e-4)
+  assert dot(3, 1) != pytest.approx(dot(3, 2), rel=1e-3)
+
+
+def test_splice_puts_image_tokens_in_order():
+  text = jnp.zeros((1, 6, 2))
+  image = jnp.asarray([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]])
+  is_img = jnp.asarray([[False, True, True, False, True, False]])
+  out = model.splice_images(text, image, is_img)
+  np.testing.assert_allclose(out[0, :, 0], [0, 1, 2, 0, 3, 0])
+
+
+def test_segment_mask_blocks_other_segments_and_padding():
+  seg = jnp.asarray([[1, 1, 2, 2, 0]])
+  m = np.asarray(model.segment_causal_mask(seg))[0, 0]
+  assert m[1, 0] and not m[0, 1]  # causal
+  assert not m[2, 1] and m[3, 2]  # no attention across packed examples
+  assert not m[3, 4] and m[4, 4] and not m[4, 0]  # padding attends only to itself
+
+
+def _mm1_inputs(cfg, b=2, t=24, n=2, seed=0):
+  rng = np.random.default_rng(seed)
+  q = cfg.tokens_per_image
+  tokens = rng.integers(5, cfg.decoder.vocab_size, (b, t)).astype(np.int32)
+  tokens[:, 2:2 + q] = cfg.image_token_id
+  tokens[0, 10:10 + q] = cfg.image_token_id
+  images = rng.integers(0, 256, (b, n, 64, 64, 3)).astype(np.uint8)
+  seg = np.ones((b, t), np.int32)
+  pos = np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)
+  return tokens, images, seg, pos
+
+
+def test_mm1_forward_shape_and_image_dependence(tiny_config):
+  m = model.MM1(tiny_config)
+  tokens, images, seg, pos = _mm1_inputs(tiny_config)
+  variables, logits = _init_apply(m, tokens, images, seg, pos)
+  assert logits.shape == (2, 24, tiny_config.decoder.vocab_size)
+  # Changing the second image only changes row 0 after its placeholders (positions >= 10).
+  images2 = images.copy()
+  images2[0, 1] = 255 - images2[0, 1]
+  logits2 = m.apply(variables, tokens, images2, seg, pos)
+  np.testing.assert_allclose(logits[0, :10], logits2[0, :10], atol=1e-5)
+  assert np.abs(logits[0, 10:] - logits2[0, 10:]).max() > 1e-4
+  np.testing.assert_allclose(logits[1], logits2[1], atol=1e-5)  # row 1 uses only its first image
+
+
+def test_kv_cache_decoding_matches_full_forward(tiny_config):
+  m = model.MM1(tiny_config)
+  tokens, images, seg, pos = _mm1_inputs(tiny_config, t=20)
+  variables, full = _init_apply(m, tokens, images, seg, pos)
+  p, s = 14, 24
+  cache = decoder.Decoder(tiny_config.decoder).init_cache(2, s)
+  last, cache = m.apply(variables, tokens[:, :p], images, np.ones((2, p), bool), cache,
+                        method=model.MM1.prefill)
+  np.testing.assert_allclose(last, full[:, p - 1], atol=1e-4)
+  kv_valid = np.zeros((2, s), bool)
+  kv_valid[:, :p] = True
+  for i in range(p, 20):
+    kv_valid[:, i] = True
+    logits, cache = m.apply(variables, tokens[:, i], pos[:, i], kv_valid, cache, jnp.int32(i),
+                            method=model.MM1.decode_step)
+    np.testing.assert_allclose(logits, full[:, i], atol=1e-4)
+
+
+def test_left_padded_prefill_matches_unpadded(tiny_config):
+  m = model.MM1(tiny_config)
+  tokens, images, seg, pos = _mm1_inputs(tiny_config, b=1, t=12)
+  variables, full = _init_apply(m, tokens, images, seg, pos)
+  pad = 5
+  padded = np.concatenate([np.zeros((1, pad), np.int32), tokens], axis=1)
+  valid = np.concatenate([np.zeros((1, pad), bool), np.ones((1, 12), bool)], axis=1)
+  cache = decoder.Decoder(tiny_config.decoder).init_cache(1, 20)
+  last, _ = m.apply(variables, padded, images, valid, cache, method=model.MM1.prefill)
+  np.testing.assert_allclose(last, full[:, -1], atol=1e-4)
+
+
+def test_cross_entropy_ignores_zero_weights():
+  logits = jnp.zeros((1, 3, 4)).at[0, 0, 1].set(10.0)
+  targets = jnp.asarray([[1, 2, 3]])
+  loss, aux = model.cross_entropy(logits, targets, jnp.asarray([[1.0, 0.0, 0.0]]))
+  assert float(loss) < 1e-3 and float(aux["accuracy"]) == 1.0 and float(aux["num_tokens"]) == 1.0
+  loss_all, _ = model.cross_entropy(logits, targets, jnp.ones((1, 3)))
+  assert float(loss_all) > 0.5
+
+
+def test_full_size_presets_shape_check_without_memory():
+  """An MM1-3B-sized model traced with eval_shape: nothing is materialised."""
+  cfg = model.MM1Config(
+      encoder=vit.ViTConfig(image_size=378, patch_size=14, width=1280, depth=32, num_heads=16,
+                            mlp_dim=5120),
+      connector=connector.CAbstractorConfig(num_tokens=144, hidden=1024, depth=3),
+      decoder=decoder.DecoderConfig(vocab_size=32000, width=3072, depth=26, num_heads=24,
+                                    num_kv_heads=8, head_dim=128, mlp_dim=8192))
+  m = model.MM1(cfg)
+  tokens = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  images = jax.ShapeDtypeStruct((1, 1, 378, 378, 3), jnp.uint8)
+  variables = jax.eval_shape(m.init, jax.random.PRNGKey(0), tokens, images, tokens, tokens)
+  n = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(variables)))
+  assert 3.0e9 < n < 3.8e9, n  # ViT-H (~0.63B) + C-Abstractor + ~2.8B decoder

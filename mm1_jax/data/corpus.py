@@ -1,0 +1,176 @@
+"""Writes the shapes-world corpus as sharded TFRecord files of tf.train.Examples.
+
+Layout under the data dir (default `$MM1_DATA_DIR`, else ~/.cache/mm1_jax/shapes_world):
+
+  caption/train-0000X-of-00008.tfrecord      image (PNG bytes), caption, id
+  interleaved/train-...                      images (list of PNG bytes), text with <image> markers, id
+  text/train-...                             text, id
+  caption_eval/{support,test}-...            image, caption, references (list), id
+  vqa_eval/{support,test}-...                image, question, answers (list), id
+  manifest.json                              the spec it was written from and the counts
+
+The corpus is written once, to a temporary folder that is renamed into place, so a
+crash or a concurrent writer never leaves a half-written corpus behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mm1_jax.data import shapes_world as sw
+
+VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+  seed: int = 0
+  image_size: int = 64
+  max_images: int = 3  # per interleaved document
+  num_caption: int = 8_000
+  num_interleaved: int = 4_000
+  num_text: int = 2_000
+  num_eval_support: int = 64  # few-shot demonstrations
+  num_eval_test: int = 128  # scored queries
+  num_shards: int = 8
+
+
+def default_data_dir() -> Path:
+  return Path(os.environ.get("MM1_DATA_DIR", Path.home() / ".cache" / "mm1_jax" / "shapes_world"))
+
+
+def _bytes(values):
+  import tensorflow as tf
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[
+      v if isinstance(v, bytes) else v.encode("utf-8") for v in values]))
+
+
+def _example(features: dict) -> bytes:
+  import tensorflow as tf
+  return tf.train.Example(features=tf.train.Features(
+      feature={k: _bytes(v if isinstance(v, list) else [v]) for k, v in features.items()}
+  )).SerializeToString()
+
+
+class _ShardedWriter:
+  def __init__(self, folder: Path, split: str, num_shards: int):
+    import tensorflow as tf
+    folder.mkdir(parents=True, exist_ok=True)
+    self._writers = [tf.io.TFRecordWriter(str(folder / f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord"))
+                     for i in range(num_shards)]
+    self.count = 0
+
+  def write(self, record: bytes) -> None:
+    self._writers[self.count % len(self._writers)].write(record)
+    self.count += 1
+
+  def close(self) -> None:
+    for w in self._writers:
+      w.close()
+
+
+def _digest(png: bytes) -> str:
+  return hashlib.sha1(png).hexdigest()
+
+
+def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict:
+  """Generates every split into out_dir; returns the manifest."""
+  out_dir = Path(out_dir)
+  s = spec
+  total = (s.num_caption + s.num_interleaved + s.num_text
+           + 2 * (s.num_eval_support + s.num_eval_test))
+  bar = tqdm(total=total, desc="shapes world corpus", unit="ex", disable=not progress)
+  counts: dict[str, int] = {}
+  train_digests: set[str] = set()
+
+  w = _ShardedWriter(out_dir / "caption", "train", s.num_shards)
+  for i in range(s.num_caption):
+    ex = sw.caption_example(s.seed, i, s.image_size)
+    png = sw.encode_png(ex["image"])
+    train_digests.add(_digest(png))
+    w.write(_example({"id": ex["id"], "image": png, "caption": ex["caption"]}))
+    bar.update()
+  w.close()
+  counts["caption/train"] = w.count
+
+  w = _ShardedWriter(out_dir / "interleaved", "train", s.num_shards)
+  for i in range(s.num_interleaved):
+    ex = sw.interleaved_example(s.seed, i, s.image_size, s.max_images)
+    pngs = [sw.encode_png(im) for im in ex["images"]]
+    train_digests.update(_digest(p) for p in pngs)
+    w.write(_example({"id": ex["id"], "text": ex["text"], "images": pngs}))
+    bar.update()
+  w.close()
+  counts["interleaved/train"] = w.count
+
+  w = _ShardedWriter(out_dir / "text", "train", s.num_shards)
+  for i in range(s.num_text):
+    ex = sw.text_example(s.seed, i)
+    w.write(_example({"id": ex["id"], "text": ex["text"]}))
+    bar.update()
+  w.close()
+  counts["text/train"] = w.count
+
+  # Eval splits: support (demonstrations) and test (queries) from their own streams;
+  # any image that also occurs in training is dropped and counted.
+  leaked = 0
+  for task, make in (("caption_eval", sw.caption_example), ("vqa_eval", sw.vqa_example)):
+    index = 0
+    for split, n in (("support", s.num_eval_support), ("test", s.num_eval_test)):
+      w = _ShardedWriter(out_dir / task, split, 1)
+      while w.count < n:
+        ex = make(s.seed, index, s.image_size, stream=task)
+        index += 1
+        png = sw.encode_png(ex["image"])
+        if _digest(png) in train_digests:
+          leaked += 1
+          continue
+        fields = {"id": ex["id"], "image": png}
+        if task == "caption_eval":
+          fields.update(caption=ex["caption"], references=ex["references"])
+        else:
+          fields.update(question=ex["question"], answers=ex["answers"])
+        w.write(_example(fields))
+        bar.update()
+      w.close()
+      counts[f"{task}/{split}"] = w.count
+  bar.close()
+  manifest = {"version": VERSION, "spec": dataclasses.asdict(spec), "counts": counts,
+              "eval_images_dropped_as_seen_in_training": leaked}
+  (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+  return manifest
+
+
+def ensure_corpus(data_dir: Path | None = None, spec: CorpusSpec = CorpusSpec(),
+                  progress: bool = True) -> Path:
+  """Returns data_dir, generating the corpus there first if it is missing or stale."""
+  data_dir = Path(data_dir or default_data_dir())
+  manifest = data_dir / "manifest.json"
+  if manifest.exists():
+    m = json.loads(manifest.read_text())
+    if m.get("version") == VERSION and m.get("spec") == dataclasses.asdict(spec):
+      return data_dir
+  data_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=".tmp_corpus_", dir=data_dir.parent))
+  try:
+    write_corpus(tmp, spec, progress)
+    if data_dir.exists():
+      stale = data_dir.with_name(data_dir.name + f".stale.{os.getpid()}")
+      data_dir.rename(stale)
+      shutil.rmtree(stale, ignore_errors=True)
+    try:
+      tmp.rename(data_dir)
+    except OSError:  # another process finished first; its corpus is identical
+      if not (data_dir / "manifest.json").exists():
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return data_dir

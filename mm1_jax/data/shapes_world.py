@@ -1,0 +1,240 @@
+"""Shapes world: a small, learnable multimodal corpus generated deterministically.
+
+Images hold 1 to 4 shapes (circle, square, triangle) in six colours and two sizes,
+at random positions. From each scene come true captions, VQA questions with their
+answers, and interleaved documents whose text refers to their images. Text-only
+documents state facts about the same world.
+
+Everything is a pure function of (seed, split, index): the same corpus on every
+machine, no download. Training and evaluation splits use disjoint seed streams, and
+`write_corpus` drops any eval image whose bytes also occur in training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+SIDES = {"circle": 0, "square": 4, "triangle": 3}
+
+# Stream ids keep every split's random numbers apart.
+STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "caption_eval": 11, "vqa_eval": 12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  kind: str
+  colour: str
+  size: str  # "small" | "large"
+  x: float  # centre, pixels
+  y: float
+  r: float  # half extent, pixels
+
+
+def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([seed, STREAMS[stream], index])
+
+
+def sample_scene(rng: np.random.Generator, image_size: int = 64, max_shapes: int = 4) -> list[Shape]:
+  """1..max_shapes non-overlapping shapes, sorted left to right."""
+  n = int(rng.integers(1, max_shapes + 1))
+  shapes: list[Shape] = []
+  tries = 0
+  while len(shapes) < n and tries < 200:
+    tries += 1
+    size = "large" if rng.random() < 0.5 else "small"
+    r = image_size * (rng.uniform(0.13, 0.17) if size == "large" else rng.uniform(0.08, 0.11))
+    x, y = rng.uniform(r + 1, image_size - r - 1, size=2)
+    if any((x - s.x) ** 2 + (y - s.y) ** 2 < (r + s.r + 2) ** 2 for s in shapes):
+      continue
+    shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), size,
+                        float(x), float(y), float(r)))
+  return sorted(shapes, key=lambda s: s.x)
+
+
+def render(shapes: list[Shape], rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
+  """uint8[H, W, 3] image of the scene on a lightly tinted background."""
+  bg = tuple(int(v) for v in rng.integers(225, 256, size=3))
+  img = Image.new("RGB", (image_size, image_size), bg)
+  draw = ImageDraw.Draw(img)
+  for s in shapes:
+    colour = COLOURS[s.colour]
+    box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
+    if s.kind == "circle":
+      draw.ellipse(box, fill=colour)
+    elif s.kind == "square":
+      draw.rectangle(box, fill=colour)
+    else:
+      draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=colour)
+  return np.asarray(img, np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+# --- language ----------------------------------------------------------------
+
+
+def _plural(kind: str, n: int) -> str:
+  return kind if n == 1 else kind + "s"
+
+
+def describe(shapes: list[Shape]) -> str:
+  """'two red circles and a blue square' (groups in left-to-right order)."""
+  groups: dict[tuple[str, str], int] = {}
+  for s in shapes:
+    groups[(s.colour, s.kind)] = groups.get((s.colour, s.kind), 0) + 1
+  parts = [f"{'a' if n == 1 else NUMBER_WORDS[n]} {c} {_plural(k, n)}" for (c, k), n in groups.items()]
+  return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+CAPTION_TEMPLATES = (
+    "{d}.",
+    "a picture of {d}.",
+    "an image with {d}.",
+    "{be} {d}.",
+    "{d} on a white background.",
+)
+
+
+def captions(shapes: list[Shape]) -> list[str]:
+  """All reference captions of a scene, one per template."""
+  d = describe(shapes)
+  be = "there is" if len(shapes) == 1 else "there are"
+  return [t.format(d=d, be=be) for t in CAPTION_TEMPLATES]
+
+
+def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str]]:
+  """(question, answer) pairs that the scene answers unambiguously."""
+  qa = []
+  for kind in SHAPES:
+    n = sum(s.kind == kind for s in shapes)
+    qa.append((f"how many {kind}s are there?", str(n)))
+    if n == 1:
+      colour = next(s.colour for s in shapes if s.kind == kind)
+      qa.append((f"what colour is the {kind}?", colour))
+  for colour in COLOURS:
+    match = [s for s in shapes if s.colour == colour]
+    if len(match) == 1:
+      qa.append((f"what shape is the {colour} object?", match[0].kind))
+  order = rng.permutation(len(qa))
+  return [qa[i] for i in order]
+
+
+def _statement(shapes: list[Shape], rng: np.random.Generator) -> str:
+  kind = str(rng.choice(SHAPES))
+  n = sum(s.kind == kind for s in shapes)
+  options = [
+      f"{describe(shapes)}.",
+      f"I count {NUMBER_WORDS[n]} {_plural(kind, n)} here.",
+      f"this one has {len(shapes)} {_plural('shape', len(shapes))}.",
+  ]
+  if n == 1:
+    s = next(s for s in shapes if s.kind == kind)
+    options.append(f"the {kind} is {s.colour} and {s.size}.")
+  return options[int(rng.integers(len(options)))]
+
+
+INTROS = (
+    "here are some pictures of shapes.",
+    "my drawings from today.",
+    "a few shapes for the lesson.",
+    "look at these pictures.",
+    "",
+)
+
+
+def interleaved_document(rng: np.random.Generator, image_size: int, max_images: int
+                         ) -> tuple[str, list[np.ndarray]]:
+  """Text with `<image>` markers, one per image, and the images in the same order."""
+  n_img = int(rng.integers(2, max_images + 1))
+  scenes = [sample_scene(rng, image_size) for _ in range(n_img)]
+  images = [render(s, rng, image_size) for s in scenes]
+  lines = []
+  intro = INTROS[int(rng.integers(len(INTROS)))]
+  if intro:
+    lines.append(intro)
+  for scene in scenes:
+    parts = ["<image>" + _statement(scene, rng)]
+    for q, a in questions(scene, rng)[: int(rng.integers(0, 3))]:
+      parts.append(f"Question: {q} Answer: {a}")
+    lines.extend(parts)
+  a, b = scenes[0], scenes[1]
+  if len(a) != len(b):
+    more = "first" if len(a) > len(b) else "second"
+    lines.append(f"the {more} picture has more shapes than the {'second' if more == 'first' else 'first'}.")
+  return "\n".join(lines) + "\n", images
+
+
+def text_document(rng: np.random.Generator) -> str:
+  facts = []
+  for _ in range(int(rng.integers(3, 7))):
+    kind = str(rng.choice(SHAPES))
+    colour = str(rng.choice(list(COLOURS)))
+    n = int(rng.integers(1, 5))
+    options = [
+        f"a {kind} has {SIDES[kind]} corners." if kind != "circle" else "a circle has no corners.",
+        f"{NUMBER_WORDS[n]} {colour} {_plural(kind, n)} make a group of {n}.",
+        f"Question: how many corners does a {kind} have? Answer: {SIDES[kind]}",
+        f"the {colour} {kind} is next to the {str(rng.choice(list(COLOURS)))} {str(rng.choice(SHAPES))}.",
+        " ".join(NUMBER_WORDS[1:n + 1]) + ".",
+    ]
+    facts.append(options[int(rng.integers(len(options)))])
+  return "\n".join(facts) + "\n"
+
+
+# --- examples ----------------------------------------------------------------
+
+
+def caption_example(seed: int, index: int, image_size: int = 64, stream: str = "caption") -> dict:
+  rng = _rng(seed, stream, index)
+  scene = sample_scene(rng, image_size)
+  refs = captions(scene)
+  return {"id": f"{stream}-{index}", "image": render(scene, rng, image_size),
+          "caption": refs[int(rng.integers(len(refs)))], "references": refs}
+
+
+def vqa_example(seed: int, index: int, image_size: int = 64, stream: str = "vqa_eval") -> dict:
+  rng = _rng(seed, stream, index)
+  scene = sample_scene(rng, image_size)
+  image = render(scene, rng, image_size)
+  q, a = questions(scene, rng)[0]
+  return {"id": f"{stream}-{index}", "image": image, "question": q, "answers": [a] * 10}
+
+
+def interleaved_example(seed: int, index: int, image_size: int = 64, max_images: int = 3) -> dict:
+  text, images = interleaved_document(_rng(seed, "interleaved", index), image_size, max_images)
+  return {"id": f"interleaved-{index}", "text": text, "images": images}
+
+
+def text_example(seed: int, index: int) -> dict:
+  return {"id": f"text-{index}", "text": text_document(_rng(seed, "text", index))}
+
+
+def all_text(seed: int, n: int, image_size: int = 64) -> Iterator[str]:
+  """Every kind of text in the corpus, for tokenizer training (one line per yield)."""
+  for i in range(n):
+    for line in caption_example(seed, i, image_size)["references"]:
+      yield "<image>" + line
+    yield from interleaved_example(seed, i, image_size)["text"].splitlines()
+    yield from text_example(seed, i)["text"].splitlines()
+    rng = _rng(seed, "vqa_eval", 10_000_000 + i)
+    for q, a in questions(sample_scene(rng, image_size), rng):
+      yield f"Question: {q} Answer: {a}"

@@ -1,0 +1,3 @@
+"""seqio task and mixture registrations. Importing this package registers them all."""
+
+from tasks import shapes  # noqa: F401

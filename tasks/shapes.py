@@ -1,0 +1,98 @@
+"""seqio tasks and the pre-training mixture over the bundled shapes-world corpus.
+
+Pre-training (split "train"):
+  mm1_shapes_caption      image-caption pairs          `<image>{caption}\\n`
+  mm1_shapes_interleaved  documents of 2-3 images      text with `<image>` markers
+  mm1_shapes_text         text-only documents
+  mm1_shapes_pretrain     mixture, rates 45:45:10 (override in gin: `pipeline.DataConfig.mixture_rates`)
+
+Few-shot evaluation (splits "support" for demonstrations, "test" for queries), raw
+records for `mm1_jax.eval.fewshot`:
+  mm1_shapes_caption_eval   image, caption, references
+  mm1_shapes_vqa_eval       image, question, answers
+"""
+
+from __future__ import annotations
+
+import seqio
+import tensorflow as tf
+
+from mm1_jax.data import corpus
+from mm1_jax.data import preprocessors as prep
+from mm1_jax.data.tokenizer import DEFAULT_SPM_PATH
+
+VOCABULARY = seqio.SentencePieceVocabulary(str(DEFAULT_SPM_PATH))
+CORPUS_SPEC = corpus.CorpusSpec()
+OUTPUT_FEATURES = {
+    "text": seqio.Feature(VOCABULARY, add_eos=True),
+    prep.OUTPUT_IMAGE_KEY: seqio.ContinuousFeature(dtype=tf.uint8, rank=4, required=False),
+}
+PRETRAIN_RATES = {"mm1_shapes_interleaved": 45.0, "mm1_shapes_caption": 45.0, "mm1_shapes_text": 10.0}
+
+
+class GeneratedTFExampleSource(seqio.TFExampleDataSource):
+  """A TFExample source over the generated corpus; writes the corpus on first use."""
+
+  def __init__(self, folder: str, splits: tuple[str, ...], features: dict, num_shards: int):
+    self._folder = folder
+    data_dir = corpus.default_data_dir()
+    super().__init__(
+        {s: str(data_dir / folder / f"{s}-*-of-{num_shards:05d}.tfrecord") for s in splits}, features)
+
+  def get_dataset(self, *args, **kwargs):
+    corpus.ensure_corpus(spec=CORPUS_SPEC)
+    return super().get_dataset(*args, **kwargs)
+
+  def list_shards(self, split):
+    corpus.ensure_corpus(spec=CORPUS_SPEC)
+    return super().list_shards(split)
+
+
+def _str():
+  return tf.io.FixedLenFeature([], tf.string)
+
+
+def _str_list():
+  return tf.io.VarLenFeature(tf.string)
+
+
+@seqio.map_over_dataset
+def _densify(ex):
+  return {k: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v
+          for k, v in ex.items()}
+
+
+def _register_pretrain(name, folder, features, to_text):
+  seqio.TaskRegistry.add(
+      name,
+      source=GeneratedTFExampleSource(folder, ("train",), features, CORPUS_SPEC.num_shards),
+      preprocessors=[_densify] + prep.task_preprocessors(to_text, CORPUS_SPEC.image_size),
+      output_features=OUTPUT_FEATURES,
+  )
+
+
+def _register_all():
+  _register_pretrain("mm1_shapes_caption", "caption",
+                     {"id": _str(), "image": _str(), "caption": _str()}, prep.caption_to_text)
+  _register_pretrain("mm1_shapes_interleaved", "interleaved",
+                     {"id": _str(), "images": _str_list(), "text": _str()}, prep.interleaved_to_text)
+  _register_pretrain("mm1_shapes_text", "text", {"id": _str(), "text": _str()}, prep.text_only)
+  seqio.MixtureRegistry.add("mm1_shapes_pretrain", list(PRETRAIN_RATES.items()))
+
+  eval_features = {
+      "mm1_shapes_caption_eval": ("caption_eval", {"id": _str(), "image": _str(), "caption": _str(),
+                                                   "references": _str_list()}),
+      "mm1_shapes_vqa_eval": ("vqa_eval", {"id": _str(), "image": _str(), "question": _str(),
+                                           "answers": _str_list()}),
+  }
+  for name, (folder, features) in eval_features.items():
+    seqio.TaskRegistry.add(
+        name,
+        source=GeneratedTFExampleSource(folder, ("support", "test"), features, 1),
+        preprocessors=[_densify],
+        output_features={},
+    )
+
+
+if "mm1_shapes_pretrain" not in seqio.MixtureRegistry.names():
+  _register_all()

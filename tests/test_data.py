@@ -1,0 +1,159 @@
+"""The generated corpus, the tokenizer, every seqio task and the batch pipeline."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+import tasks  # noqa: F401  (registers the tasks)
+from mm1_jax.data import corpus, pipeline, preprocessors, shapes_world, tokenizer
+from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, PAD_ID
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+  return corpus.ensure_corpus(spec=tasks.shapes.CORPUS_SPEC, progress=False)
+
+
+def test_generation_is_deterministic():
+  a = shapes_world.caption_example(0, 5)
+  b = shapes_world.caption_example(0, 5)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert a["caption"] == b["caption"]
+  assert not np.array_equal(a["image"], shapes_world.caption_example(0, 6)["image"])
+
+
+def test_captions_and_answers_are_true_to_the_scene():
+  rng = np.random.default_rng(1)
+  for _ in range(50):
+    scene = shapes_world.sample_scene(rng)
+    assert 1 <= len(scene) <= 4
+    for q, a in shapes_world.questions(scene, rng):
+      if q.startswith("how many"):
+        kind = q.split()[2][:-1]
+        assert int(a) == sum(s.kind == kind for s in scene)
+      elif q.startswith("what colour"):
+        kind = q.split()[-1][:-1]
+        assert [s.colour for s in scene if s.kind == kind] == [a]
+    desc = shapes_world.describe(scene)
+    for s in scene:
+      assert s.colour in desc and s.kind in desc
+
+
+def test_tokenizer_special_ids_and_round_trip():
+  sp = tokenizer.load()
+  assert sp.pad_id() == PAD_ID and sp.eos_id() == EOS_ID
+  text = "<image>a red circle.\nQuestion: how many squares are there? Answer: 2\n"
+  ids = sp.encode(text)
+  assert ids[0] == IMAGE_ID and ids.count(tokenizer.NEWLINE_ID) == 2
+  assert sp.decode(ids) == text
+  assert sp.get_piece_size() <= 256  # fits the tiny model's vocabulary
+
+
+def test_corpus_manifest_and_no_eval_image_in_training(data_dir):
+  manifest = json.loads((data_dir / "manifest.json").read_text())
+  spec = tasks.shapes.CORPUS_SPEC
+  assert manifest["counts"]["caption/train"] == spec.num_caption
+  assert manifest["counts"]["vqa_eval/test"] == spec.num_eval_test
+
+  def digests(pattern, key):
+    out = set()
+    for ex in tf.data.TFRecordDataset(sorted(map(str, data_dir.glob(pattern)))):
+      feats = tf.train.Example.FromString(ex.numpy()).features.feature[key].bytes_list.value
+      out.update(hashlib.sha1(b).hexdigest() for b in feats)
+    return out
+
+  train = digests("caption/train-*", "image") | digests("interleaved/train-*", "images")
+  evals = digests("caption_eval/*", "image") | digests("vqa_eval/*", "image")
+  assert len(evals) > 300 and not (train & evals)
+
+
+@pytest.mark.parametrize("task_name, min_images, max_images", [
+    ("mm1_shapes_caption", 1, 1),
+    ("mm1_shapes_interleaved", 2, 3),
+    ("mm1_shapes_text", 0, 0),
+])
+def test_pretrain_task_features(data_dir, task_name, min_images, max_images):
+  task = seqio.get_mixture_or_task(task_name)
+  for ex in task.get_dataset(sequence_length=None, split="train", shuffle=False).take(20).as_numpy_iterator():
+    assert ex["text"].dtype == np.int32 and ex["text"][-1] == EOS_ID
+    n_markers = int((ex["text"] == IMAGE_ID).sum())
+    assert ex["images"].dtype == np.uint8 and ex["images"].shape[1:] == (64, 64, 3)
+    assert n_markers == ex["images"].shape[0]
+    assert min_images <= n_markers <= max_images
+
+
+@pytest.mark.parametrize("task_name, keys", [
+    ("mm1_shapes_caption_eval", {"id", "image", "caption", "references"}),
+    ("mm1_shapes_vqa_eval", {"id", "image", "question", "answers"}),
+])
+def test_eval_task_features(data_dir, task_name, keys):
+  ds = seqio.get_mixture_or_task(task_name).get_dataset(sequence_length=None, split="test",
+                                                         shuffle=False, num_epochs=1)
+  ex = next(ds.as_numpy_iterator())
+  assert keys <= set(ex)
+
+
+def test_mixture_rates_registered():
+  mix = seqio.get_mixture_or_task("mm1_shapes_pretrain")
+  rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+  assert rates == {"mm1_shapes_interleaved": 45.0, "mm1_shapes_caption": 45.0, "mm1_shapes_text": 10.0}
+
+
+def _truncate(tokens, max_len, q, max_images):
+  n = int((np.asarray(tokens) == IMAGE_ID).sum())
+  ex = {"text": tf.constant(tokens, tf.int32), "images": tf.zeros([n, 8, 8, 3], tf.uint8)}
+  out = preprocessors.truncate_and_expand_images(ex, max_len, q, max_images, image_size=8)
+  return out["text"].numpy().tolist(), out["images"].shape[0]
+
+
+def test_truncation_never_splits_an_image():
+  I = IMAGE_ID  # noqa: E741
+  toks = [10, I, 11, 12, I, 13, EOS_ID]
+  # Enough room: each image becomes 4 ids.
+  text, n = _truncate(toks, 100, 4, 8)
+  assert text == [10, I, I, I, I, 11, 12, I, I, I, I, 13, EOS_ID] and n == 2
+  # 9 ids: the second image would be cut, so it and everything after it goes.
+  text, n = _truncate(toks, 9, 4, 8)
+  assert text == [10, I, I, I, I, 11, 12] and n == 1
+  # Image budget of 1 drops the second image even with room to spare.
+  text, n = _truncate(toks, 100, 4, 1)
+  assert text == [10, I, I, I, I, 11, 12] and n == 1
+
+
+def test_pipeline_batches(data_dir):
+  cfg = pipeline.DataConfig(batch_size=4, seq_len=64, max_images=2, seed=3)
+  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=4, image_size=32)))
+  assert batch["tokens"].shape == (4, 64) and batch["images"].shape == (4, 2, 32, 32, 3)
+  for i in range(4):
+    n = int(batch["segment_ids"][i].sum())
+    # Targets are inputs shifted by one; no loss on image placeholders or padding.
+    np.testing.assert_array_equal(batch["targets"][i, :n - 1], batch["tokens"][i, 1:n])
+    w = batch["loss_weights"][i]
+    assert not w[batch["targets"][i] == IMAGE_ID].any() and not w[batch["targets"][i] == PAD_ID].any()
+    assert w.sum() > 0
+    assert (batch["tokens"][i] == IMAGE_ID).sum() % 4 == 0
+    n_img = (batch["tokens"][i] == IMAGE_ID).sum() // 4
+    assert (batch["images"][i, n_img:] == 0).all()
+    if n_img:
+      assert batch["images"][i, :n_img].max() > 0
+
+
+def test_pipeline_is_deterministic_and_resumes(data_dir):
+  cfg = pipeline.DataConfig(batch_size=2, seq_len=48, max_images=2, seed=7)
+  kw = dict(tokens_per_image=4, image_size=64)
+  it = pipeline.iterate(pipeline.make_dataset(cfg, **kw))
+  first = [next(it) for _ in range(4)]
+  resumed = next(pipeline.iterate(pipeline.make_dataset(cfg, start_batch=3, **kw)))
+  np.testing.assert_array_equal(first[3]["tokens"], resumed["tokens"])
+  np.testing.assert_array_equal(first[3]["images"], resumed["images"])
+
+
+def test_mixture_rate_override_changes_sampling(data_dir):
+  cfg = pipeline.DataConfig(batch_size=8, seq_len=64, max_images=3, seed=0,
+                            mixture_rates={"mm1_shapes_text": 1.0})
+  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=4, image_size=64)))
+  assert not (batch["tokens"] == IMAGE_ID).any()  # text-only

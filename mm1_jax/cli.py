@@ -1,0 +1,133 @@
+"""Command-line entry points `mm1-train` and `mm1-eval`, t5x-style gin flags.
+
+  --gin_file=PATH        repeatable; looked up as given, then under the repository root
+  --gin.NAME=VALUE       a binding or macro, e.g. --gin.TRAIN_STEPS=20
+                         or --gin.pipeline.DataConfig.batch_size=8
+  --gin_search_path=DIR  repeatable; extra folders for gin_file and include lookups
+  --workdir=DIR          where the run writes everything
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+GIN_HELP = """gin:
+  --gin.NAME=VALUE      bind a gin parameter or macro (repeatable), e.g.
+                        --gin.TRAIN_STEPS=20  --gin.BATCH_SIZE=8
+                        --gin.MIXTURE_OR_TASK_NAME="'mm1_shapes_caption'"
+"""
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog=prog, description=description, epilog=GIN_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--gin_file", action="append", default=[], required=True,
+                 help="gin config file (repeatable), e.g. gin/runs/quickstart.gin")
+  p.add_argument("--gin_search_path", action="append", default=[],
+                 help="extra folder to resolve gin files and includes (repeatable)")
+  p.add_argument("--workdir", required=True, help="run directory")
+  p.add_argument("--module_import", action="append", default=[],
+                 help="Python module to import before parsing gin (e.g. one registering seqio tasks)")
+  return p
+
+
+def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates --gin.NAME=VALUE flags (returned as 'NAME = VALUE') from the rest."""
+  rest, bindings = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--gin."):
+      body = arg[len("--gin."):]
+      if "=" not in body:
+        try:
+          body = body + "=" + next(it)
+        except StopIteration:
+          raise SystemExit(f"error: {arg} needs a value (--gin.NAME=VALUE)") from None
+      name, value = body.split("=", 1)
+      bindings.append(f"{name} = {value}")
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def parse_gin(args: argparse.Namespace, bindings: list[str]) -> None:
+  import importlib  # noqa: PLC0415
+
+  import gin  # noqa: PLC0415
+
+  for module in args.module_import:
+    importlib.import_module(module)
+  for path in [os.getcwd(), str(REPO_ROOT), *args.gin_search_path]:
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=True)
+
+
+def _setup_jax() -> None:
+  # On CPU, use the host's cores through XLA's thread pool; nothing to do elsewhere.
+  import jax  # noqa: PLC0415
+
+  jax.config.update("jax_threefry_partitionable", True)
+
+
+def main_train(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = _split_gin_bindings(argv)
+  parser = _parser("mm1-train", "Pre-train MM1: image encoder + connector + decoder, gin-configured. "
+                   "Resumes from the newest checkpoint in --workdir.")
+  args = parser.parse_args(rest)
+  _setup_jax()
+  import gin  # noqa: PLC0415
+
+  from mm1_jax import train as train_lib  # noqa: PLC0415
+
+  sys.path.insert(0, os.getcwd())
+  parse_gin(args, bindings)
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.gin").write_text(gin.config_str())
+  code = gin.get_configurable(train_lib.train)(workdir=str(workdir))
+  (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+  return code
+
+
+def main_eval(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = _split_gin_bindings(argv)
+  parser = _parser("mm1-eval", "Few-shot evaluation of MM1 checkpoints; writes "
+                   "<workdir>/eval/step_<N>.json and prints a table.")
+  parser.add_argument("--checkpoint_dir", default=None,
+                      help="orbax checkpoint folder (default: <workdir>/checkpoints)")
+  parser.add_argument("--steps", default="latest",
+                      help="'latest', 'all', or comma-separated steps to evaluate")
+  parser.add_argument("--force", action="store_true", help="re-evaluate steps that have results")
+  args = parser.parse_args(rest)
+  _setup_jax()
+  import gin  # noqa: PLC0415
+
+  from mm1_jax.eval import run as run_lib  # noqa: PLC0415
+
+  sys.path.insert(0, os.getcwd())
+  parse_gin(args, bindings)
+  return gin.get_configurable(run_lib.evaluate)(
+      workdir=args.workdir, checkpoint_dir=args.checkpoint_dir, steps=args.steps, force=args.force)
+
+
+def _exit(fn):
+  def run():
+    sys.exit(fn())
+  return run
+
+
+train_entry = _exit(main_train)
+eval_entry = _exit(main_eval)
+
+if __name__ == "__main__":  # python -m mm1_jax.cli {train,eval} ...
+  if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval"):
+    raise SystemExit("usage: python -m mm1_jax.cli {train,eval} [flags]")
+  command = sys.argv.pop(1)
+  sys.exit(main_train() if command == "train" else main_eval())

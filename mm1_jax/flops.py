@@ -1,0 +1,57 @@
+"""Model FLOPs per training step, counted from the parameter tree and the batch shape.
+
+Each weight matrix costs 2 FLOPs per parameter per position it is applied to
+(tokens for the decoder, patches for the ViT, grid cells for the connector's convs),
+attention adds 4 * T^2 * width per layer, and a training step is 3x the forward
+pass (backward = 2x forward). This is the numerator of MFU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from mm1_jax.model import MM1Config
+
+
+def _size(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _matmul_params(tree, skip=("pos_embed", "embedding", "cls")) -> int:
+  """Parameters of matrices and conv kernels (ndim >= 2), embeddings excluded."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [getattr(k, "key", str(k)) for k in path]
+    if len(leaf.shape) >= 2 and not any(n in skip for n in names):
+      total += math.prod(leaf.shape)
+  return total
+
+
+def forward_flops_per_sequence(params, config: MM1Config, seq_len: int, num_images: int) -> float:
+  enc, con, dec = config.encoder, config.connector, config.decoder
+  patches = enc.num_patches + (1 if enc.use_cls else 0)
+  vit = 2 * _matmul_params(params["encoder"]) * patches + 4 * enc.depth * patches ** 2 * enc.width
+
+  conn = 0
+  for name, sub in params["connector"].items():
+    if name.startswith("stage1"):
+      cells = enc.num_patches
+    elif name.startswith("stage2") or name.startswith("readout"):
+      cells = con.num_tokens
+    else:
+      continue
+    conn += 2 * _matmul_params(sub, skip=("se_reduce", "se_expand")) * cells
+
+  attn_width = dec.num_heads * dec.head_dim
+  lm_head = dec.width * dec.vocab_size
+  decoder = (2 * (_matmul_params(params["decoder"]) + (lm_head if dec.tie_embeddings else 0)) * seq_len
+             + 4 * dec.depth * seq_len ** 2 * attn_width)
+  return float(num_images * (vit + conn) + decoder)
+
+
+def train_flops_per_step(params, config: MM1Config, batch_size: int, seq_len: int,
+                         num_images: int) -> float:
+  """params may be abstract (jax.ShapeDtypeStruct leaves)."""
+  return 3.0 * batch_size * forward_flops_per_sequence(params, config, seq_len, num_images)

@@ -1,0 +1,258 @@
+"""MM1 pre-training: the sharded train step and the training loop.
+
+`train()` is the gin-configured entry point behind `mm1-train`. The train step is
+one jax.jit with explicit in/out shardings derived from the parameters' logical axis
+names and the mesh rules, so the same code runs on one CPU and on a TPU pod.
+
+The data stack (tensorflow, seqio) and the evaluator are imported inside `train()`,
+so this module and the train step import with jax alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mm1_jax import flops as flops_lib
+from mm1_jax import optim
+from mm1_jax import sharding as sharding_lib
+from mm1_jax.model import MM1, MM1Config, cross_entropy
+
+BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions", "images")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def dummy_batch(batch_size: int, seq_len: int, max_images: int, config: MM1Config) -> dict:
+  """Zero arrays with the shapes and dtypes of a real batch."""
+  s = config.encoder.image_size
+  i32 = lambda: np.zeros((batch_size, seq_len), np.int32)  # noqa: E731
+  return {"tokens": i32(), "targets": i32(), "loss_weights": np.zeros((batch_size, seq_len), np.float32),
+          "segment_ids": np.ones((batch_size, seq_len), np.int32), "positions": i32(),
+          "images": np.zeros((batch_size, max_images, s, s, 3), np.uint8)}
+
+
+def init_train_state(model: MM1, tx: optax.GradientTransformation, batch: dict, rng: jax.Array,
+                     mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, TrainState]:
+  """Initialises parameters and optimizer state directly in their shardings.
+
+  Returns:
+    (state, shardings): shardings is a TrainState of NamedShardings.
+  """
+
+  def boxed_init(rng):
+    variables = model.init(rng, batch["tokens"], batch["images"], batch["segment_ids"],
+                           batch["positions"])
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(boxed_init, rng)
+    shardings = sharding_lib.logical_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def init_param_shardings(model: MM1, batch: dict, mesh: jax.sharding.Mesh, rules):
+  """(abstract params, their NamedShardings), without materialising anything."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["tokens"], batch["images"],
+                                              batch["segment_ids"], batch["positions"])["params"])
+  # Unboxed outside the mesh context: unboxing there would apply sharding constraints eagerly.
+  return nn.meta.unbox(boxed), sharding_lib.logical_shardings(boxed, mesh, rules)
+
+
+def train_step(state: TrainState, batch: dict, *, model: MM1, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, z_loss: float = 0.0) -> tuple[TrainState, dict]:
+  def loss_fn(params):
+    logits = model.apply({"params": params}, batch["tokens"], batch["images"], batch["segment_ids"],
+                         batch["positions"])
+    return cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
+
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(model: MM1, tx, schedule, state_shardings, batch_shardings, z_loss: float = 0.0
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=z_loss)
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def global_batch(local: dict, shardings: dict) -> dict:
+  """Host-local numpy batch -> global jax arrays laid out by `shardings`."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], local[k]) for k in BATCH_KEYS}
+
+
+class _StopRequest:
+  """Turns SIGINT/SIGTERM into a flag the loop checks between steps; a second SIGINT aborts."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
+          optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
+          mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
+          train_steps: int = 1000, log_every: int = 10, checkpoint_every: int = 100,
+          keep_checkpoints: int = 3, evaluation=None, eval_every: int = 0, z_loss: float = 0.0,
+          seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True) -> int:
+  """Pre-trains MM1; resumes from the newest checkpoint in `<workdir>/checkpoints`.
+
+  Args:
+    workdir: where checkpoints, metrics.jsonl, tensorboard/ and eval/ go.
+    model: the MM1 composite config.
+    data: a `mm1_jax.data.pipeline.DataConfig` (default: the bundled mixture).
+    optimizer: AdamW / schedule settings.
+    mesh: mesh shape and logical-axis rules.
+    train_steps: total optimizer steps.
+    log_every: steps between metric records.
+    checkpoint_every: steps between checkpoints (one is always written at the end).
+    keep_checkpoints: newest checkpoints kept.
+    evaluation: a `mm1_jax.eval.fewshot.FewShotConfig`; runs at step 0, every
+      `eval_every` steps (0: never in between) and at the end.
+    z_loss: weight of the output log-partition penalty.
+    seed: parameter-initialisation seed.
+    peak_flops_per_device: the MFU denominator, per device.
+    progress: show a progress bar.
+  Returns:
+    0 when train_steps were reached; 128 + signal number when stopped by a signal.
+  """
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
+  from mm1_jax.data import pipeline  # noqa: PLC0415  (tensorflow, seqio)
+  from mm1_jax.metrics_writer import MetricWriter  # noqa: PLC0415
+
+  data = data or pipeline.DataConfig()
+  workdir_path = Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  device_mesh = sharding_lib.make_mesh(mesh)
+  rules = mesh.rules
+  if data.batch_size % sharding_lib.batch_divisor(device_mesh, rules):
+    raise ValueError(f"batch_size {data.batch_size} does not split over the mesh {device_mesh.shape}")
+
+  mm1 = MM1(model)
+  tx, schedule = optim.make_optimizer(optimizer, train_steps)
+  example = dummy_batch(data.batch_size, data.seq_len, data.max_images, model)
+  batch_shardings = {k: sharding_lib.batch_sharding(device_mesh, rules, v.ndim) for k, v in example.items()}
+  state, state_shardings = init_train_state(mm1, tx, example, jax.random.PRNGKey(seed), device_mesh, rules)
+  step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss)
+
+  ckpt = Checkpointer(workdir_path / "checkpoints", save_every=checkpoint_every,
+                      max_to_keep=keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  batches_consumed = 0
+  if start:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, state_shardings)
+    state, data_state = ckpt.restore(start, abstract)
+    batches_consumed = int(data_state.get("batches_consumed", start))
+    print(f"resumed from {ckpt.directory}/{start} ({batches_consumed} batches consumed)")
+
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  step_flops = flops_lib.train_flops_per_step(state.params, model, data.batch_size, data.seq_len,
+                                              data.max_images)
+  peak = peak_flops_per_device * device_mesh.size
+  print(f"model: {n_params / 1e6:.2f}M parameters, {step_flops / 1e9:.1f} GFLOPs per step; "
+        f"mesh {dict(device_mesh.shape)}")
+
+  evaluator = None
+  if evaluation is not None:
+    from mm1_jax.eval import fewshot  # noqa: PLC0415
+    evaluator = fewshot.Evaluator(evaluation, mm1, device_mesh, rules)
+
+  def run_eval(step):
+    if evaluator is not None and not (workdir_path / "eval" / f"step_{step}.json").exists():
+      evaluator.evaluate_and_write(state.params, step, workdir_path)
+
+  if start == 0:
+    run_eval(0)
+
+  host = jax.process_index(), jax.process_count()
+  ds = pipeline.make_dataset(data, tokens_per_image=model.tokens_per_image,
+                             image_size=model.encoder.image_size, shard_index=host[0],
+                             num_shards=host[1], start_batch=batches_consumed)
+  batches = pipeline.iterate(ds)
+  writer = MetricWriter(workdir_path, echo=tqdm.write if progress else print)
+  q = model.tokens_per_image
+  step = start
+  t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
+  exit_code = 0
+  with _StopRequest() as stop, jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
+    bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    while step < train_steps:
+      local = next(batches)
+      state, metrics = step_fn(state, global_batch(local, batch_shardings))
+      step += 1
+      batches_consumed += 1
+      seqs += local["tokens"].shape[0] * host[1]
+      tokens += local["tokens"].size * host[1]
+      images += int((local["tokens"] == model.image_token_id).sum()) // q * host[1]
+      bar.update()
+      if step % log_every == 0 or step == train_steps:
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t_last
+        steps_done = seqs / data.batch_size
+        metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,
+                        "step_time_s": dt / steps_done, "mfu": step_flops * steps_done / dt / peak})
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
+        t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
+      ckpt.save(step, state, {"batches_consumed": batches_consumed},
+                force=stop.signum is not None or step == train_steps)
+      if eval_every and step % eval_every == 0 and step != train_steps:
+        run_eval(step)
+      if stop.signum is not None:
+        exit_code = 128 + stop.signum
+        break
+    bar.close()
+  ckpt.close()
+  writer.close()
+  if exit_code:
+    print(f"stopped at step {step}; checkpoint saved. Run the same command to resume.")
+    return exit_code
+  run_eval(step)
+  if evaluator is not None:
+    from mm1_jax.eval import report  # noqa: PLC0415
+    print(report.comparison_table(workdir_path / "eval"))
+  (workdir_path / "train_done.json").write_text(json.dumps({"step": step}))
+  return 0

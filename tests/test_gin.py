@@ -1,0 +1,56 @@
+"""Every gin file parses; the quickstart's macros and overrides behave as documented."""
+
+from pathlib import Path
+
+import gin
+import pytest
+
+from mm1_jax import cli, train
+from mm1_jax.eval import run as eval_run
+
+REPO = Path(__file__).resolve().parent.parent
+GIN_FILES = sorted(p.relative_to(REPO) for p in (REPO / "gin").rglob("*.gin"))
+# Files that only make sense on top of a model file.
+NEEDS_MODEL = {"gin/runs/pretrain.gin", "gin/eval/fewshot.gin"}
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config(clear_constants=True)
+  gin.add_config_file_search_path(str(REPO))
+  yield
+  gin.clear_config(clear_constants=True)
+
+
+def test_there_are_gin_files():
+  assert {"gin/runs/quickstart.gin", "gin/models/mm1_tiny.gin"} <= {str(p) for p in GIN_FILES}
+
+
+@pytest.mark.parametrize("path", [str(p) for p in GIN_FILES])
+def test_gin_file_parses(path):
+  files = ["gin/models/mm1_tiny.gin", path] if path in NEEDS_MODEL else [path]
+  bindings = ["TRAIN_STEPS = 1", "BATCH_SIZE = 8", "MIXTURE_OR_TASK_NAME = 'x'"] if path in NEEDS_MODEL else []
+  gin.parse_config_files_and_bindings(files, bindings)
+
+
+def test_quickstart_macros_and_overrides():
+  args, bindings = cli._split_gin_bindings(
+      ["--gin_file=gin/runs/quickstart.gin", "--gin.TRAIN_STEPS=20", "--gin.BATCH_SIZE", "8",
+       "--workdir=/tmp/x"])
+  assert args == ["--gin_file=gin/runs/quickstart.gin", "--workdir=/tmp/x"]
+  assert bindings == ["TRAIN_STEPS = 20", "BATCH_SIZE = 8"]
+  gin.parse_config_files_and_bindings(["gin/runs/quickstart.gin"], bindings)
+  assert gin.query_parameter("%TRAIN_STEPS") == 20
+  data = gin.query_parameter("train.train.data").scoped_configurable_fn()
+  assert data.batch_size == 8 and data.mixture_or_task_name == "mm1_shapes_pretrain"
+  assert dict(data.mixture_rates) == {"mm1_shapes_interleaved": 45, "mm1_shapes_caption": 45,
+                                      "mm1_shapes_text": 10}
+  model = gin.query_parameter("train.train.model").scoped_configurable_fn()
+  assert model.connector.num_tokens == 16 and model.decoder.vocab_size == 256
+
+
+def test_train_and_eval_share_model_and_mesh():
+  gin.parse_config_files_and_bindings(["gin/runs/quickstart.gin"], [])
+  train_model = gin.query_parameter("train.train.model").scoped_configurable_fn()
+  eval_model = gin.query_parameter(f"{eval_run.__name__.split('.', 1)[1]}.evaluate.model")
+  assert eval_model.scoped_configurable_fn() == train_model

@@ -214,39 +214,41 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
   step = start
   t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
   exit_code = 0
-  with _StopRequest() as stop, jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
-    bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    while step < train_steps:
-      local = next(batches)
-      state, metrics = step_fn(state, global_batch(local, batch_shardings))
-      step += 1
-      batches_consumed += 1
-      seqs += local["tokens"].shape[0] * host[1]
-      tokens += local["tokens"].size * host[1]
-      images += int((local["tokens"] == model.image_token_id).sum()) // q * host[1]
-      bar.update()
-      if step % log_every == 0 or step == train_steps:
-        metrics = jax.device_get(metrics)
-        dt = time.perf_counter() - t_last
-        steps_done = seqs / data.batch_size
-        metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,
-                        "step_time_s": dt / steps_done, "mfu": step_flops * steps_done / dt / peak})
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
-        t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
-      ckpt.save(step, state, {"batches_consumed": batches_consumed},
-                force=stop.signum is not None or step == train_steps)
-      if eval_every and step % eval_every == 0 and step != train_steps:
-        run_eval(step)
-      if stop.signum is not None:
-        exit_code = 128 + stop.signum
-        break
-    bar.close()
-  ckpt.close()
-  writer.close()
+  try:
+    with _StopRequest() as stop, jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
+      bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress,
+                 dynamic_ncols=True)
+      while step < train_steps:
+        local = next(batches)
+        state, metrics = step_fn(state, global_batch(local, batch_shardings))
+        step += 1
+        batches_consumed += 1
+        seqs += local["tokens"].shape[0] * host[1]
+        tokens += local["tokens"].size * host[1]
+        images += int((local["tokens"] == model.image_token_id).sum()) // q * host[1]
+        bar.update()
+        if step % log_every == 0 or step == train_steps:
+          metrics = jax.device_get(metrics)
+          dt = time.perf_counter() - t_last
+          steps_done = seqs / data.batch_size
+          metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,
+                          "step_time_s": dt / steps_done, "mfu": step_flops * steps_done / dt / peak})
+          writer.write(step, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+          if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
+          t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
+        ckpt.save(step, state, {"batches_consumed": batches_consumed},
+                  force=stop.signum is not None or step == train_steps)
+        if eval_every and step % eval_every == 0 and step != train_steps:
+          run_eval(step)
+        if stop.signum is not None:
+          exit_code = 128 + stop.signum
+          break
+      bar.close()
+  finally:  # also on errors: let in-flight async saves finish so no checkpoint is half-written
+    ckpt.close()
+    writer.close()
   if exit_code:
     print(f"stopped at step {step}; checkpoint saved. Run the same command to resume.")
     return exit_code

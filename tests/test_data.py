@@ -153,7 +153,64 @@ def test_pipeline_is_deterministic_and_resumes(data_dir):
 
 
 def test_mixture_rate_override_changes_sampling(data_dir):
-  cfg = pipeline.DataConfig(batch_size=8, seq_len=64, max_images=3, seed=0,
-                            mixture_rates={"mm1_shapes_text": 1.0})
+  rates = {"mm1_shapes_text": 1.0, "mm1_shapes_caption": 0.0, "mm1_shapes_interleaved": 0.0}
+  cfg = pipeline.DataConfig(batch_size=8, seq_len=64, max_images=3, seed=0, mixture_rates=rates)
   batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=4, image_size=64)))
   assert not (batch["tokens"] == IMAGE_ID).any()  # text-only
+
+
+def test_mixture_rate_override_must_match_the_mixture():
+  cfg = pipeline.DataConfig(mixture_rates={"mm1_shapes_text": 1.0})
+  with pytest.raises(ValueError, match="exactly the tasks"):
+    pipeline.get_mixture_or_task(cfg)
+
+
+def test_user_module_registers_a_mixture(tmp_path, monkeypatch):
+  """The README's tutorial: a mixture registered in the user's own module."""
+  (tmp_path / "my_mixtures.py").write_text(
+      "import seqio\nimport tasks\n"
+      "seqio.MixtureRegistry.add('my_captions_and_text', "
+      "[('mm1_shapes_caption', 3.0), ('mm1_shapes_text', 1.0)])\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  cfg = pipeline.DataConfig(mixture_or_task_name="my_captions_and_text", batch_size=4, seq_len=64,
+                            max_images=1, module_imports=("tasks", "my_mixtures"))
+  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=4, image_size=64)))
+  assert batch["tokens"].shape == (4, 64)
+
+
+def test_packing_keeps_examples_apart():
+  I = IMAGE_ID  # noqa: E741
+  img = lambda v: np.full((1, 8, 8, 3), v, np.uint8)  # noqa: E731
+  none = np.zeros((0, 8, 8, 3), np.uint8)
+  examples = [
+      {"text": np.array([I, I, 10, EOS_ID]), "images": img(1)},
+      {"text": np.array([11, 12, EOS_ID]), "images": none},
+      {"text": np.array([I, I, 13, 14, EOS_ID]), "images": img(2)},  # 4 pairs: does not fit in 8
+  ]
+  rows = list(pipeline.pack_examples(examples, seq_len=8, max_images=2, image_size=8))
+  assert len(rows) == 2
+  r = rows[0]
+  np.testing.assert_array_equal(r["tokens"], [I, I, 10, 11, 12, PAD_ID, PAD_ID, PAD_ID])
+  np.testing.assert_array_equal(r["targets"], [I, 10, EOS_ID, 12, EOS_ID, PAD_ID, PAD_ID, PAD_ID])
+  np.testing.assert_array_equal(r["segment_ids"], [1, 1, 1, 2, 2, 0, 0, 0])
+  np.testing.assert_array_equal(r["positions"], [0, 1, 2, 0, 1, 0, 0, 0])
+  np.testing.assert_array_equal(r["loss_weights"], [0, 1, 1, 1, 1, 0, 0, 0])
+  assert r["images"][0].max() == 1 and r["images"][1].max() == 0
+  assert rows[1]["images"][0].max() == 2 and rows[1]["segment_ids"].max() == 1
+  unpacked = list(pipeline.pack_examples(examples, seq_len=8, max_images=2, image_size=8, pack=False))
+  assert len(unpacked) == 3
+
+
+def test_packed_batches_never_attend_across_examples(data_dir):
+  """No token of a packed row can see a token of another example."""
+  from mm1_jax.model import segment_causal_mask
+  cfg = pipeline.DataConfig(batch_size=4, seq_len=128, max_images=4, seed=1)
+  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=16, image_size=64)))
+  assert batch["segment_ids"].max() > 1  # something was packed
+  mask = np.asarray(segment_causal_mask(batch["segment_ids"]))[:, 0]
+  seg = batch["segment_ids"]
+  cross = (seg[:, :, None] != seg[:, None, :]) & ~np.eye(128, dtype=bool)[None]
+  assert not (mask & cross).any()
+  # The image slots are filled in the order of the placeholders, one slot per 16 ids.
+  for i in range(4):
+    assert (batch["tokens"][i] == IMAGE_ID).sum() // 16 == (batch["images"][i].reshape(4, -1).max(1) > 0).sum()

@@ -54,3 +54,17 @@ def test_train_and_eval_share_model_and_mesh():
   train_model = gin.query_parameter("train.train.model").scoped_configurable_fn()
   eval_model = gin.query_parameter(f"{eval_run.__name__.split('.', 1)[1]}.evaluate.model")
   assert eval_model.scoped_configurable_fn() == train_model
+
+
+def test_quickstart_config_matches_golden():
+  """A silent change to what the quickstart runs shows up here.
+
+  After a deliberate change: MM1_UPDATE_GOLDEN=1 pytest tests/test_gin.py, then review the diff.
+  """
+  import os
+  gin.parse_config_files_and_bindings(["gin/runs/quickstart.gin"], [])
+  current = gin.config_str()
+  golden = REPO / "tests" / "golden" / "quickstart.gin"
+  if os.environ.get("MM1_UPDATE_GOLDEN"):
+    golden.write_text(current)
+  assert current == golden.read_text(), "quickstart config changed; see the docstring"

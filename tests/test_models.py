@@ -187,3 +187,19 @@ def test_full_size_presets_shape_check_without_memory():
   variables = jax.eval_shape(m.init, jax.random.PRNGKey(0), tokens, images, tokens, tokens)
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(variables)))
   assert 3.0e9 < n < 3.8e9, n  # ViT-H (~0.63B) + C-Abstractor + ~2.8B decoder
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tiny_config):
+  import dataclasses
+  cfg = dataclasses.replace(
+      tiny_config,
+      encoder=dataclasses.replace(tiny_config.encoder, dtype="bfloat16"),
+      connector=dataclasses.replace(tiny_config.connector, dtype="bfloat16"),
+      decoder=dataclasses.replace(tiny_config.decoder, dtype="bfloat16"))
+  m = model.MM1(cfg)
+  tokens, images, seg, pos = _mm1_inputs(cfg)
+  variables, logits = _init_apply(m, tokens, images, seg, pos)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+  _, ref = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
+  assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mm1_jax.data import shapes_world as sw
 
-VERSION = 1
+VERSION = 2  # bump when generated content changes, so cached corpora are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)

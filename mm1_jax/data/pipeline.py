@@ -2,8 +2,9 @@
 
 This is the model-specific half of the data path (seqio's feature-converter role):
 it expands image placeholders to the connector's token count, cuts examples to the
-sequence and image budgets, shifts inputs/targets and pads everything to static
-shapes. The output layout is documented in `mm1_jax.model`.
+sequence and image budgets, packs several examples into each sequence (segment ids
+keep them apart), shifts inputs/targets and pads everything to static shapes. The
+output layout is documented in `mm1_jax.model`.
 
 Imports tensorflow and seqio; the model and train-step modules do not, so they run
 where only jax is installed.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import seqio
@@ -36,8 +37,10 @@ class DataConfig:
     batch_size: global batch size (sequences per step, all hosts together).
     seq_len: model input length T.
     max_images: image slots per sequence N.
-    mixture_rates: {task_name: rate} to sample instead of the registered rates.
+    mixture_rates: {task_name: rate} to sample the named mixture's tasks at instead
+      of its registered rates; must name exactly that mixture's tasks.
     seed: shuffle and mixture-sampling seed; the same seed gives the same batches.
+    pack: pack several examples into each sequence (attention stays within each).
     module_imports: modules imported first so that their tasks get registered.
   """
 
@@ -49,38 +52,79 @@ class DataConfig:
   mixture_rates: Mapping[str, float] | None = None
   seed: int = 0
   shuffle: bool = True
+  pack: bool = True
   module_imports: tuple[str, ...] = ("tasks",)
 
 
 def get_mixture_or_task(config: DataConfig) -> seqio.Task | seqio.Mixture:
   for module in config.module_imports:
     importlib.import_module(module)
-  if config.mixture_rates:
-    return seqio.Mixture(f"{config.mixture_or_task_name}_rates_override",
-                         list(dict(config.mixture_rates).items()))
-  return seqio.get_mixture_or_task(config.mixture_or_task_name)
+  source = seqio.get_mixture_or_task(config.mixture_or_task_name)
+  if not config.mixture_rates:
+    return source
+  rates = dict(config.mixture_rates)
+  registered = {t.name for t in getattr(source, "tasks", ())}
+  if set(rates) != registered:
+    raise ValueError(
+        f"mixture_rates {sorted(rates)} must name exactly the tasks of mixture "
+        f"{config.mixture_or_task_name!r} ({sorted(registered) or 'it is a task, not a mixture'}); "
+        "set MIXTURE_RATES = None to use the registered rates")
+  return seqio.Mixture(f"{config.mixture_or_task_name}_rates_override", list(rates.items()))
 
 
-def to_model_features(ex: dict, seq_len: int, tokens_per_image: int, max_images: int,
-                      image_size: int) -> dict:
-  """One task example -> fixed-shape model features (see `mm1_jax.model`)."""
-  ex = prep.truncate_and_expand_images(ex, seq_len + 1, tokens_per_image, max_images, image_size)
-  text = ex["text"]
-  n = tf.size(text)
-  seq = tf.pad(text, [[0, seq_len + 1 - n]], constant_values=PAD_ID)
-  tokens, targets = seq[:-1], seq[1:]
-  idx = tf.range(seq_len)
-  has_target = idx < n - 1
-  images = ex[prep.OUTPUT_IMAGE_KEY]
-  images = tf.pad(images, [[0, max_images - tf.shape(images)[0]], [0, 0], [0, 0], [0, 0]])
-  return {
-      "tokens": tf.cast(tokens, tf.int32),
-      "targets": tf.cast(tf.where(has_target, targets, PAD_ID), tf.int32),
-      "loss_weights": tf.cast(tf.logical_and(has_target, targets != IMAGE_ID), tf.float32),
-      "segment_ids": tf.cast(idx < n, tf.int32),
-      "positions": idx,
-      "images": tf.ensure_shape(images, [max_images, image_size, image_size, 3]),
-  }
+class _Row:
+  """One packed sequence being filled: (input, target) pairs and image slots."""
+
+  def __init__(self, seq_len: int, max_images: int, image_size: int):
+    self.tokens = np.full(seq_len, PAD_ID, np.int32)
+    self.targets = np.full(seq_len, PAD_ID, np.int32)
+    self.loss_weights = np.zeros(seq_len, np.float32)
+    self.segment_ids = np.zeros(seq_len, np.int32)
+    self.positions = np.zeros(seq_len, np.int32)
+    self.images = np.zeros((max_images, image_size, image_size, 3), np.uint8)
+    self.used = self.num_images = self.num_segments = 0
+
+  def fits(self, text: np.ndarray, images: np.ndarray) -> bool:
+    return (self.used + len(text) - 1 <= len(self.tokens)
+            and self.num_images + len(images) <= len(self.images))
+
+  def add(self, text: np.ndarray, images: np.ndarray) -> None:
+    n = len(text) - 1
+    span = slice(self.used, self.used + n)
+    self.num_segments += 1
+    self.tokens[span], self.targets[span] = text[:-1], text[1:]
+    self.loss_weights[span] = text[1:] != IMAGE_ID
+    self.segment_ids[span] = self.num_segments
+    self.positions[span] = np.arange(n)
+    self.images[self.num_images:self.num_images + len(images)] = images
+    self.used += n
+    self.num_images += len(images)
+
+  def features(self) -> dict[str, np.ndarray]:
+    return {k: getattr(self, k) for k in
+            ("tokens", "targets", "loss_weights", "segment_ids", "positions", "images")}
+
+
+def pack_examples(examples: Iterable[dict], seq_len: int, max_images: int, image_size: int,
+                  pack: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  """Examples (already cut to seq_len + 1 ids and max_images) -> fixed-shape rows.
+
+  Next-fit packing: examples go into the current row while its (input, target) pairs
+  and image slots last, then the row is emitted. Every example keeps its own segment
+  id and positions from 0, so attention never crosses examples (see
+  `model.segment_causal_mask`). With pack=False each row holds one example.
+  """
+  row = _Row(seq_len, max_images, image_size)
+  for ex in examples:
+    text, images = ex["text"], ex[prep.OUTPUT_IMAGE_KEY]
+    if len(text) < 2:  # nothing to predict
+      continue
+    if row.num_segments and (not pack or not row.fits(text, images)):
+      yield row.features()
+      row = _Row(seq_len, max_images, image_size)
+    row.add(text, images)
+  if row.num_segments:
+    yield row.features()
 
 
 def make_dataset(config: DataConfig, *, tokens_per_image: int, image_size: int,
@@ -103,8 +147,16 @@ def make_dataset(config: DataConfig, *, tokens_per_image: int, image_size: int,
   ds = source.get_dataset(sequence_length=None, split=config.split, shuffle=config.shuffle,
                           seed=config.seed, shard_info=shard_info, num_epochs=num_epochs,
                           trim_output_features=False, use_cached=False)
-  ds = ds.map(lambda ex: to_model_features(ex, config.seq_len, tokens_per_image, config.max_images,
-                                           image_size), num_parallel_calls=tf.data.AUTOTUNE)
+  examples = ds.map(lambda ex: prep.truncate_and_expand_images(
+      ex, config.seq_len + 1, tokens_per_image, config.max_images, image_size),
+                     num_parallel_calls=tf.data.AUTOTUNE).prefetch(64)
+  t, n = config.seq_len, config.max_images
+  signature = {k: tf.TensorSpec([t], tf.float32 if k == "loss_weights" else tf.int32)
+               for k in ("tokens", "targets", "loss_weights", "segment_ids", "positions")}
+  signature["images"] = tf.TensorSpec([n, image_size, image_size, 3], tf.uint8)
+  ds = tf.data.Dataset.from_generator(
+      lambda: pack_examples(examples.as_numpy_iterator(), t, n, image_size, config.pack),
+      output_signature=signature)
   ds = ds.batch(config.batch_size // num_shards, drop_remainder=True)
   if start_batch:
     ds = ds.skip(start_batch)

@@ -161,23 +161,36 @@ INTROS = (
 )
 
 
+DOC_STYLES = ("album", "quiz", "notes")
+
+
 def interleaved_document(rng: np.random.Generator, image_size: int, max_images: int
                          ) -> tuple[str, list[np.ndarray]]:
-  """Text with `<image>` markers, one per image, and the images in the same order."""
+  """Text with `<image>` markers, one per image, and the images in the same order.
+
+  Three styles, as on the web: an album (each image with a caption), a quiz (each
+  image with questions and answers) and notes (statements and questions mixed).
+  """
   n_img = int(rng.integers(2, max_images + 1))
   scenes = [sample_scene(rng, image_size) for _ in range(n_img)]
   images = [render(s, rng, image_size) for s in scenes]
+  style = DOC_STYLES[int(rng.integers(len(DOC_STYLES)))]
   lines = []
   intro = INTROS[int(rng.integers(len(INTROS)))]
-  if intro:
+  if intro and style == "notes":
     lines.append(intro)
   for scene in scenes:
-    parts = ["<image>" + _statement(scene, rng)]
-    for q, a in questions(scene, rng)[: int(rng.integers(0, 3))]:
-      parts.append(f"Question: {q} Answer: {a}")
-    lines.extend(parts)
+    if style == "album":
+      refs = captions(scene)
+      lines.append("<image>" + refs[int(rng.integers(len(refs)))])
+    elif style == "quiz":
+      qa = questions(scene, rng)[: int(rng.integers(1, 3))]
+      lines.extend(("<image>" if i == 0 else "") + f"Question: {q} Answer: {a}" for i, (q, a) in enumerate(qa))
+    else:
+      lines.append("<image>" + _statement(scene, rng))
+      lines.extend(f"Question: {q} Answer: {a}" for q, a in questions(scene, rng)[: int(rng.integers(0, 3))])
   a, b = scenes[0], scenes[1]
-  if len(a) != len(b):
+  if style == "notes" and len(a) != len(b):
     more = "first" if len(a) > len(b) else "second"
     lines.append(f"the {more} picture has more shapes than the {'second' if more == 'first' else 'first'}.")
   return "\n".join(lines) + "\n", images

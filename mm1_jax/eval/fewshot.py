@@ -187,9 +187,13 @@ class Evaluator:
       texts.append(self.sp.decode(row.tolist()).strip())
     return texts, generated
 
-  def evaluate(self, params) -> tuple[dict[str, float], dict[str, list]]:
+  def evaluate(self, params, progress: bool = True) -> tuple[dict[str, float], dict[str, list]]:
+    from tqdm import tqdm  # noqa: PLC0415
+
     c = self.config
     results, samples = {}, {}
+    n_batches = sum(-(-min(c.num_queries, len(s["test"])) // c.batch_size) for s in self.splits.values())
+    bar = tqdm(total=n_batches * len(c.shots), desc="eval", unit="batch", disable=not progress, leave=False)
     for kind, splits in self.splits.items():
       queries = splits["test"][:c.num_queries]
       for k in c.shots:
@@ -201,6 +205,7 @@ class Evaluator:
           texts, n = self._decode_batch(params, prompts[s:s + c.batch_size], k + 1)
           preds += texts
           generated += n
+          bar.update()
         if kind == "caption":
           score = metrics.cider({q["id"]: q["references"] for q in queries},
                                 {q["id"]: p for q, p in zip(queries, preds)})
@@ -214,6 +219,7 @@ class Evaluator:
                          "target": q.get("caption") or q["answers"][0],
                          **({"question": q["question"]} if "question" in q else {})}
                         for q, p in zip(queries[:8], preds[:8])]
+    bar.close()
     return results, samples
 
   def evaluate_and_write(self, params, step: int, workdir: str | Path) -> dict[str, float]:

@@ -90,7 +90,9 @@ class Decoder(nn.Module):
         new_cache.append(layer_cache)
     x = self.ln_final(x)
     if self.config.tie_embeddings:
-      logits = self.embedding.attend(x.astype(jnp.float32)) / jnp.sqrt(self.config.width)
+      # Tied head in float32 whatever the compute dtype: logits feed a softmax over V.
+      table = jnp.asarray(self.embedding.embedding, jnp.float32)  # [V, D]
+      logits = jnp.dot(x.astype(jnp.float32), table.T) / jnp.sqrt(self.config.width)
     else:
       logits = self.lm_head(x).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache

@@ -68,9 +68,10 @@ def parse_gin(args: argparse.Namespace, bindings: list[str]) -> None:
 
 
 def _setup_jax() -> None:
-  # On CPU, use the host's cores through XLA's thread pool; nothing to do elsewhere.
   import jax  # noqa: PLC0415
 
+  # Random numbers that do not depend on how arrays are sharded, so a run initialises
+  # the same parameters on any mesh.
   jax.config.update("jax_threefry_partitionable", True)
 
 

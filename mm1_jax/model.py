@@ -33,7 +33,7 @@ class MM1Config:
   encoder: vit_lib.ViTConfig = vit_lib.ViTConfig()
   connector: connector_lib.CAbstractorConfig = connector_lib.CAbstractorConfig()
   decoder: decoder_lib.DecoderConfig = decoder_lib.DecoderConfig()
-  image_token_id: int = 4  # id of the `<image>` placeholder in the vocabulary
+  image_token_id: int = 3  # id of the `<image>` placeholder (mm1_jax.data.tokenizer.IMAGE_ID)
 
   @property
   def tokens_per_image(self) -> int:

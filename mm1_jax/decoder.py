@@ -28,7 +28,8 @@ class DecoderConfig:
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
-  remat: bool = False  # rematerialise each block in the backward pass
+  scan_layers: bool = True  # one nn.scan over the blocks; params get a leading 'layers' axis
+  remat_policy: str = "none"  # see layers.REMAT_POLICIES
   dtype: str = "float32"
 
 
@@ -36,7 +37,7 @@ class DecoderBlock(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions, cache=None, cache_index=0):
+  def __call__(self, x, mask, positions, cache_index, cache):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_attn")(x)
@@ -57,8 +58,8 @@ class Decoder(nn.Module):
         c.vocab_size, c.width, dtype=jnp.dtype(c.dtype),
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
         name="embedding")
-    block = nn.remat(DecoderBlock) if c.remat else DecoderBlock
-    self.blocks = [block(c, name=f"block_{i}") for i in range(c.depth)]
+    self.blocks = layers.BlockStack(DecoderBlock, (c,), c.depth, c.scan_layers, c.remat_policy,
+                                    name="blocks")
     self.ln_final = layers.RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), name="ln_final")
     if not c.tie_embeddings:
       self.lm_head = layers.Linear((c.vocab_size,), ("embed", "vocab"), dtype=jnp.dtype(c.dtype),
@@ -69,25 +70,21 @@ class Decoder(nn.Module):
     return self.embedding(tokens)
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
-               cache: list[layers.KVCache] | None = None, cache_index: jax.Array | int = 0
-               ) -> tuple[jax.Array, list[layers.KVCache] | None]:
+               cache: layers.KVCache | None = None, cache_index: jax.Array | int = 0
+               ) -> tuple[jax.Array, layers.KVCache | None]:
     """Runs the stack.
 
     Args:
       x: float[B, T, D] input embeddings.
       mask: bool[B, 1, T, S] attention mask (S = T without a cache, cache length with one).
       positions: int[B, T] RoPE positions.
-      cache: per-layer (key, value) caches, float[B, S, K, H] each, or None.
+      cache: (key, value) caches stacked over layers, float[L, B, S, K, H] each, or None.
       cache_index: slot at which the T new entries are written.
     Returns:
       (logits float32[B, T, V], updated caches or None)
     """
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    new_cache = [] if cache is not None else None
-    for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, mask, positions, None if cache is None else cache[i], cache_index)
-      if cache is not None:
-        new_cache.append(layer_cache)
+    x, new_cache = self.blocks(x, mask, positions, jnp.asarray(cache_index, jnp.int32), cache)
     x = self.ln_final(x)
     if self.config.tie_embeddings:
       # Tied head in float32 whatever the compute dtype: logits feed a softmax over V.
@@ -97,7 +94,12 @@ class Decoder(nn.Module):
       logits = self.lm_head(x).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
-  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> list[layers.KVCache]:
-    c = self.config
-    shape = (batch, length, c.num_kv_heads, c.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.depth)]
+  def init_cache(self, batch: int, length: int) -> layers.KVCache:
+    return init_cache(self.config, batch, length)
+
+
+def init_cache(config: DecoderConfig, batch: int, length: int) -> layers.KVCache:
+  """Empty (key, value) caches for all layers, float[L, B, length, K, H] each."""
+  shape = (config.depth, batch, length, config.num_kv_heads, config.head_dim)
+  dtype = jnp.dtype(config.dtype)
+  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)

@@ -19,12 +19,12 @@ def _size(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def _matmul_params(tree, skip=("pos_embed", "embedding", "cls")) -> int:
-  """Parameters of matrices and conv kernels (ndim >= 2), embeddings excluded."""
+def _matmul_params(tree, skip=()) -> int:
+  """Parameters of weight matrices and conv kernels ('kernel' leaves; stacked layers included)."""
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [getattr(k, "key", str(k)) for k in path]
-    if len(leaf.shape) >= 2 and not any(n in skip for n in names):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if names[-1] == "kernel" and not any(n in skip for n in names):
       total += math.prod(leaf.shape)
   return total
 

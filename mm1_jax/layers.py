@@ -136,7 +136,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
   return out.astype(x.dtype)
 
 
-KVCache = tuple[jax.Array, jax.Array]  # (key, value), each float[B, S_max, K, H]
+KVCache = tuple[jax.Array, jax.Array]  # (key, value): float[B, S, K, H], or [L, B, S, K, H] stacked
 
 
 class Attention(nn.Module):
@@ -215,3 +215,52 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in acts:
     raise ValueError(f"unknown activation {name!r}; choose from {sorted(acts)}")
   return acts[name]
+
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class BlockStack(nn.Module):
+  """`depth` copies of a block, run as a layer stack.
+
+  With scan=True the copies become one `nn.scan` whose parameters carry a leading
+  'layers' axis (submodule "layers"): compile time no longer grows with depth.
+  Otherwise they are unrolled as submodules "block_0", "block_1", ...
+
+  The block is called as `block(carry, *shared, per_layer)` and returns
+  `(carry, per_layer_out)`: `shared` arguments are the same for every layer, while
+  `per_layer` (a KV cache, or None) is sliced along its leading layer axis and the
+  outputs are stacked along it.
+  """
+
+  block_cls: type
+  block_args: tuple
+  depth: int
+  scan: bool = True
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, carry, *args):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+    block_cls = self.block_cls
+    if self.remat_policy != "none":
+      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+    *shared, per_layer = args
+    if self.scan:
+      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast,) * len(shared) + (0,), length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      return scanned(*self.block_args, name="layers")(carry, *shared, per_layer)
+    outs = []
+    for i in range(self.depth):
+      layer_in = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)  # noqa: B023
+      carry, out = block_cls(*self.block_args, name=f"block_{i}")(carry, *shared, layer_in)
+      outs.append(out)
+    stacked = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return carry, stacked

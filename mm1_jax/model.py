@@ -112,11 +112,11 @@ class MM1(nn.Module):
       tokens: int32[B, P] prompts, left-padded.
       images: uint8[B, N, H, W, 3].
       valid: bool[B, P], False on padding.
-      cache: empty per-layer caches of length S >= P.
+      cache: empty caches of length S >= P (`decoder.init_cache`).
     Returns:
       (logits of the last prompt position float32[B, V], filled cache)
     """
-    s = cache[0][0].shape[1]
+    s = cache[0].shape[2]  # [L, B, S, K, H]
     kv_valid = jnp.pad(valid, ((0, 0), (0, s - valid.shape[1])))
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     x = self.embed_inputs(tokens, images)

@@ -37,7 +37,14 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Decay weight matrices and embeddings; not norms, biases or position embeddings.
+
+  Decided by name: with scanned layers a norm scale is 2-D too ([layers, width]).
+  """
+  def decays(path, _):
+    dict_keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # skips flax boxes
+    return dict_keys[-1] in ("kernel", "embedding")
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int

@@ -9,6 +9,7 @@ Logical names:
   embed    model width                           mlp     MLP / connector hidden width
   heads    attention heads                       kv      per-head width
   vocab    vocabulary                            patch   flattened pixel patch
+  layers   the stacked-layer axis of scanned blocks
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("length", None),
     ("patch", None),
+    ("layers", None),
 )
 
 

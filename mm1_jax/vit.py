@@ -31,6 +31,8 @@ class ViTConfig:
   act: str = "gelu"  # "quick_gelu" for OpenAI CLIP weights
   use_cls: bool = False
   norm_eps: float = 1e-5
+  scan_layers: bool = True  # one nn.scan over the blocks; params get a leading 'layers' axis
+  remat_policy: str = "none"  # see layers.REMAT_POLICIES
   pixel_mean: tuple[float, float, float] = CLIP_MEAN
   pixel_std: tuple[float, float, float] = CLIP_STD
   dtype: str = "float32"
@@ -50,7 +52,7 @@ class EncoderBlock(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, unused_per_layer=None) -> tuple[jax.Array, None]:
     c = self.config
     dtype = jnp.dtype(c.dtype)
     h = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_attn")(x)
@@ -59,7 +61,7 @@ class EncoderBlock(nn.Module):
     x = x + h
     h = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_mlp")(x)
     x = x + layers.MLP(c.mlp_dim, act=c.act, use_bias=True, dtype=dtype, name="mlp")(h)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
 class ViT(nn.Module):
@@ -93,7 +95,7 @@ class ViT(nn.Module):
     x = x + pos.astype(x.dtype)
     if c.use_cls:  # CLIP has a pre-LayerNorm before the blocks.
       x = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_pre")(x)
-    for i in range(c.depth):
-      x = EncoderBlock(c, name=f"block_{i}")(x)
+    x, _ = layers.BlockStack(EncoderBlock, (c,), c.depth, c.scan_layers, c.remat_policy,
+                             name="blocks")(x, None)
     x = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_post")(x)
     return x[:, 1:] if c.use_cls else x

@@ -77,9 +77,9 @@ def test_decoder_shapes_and_gqa(tiny_config):
   (logits, cache) = dec.apply(variables, x, mask, pos)
   assert logits.shape == (2, 10, tiny_config.decoder.vocab_size) and logits.dtype == jnp.float32
   assert cache is None
-  kernel = nn.meta.unbox(variables)["params"]["block_0"]["attn"]["key"]["kernel"]
-  assert kernel.shape == (tiny_config.decoder.width, tiny_config.decoder.num_kv_heads,
-                          tiny_config.decoder.head_dim)
+  kernel = nn.meta.unbox(variables)["params"]["blocks"]["layers"]["attn"]["key"]["kernel"]
+  assert kernel.shape == (tiny_config.decoder.depth, tiny_config.decoder.width,
+                          tiny_config.decoder.num_kv_heads, tiny_config.decoder.head_dim)
 
 
 def test_rope_is_relative():
@@ -134,7 +134,16 @@ def test_mm1_forward_shape_and_image_dependence(tiny_config):
   np.testing.assert_allclose(logits[1], logits2[1], atol=1e-5)  # row 1 uses only its first image
 
 
-def test_kv_cache_decoding_matches_full_forward(tiny_config):
+def _unrolled(cfg):
+  import dataclasses
+  return dataclasses.replace(
+      cfg, encoder=dataclasses.replace(cfg.encoder, scan_layers=False),
+      decoder=dataclasses.replace(cfg.decoder, scan_layers=False))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_kv_cache_decoding_matches_full_forward(tiny_config, scan):
+  tiny_config = tiny_config if scan else _unrolled(tiny_config)
   m = model.MM1(tiny_config)
   tokens, images, seg, pos = _mm1_inputs(tiny_config, t=20)
   variables, full = _init_apply(m, tokens, images, seg, pos)
@@ -203,3 +212,35 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_config):
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
   _, ref = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
   assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
+
+
+def test_scanned_and_unrolled_stacks_compute_the_same_function(tiny_config):
+  """Same weights, laid out stacked or per block, give the same logits."""
+  tokens, images, seg, pos = _mm1_inputs(tiny_config)
+  scanned, logits = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
+  params = jax.tree.map(lambda x: x, scanned["params"])
+  for part in ("encoder", "decoder"):
+    stacked = params[part].pop("blocks")["layers"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    params[part]["blocks"] = {f"block_{i}": jax.tree.map(lambda a: a[i], stacked) for i in range(depth)}  # noqa: B023
+  unrolled = model.MM1(_unrolled(tiny_config)).apply({"params": params}, tokens, images, seg, pos)
+  np.testing.assert_allclose(logits, unrolled, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_keep_gradients(tiny_config, policy):
+  import dataclasses
+  cfg = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, remat_policy=policy),
+                            encoder=dataclasses.replace(tiny_config.encoder, remat_policy=policy))
+  tokens, images, seg, pos = _mm1_inputs(tiny_config)
+  variables, _ = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
+
+  def grads(c):
+    f = lambda p: model.MM1(c).apply({"params": p}, tokens, images, seg, pos).sum()  # noqa: E731
+    return jax.grad(f)(variables["params"])
+
+  for a, b in zip(jax.tree.leaves(grads(tiny_config)), jax.tree.leaves(grads(cfg))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="remat_policy"):
+    bad = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, remat_policy="x"))
+    model.MM1(bad).init(jax.random.PRNGKey(0), tokens, images, seg, pos)

@@ -37,13 +37,15 @@ def test_mesh_shape_fills_minus_one_and_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("path, spec", [
-    (("decoder", "block_0", "mlp", "gate", "kernel"), P("fsdp", "tensor")),
-    (("decoder", "block_0", "mlp", "down", "kernel"), P("tensor", "fsdp")),
-    (("decoder", "block_0", "attn", "query", "kernel"), P("fsdp", "tensor", None)),
-    (("decoder", "block_0", "attn", "out", "kernel"), P("tensor", None, "fsdp")),
+    # Scanned blocks: a leading, unsharded 'layers' axis.
+    (("decoder", "blocks", "layers", "mlp", "gate", "kernel"), P(None, "fsdp", "tensor")),
+    (("decoder", "blocks", "layers", "mlp", "down", "kernel"), P(None, "tensor", "fsdp")),
+    (("decoder", "blocks", "layers", "attn", "query", "kernel"), P(None, "fsdp", "tensor", None)),
+    (("decoder", "blocks", "layers", "attn", "out", "kernel"), P(None, "tensor", None, "fsdp")),
+    (("decoder", "blocks", "layers", "ln_mlp", "scale"), P(None, "fsdp")),
     (("decoder", "embedding", "embedding"), P("tensor", "fsdp")),
     (("decoder", "ln_final", "scale"), P("fsdp")),
-    (("encoder", "block_0", "mlp", "up", "kernel"), P("fsdp", "tensor")),
+    (("encoder", "blocks", "layers", "mlp", "up", "kernel"), P(None, "fsdp", "tensor")),
     (("encoder", "patch_embed", "kernel"), P(None, "fsdp")),
     (("connector", "readout_1", "kernel"), P("tensor", "fsdp")),
     (("connector", "stage1_0", "conv1", "kernel"), P(None, None, "fsdp", "tensor")),
@@ -65,8 +67,8 @@ def test_parameter_shardings_follow_rules(mesh_and_state, path, spec):
 def test_optimizer_state_is_sharded_like_params(mesh_and_state):
   _, _, _, state, _ = mesh_and_state
   mu = state.opt_state[1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
-  kernel = mu["decoder"]["block_0"]["mlp"]["gate"]["kernel"]
-  assert kernel.sharding.spec == P("fsdp", "tensor")
+  kernel = mu["decoder"]["blocks"]["layers"]["mlp"]["gate"]["kernel"]
+  assert kernel.sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_batch_is_sharded_over_data_and_fsdp(mesh_and_state):
@@ -93,6 +95,6 @@ def test_sharded_train_step_runs_and_keeps_layout(mesh_and_state):
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
     new_state, metrics = step(state, train.global_batch(batch, bsh))
   assert np.isfinite(float(metrics["loss"]))
-  kernel = new_state.params["decoder"]["block_0"]["mlp"]["gate"]["kernel"]
-  assert kernel.sharding.spec == P("fsdp", "tensor")
+  kernel = new_state.params["decoder"]["blocks"]["layers"]["mlp"]["gate"]["kernel"]
+  assert kernel.sharding.spec == P(None, "fsdp", "tensor")
   assert int(new_state.step) == 1

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mm1_jax import decoder as decoder_lib
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, NEWLINE_ID, PAD_ID
 from mm1_jax.eval import metrics
@@ -108,10 +109,7 @@ def choose_demos(support: list[dict], query: dict, k: int, seed: int, index: int
 def _generate(params, tokens, valid, images, *, model: MM1, max_new: int):
   """Greedy decoding. tokens int32[B, P] left-padded, valid bool[B, P] -> int32[B, max_new]."""
   b, p = tokens.shape
-  cfg = model.config.decoder
-  shape = (b, p + max_new, cfg.num_kv_heads, cfg.head_dim)
-  dtype = jnp.dtype(cfg.dtype)
-  cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.depth)]
+  cache = decoder_lib.init_cache(model.config.decoder, b, p + max_new)
   logits, cache = model.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill)
   kv_valid = jnp.pad(valid, ((0, 0), (0, max_new)))
   next_pos = valid.sum(axis=1).astype(jnp.int32)

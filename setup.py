@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "mm1-train=mm1_jax.cli:train_entry",
             "mm1-eval=mm1_jax.cli:eval_entry",
+            "mm1-params=mm1_jax.params:entry",
         ],
     },
 )

@@ -1,0 +1,74 @@
+"""`mm1-params`: parameter counts of a model config, per part, with no memory spent.
+
+The model is traced with jax.eval_shape, so full-size presets (ViT-H + 30B decoder)
+are counted on any laptop.
+
+  mm1-params --gin_file=gin/models/mm1_7b.gin [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from mm1_jax.model import MM1, MM1Config
+
+
+def count_parameters(config: MM1Config) -> dict[str, int]:
+  """{part: parameters} for encoder, connector, decoder (embedding, blocks, rest) and total."""
+  m = MM1(config)
+  s = config.encoder.image_size
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  images = jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.uint8)
+  variables = jax.eval_shape(m.init, jax.random.PRNGKey(0), tokens, images, tokens, tokens)
+  import flax.linen as nn  # noqa: PLC0415
+  params = nn.meta.unbox(variables)["params"]
+  size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+  dec = params["decoder"]
+  counts = {
+      "encoder": size(params["encoder"]),
+      "connector": size(params["connector"]),
+      "decoder": size(dec),
+      "decoder.embedding": size(dec["embedding"]),
+      "decoder.blocks": size(dec["blocks"]),
+      "decoder.lm_head": size(dec.get("lm_head", {})),
+  }
+  counts["total"] = counts["encoder"] + counts["connector"] + counts["decoder"]
+  return counts
+
+
+def format_table(counts: dict[str, int]) -> str:
+  width = max(len(k) for k in counts)
+  return "\n".join(f"{k:<{width}}  {v:>16,d}  ({v / 1e9:.3f}B)" for k, v in counts.items())
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="mm1-params", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gin_file", action="append", required=True, help="model gin file (defines MODEL)")
+  parser.add_argument("--gin", action="append", default=[], help="extra binding, e.g. 'decoder.DecoderConfig.depth=8'")
+  parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+  args = parser.parse_args(argv)
+  import gin  # noqa: PLC0415
+
+  from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
+
+  gin.add_config_file_search_path(str(REPO_ROOT))
+  gin.parse_config_files_and_bindings(args.gin_file, args.gin)
+  config = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  counts = count_parameters(config)
+  print(json.dumps(counts) if args.json else format_table(counts))
+  return 0
+
+
+def entry():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()

@@ -5,7 +5,7 @@ from pathlib import Path
 import gin
 import pytest
 
-from mm1_jax import cli, train
+from mm1_jax import cli
 from mm1_jax.eval import run as eval_run
 
 REPO = Path(__file__).resolve().parent.parent

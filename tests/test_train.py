@@ -11,7 +11,6 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 
 from mm1_jax import flops, optim, sharding, train
 from mm1_jax.checkpoint import Checkpointer

@@ -94,9 +94,6 @@ class Decoder(nn.Module):
       logits = self.lm_head(x).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
-  def init_cache(self, batch: int, length: int) -> layers.KVCache:
-    return init_cache(self.config, batch, length)
-
 
 def init_cache(config: DecoderConfig, batch: int, length: int) -> layers.KVCache:
   """Empty (key, value) caches for all layers, float[L, B, length, K, H] each."""

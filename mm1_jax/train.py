@@ -47,6 +47,11 @@ def dummy_batch(batch_size: int, seq_len: int, max_images: int, config: MM1Confi
           "images": np.zeros((batch_size, max_images, s, s, 3), np.uint8)}
 
 
+def _boxed_params(model: MM1, batch: dict, rng: jax.Array):
+  """Fresh parameters, still boxed with their logical axis names."""
+  return model.init(rng, batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])["params"]
+
+
 def init_train_state(model: MM1, tx: optax.GradientTransformation, batch: dict, rng: jax.Array,
                      mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, TrainState]:
   """Initialises parameters and optimizer state directly in their shardings.
@@ -56,9 +61,7 @@ def init_train_state(model: MM1, tx: optax.GradientTransformation, batch: dict, 
   """
 
   def boxed_init(rng):
-    variables = model.init(rng, batch["tokens"], batch["images"], batch["segment_ids"],
-                           batch["positions"])
-    params = variables["params"]
+    params = _boxed_params(model, batch, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -71,8 +74,7 @@ def init_train_state(model: MM1, tx: optax.GradientTransformation, batch: dict, 
 def init_param_shardings(model: MM1, batch: dict, mesh: jax.sharding.Mesh, rules):
   """(abstract params, their NamedShardings), without materialising anything."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch["tokens"], batch["images"],
-                                              batch["segment_ids"], batch["positions"])["params"])
+    boxed = jax.eval_shape(lambda: _boxed_params(model, batch, jax.random.PRNGKey(0)))
   # Unboxed outside the mesh context: unboxing there would apply sharding constraints eagerly.
   return nn.meta.unbox(boxed), sharding_lib.logical_shardings(boxed, mesh, rules)
 

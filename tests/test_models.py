@@ -148,7 +148,7 @@ def test_kv_cache_decoding_matches_full_forward(tiny_config, scan):
   tokens, images, seg, pos = _mm1_inputs(tiny_config, t=20)
   variables, full = _init_apply(m, tokens, images, seg, pos)
   p, s = 14, 24
-  cache = decoder.Decoder(tiny_config.decoder).init_cache(2, s)
+  cache = decoder.init_cache(tiny_config.decoder, 2, s)
   last, cache = m.apply(variables, tokens[:, :p], images, np.ones((2, p), bool), cache,
                         method=model.MM1.prefill)
   np.testing.assert_allclose(last, full[:, p - 1], atol=1e-4)
@@ -168,7 +168,7 @@ def test_left_padded_prefill_matches_unpadded(tiny_config):
   pad = 5
   padded = np.concatenate([np.zeros((1, pad), np.int32), tokens], axis=1)
   valid = np.concatenate([np.zeros((1, pad), bool), np.ones((1, 12), bool)], axis=1)
-  cache = decoder.Decoder(tiny_config.decoder).init_cache(1, 20)
+  cache = decoder.init_cache(tiny_config.decoder, 1, 20)
   last, _ = m.apply(variables, padded, images, valid, cache, method=model.MM1.prefill)
   np.testing.assert_allclose(last, full[:, -1], atol=1e-4)
 

@@ -21,14 +21,19 @@ from mm1_jax.data.tokenizer import IMAGE_ID, IMAGE_TOKEN
 OUTPUT_IMAGE_KEY = "images"
 
 
+def resize_uint8(images: tf.Tensor, image_size: int) -> tf.Tensor:
+  """uint8[..., h, w, 3] -> uint8[..., image_size, image_size, 3], antialiased."""
+  resized = tf.image.resize(images, [image_size, image_size], antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
 def decode_image(png: tf.Tensor, image_size: int) -> tf.Tensor:
-  """PNG/JPEG bytes -> uint8[image_size, image_size, 3] (resized with antialiasing if needed)."""
+  """PNG/JPEG bytes -> uint8[image_size, image_size, 3] (resized only if needed)."""
   img = tf.io.decode_image(png, channels=3, expand_animations=False)
   img.set_shape([None, None, 3])
   shape = tf.shape(img)
-  resized = tf.image.resize(img, [image_size, image_size], antialias=True)
   same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-  img = tf.cond(same, lambda: img, lambda: tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8))
+  img = tf.cond(same, lambda: img, lambda: resize_uint8(img, image_size))
   return tf.ensure_shape(img, [image_size, image_size, 3])
 
 
@@ -91,6 +96,5 @@ def truncate_and_expand_images(ex: dict, max_len: int, tokens_per_image: int, ma
   n_images = tf.reduce_sum(tf.cast(tf.equal(kept, IMAGE_ID), tf.int32))
   images = ex[OUTPUT_IMAGE_KEY][:n_images]
   if images.shape[1] != image_size or images.shape[2] != image_size:
-    images = tf.cast(tf.clip_by_value(tf.round(
-        tf.image.resize(images, [image_size, image_size], antialias=True)), 0, 255), tf.uint8)
+    images = resize_uint8(images, image_size)
   return {"text": expanded, OUTPUT_IMAGE_KEY: images}

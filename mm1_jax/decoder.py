@@ -1,5 +1,10 @@
 """Decoder-only transformer LLM: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases.
 
+Dense (Llama / Mistral layout) or sparse: with `DecoderConfig.moe` set, the FFN of every
+`moe.every`-th layer is a mixture of experts (`mm1_jax.moe`). A sparse stack is scanned
+in groups of `every` layers (every-1 dense blocks, then a sparse one), so the scan body
+stays homogeneous and compile time does not grow with depth.
+
 The decoder consumes embeddings rather than token ids so that image tokens can be
 spliced in by the caller (`mm1_jax.model`). With a KV cache it serves both
 prefill (T prompt tokens) and one-token decode steps from the same code.
@@ -14,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mm1_jax import layers
+from mm1_jax import moe as moe_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +34,31 @@ class DecoderConfig:
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
+  # Tied head only: divide logits by sqrt(width) (embeddings initialised at unit scale).
+  # Imported Llama-family weights are unscaled: mm1-convert sets False.
+  scale_tied_logits: bool = True
+  sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` keys
+  moe: moe_lib.MoEConfig | None = None  # sparse FFNs; None is a dense decoder
   scan_layers: bool = True  # one nn.scan over the blocks; params get a leading 'layers' axis
   remat_policy: str = "none"  # see layers.REMAT_POLICIES
   dtype: str = "float32"
 
 
+  def __post_init__(self):
+    if self.moe is not None and self.depth % self.moe.every:
+      raise ValueError(f"depth {self.depth} is not a multiple of moe.every {self.moe.every}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+  @property
+  def group_size(self) -> int:
+    """Layers per scanned unit: 1 for dense or all-sparse stacks, moe.every otherwise."""
+    return 1 if self.moe is None else self.moe.every
+
+
 class DecoderBlock(nn.Module):
   config: DecoderConfig
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions, cache_index, cache):
@@ -45,8 +69,29 @@ class DecoderBlock(nn.Module):
                                 dtype=dtype, name="attn")(h, mask, positions, cache, cache_index)
     x = x + h
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_mlp")(x)
-    x = x + layers.MLP(c.mlp_dim, act="swiglu", dtype=dtype, name="mlp")(h)
+    if self.sparse:
+      x = x + moe_lib.MoEMLP(c.moe, c.mlp_dim, dtype=dtype, name="moe")(h)
+    else:
+      x = x + layers.MLP(c.mlp_dim, act="swiglu", dtype=dtype, name="mlp")(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+
+
+class DecoderGroup(nn.Module):
+  """moe.every consecutive layers: dense blocks "dense_0".. then the sparse block "sparse"."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions, cache_index, cache):
+    g = self.config.group_size
+    new = []
+    for i in range(g):
+      sparse = i == g - 1
+      layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)  # noqa: B023
+      x, out = DecoderBlock(self.config, sparse, name="sparse" if sparse else f"dense_{i}")(
+          x, mask, positions, cache_index, layer_cache)
+      new.append(out)
+    return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new))
 
 
 class Decoder(nn.Module):
@@ -58,8 +103,12 @@ class Decoder(nn.Module):
         c.vocab_size, c.width, dtype=jnp.dtype(c.dtype),
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
         name="embedding")
-    self.blocks = layers.BlockStack(DecoderBlock, (c,), c.depth, c.scan_layers, c.remat_policy,
-                                    name="blocks")
+    if c.group_size > 1:
+      block_cls, args = DecoderGroup, (c,)
+    else:
+      block_cls, args = DecoderBlock, (c, c.moe is not None)
+    self.blocks = layers.BlockStack(block_cls, args, c.depth // c.group_size, c.scan_layers,
+                                    c.remat_policy, name="blocks")
     self.ln_final = layers.RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), name="ln_final")
     if not c.tie_embeddings:
       self.lm_head = layers.Linear((c.vocab_size,), ("embed", "vocab"), dtype=jnp.dtype(c.dtype),
@@ -84,12 +133,20 @@ class Decoder(nn.Module):
       (logits float32[B, T, V], updated caches or None)
     """
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    g = self.config.group_size
+    if cache is not None and g > 1:  # [L, ...] -> [L / g, g, ...]: one slice per scanned group
+      cache = jax.tree.map(lambda a: a.reshape((a.shape[0] // g, g) + a.shape[1:]), cache)
     x, new_cache = self.blocks(x, mask, positions, jnp.asarray(cache_index, jnp.int32), cache)
+    if new_cache is not None and g > 1:
+      new_cache = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), new_cache)
     x = self.ln_final(x)
+    self.sow("intermediates", "hidden_states", x)  # read by mm1-convert verify
     if self.config.tie_embeddings:
       # Tied head in float32 whatever the compute dtype: logits feed a softmax over V.
       table = jnp.asarray(self.embedding.embedding, jnp.float32)  # [V, D]
-      logits = jnp.dot(x.astype(jnp.float32), table.T) / jnp.sqrt(self.config.width)
+      logits = jnp.dot(x.astype(jnp.float32), table.T)
+      if self.config.scale_tied_logits:
+        logits = logits / jnp.sqrt(self.config.width)
     else:
       logits = self.lm_head(x).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache

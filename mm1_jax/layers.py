@@ -12,7 +12,7 @@ shape comments:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -217,6 +217,10 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return acts[name]
 
 
+# Variable collections that a scanned stack stacks along its leading 'layers' axis:
+# the parameters, and per-layer statistics sown by sparse layers (mm1_jax.moe).
+STACKED_COLLECTIONS = ("params", "moe")
+
 REMAT_POLICIES = {
     "none": None,  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
@@ -253,7 +257,8 @@ class BlockStack(nn.Module):
       block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
     *shared, per_layer = args
     if self.scan:
-      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      scanned = nn.scan(block_cls, variable_axes={c: 0 for c in STACKED_COLLECTIONS},
+                        split_rngs={"params": True},
                         in_axes=(nn.broadcast,) * len(shared) + (0,), length=self.depth,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       return scanned(*self.block_args, name="layers")(carry, *shared, per_layer)

@@ -31,13 +31,14 @@ class MM1Config:
   """Composite config: one sub-config per component."""
 
   encoder: vit_lib.ViTConfig = vit_lib.ViTConfig()
-  connector: connector_lib.CAbstractorConfig = connector_lib.CAbstractorConfig()
+  connector: connector_lib.ConnectorConfig = connector_lib.CAbstractorConfig()
   decoder: decoder_lib.DecoderConfig = decoder_lib.DecoderConfig()
   image_token_id: int = 3  # id of the `<image>` placeholder (mm1_jax.data.tokenizer.IMAGE_ID)
 
   @property
   def tokens_per_image(self) -> int:
-    return self.connector.num_tokens
+    # Per-patch projectors may leave num_tokens unset: one token per patch.
+    return self.connector.num_tokens or self.encoder.num_patches
 
 
 def splice_images(text_emb: jax.Array, image_emb: jax.Array, is_image: jax.Array) -> jax.Array:
@@ -56,24 +57,35 @@ def splice_images(text_emb: jax.Array, image_emb: jax.Array, is_image: jax.Array
   return jnp.where(is_image[..., None], gathered.astype(text_emb.dtype), text_emb)
 
 
-def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+def segment_causal_mask(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
   """bool[B, 1, T, T]: causal, within the same segment, padding (id 0) excluded.
 
-  A padding query keeps a self-edge so that its softmax row is never empty.
+  With `window`, a query also sees only the `window` most recent keys (itself
+  included), as Mistral's sliding-window attention. A padding query keeps a
+  self-edge so that its softmax row is never empty.
   """
   t = segment_ids.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))
+  if window is not None:
+    causal &= ~jnp.tril(jnp.ones((t, t), bool), -window)
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   valid = (segment_ids[:, None, :] > 0) | jnp.eye(t, dtype=bool)[None]
   return (causal[None] & same & valid)[:, None]
 
 
-def cache_mask(kv_valid: jax.Array, index: jax.Array | int, num_queries: int) -> jax.Array:
-  """bool[B, 1, T, S] for queries at cache slots [index, index + T) over S cache slots."""
+def cache_mask(kv_valid: jax.Array, index: jax.Array | int, num_queries: int,
+               window: int | None = None) -> jax.Array:
+  """bool[B, 1, T, S] for queries at cache slots [index, index + T) over S cache slots.
+
+  Valid entries of a row are contiguous (left padding only), so slot distance is
+  token distance and `window` (see `segment_causal_mask`) applies to slots.
+  """
   s = kv_valid.shape[1]
   q_slot = jnp.asarray(index) + jnp.arange(num_queries)
   k_slot = jnp.arange(s)
   causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+  if window is not None:
+    causal &= k_slot[None, :] > q_slot[:, None] - window
   own = k_slot[None, :] == q_slot[:, None]  # keep a self-edge for left-padding queries
   return ((causal[None] & kv_valid[:, None, :]) | own[None])[:, None]
 
@@ -84,7 +96,7 @@ class MM1(nn.Module):
   def setup(self):
     c = self.config
     self.encoder = vit_lib.ViT(c.encoder, name="encoder")
-    self.connector = connector_lib.CAbstractor(c.connector, out_dim=c.decoder.width, name="connector")
+    self.connector = c.connector.build(out_dim=c.decoder.width, name="connector")
     self.decoder = decoder_lib.Decoder(c.decoder, name="decoder")
 
   def encode_images(self, images: jax.Array) -> jax.Array:
@@ -102,7 +114,8 @@ class MM1(nn.Module):
                positions: jax.Array) -> jax.Array:
     """Training / scoring forward pass: logits float32[B, T, V]."""
     x = self.embed_inputs(tokens, images)
-    logits, _ = self.decoder(x, segment_causal_mask(segment_ids), positions)
+    window = self.config.decoder.sliding_window
+    logits, _ = self.decoder(x, segment_causal_mask(segment_ids, window), positions)
     return logits
 
   def prefill(self, tokens: jax.Array, images: jax.Array, valid: jax.Array, cache):
@@ -120,14 +133,16 @@ class MM1(nn.Module):
     kv_valid = jnp.pad(valid, ((0, 0), (0, s - valid.shape[1])))
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     x = self.embed_inputs(tokens, images)
-    logits, cache = self.decoder(x, cache_mask(kv_valid, 0, tokens.shape[1]), positions, cache, 0)
+    mask = cache_mask(kv_valid, 0, tokens.shape[1], self.config.decoder.sliding_window)
+    logits, cache = self.decoder(x, mask, positions, cache, 0)
     return logits[:, -1], cache
 
   def decode_step(self, token: jax.Array, position: jax.Array, kv_valid: jax.Array, cache,
                   index: jax.Array):
     """One decoding step: token int32[B], position int32[B] at cache slot `index`."""
     x = self.decoder.embed(token[:, None])
-    logits, cache = self.decoder(x, cache_mask(kv_valid, index, 1), position[:, None], cache, index)
+    mask = cache_mask(kv_valid, index, 1, self.config.decoder.sliding_window)
+    logits, cache = self.decoder(x, mask, position[:, None], cache, index)
     return logits[:, 0], cache
 
 

@@ -20,7 +20,8 @@ from mm1_jax.model import MM1, MM1Config
 
 
 def count_parameters(config: MM1Config) -> dict[str, int]:
-  """{part: parameters} for encoder, connector, decoder (embedding, blocks, rest) and total."""
+  """{part: parameters}: encoder, connector, decoder (embedding, blocks, head), total, and the
+  active counts (a sparse decoder runs top_k of its experts per token)."""
   m = MM1(config)
   s = config.encoder.image_size
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
@@ -39,6 +40,19 @@ def count_parameters(config: MM1Config) -> dict[str, int]:
       "decoder.lm_head": size(dec.get("lm_head", {})),
   }
   counts["total"] = counts["encoder"] + counts["connector"] + counts["decoder"]
+  moe = config.decoder.moe
+  if moe is not None:
+    # Each token runs top_k of the num_experts experts: the rest are inactive for it.
+    experts = sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(dec["blocks"])
+                  if any(getattr(k, "key", None) == "moe" for k in path)
+                  and getattr(path[-1], "key", None) in ("gate", "up", "down"))
+    counts["decoder.experts"] = experts
+    inactive = experts - experts * moe.top_k // moe.num_experts
+    counts["decoder.active"] = counts["decoder"] - inactive
+    counts["total.active"] = counts["total"] - inactive
+  else:
+    counts["decoder.active"] = counts["decoder"]
+    counts["total.active"] = counts["total"]
   return counts
 
 
@@ -55,7 +69,6 @@ def main(argv=None) -> int:
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   args = parser.parse_args(argv)
   import gin  # noqa: PLC0415
-
   from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
 
   gin.add_config_file_search_path(str(REPO_ROOT))

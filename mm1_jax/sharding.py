@@ -10,18 +10,21 @@ Logical names:
   heads    attention heads                       kv      per-head width
   vocab    vocabulary                            patch   flattened pixel patch
   layers   the stacked-layer axis of scanned blocks
+  expert   the expert axis of sparse (MoE) FFN weights
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,6 +42,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("patch", None),
     ("layers", None),
+    ("expert", None),
 )
 
 

@@ -15,7 +15,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from mm1_jax import flops as flops_lib
+from mm1_jax import moe as moe_lib
 from mm1_jax import optim
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.model import MM1, MM1Config, cross_entropy
@@ -81,10 +82,19 @@ def init_param_shardings(model: MM1, batch: dict, mesh: jax.sharding.Mesh, rules
 
 def train_step(state: TrainState, batch: dict, *, model: MM1, tx: optax.GradientTransformation,
                schedule: optax.Schedule, z_loss: float = 0.0) -> tuple[TrainState, dict]:
+  moe_config = model.config.decoder.moe
+
   def loss_fn(params):
-    logits = model.apply({"params": params}, batch["tokens"], batch["images"], batch["segment_ids"],
-                         batch["positions"])
-    return cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
+    logits, stats = model.apply({"params": params}, batch["tokens"], batch["images"],
+                                batch["segment_ids"], batch["positions"],
+                                mutable=[moe_lib.AUX_COLLECTION])
+    loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
+    if moe_config is not None:  # sparse layers' load-balance and router z-losses
+      moe_stats = moe_lib.summarize_aux(stats.get(moe_lib.AUX_COLLECTION, {}))
+      loss += (moe_config.load_balance_weight * moe_stats["load_balance"]
+               + moe_config.router_z_weight * moe_stats["router_z"])
+      metrics.update({f"moe_{k}": v for k, v in moe_stats.items()}, total_loss=loss)
+    return loss, metrics
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -133,7 +143,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
           train_steps: int = 1000, log_every: int = 10, checkpoint_every: int = 100,
           keep_checkpoints: int = 3, evaluation=None, eval_every: int = 0, z_loss: float = 0.0,
-          seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True) -> int:
+          seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True,
+          init_from: Sequence[str] = ()) -> int:
   """Pre-trains MM1; resumes from the newest checkpoint in `<workdir>/checkpoints`.
 
   Args:
@@ -152,6 +163,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     seed: parameter-initialisation seed.
     peak_flops_per_device: the MFU denominator, per device.
     progress: show a progress bar.
+    init_from: directories of pre-trained parts (`mm1-convert import` outputs or
+      another run's checkpoints/), loaded into a fresh run; ignored on resume.
   Returns:
     0 when train_steps were reached; 128 + signal number when stopped by a signal.
   """
@@ -186,6 +199,10 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     state, data_state = ckpt.restore(start, abstract)
     batches_consumed = int(data_state.get("batches_consumed", start))
     print(f"resumed from {ckpt.directory}/{start} ({batches_consumed} batches consumed)")
+  elif init_from:
+    from mm1_jax.pretrained import load_pretrained  # noqa: PLC0415
+
+    state = state.replace(params=load_pretrained(state.params, state_shardings.params, init_from, model))
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   step_flops = flops_lib.train_flops_per_step(state.params, model, data.batch_size, data.seq_len,

@@ -1,26 +1,47 @@
-"""ViT image encoder (CLIP-style: pre-LayerNorm blocks, learned position embedding).
+"""ViT image encoders: CLIP-style, SigLIP, AIM (v1) and AIMv2 trunks in one module.
 
-Images enter as uint8[B, H, W, 3] (or float in [0, 1]) and are normalised here with
-the encoder's own mean and std, so batches travel to the devices as bytes.
+The trunks differ only in switches of `ViTConfig`:
+
+  trunk   norm       biases           position      CLS  MLP          extra norms
+  CLIP    LayerNorm  qkv/MLP          learned       yes  quick-GELU   pre-trunk + post
+  SigLIP  LayerNorm  qkv/MLP/patch    learned       no   GELU (tanh)  post
+  AIM     LayerNorm  none             2-D sin-cos   no   GELU         post
+  AIMv2   RMSNorm    patch only (HF)  learned       no   SwiGLU       after patch embed + post
+
+Presets for each live in gin/encoders/. Images enter as uint8[B, H, W, 3] (or float
+in [0, 1]) and are normalised here with the encoder's own mean and std, so batches
+travel to the devices as bytes.
+
+Resolution: the patch grid is fixed by `image_size`; weights trained at another grid
+are brought over by `resize_pos_embed` (bicubic), which `mm1-convert --image_size`
+and `train.init_from` apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mm1_jax import layers
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)  # SigLIP
+
+NORMS = ("layernorm", "rmsnorm")
+POS_EMBEDS = ("learned", "sincos2d")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Shape of a ViT. Defaults are a tiny CPU-sized encoder; presets live in gin/models."""
+  """Shape and flavour of a ViT. Defaults are a tiny CPU-sized CLIP-style encoder."""
 
   image_size: int = 64
   patch_size: int = 8
@@ -28,14 +49,30 @@ class ViTConfig:
   depth: int = 4
   num_heads: int = 4
   mlp_dim: int = 512
-  act: str = "gelu"  # "quick_gelu" for OpenAI CLIP weights
-  use_cls: bool = False
+  act: str = "gelu"  # layers.activation name, or "swiglu"; "quick_gelu" for OpenAI CLIP
+  norm: str = "layernorm"  # or "rmsnorm" (AIMv2)
   norm_eps: float = 1e-5
+  attn_bias: bool = True
+  mlp_bias: bool = True
+  patch_bias: bool = False
+  pos_embed: str = "learned"  # or "sincos2d" (AIM v1; fixed, not a parameter)
+  use_cls: bool = False
+  pre_norm: bool = False  # LayerNorm before the blocks (CLIP's "pre_layrnorm")
+  patch_norm: bool = False  # norm right after the patch embedding (AIMv2)
+  final_norm: bool = True  # norm after the trunk, applied to every token
   scan_layers: bool = True  # one nn.scan over the blocks; params get a leading 'layers' axis
   remat_policy: str = "none"  # see layers.REMAT_POLICIES
   pixel_mean: tuple[float, float, float] = CLIP_MEAN
   pixel_std: tuple[float, float, float] = CLIP_STD
   dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.norm not in NORMS:
+      raise ValueError(f"ViTConfig.norm must be one of {NORMS}, got {self.norm!r}")
+    if self.pos_embed not in POS_EMBEDS:
+      raise ValueError(f"ViTConfig.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
 
   @property
   def grid(self) -> int:
@@ -48,19 +85,71 @@ class ViTConfig:
     return self.grid * self.grid
 
 
+def _norm(c: ViTConfig, name: str) -> nn.Module:
+  dtype = jnp.dtype(c.dtype)
+  if c.norm == "rmsnorm":
+    return layers.RMSNorm(c.norm_eps, dtype=dtype, name=name)
+  return layers.LayerNorm(c.norm_eps, dtype=dtype, name=name)
+
+
+def sincos_2d(grid: int, width: int, temperature: float = 10000.0) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding float32[grid * grid, width], row-major patches.
+
+  Each position is [sin(y w), cos(y w), sin(x w), cos(x w)] over width / 4 frequencies.
+  """
+  if width % 4:
+    raise ValueError(f"a 2-D sin-cos embedding needs width divisible by 4, got {width}")
+  omega = 1.0 / temperature ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
+  y, x = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+  ey, ex = np.outer(y.ravel(), omega), np.outer(x.ravel(), omega)
+  return np.concatenate([np.sin(ey), np.cos(ey), np.sin(ex), np.cos(ex)], axis=1).astype(np.float32)
+
+
+def resize_pos_embed(pos: np.ndarray, new_grid: int, num_prefix: int = 0) -> np.ndarray:
+  """Bicubic resize of a learned position embedding to another patch grid.
+
+  Args:
+    pos: float[num_prefix + g * g, D] (a CLS row first when num_prefix = 1).
+    new_grid: target grid side.
+    num_prefix: leading rows that are not grid positions; kept as they are.
+  Returns:
+    float[num_prefix + new_grid ** 2, D]
+  """
+  pos = np.asarray(pos, np.float32)
+  prefix, grid_rows = pos[:num_prefix], pos[num_prefix:]
+  g = math.isqrt(grid_rows.shape[0])
+  if g * g != grid_rows.shape[0]:
+    raise ValueError(f"position embedding has {grid_rows.shape[0]} grid rows, not a square")
+  if g == new_grid:
+    return pos
+  d = grid_rows.shape[1]
+  resized = jax.image.resize(jnp.asarray(grid_rows.reshape(g, g, d)), (new_grid, new_grid, d),
+                             method="bicubic", antialias=g > new_grid)
+  return np.concatenate([prefix, np.asarray(resized).reshape(new_grid * new_grid, d)], axis=0)
+
+
+def prefix_causal_mask(num_tokens: int, prefix_lengths: jax.Array) -> jax.Array:
+  """bool[B, 1, L, L]: query q sees key k when k <= q or k is in its image's prefix (AIM)."""
+  idx = jnp.arange(num_tokens)
+  causal = idx[None, :] <= idx[:, None]  # [q, k]
+  in_prefix = idx[None, None, :] < prefix_lengths[:, None, None]  # [B, 1, k]
+  return (causal[None] | in_prefix)[:, None]
+
+
 class EncoderBlock(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, unused_per_layer=None) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, unused_per_layer=None
+               ) -> tuple[jax.Array, None]:
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    h = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_attn")(x)
-    h, _ = layers.Attention(c.num_heads, c.num_heads, c.width // c.num_heads, use_bias=True,
-                            use_rope=False, dtype=dtype, name="attn")(h, mask=None)
+    h = _norm(c, "ln_attn")(x)
+    h, _ = layers.Attention(c.num_heads, c.num_heads, c.width // c.num_heads, use_bias=c.attn_bias,
+                            use_rope=False, dtype=dtype, name="attn")(h, mask=mask)
     x = x + h
-    h = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_mlp")(x)
-    x = x + layers.MLP(c.mlp_dim, act=c.act, use_bias=True, dtype=dtype, name="mlp")(h)
+    h = _norm(c, "ln_mlp")(x)
+    x = x + layers.MLP(c.mlp_dim, act=c.act, use_bias=c.mlp_bias, dtype=dtype, name="mlp")(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
@@ -70,7 +159,8 @@ class ViT(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, prefix_lengths: jax.Array | None = None) -> jax.Array:
+    """prefix_lengths: optional int[B]; when given, attention is prefix-causal (AIM pre-training)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, hgt, wid, ch = images.shape
@@ -84,18 +174,32 @@ class ViT(nn.Module):
     # Patchify: [B, g, p, g, p, C] -> [B, g*g, p*p*C], then one linear projection.
     p, g = c.patch_size, c.grid
     x = x.reshape(b, g, p, g, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * ch)
-    x = layers.Linear((c.width,), ("patch", "embed"), dtype=dtype, name="patch_embed")(x)
+    x = layers.Linear((c.width,), ("patch", "embed"), use_bias=c.patch_bias, dtype=dtype,
+                      name="patch_embed")(x)
+    if c.patch_norm:
+      x = _norm(c, "ln_patch")(x)
     if c.use_cls:
       cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c.width), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c.width)), x], axis=1)
-    pos = self.param("pos_embed",
-                     nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
-                     (x.shape[1], c.width), jnp.float32)
+    if c.pos_embed == "learned":
+      pos = self.param("pos_embed",
+                       nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+                       (x.shape[1], c.width), jnp.float32)
+    else:
+      pos = jnp.asarray(sincos_2d(g, c.width))
+      if c.use_cls:
+        pos = jnp.concatenate([jnp.zeros((1, c.width)), pos])
     x = x + pos.astype(x.dtype)
-    if c.use_cls:  # CLIP has a pre-LayerNorm before the blocks.
-      x = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_pre")(x)
+    if c.pre_norm:
+      x = _norm(c, "ln_pre")(x)
+    mask = None
+    if prefix_lengths is not None:
+      if c.use_cls:
+        raise ValueError("prefix-causal attention is defined for trunks without a CLS token")
+      mask = prefix_causal_mask(x.shape[1], prefix_lengths)
     x, _ = layers.BlockStack(EncoderBlock, (c,), c.depth, c.scan_layers, c.remat_policy,
-                             name="blocks")(x, None)
-    x = layers.LayerNorm(c.norm_eps, dtype=dtype, name="ln_post")(x)
+                             name="blocks")(x, mask, None)
+    if c.final_norm:
+      x = _norm(c, "ln_post")(x)
     return x[:, 1:] if c.use_cls else x

@@ -11,6 +11,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from mm1_jax import flops, optim, sharding, train
 from mm1_jax.checkpoint import Checkpointer
@@ -77,15 +78,21 @@ def test_checkpoint_round_trip(tiny_config, tmp_path):
   ckpt.close()
 
 
-def test_flop_count_matches_xla_for_the_forward_pass(tiny_config):
+@pytest.mark.parametrize("conn", ["c_abstractor", "avg_pool", "attention_pool", "mlp"])
+def test_flop_count_matches_xla_for_the_forward_pass(tiny_config, conn):
   """The MFU numerator against XLA's own count of the compiled forward pass.
 
   Unrolled layers: XLA's cost analysis counts a scanned (while-loop) body only once.
   """
   import dataclasses
+
+  from mm1_jax import connector
+  connectors = {"c_abstractor": tiny_config.connector, "avg_pool": connector.AvgPoolConfig(num_tokens=4),
+                "attention_pool": connector.AttentionPoolConfig(num_tokens=4, num_heads=2),
+                "mlp": connector.MLPConfig(num_tokens=16)}
   tiny_config = dataclasses.replace(
       tiny_config, encoder=dataclasses.replace(tiny_config.encoder, scan_layers=False),
-      decoder=dataclasses.replace(tiny_config.decoder, scan_layers=False))
+      decoder=dataclasses.replace(tiny_config.decoder, scan_layers=False), connector=connectors[conn])
   m = MM1(tiny_config)
   batch = train.dummy_batch(2, 32, 2, tiny_config)
   args = (batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])

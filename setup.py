@@ -22,6 +22,7 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "tqdm>=4.66",
         "tensorboardX>=2.6,<3",
+        "safetensors>=0.4",  # mm1-convert reads Hugging Face checkpoints with numpy
         # Data stack: seqio tasks over TFRecord shards (imported lazily by the trainer).
         "seqio>=0.0.20,<0.1",
         "tensorflow>=2.21,<2.22",
@@ -29,7 +30,8 @@ setup(
         "grain>=0.2.18,<0.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # torch==2.13.0 is the CPU wheel; transformers is only needed by mm1-convert verify.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "transformers>=5.0,<6"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={
@@ -37,6 +39,7 @@ setup(
             "mm1-train=mm1_jax.cli:train_entry",
             "mm1-eval=mm1_jax.cli:eval_entry",
             "mm1-params=mm1_jax.params:entry",
+            "mm1-convert=mm1_jax.hf.cli:entry",
         ],
     },
 )

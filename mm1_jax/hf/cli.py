@@ -1,0 +1,177 @@
+"""`mm1-convert`: Hugging Face checkpoints in and out of mm1_jax.
+
+  mm1-convert import --kind=clip --src=HF_DIR --out=DIR [--image_size=378]
+      Converts a Hugging Face directory (safetensors, read with numpy) into DIR/params
+      (an orbax PyTree of {"encoder": ...} or {"decoder": ...}), DIR/model.gin (the
+      component's config as gin bindings) and DIR/conversion.json. Start training from
+      it with --gin.train.init_from="['DIR']" plus --gin_file=DIR/model.gin.
+  mm1-convert export --gin_file=MODEL.gin --params=CKPT --out=HF_DIR
+      Writes the decoder of a trained model in the Llama layout (Mistral with a
+      sliding window). CKPT is a run's checkpoints/ folder (newest step, or --step) or
+      an imported DIR.
+  mm1-convert verify --kind=llama --src=HF_DIR
+      Loads HF_DIR with transformers and with mm1_jax, runs both on the same random
+      inputs and prints one JSON line of maximum absolute differences; exits 1 above
+      --tolerance (default 1e-4, float32).
+
+Kinds: clip, siglip, aimv2 (image encoders); llama, mistral, mixtral (decoders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from mm1_jax.hf import convert
+
+_GIN_MODULES = {"ViTConfig": "vit", "DecoderConfig": "decoder", "MoEConfig": "moe"}
+
+
+def config_to_gin(cfg, header: str) -> str:
+  """A dataclass config (and nested ones) as dynamic-registration gin bindings."""
+  lines = [f"# {header}", "from __gin__ import dynamic_registration",
+           *sorted({f"from mm1_jax import {m}" for m in _GIN_MODULES.values()}), ""]
+
+  def emit(obj):
+    name = type(obj).__name__
+    scope = f"{_GIN_MODULES[name]}.{name}"
+    body, nested = [], []
+    for f in dataclasses.fields(obj):
+      value = getattr(obj, f.name)
+      if dataclasses.is_dataclass(value):
+        body.append(f"  {f.name} = @{_GIN_MODULES[type(value).__name__]}.{type(value).__name__}()")
+        nested.append(value)
+      else:
+        body.append(f"  {f.name} = {value!r}")
+    lines.extend([f"{scope}:", *body, ""])
+    for n in nested:
+      emit(n)
+
+  emit(cfg)
+  return "\n".join(lines)
+
+
+def save_params(tree: dict, directory: Path) -> None:
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(directory.absolute(), tree, force=True)
+
+
+def load_params(directory: str | Path) -> dict:
+  """An imported DIR (DIR/params) or a run's checkpoints/ folder (newest step) -> params numpy tree."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  directory = Path(directory).absolute()
+  if (directory / "params").is_dir():
+    return ocp.PyTreeCheckpointer().restore(directory / "params")
+  from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
+
+  steps = Checkpointer(directory).all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{directory} has neither params/ (mm1-convert import) nor checkpoints")
+  return load_checkpoint_params(directory, steps[-1])
+
+
+def load_checkpoint_params(directory: Path, step: int) -> dict:
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  state = ocp.PyTreeCheckpointer().restore(Path(directory).absolute() / str(step) / "state")
+  return state["params"]
+
+
+def cmd_import(args) -> int:
+  out = Path(args.out)
+  conv = convert.to_params(args.kind, args.src, image_size=args.image_size, scan_layers=not args.no_scan,
+                           dtype=args.dtype)
+  out.mkdir(parents=True, exist_ok=True)
+  save_params({conv.component: conv.params}, out / "params")
+  (out / "model.gin").write_text(config_to_gin(conv.config, f"{conv.component} imported by mm1-convert "
+                                                            f"from {args.src} (kind={args.kind})"))
+  import jax  # noqa: PLC0415
+
+  n = sum(int(x.size) for x in jax.tree.leaves(conv.params))
+  summary = {"kind": args.kind, "component": conv.component, "src": str(args.src), "out": str(out),
+             "parameters": n, "unused_tensors": conv.unused}
+  (out / "conversion.json").write_text(json.dumps(summary, indent=2) + "\n")
+  print(json.dumps(summary))
+  return 0
+
+
+def cmd_export(args) -> int:
+  import gin  # noqa: PLC0415
+
+  from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
+
+  gin.add_config_file_search_path(str(REPO_ROOT))
+  gin.parse_config_files_and_bindings(args.gin_file, args.gin)
+  model_cfg = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  if args.step is not None:
+    params = load_checkpoint_params(Path(args.params), args.step)
+  else:
+    params = load_params(args.params)
+  if "decoder" not in params:
+    raise convert.ConversionError(f"{args.params} holds no decoder parameters")
+  convert._check_decoder(model_cfg.decoder, params["decoder"])  # noqa: SLF001
+  convert.decoder_to_llama(model_cfg.decoder, params["decoder"], args.out, log=lambda m: None)
+  print(json.dumps({"out": str(args.out), "kind": "mistral" if model_cfg.decoder.sliding_window else "llama"}))
+  return 0
+
+
+def cmd_verify(args) -> int:
+  from mm1_jax.hf import verify  # noqa: PLC0415
+
+  result = verify.verify(args.kind, args.src, batch=args.batch, seq_len=args.seq_len,
+                         tolerance=args.tolerance)
+  print(json.dumps(result))
+  return 0 if result["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="mm1-convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("import", help="Hugging Face directory -> mm1_jax params + model.gin")
+  p.add_argument("--kind", required=True, choices=convert.KINDS)
+  p.add_argument("--src", required=True, help="Hugging Face model directory (config.json + *.safetensors)")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--image_size", type=int, default=None,
+                 help="encoders: target resolution; position embeddings are resized bicubically")
+  p.add_argument("--no_scan", action="store_true", help="unrolled layer layout (scan_layers=False)")
+  p.add_argument("--dtype", default="float32", help="compute dtype written to model.gin")
+  p.set_defaults(fn=cmd_import)
+  p = sub.add_parser("export", help="a trained decoder -> Hugging Face Llama directory")
+  p.add_argument("--gin_file", action="append", required=True, help="model gin file (defines MODEL)")
+  p.add_argument("--gin", action="append", default=[], help="extra gin binding")
+  p.add_argument("--params", required=True, help="checkpoints/ folder of a run, or an imported directory")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--out", required=True, help="output Hugging Face directory")
+  p.set_defaults(fn=cmd_export)
+  p = sub.add_parser("verify", help="compare mm1_jax and transformers on one checkpoint")
+  p.add_argument("--kind", required=True, choices=convert.KINDS)
+  p.add_argument("--src", required=True, help="Hugging Face model directory")
+  p.add_argument("--tolerance", type=float, default=1e-4)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--seq_len", type=int, default=16, help="decoders: random sequence length")
+  p.set_defaults(fn=cmd_verify)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except convert.ConversionError as e:
+    print(f"mm1-convert: error: {e}", file=sys.stderr)
+    return 2
+
+
+def entry():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()

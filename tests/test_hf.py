@@ -200,3 +200,48 @@ def test_init_from_imported_parts(tmp_path, tiny_config):
   abstract_bad, shard_bad = train.init_param_shardings(model.MM1(bad), batch, mesh, sharding.DEFAULT_RULES)
   with pytest.raises(convert.ConversionError, match="decoder/blocks/layers/mlp/down/kernel"):
     pretrained.load_pretrained(dict(abstract_bad), shard_bad, [str(tmp_path / "llama-mm1")], bad)
+
+
+def test_import_then_export_gives_back_the_same_tensors(tmp_path, capsys):
+  from safetensors.numpy import load_file
+
+  src = _save(_build("mistral", num_key_value_heads=2, sliding_window=5), tmp_path / "hf")
+  out = tmp_path / "mm1"
+  assert cli.main(["import", "--kind=mistral", f"--src={src}", f"--out={out}"]) == 0
+  assert cli.main(["export", f"--gin_file={out / 'model.gin'}", f"--params={out}",
+                   f"--out={tmp_path / 'back'}"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kind"] == "mistral"
+  a, b = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert json.loads((tmp_path / "back" / "config.json").read_text())["sliding_window"] == 5
+
+
+def test_export_from_a_training_checkpoint(tmp_path, tiny_config, capsys):
+  """A run's checkpoints/ folder (orbax train state) exports its decoder."""
+  import flax.linen as nn
+  import jax
+  import optax
+
+  from mm1_jax import train
+  from mm1_jax.checkpoint import Checkpointer
+  from mm1_jax.model import MM1
+
+  batch = train.dummy_batch(1, 8, 1, tiny_config)
+  params = nn.meta.unbox(train._boxed_params(MM1(tiny_config), batch, jax.random.PRNGKey(0)))
+  tx = optax.adamw(1e-3)
+  state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params))
+  ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1)
+  ckpt.save(7, state, {"batches_consumed": 7}, force=True)
+  ckpt.close()
+  gin_file = tmp_path / "model.gin"
+  gin_file.write_text(cli.config_to_gin(tiny_config.decoder, "tiny decoder"))
+  rc = cli.main(["export", f"--gin_file={gin_file}", f"--params={tmp_path / 'checkpoints'}",
+                 f"--out={tmp_path / 'hf'}"])
+  assert rc == 0, capsys.readouterr()
+  result = verify.verify("llama", tmp_path / "hf")
+  assert result["ok"], result
+  exported = convert.to_params("llama", tmp_path / "hf")
+  np.testing.assert_array_equal(exported.params["blocks"]["layers"]["attn"]["query"]["kernel"],
+                                np.asarray(params["decoder"]["blocks"]["layers"]["attn"]["query"]["kernel"]))

@@ -8,7 +8,7 @@
   mm1-convert export --gin_file=MODEL.gin --params=CKPT --out=HF_DIR
       Writes the decoder of a trained model in the Llama layout (Mistral with a
       sliding window). CKPT is a run's checkpoints/ folder (newest step, or --step) or
-      an imported DIR.
+      an imported DIR (then --gin_file=DIR/model.gin will do).
   mm1-convert verify --kind=llama --src=HF_DIR
       Loads HF_DIR with transformers and with mm1_jax, runs both on the same random
       inputs and prints one JSON line of maximum absolute differences; exits 1 above
@@ -63,11 +63,9 @@ def save_params(tree: dict, directory: Path) -> None:
 
 def load_params(directory: str | Path) -> dict:
   """An imported DIR (DIR/params) or a run's checkpoints/ folder (newest step) -> params numpy tree."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
   directory = Path(directory).absolute()
   if (directory / "params").is_dir():
-    return ocp.PyTreeCheckpointer().restore(directory / "params")
+    return _restore_numpy(directory / "params")
   from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
 
   steps = Checkpointer(directory).all_steps()
@@ -77,16 +75,26 @@ def load_params(directory: str | Path) -> dict:
 
 
 def load_checkpoint_params(directory: Path, step: int) -> dict:
+  return _restore_numpy(Path(directory).absolute() / str(step) / "state")["params"]
+
+
+def _restore_numpy(path: Path) -> dict:
+  """Restores an orbax PyTree as host numpy arrays: no devices or saved topology needed."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  state = ocp.PyTreeCheckpointer().restore(Path(directory).absolute() / str(step) / "state")
-  return state["params"]
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, restore_args=args)
 
 
 def cmd_import(args) -> int:
   out = Path(args.out)
   conv = convert.to_params(args.kind, args.src, image_size=args.image_size, scan_layers=not args.no_scan,
-                           dtype=args.dtype)
+                           dtype=args.dtype, progress=True)
   out.mkdir(parents=True, exist_ok=True)
   save_params({conv.component: conv.params}, out / "params")
   (out / "model.gin").write_text(config_to_gin(conv.config, f"{conv.component} imported by mm1-convert "
@@ -106,18 +114,27 @@ def cmd_export(args) -> int:
 
   from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
 
+  from mm1_jax import decoder  # noqa: PLC0415
+
+  gin.clear_config(clear_constants=True)
   gin.add_config_file_search_path(str(REPO_ROOT))
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin)
-  model_cfg = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  try:
+    gin.parse_config_files_and_bindings(args.gin_file, args.gin)
+    try:  # a model file defines MODEL; an imported DIR/model.gin binds the decoder only
+      dec_cfg = gin.query_parameter("%MODEL").scoped_configurable_fn().decoder
+    except ValueError:
+      dec_cfg = gin.get_configurable(decoder.DecoderConfig)()
+  finally:
+    gin.clear_config(clear_constants=True)
   if args.step is not None:
     params = load_checkpoint_params(Path(args.params), args.step)
   else:
     params = load_params(args.params)
   if "decoder" not in params:
     raise convert.ConversionError(f"{args.params} holds no decoder parameters")
-  convert._check_decoder(model_cfg.decoder, params["decoder"])  # noqa: SLF001
-  convert.decoder_to_llama(model_cfg.decoder, params["decoder"], args.out, log=lambda m: None)
-  print(json.dumps({"out": str(args.out), "kind": "mistral" if model_cfg.decoder.sliding_window else "llama"}))
+  convert._check_decoder(dec_cfg, params["decoder"])  # noqa: SLF001
+  convert.decoder_to_llama(dec_cfg, params["decoder"], args.out, log=lambda m: None)
+  print(json.dumps({"out": str(args.out), "kind": "mistral" if dec_cfg.sliding_window else "llama"}))
   return 0
 
 

@@ -263,10 +263,19 @@ def unstack_layers(blocks: dict) -> list[dict]:
   return [blocks[f"block_{i}"] for i in range(len(blocks))]
 
 
+def _progress(items, desc: str, show: bool):
+  if not show:
+    return items
+  from tqdm import tqdm  # noqa: PLC0415
+
+  return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
 # ----------------------------------------------------------------------------- encoders
 
 
-def _encoder_params(kind: str, ckpt: HFCheckpoint, cfg: vit_lib.ViTConfig, trained_size: int) -> dict:
+def _encoder_params(kind: str, ckpt: HFCheckpoint, cfg: vit_lib.ViTConfig, trained_size: int,
+                    progress: bool = False) -> dict:
   d, f, nh = cfg.width, cfg.mlp_dim, cfg.num_heads
   h = d // nh
   patch_name = "embeddings.patch_embed" if kind == "aimv2" else "embeddings.patch_embedding"
@@ -291,7 +300,7 @@ def _encoder_params(kind: str, ckpt: HFCheckpoint, cfg: vit_lib.ViTConfig, train
     params["ln_post"] = _norm(ckpt, f"{pre}post_layernorm", d, True)
 
   layers = []
-  for i in range(cfg.depth):
+  for i in _progress(range(cfg.depth), "encoder layers", progress):
     lp = f"{pre}encoder.layers.{i}."
     attn = lp + ("attention." if kind == "aimv2" else "self_attn.")
     block = {
@@ -319,7 +328,7 @@ def _encoder_params(kind: str, ckpt: HFCheckpoint, cfg: vit_lib.ViTConfig, train
 # ----------------------------------------------------------------------------- decoders
 
 
-def _decoder_params(ckpt: HFCheckpoint, cfg: decoder_lib.DecoderConfig) -> dict:
+def _decoder_params(ckpt: HFCheckpoint, cfg: decoder_lib.DecoderConfig, progress: bool = False) -> dict:
   d, nq, nk, h, f, v = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
   pre = ckpt.prefix_of("embed_tokens.weight")
   params: dict[str, Any] = {
@@ -330,7 +339,7 @@ def _decoder_params(ckpt: HFCheckpoint, cfg: decoder_lib.DecoderConfig) -> dict:
     head = ckpt.prefix_of("lm_head.weight") + "lm_head.weight"
     params["lm_head"] = {"kernel": ckpt.get(head, (v, d)).T}
   layers = []
-  for i in range(cfg.depth):
+  for i in _progress(range(cfg.depth), "decoder layers", progress):
     lp = f"{pre}layers.{i}."
     block = {
         "ln_attn": _norm(ckpt, lp + "input_layernorm", d, False),
@@ -375,18 +384,21 @@ class Converted:
 
 
 def to_params(kind: str, src: str | Path, *, image_size: int | None = None, scan_layers: bool = True,
-              dtype: str = "float32") -> Converted:
-  """Reads a Hugging Face directory into (config, params) of one mm1_jax component."""
+              dtype: str = "float32", progress: bool = False) -> Converted:
+  """Reads a Hugging Face directory into (config, params) of one mm1_jax component.
+
+  progress: show a per-layer progress bar (large checkpoints take minutes to read).
+  """
   part = component(kind)
   ckpt = HFCheckpoint(src)
   _check_kind(kind, ckpt)
   if part == "encoder":
     cfg, trained = encoder_config(kind, ckpt, image_size=image_size, scan_layers=scan_layers, dtype=dtype)
-    params = _encoder_params(kind, ckpt, cfg, trained)
+    params = _encoder_params(kind, ckpt, cfg, trained, progress)
     module_check = _check_encoder
   else:
     cfg = decoder_config(kind, ckpt, scan_layers=scan_layers, dtype=dtype)
-    params = _decoder_params(ckpt, cfg)
+    params = _decoder_params(ckpt, cfg, progress)
     module_check = _check_decoder
   module_check(cfg, params)
   return Converted(kind, part, cfg, params, sorted(set(ckpt.keys()) - ckpt.used))

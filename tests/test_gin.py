@@ -10,8 +10,9 @@ from mm1_jax.eval import run as eval_run
 
 REPO = Path(__file__).resolve().parent.parent
 GIN_FILES = sorted(p.relative_to(REPO) for p in (REPO / "gin").rglob("*.gin"))
-# Files that only make sense on top of a model file.
-NEEDS_MODEL = {"gin/runs/pretrain.gin", "gin/eval/fewshot.gin"}
+# Files that only make sense on top of a model file (connectors use its COMPUTE_DTYPE).
+NEEDS_MODEL = {"gin/runs/pretrain.gin", "gin/eval/fewshot.gin",
+               *(str(p) for p in GIN_FILES if p.parts[1] == "connectors")}
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,8 @@ setup(
         "seqio>=0.0.20,<0.1",
         "tensorflow>=2.21,<2.22",
         "tensorflow-datasets>=4.9.9,<5",
-        "grain>=0.2.18,<0.3",
+        "grain>=0.2.18,<0.3",  # brings array-record: random-access shards
+        "pyarrow>=14",  # Parquet rows (OBELICS)
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel; transformers is only needed by mm1-convert verify.
@@ -40,6 +41,7 @@ setup(
             "mm1-eval=mm1_jax.cli:eval_entry",
             "mm1-params=mm1_jax.params:entry",
             "mm1-convert=mm1_jax.hf.cli:entry",
+            "mm1-data=mm1_jax.data.build:entry",
         ],
     },
 )

@@ -53,7 +53,8 @@ def _bytes(values):
       v if isinstance(v, bytes) else v.encode("utf-8") for v in values]))
 
 
-def _example(features: dict) -> bytes:
+def tf_example(features: dict) -> bytes:
+  """{name: str | bytes | list of them} -> a serialised tf.train.Example of bytes features."""
   import tensorflow as tf
   return tf.train.Example(features=tf.train.Features(
       feature={k: _bytes(v if isinstance(v, list) else [v]) for k, v in features.items()}
@@ -96,7 +97,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
     ex = sw.caption_example(s.seed, i, s.image_size)
     png = sw.encode_png(ex["image"])
     train_digests.add(_digest(png))
-    w.write(_example({"id": ex["id"], "image": png, "caption": ex["caption"]}))
+    w.write(tf_example({"id": ex["id"], "image": png, "caption": ex["caption"]}))
     bar.update()
   w.close()
   counts["caption/train"] = w.count
@@ -106,7 +107,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
     ex = sw.interleaved_example(s.seed, i, s.image_size, s.max_images)
     pngs = [sw.encode_png(im) for im in ex["images"]]
     train_digests.update(_digest(p) for p in pngs)
-    w.write(_example({"id": ex["id"], "text": ex["text"], "images": pngs}))
+    w.write(tf_example({"id": ex["id"], "text": ex["text"], "images": pngs}))
     bar.update()
   w.close()
   counts["interleaved/train"] = w.count
@@ -114,7 +115,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   w = _ShardedWriter(out_dir / "text", "train", s.num_shards)
   for i in range(s.num_text):
     ex = sw.text_example(s.seed, i)
-    w.write(_example({"id": ex["id"], "text": ex["text"]}))
+    w.write(tf_example({"id": ex["id"], "text": ex["text"]}))
     bar.update()
   w.close()
   counts["text/train"] = w.count
@@ -138,7 +139,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
           fields.update(caption=ex["caption"], references=ex["references"])
         else:
           fields.update(question=ex["question"], answers=ex["answers"])
-        w.write(_example(fields))
+        w.write(tf_example(fields))
         bar.update()
       w.close()
       counts[f"{task}/{split}"] = w.count

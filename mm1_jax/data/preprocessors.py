@@ -28,13 +28,27 @@ def resize_uint8(images: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def decode_image(png: tf.Tensor, image_size: int) -> tf.Tensor:
-  """PNG/JPEG bytes -> uint8[image_size, image_size, 3] (resized only if needed)."""
+  """PNG/JPEG bytes -> uint8[image_size, image_size, 3].
+
+  Images already at the size pass through; others are resized (antialiased) so the
+  shorter side is image_size, then centre-cropped to a square.
+  """
   img = tf.io.decode_image(png, channels=3, expand_animations=False)
   img.set_shape([None, None, 3])
   shape = tf.shape(img)
   same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-  img = tf.cond(same, lambda: img, lambda: resize_uint8(img, image_size))
+  img = tf.cond(same, lambda: img, lambda: resize_and_crop(img, image_size))
   return tf.ensure_shape(img, [image_size, image_size, 3])
+
+
+def resize_and_crop(img: tf.Tensor, image_size: int) -> tf.Tensor:
+  """uint8[h, w, 3] -> uint8[image_size, image_size, 3]: shorter side to size, centre crop."""
+  hw = tf.cast(tf.shape(img)[:2], tf.float32)
+  scale = image_size / tf.reduce_min(hw)
+  new_hw = tf.maximum(tf.cast(tf.math.ceil(hw * scale), tf.int32), image_size)
+  resized = tf.image.resize(img, new_hw, antialias=True)
+  cropped = tf.image.resize_with_crop_or_pad(resized, image_size, image_size)
+  return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
 
 
 @seqio.map_over_dataset

@@ -1,0 +1,166 @@
+"""`mm1-data`: build training shards from real corpus formats.
+
+  mm1-data build --format=webdataset|coco|obelics|mmc4|text --src=PATH --out=DIR
+                 [--image_root=DIR] [--split=train] [--tag=NAME] [--num_shards=8]
+
+reads every record of PATH (`mm1_jax.data.formats`), checks it, and writes the usable
+ones as ArrayRecord shards of tf.train.Examples under DIR/<kind>/ (the layout
+`mm1_jax.data.sources` reads; register the folder with `sources.register_corpus`).
+It prints one JSON line:
+
+  {"written": {"caption": n, ...}, "images_written": n, "skipped": {reason: n},
+   "images_dropped": {reason: n}, "truncated_documents": n, "out": DIR}
+
+and keeps the same report in DIR/build.json (per split and tag). Records are never fatal:
+each unusable one is counted under its reason (`formats.REASONS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from mm1_jax.data import formats
+
+
+class _Shards:
+  """Round-robin ArrayRecord writers for one kind and split, created on first write."""
+
+  def __init__(self, folder: Path, prefix: str, num_shards: int):
+    self.folder, self.prefix, self.num_shards = folder, prefix, num_shards
+    self._writers = None
+    self.count = 0
+
+  def write(self, record: bytes) -> None:
+    if self._writers is None:
+      from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+
+      self.folder.mkdir(parents=True, exist_ok=True)
+      n = self.num_shards
+      # group_size:1 keeps every record individually addressable (random access).
+      self._writers = [ArrayRecordWriter(str(self.folder / f"{self.prefix}-{i:05d}-of-{n:05d}.array_record"),
+                                         "group_size:1") for i in range(n)]
+    self._writers[self.count % self.num_shards].write(record)
+    self.count += 1
+
+  def close(self) -> None:
+    for w in self._writers or ():
+      w.close()
+
+
+def _features(ex: formats.Example) -> dict:
+  if ex.kind == "caption":
+    return {"id": ex.id, "image": ex.images[0], "caption": ex.text}
+  if ex.kind == "interleaved":
+    return {"id": ex.id, "images": ex.images, "text": ex.text}
+  return {"id": ex.id, "text": ex.text}
+
+
+KIND_OF = {"webdataset": "caption", "coco": "caption", "obelics": "interleaved", "mmc4": "interleaved",
+           "text": "text"}
+
+
+def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path | None = None,
+          split: str = "train", tag: str | None = None, num_shards: int = 8,
+          checks: formats.Checks = formats.Checks(), progress: bool = True, overwrite: bool = False) -> dict:
+  """Converts one source into DIR/<kind>/<split>-<tag>-*.array_record; returns the report.
+
+  Several sources of one kind (CC3M and COYO captions, say) share a corpus under
+  different tags (default: the format's name); a task reads all tags of its split.
+  """
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from mm1_jax.data.corpus import tf_example  # noqa: PLC0415
+
+  out = Path(out)
+  prefix = f"{split}-{tag or fmt}"
+  existing = sorted(out.glob(f"{KIND_OF[fmt]}/{prefix}-*-of-*.array_record"))
+  if existing and not overwrite:
+    raise FileExistsError(f"{out} already has {split} shards ({existing[0]}); pass --overwrite to replace them")
+  records = formats.read(fmt, Path(src), Path(image_root) if image_root else None)
+  out.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
+  shards = {k: _Shards(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text")}
+  skipped, dropped = collections.Counter(), collections.Counter()
+  truncated = images = 0
+  try:
+    for rec in tqdm(records, desc=f"build {fmt}", unit="rec", disable=not progress):
+      if isinstance(rec, formats.Skip):
+        (dropped if rec.image_only else skipped)[rec.reason] += 1
+        continue
+      rec, lost, cut = formats.check(rec, checks)
+      dropped.update(s.reason for s in lost)
+      truncated += cut
+      if isinstance(rec, formats.Skip):
+        skipped[rec.reason] += 1
+        continue
+      shards[rec.kind].write(tf_example(_features(rec)))
+      images += len(rec.images)
+  finally:
+    for s in shards.values():
+      s.close()
+  for old in existing:
+    old.unlink()
+  for kind, s in shards.items():  # move the finished shards into place
+    if s.count:
+      (out / kind).mkdir(exist_ok=True)
+      for f in sorted((tmp / kind).glob("*.array_record")):
+        f.rename(out / kind / f.name)
+  shutil.rmtree(tmp, ignore_errors=True)
+
+  report = {"format": fmt, "src": str(src), "split": split, "tag": tag or fmt,
+            "written": {k: s.count for k, s in shards.items() if s.count}, "images_written": images,
+            "skipped": dict(sorted(skipped.items())), "images_dropped": dict(sorted(dropped.items())),
+            "truncated_documents": truncated, "out": str(out)}
+  log = out / "build.json"
+  history = json.loads(log.read_text()) if log.exists() else {}
+  history[prefix] = report
+  log.write_text(json.dumps(history, indent=2) + "\n")
+  return report
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="mm1-data", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  b = sub.add_parser("build", help="real corpus format -> ArrayRecord training shards",
+                     description="Skip reasons:\n" + "\n".join(f"  {k:16s} {v}" for k, v in formats.REASONS.items()),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  b.add_argument("--format", required=True, choices=formats.FORMATS)
+  b.add_argument("--src", required=True, help="a file or a folder of files in that format")
+  b.add_argument("--out", required=True, help="output corpus folder")
+  b.add_argument("--image_root", default=None, help="where relative image paths point (default: next to --src)")
+  b.add_argument("--split", default="train")
+  b.add_argument("--tag", default=None, help="names this source's shards (default: the format); "
+                 "sources of one kind with different tags add up")
+  b.add_argument("--num_shards", type=int, default=8)
+  b.add_argument("--min_image_size", type=int, default=formats.Checks.min_image_size)
+  b.add_argument("--max_images", type=int, default=formats.Checks.max_images,
+                 help="images per interleaved document; the rest of the document is cut")
+  b.add_argument("--max_image_side", type=int, default=formats.Checks.max_image_side)
+  b.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
+  b.add_argument("--no_progress", action="store_true")
+  args = parser.parse_args(argv)
+  checks = formats.Checks(args.min_image_size, args.max_images, args.max_image_side)
+  try:
+    report = build(args.format, args.src, args.out, image_root=args.image_root, split=args.split, tag=args.tag,
+                   num_shards=args.num_shards, checks=checks, progress=not args.no_progress,
+                   overwrite=args.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"mm1-data: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(report))
+  return 0
+
+
+def entry():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()

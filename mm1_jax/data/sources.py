@@ -1,0 +1,115 @@
+"""Built corpora (`mm1-data build` output) as seqio tasks and mixtures.
+
+A built corpus folder holds up to three kinds, each as ArrayRecord shards of
+tf.train.Examples, plus the build report:
+
+  <dir>/caption/<split>-<tag>-0000i-of-0000n.array_record id, image (encoded bytes), caption
+  <dir>/interleaved/<split>-...                            id, images (list), text with <image> marks
+  <dir>/text/<split>-...                                   id, text
+  <dir>/build.json                                         counts: written, skipped by reason
+
+(<tag> names one source; a task reads every tag of its split.)
+
+ArrayRecord gives random access, so the source shards by record (any number of hosts,
+each reading only its share) and shuffles globally: every epoch is a fresh permutation
+of all records (seeded), not a window of a stream.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from mm1_jax.data import preprocessors as prep
+
+KINDS = ("caption", "interleaved", "text")
+FEATURES = {
+    "caption": {"id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string),
+                "caption": tf.io.FixedLenFeature([], tf.string)},
+    "interleaved": {"id": tf.io.FixedLenFeature([], tf.string), "images": tf.io.VarLenFeature(tf.string),
+                    "text": tf.io.FixedLenFeature([], tf.string)},
+    "text": {"id": tf.io.FixedLenFeature([], tf.string), "text": tf.io.FixedLenFeature([], tf.string)},
+}
+TO_TEXT = {"caption": prep.caption_to_text, "interleaved": prep.interleaved_to_text, "text": prep.text_only}
+MM1_RATES = {"interleaved": 45.0, "caption": 45.0, "text": 10.0}
+
+
+class ArrayRecordExampleSource(seqio.DataSource):
+  """tf.train.Examples in ArrayRecord shards, read by random access."""
+
+  def __init__(self, split_to_pattern: Mapping[str, str], features: Mapping[str, tf.io.FixedLenFeature]):
+    self._patterns = dict(split_to_pattern)
+    self._features = dict(features)
+    super().__init__(splits=tuple(self._patterns))
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> list[str]:
+    files = sorted(tf.io.gfile.glob(self._patterns[split]))
+    if not files:
+      raise FileNotFoundError(f"no ArrayRecord shards match {self._patterns[split]}; build the corpus "
+                              "with `mm1-data build`")
+    return files
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
+    del sequence_length, use_cached
+    from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415
+
+    records = ArrayRecordDataSource(self.list_shards(split))
+    index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+    mine = np.arange(len(records))[index::count]  # this host's records, whatever the shard count
+    passes = [0]  # iterations of this dataset so far (seqio repeats by iterating it again)
+
+    def generate():
+      epochs = 0
+      while num_epochs is None or epochs < num_epochs:
+        # A new permutation per pass, seeded: the same seed gives the same sequence of passes.
+        passes[0] += 1
+        order = np.random.default_rng([seed or 0, passes[0]]).permutation(mine) if shuffle else mine
+        for start in range(0, len(order), 256):
+          yield from records.__getitems__([int(i) for i in order[start:start + 256]])
+        epochs += 1
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([], tf.string))
+    features = self._features
+    return ds.map(lambda r: tf.io.parse_single_example(r, features), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@seqio.map_over_dataset
+def _densify(ex):
+  return {k: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v for k, v in ex.items()}
+
+
+def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: int,
+                    output_features: Mapping[str, seqio.Feature], split: str = "train",
+                    rates: Mapping[str, float] = MM1_RATES, kinds: tuple[str, ...] = KINDS) -> list[str]:
+  """Registers `<prefix>_<kind>` tasks for a built corpus and the `<prefix>_pretrain` mixture.
+
+  Nothing is read here: a missing folder fails when the task is first read, with a
+  message that says how to build it. Returns the task names.
+  """
+  names = []
+  for kind in kinds:
+    name = f"{prefix}_{kind}"
+    if name in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(name)
+    pattern = str(Path(directory) / kind / f"{split}-*.array_record")
+    seqio.TaskRegistry.add(
+        name, source=ArrayRecordExampleSource({split: pattern}, FEATURES[kind]),
+        preprocessors=[_densify] + prep.task_preprocessors(TO_TEXT[kind], image_size),
+        output_features=output_features)
+    names.append(name)
+  mixture = f"{prefix}_pretrain"
+  if mixture in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(mixture)
+  seqio.MixtureRegistry.add(mixture, [(f"{prefix}_{k}", rates[k]) for k in kinds])
+  return names

@@ -1,8 +1,8 @@
 """Checkpoints with orbax: the train state plus the data position, saved asynchronously.
 
 Layout: <workdir>/checkpoints/<step>/{state,data}. `data` is a small JSON record of
-how many batches the run has consumed, so a resumed run continues the same data
-stream instead of starting it over.
+how many batches the run has consumed and the grain loader's state, so a resumed run
+continues the same data stream instead of starting it over.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"] or {})
+
+  def restore_data(self, step: int) -> dict:
+    """The data record of a checkpoint alone (batches consumed, loader state)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    return dict(restored["data"] or {})
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only `params` of a saved train state (evaluation needs no optimizer)."""

@@ -138,13 +138,37 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def _open_data(data, model: MM1Config, host: tuple[int, int], batches_consumed: int, data_state: dict):
+  """(batch iterator, fn giving the loader's part of the checkpoint's data record).
+
+  The grain loader resumes from the state saved with the checkpoint (exact, nothing
+  re-read). Runs over several processes keep one record per checkpoint, not one per
+  host, so they (and the tf.data loader) resume by re-reading `batches_consumed`
+  batches: deterministic, slower.
+  """
+  from mm1_jax.data import loader, pipeline  # noqa: PLC0415  (tensorflow, seqio, grain)
+
+  kw = dict(tokens_per_image=model.tokens_per_image, image_size=model.encoder.image_size,
+            shard_index=host[0], num_shards=host[1])
+  if data.loader == "tfdata":
+    return pipeline.iterate(pipeline.make_dataset(data, start_batch=batches_consumed, **kw)), dict
+  batches = loader.make_loader(data, **kw)
+  single = host[1] == 1
+  if "loader" in data_state and single:
+    batches.set_state(data_state["loader"])
+  else:
+    for _ in range(batches_consumed):
+      next(batches)
+  return batches, (lambda: {"loader": batches.get_state()}) if single else dict
+
+
 def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
           mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
           train_steps: int = 1000, log_every: int = 10, checkpoint_every: int = 100,
           keep_checkpoints: int = 3, evaluation=None, eval_every: int = 0, z_loss: float = 0.0,
           seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True,
-          init_from: Sequence[str] = ()) -> int:
+          init_from: Sequence[str] = (), stop_after_steps: int = 0) -> int:
   """Pre-trains MM1; resumes from the newest checkpoint in `<workdir>/checkpoints`.
 
   Args:
@@ -165,6 +189,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     progress: show a progress bar.
     init_from: directories of pre-trained parts (`mm1-convert import` outputs or
       another run's checkpoints/), loaded into a fresh run; ignored on resume.
+    stop_after_steps: end this run after that many steps, with a checkpoint, exit
+      code 0 (time-sliced jobs: the same command continues); 0 runs to train_steps.
   Returns:
     0 when train_steps were reached; 128 + signal number when stopped by a signal.
   """
@@ -193,6 +219,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
                       max_to_keep=keep_checkpoints)
   start = ckpt.latest_step() or 0
   batches_consumed = 0
+  data_state = {}
   if start:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, state_shardings)
@@ -224,10 +251,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     run_eval(0)
 
   host = jax.process_index(), jax.process_count()
-  ds = pipeline.make_dataset(data, tokens_per_image=model.tokens_per_image,
-                             image_size=model.encoder.image_size, shard_index=host[0],
-                             num_shards=host[1], start_batch=batches_consumed)
-  batches = pipeline.iterate(ds)
+  batches, loader_state = _open_data(data, model, host, batches_consumed, data_state)
   writer = MetricWriter(workdir_path, echo=tqdm.write if progress else print)
   q = model.tokens_per_image
   step = start
@@ -248,6 +272,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
         bar.update()
         if step % log_every == 0 or step == train_steps:
           metrics = jax.device_get(metrics)
+          if hasattr(batches, "skipped"):  # records skipped so far, by reason (grain loader)
+            metrics.update({f"data_skipped_{k}": v for k, v in batches.skipped().items()})
           dt = time.perf_counter() - t_last
           steps_done = seqs / data.batch_size
           metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,
@@ -257,18 +283,21 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           if not np.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
           t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
-        ckpt.save(step, state, {"batches_consumed": batches_consumed},
-                  force=stop.signum is not None or step == train_steps)
+        sliced = bool(stop_after_steps) and step - start >= stop_after_steps and step < train_steps
+        ckpt.save(step, state, dict(batches_consumed=batches_consumed, **loader_state()),
+                  force=stop.signum is not None or sliced or step == train_steps)
         if eval_every and step % eval_every == 0 and step != train_steps:
           run_eval(step)
         if stop.signum is not None:
           exit_code = 128 + stop.signum
           break
+        if sliced:
+          break
       bar.close()
   finally:  # also on errors: let in-flight async saves finish so no checkpoint is half-written
     ckpt.close()
     writer.close()
-  if exit_code:
+  if exit_code or step < train_steps:
     print(f"stopped at step {step}; checkpoint saved. Run the same command to resume.")
     return exit_code
   run_eval(step)

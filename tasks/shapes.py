@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from mm1_jax.data import corpus
 from mm1_jax.data import preprocessors as prep
+from mm1_jax.data import sources
 from mm1_jax.data.tokenizer import DEFAULT_SPM_PATH
 
 VOCABULARY = seqio.SentencePieceVocabulary(str(DEFAULT_SPM_PATH))
@@ -30,22 +31,33 @@ OUTPUT_FEATURES = {
 PRETRAIN_RATES = {"mm1_shapes_interleaved": 45.0, "mm1_shapes_caption": 45.0, "mm1_shapes_text": 10.0}
 
 
-class GeneratedTFExampleSource(seqio.TFExampleDataSource):
-  """A TFExample source over the generated corpus; writes the corpus on first use."""
+class _EnsureCorpus:
+  """Mixin: generate the corpus on first use, before any file is listed or read."""
 
-  def __init__(self, folder: str, splits: tuple[str, ...], features: dict, num_shards: int):
-    self._folder = folder
-    data_dir = corpus.default_data_dir()
-    super().__init__(
-        {s: str(data_dir / folder / f"{s}-*-of-{num_shards:05d}.tfrecord") for s in splits}, features)
+  def list_shards(self, split):
+    corpus.ensure_corpus(spec=CORPUS_SPEC)
+    return super().list_shards(split)
 
   def get_dataset(self, *args, **kwargs):
     corpus.ensure_corpus(spec=CORPUS_SPEC)
     return super().get_dataset(*args, **kwargs)
 
-  def list_shards(self, split):
-    corpus.ensure_corpus(spec=CORPUS_SPEC)
-    return super().list_shards(split)
+
+class GeneratedArrayRecordSource(_EnsureCorpus, sources.ArrayRecordExampleSource):
+  """A pre-training kind of the generated corpus (ArrayRecord, random access)."""
+
+  def __init__(self, kind: str):
+    pattern = str(corpus.default_data_dir() / kind / "train-*.array_record")
+    super().__init__({"train": pattern}, sources.FEATURES[kind], kind)
+
+
+class GeneratedTFExampleSource(_EnsureCorpus, seqio.TFExampleDataSource):
+  """An eval set of the generated corpus (TFRecord, read in order)."""
+
+  def __init__(self, folder: str, splits: tuple[str, ...], features: dict, num_shards: int):
+    data_dir = corpus.default_data_dir()
+    super().__init__(
+        {s: str(data_dir / folder / f"{s}-*-of-{num_shards:05d}.tfrecord") for s in splits}, features)
 
 
 def _str():
@@ -56,27 +68,12 @@ def _str_list():
   return tf.io.VarLenFeature(tf.string)
 
 
-@seqio.map_over_dataset
-def _densify(ex):
-  return {k: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v
-          for k, v in ex.items()}
-
-
-def _register_pretrain(name, folder, features, to_text):
-  seqio.TaskRegistry.add(
-      name,
-      source=GeneratedTFExampleSource(folder, ("train",), features, CORPUS_SPEC.num_shards),
-      preprocessors=[_densify] + prep.task_preprocessors(to_text, CORPUS_SPEC.image_size),
-      output_features=OUTPUT_FEATURES,
-  )
-
-
 def _register_all():
-  _register_pretrain("mm1_shapes_caption", "caption",
-                     {"id": _str(), "image": _str(), "caption": _str()}, prep.caption_to_text)
-  _register_pretrain("mm1_shapes_interleaved", "interleaved",
-                     {"id": _str(), "images": _str_list(), "text": _str()}, prep.interleaved_to_text)
-  _register_pretrain("mm1_shapes_text", "text", {"id": _str(), "text": _str()}, prep.text_only)
+  for kind in sources.KINDS:
+    seqio.TaskRegistry.add(
+        f"mm1_shapes_{kind}", source=GeneratedArrayRecordSource(kind),
+        preprocessors=[sources.densify] + prep.task_preprocessors(sources.TO_TEXT[kind], CORPUS_SPEC.image_size),
+        output_features=OUTPUT_FEATURES)
   seqio.MixtureRegistry.add("mm1_shapes_pretrain", list(PRETRAIN_RATES.items()))
 
   eval_features = {
@@ -89,7 +86,7 @@ def _register_all():
     seqio.TaskRegistry.add(
         name,
         source=GeneratedTFExampleSource(folder, ("support", "test"), features, 1),
-        preprocessors=[_densify],
+        preprocessors=[sources.densify],
         output_features={},
     )
 

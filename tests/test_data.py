@@ -1,5 +1,6 @@
 """The generated corpus, the tokenizer, every seqio task and the batch pipeline."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -9,13 +10,23 @@ import seqio
 import tensorflow as tf
 
 import tasks  # noqa: F401  (registers the tasks)
-from mm1_jax.data import corpus, pipeline, preprocessors, shapes_world, tokenizer
+from mm1_jax.data import corpus, loader, pipeline, preprocessors, shapes_world, tokenizer
 from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, PAD_ID
 
 
 @pytest.fixture(scope="module")
 def data_dir():
   return corpus.ensure_corpus(spec=tasks.shapes.CORPUS_SPEC, progress=False)
+
+
+LOADERS = ["grain", "tfdata"]
+
+
+def _batches(cfg, **kw):
+  """Batches from the loader cfg.loader names: the grain loader or the tf.data pipeline."""
+  if cfg.loader == "grain":
+    return loader.make_loader(cfg, **kw)
+  return pipeline.iterate(pipeline.make_dataset(cfg, **kw))
 
 
 def test_generation_is_deterministic():
@@ -60,9 +71,17 @@ def test_corpus_manifest_and_no_eval_image_in_training(data_dir):
   assert manifest["counts"]["vqa_eval/test"] == spec.num_eval_test
 
   def digests(pattern, key):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    files = sorted(map(str, data_dir.glob(pattern)))
+    if files[0].endswith(".array_record"):
+      source = ArrayRecordDataSource(files)
+      records = [source[i] for i in range(len(source))]
+    else:
+      records = [r.numpy() for r in tf.data.TFRecordDataset(files)]
     out = set()
-    for ex in tf.data.TFRecordDataset(sorted(map(str, data_dir.glob(pattern)))):
-      feats = tf.train.Example.FromString(ex.numpy()).features.feature[key].bytes_list.value
+    for rec in records:
+      feats = tf.train.Example.FromString(rec).features.feature[key].bytes_list.value
       out.update(hashlib.sha1(b).hexdigest() for b in feats)
     return out
 
@@ -124,9 +143,10 @@ def test_truncation_never_splits_an_image():
   assert text == [10, I, I, I, I, 11, 12] and n == 1
 
 
-def test_pipeline_batches(data_dir):
-  cfg = pipeline.DataConfig(batch_size=4, seq_len=64, max_images=2, seed=3)
-  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=4, image_size=32)))
+@pytest.mark.parametrize("kind", LOADERS)
+def test_pipeline_batches(data_dir, kind):
+  cfg = pipeline.DataConfig(batch_size=4, seq_len=64, max_images=2, seed=3, loader=kind)
+  batch = next(_batches(cfg, tokens_per_image=4, image_size=32))
   assert batch["tokens"].shape == (4, 64) and batch["images"].shape == (4, 2, 32, 32, 3)
   for i in range(4):
     n = int(batch["segment_ids"][i].sum())
@@ -142,8 +162,40 @@ def test_pipeline_batches(data_dir):
       assert batch["images"][i, :n_img].max() > 0
 
 
-def test_pipeline_is_deterministic_and_resumes(data_dir):
-  cfg = pipeline.DataConfig(batch_size=2, seq_len=48, max_images=2, seed=7)
+def test_grain_loader_is_deterministic_and_resumes_from_its_state(data_dir):
+  """Same seed, same batches; a loader restored from a saved state continues exactly."""
+  cfg = pipeline.DataConfig(batch_size=4, seq_len=48, max_images=2, seed=7)
+  kw = dict(tokens_per_image=4, image_size=64)
+  it = loader.make_loader(cfg, **kw)
+  head = [next(it) for _ in range(3)]
+  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+  tail = [next(it) for _ in range(4)]
+  fresh = loader.make_loader(cfg, **kw)
+  np.testing.assert_array_equal(next(fresh)["tokens"], head[0]["tokens"])
+  resumed = loader.make_loader(cfg, **kw)
+  resumed.set_state(state)
+  for want in tail:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  other_seed = loader.make_loader(dataclasses.replace(cfg, seed=8), **kw)
+  assert not np.array_equal(next(other_seed)["tokens"], head[0]["tokens"])
+
+
+def test_grain_loader_hosts_read_disjoint_shares(data_dir):
+  """Each host reads every n-th record of each task: no example is seen by two hosts."""
+  cfg = pipeline.DataConfig(mixture_or_task_name="mm1_shapes_text", batch_size=4, seq_len=256,
+                            max_images=1, pack=False, shuffle=False)
+  seen = []
+  for host in range(2):
+    it = loader.make_loader(cfg, tokens_per_image=4, image_size=64, shard_index=host, num_shards=2,
+                            num_epochs=1)
+    seen.append({tuple(row[row != PAD_ID]) for b in it for row in b["tokens"]})
+  assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_tfdata_pipeline_is_deterministic_and_resumes(data_dir):
+  cfg = pipeline.DataConfig(batch_size=2, seq_len=48, max_images=2, seed=7, loader="tfdata")
   kw = dict(tokens_per_image=4, image_size=64)
   it = pipeline.iterate(pipeline.make_dataset(cfg, **kw))
   first = [next(it) for _ in range(4)]
@@ -152,10 +204,11 @@ def test_pipeline_is_deterministic_and_resumes(data_dir):
   np.testing.assert_array_equal(first[3]["images"], resumed["images"])
 
 
-def test_mixture_rate_override_changes_sampling(data_dir):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_mixture_rate_override_changes_sampling(data_dir, kind):
   rates = {"mm1_shapes_text": 1.0, "mm1_shapes_caption": 0.0, "mm1_shapes_interleaved": 0.0}
-  cfg = pipeline.DataConfig(batch_size=8, seq_len=64, max_images=3, seed=0, mixture_rates=rates)
-  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=4, image_size=64)))
+  cfg = pipeline.DataConfig(batch_size=8, seq_len=64, max_images=3, seed=0, mixture_rates=rates, loader=kind)
+  batch = next(_batches(cfg, tokens_per_image=4, image_size=64))
   assert not (batch["tokens"] == IMAGE_ID).any()  # text-only
 
 
@@ -165,7 +218,8 @@ def test_mixture_rate_override_must_match_the_mixture():
     pipeline.get_mixture_or_task(cfg)
 
 
-def test_user_module_registers_a_mixture(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_user_module_registers_a_mixture(tmp_path, monkeypatch, kind):
   """The README's tutorial: a mixture registered in the user's own module."""
   (tmp_path / "my_mixtures.py").write_text(
       "import seqio\nimport tasks\n"
@@ -173,8 +227,8 @@ def test_user_module_registers_a_mixture(tmp_path, monkeypatch):
       "[('mm1_shapes_caption', 3.0), ('mm1_shapes_text', 1.0)])\n")
   monkeypatch.syspath_prepend(str(tmp_path))
   cfg = pipeline.DataConfig(mixture_or_task_name="my_captions_and_text", batch_size=4, seq_len=64,
-                            max_images=1, module_imports=("tasks", "my_mixtures"))
-  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=4, image_size=64)))
+                            max_images=1, module_imports=("tasks", "my_mixtures"), loader=kind)
+  batch = next(_batches(cfg, tokens_per_image=4, image_size=64))
   assert batch["tokens"].shape == (4, 64)
 
 
@@ -201,11 +255,12 @@ def test_packing_keeps_examples_apart():
   assert len(unpacked) == 3
 
 
-def test_packed_batches_never_attend_across_examples(data_dir):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_packed_batches_never_attend_across_examples(data_dir, kind):
   """No token of a packed row can see a token of another example."""
   from mm1_jax.model import segment_causal_mask
-  cfg = pipeline.DataConfig(batch_size=4, seq_len=128, max_images=4, seed=1)
-  batch = next(pipeline.iterate(pipeline.make_dataset(cfg, tokens_per_image=16, image_size=64)))
+  cfg = pipeline.DataConfig(batch_size=4, seq_len=128, max_images=4, seed=1, loader=kind)
+  batch = next(_batches(cfg, tokens_per_image=16, image_size=64))
   assert batch["segment_ids"].max() > 1  # something was packed
   mask = np.asarray(segment_causal_mask(batch["segment_ids"]))[:, 0]
   seg = batch["segment_ids"]
@@ -214,3 +269,50 @@ def test_packed_batches_never_attend_across_examples(data_dir):
   # The image slots are filled in the order of the placeholders, one slot per 16 ids.
   for i in range(4):
     assert (batch["tokens"][i] == IMAGE_ID).sum() // 16 == (batch["images"][i].reshape(4, -1).max(1) > 0).sum()
+
+
+def test_grain_loader_skips_and_counts_bad_records(tmp_path):
+  """Records that would break training are skipped, counted by reason, and never stop it."""
+  import io
+
+  from PIL import Image
+
+  from mm1_jax.data import build, sources
+
+  def png(v):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (v, v, v)).save(buf, format="PNG")
+    return buf.getvalue()
+
+  good = [{"id": f"g{i}", "image": png(i * 10), "caption": f"a red circle {i}"} for i in range(6)]
+  bad = [{"id": "b0", "image": png(5)[:30], "caption": "corrupt image"},
+         {"id": "b1", "image": png(7), "caption": "   "},
+         {"id": "b2", "image": png(9), "caption": "two markers <image> in a caption"}]
+  shards = build._Shards(tmp_path / "caption", "train-raw", 1)  # written without the build checks
+  for rec in good[:3] + bad + good[3:]:
+    shards.write(corpus.tf_example(rec))
+  shards.close()
+  sources.register_corpus("badtest", tmp_path, image_size=32, output_features=tasks.shapes.OUTPUT_FEATURES,
+                          kinds=("caption",), rates={"caption": 1.0})
+  cfg = pipeline.DataConfig(mixture_or_task_name="badtest_caption", batch_size=2, seq_len=64, max_images=2,
+                            pack=False, shuffle=False, module_imports=())
+  it = loader.make_loader(cfg, tokens_per_image=4, image_size=32, num_epochs=1)
+  batches = list(it)
+  assert sum(b["tokens"].shape[0] for b in batches) == 6  # every good record, in 3 batches
+  assert it.skipped() == {"corrupt_image": 1, "empty_text": 1, "image_count_mismatch": 1}
+  assert it.get_state()["skipped"] == it.skipped()
+
+
+def test_mm1_data_inspect_reports_rates_lengths_and_a_preview(data_dir, tmp_path, capsys):
+  from mm1_jax.data import build
+
+  assert build.main(["inspect", "--mixture=mm1_shapes_pretrain", "--n=80", f"--out={tmp_path}",
+                     "--seq_len=96", "--max_images=3"]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report["examples"] == 80 and report["skipped"] == {}
+  for task, rate in {"mm1_shapes_caption": 0.45, "mm1_shapes_interleaved": 0.45, "mm1_shapes_text": 0.1}.items():
+    assert report["rates"][task]["configured"] == pytest.approx(rate)
+    assert abs(report["rates"][task]["sampled"] - rate) < 0.05
+  assert 0 < report["padding_fraction"] < 1 and report["images_per_sequence"] > 0
+  page = (tmp_path / "preview.html").read_text()
+  assert page.count("<img") >= 10 and "&lt;image&gt;" in page

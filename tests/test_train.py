@@ -133,29 +133,40 @@ def test_help():
 
 
 def test_train_cli_end_to_end_and_resume(tmp_path):
-  out = _mm1_train(tmp_path)
+  # A 5-step run, sliced: it stops (with a checkpoint) after 3 steps.
+  out = _mm1_train(tmp_path, "--gin.TRAIN_STEPS=5", "--gin.train.train.stop_after_steps=3")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "stopped at step 3" in out.stdout
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 2, 3]
   for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "images_per_s", "mfu"):
     assert np.isfinite(records[-1][key]), key
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-  for step in (0, 3):
-    result = json.loads((tmp_path / "eval" / f"step_{step}.json").read_text())
-    assert result["step"] == step
-    assert {"caption/0shot/cider", "caption/1shot/cider", "vqa/0shot/accuracy",
-            "vqa/1shot/accuracy"} <= set(result["results"])
-  assert "| metric" in out.stdout and "step 0" in out.stdout and "step 3" in out.stdout
   assert (tmp_path / "operative_config.gin").exists()
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  data_state = ckpt.restore_data(3)
+  ckpt.close()
+  assert data_state["batches_consumed"] == 3 and "next_index" in json.dumps(data_state["loader"])
 
-  # Same command with more steps resumes at 3 instead of starting over.
+  # The same command resumes at 3 (loader state included) and finishes.
   out = _mm1_train(tmp_path, "--gin.TRAIN_STEPS=5")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "resumed from" in out.stdout
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-  assert sorted(p.name for p in (tmp_path / "eval").glob("step_?.json")) == [
-      "step_0.json", "step_3.json", "step_5.json"]
+  for step in (0, 5):
+    result = json.loads((tmp_path / "eval" / f"step_{step}.json").read_text())
+    assert result["step"] == step
+    assert {"caption/0shot/cider", "caption/1shot/cider", "vqa/0shot/accuracy",
+            "vqa/1shot/accuracy"} <= set(result["results"])
+  assert "| metric" in out.stdout and "step 0" in out.stdout and "step 5" in out.stdout
+
+  # It saw exactly the batches of an uninterrupted run: the same losses, bit for bit.
+  straight = tmp_path / "straight"
+  out = _mm1_train(straight, "--gin.TRAIN_STEPS=5", "--gin.EVALUATION=None")
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  want = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+  assert [r["loss"] for r in records] == [r["loss"] for r in want]
 
 
 def test_sigterm_saves_and_the_next_run_resumes(tmp_path):

@@ -1,4 +1,6 @@
-"""`mm1-data`: build training shards from real corpus formats.
+"""`mm1-data`: build training shards from real corpus formats, and inspect mixtures.
+
+  mm1-data inspect --mixture=NAME [--n=100] [--out=DIR]   (see mm1_jax.data.inspect_data)
 
   mm1-data build --format=webdataset|coco|obelics|mmc4|text --src=PATH --out=DIR
                  [--image_root=DIR] [--split=train] [--tag=NAME] [--num_shards=8]
@@ -145,7 +147,19 @@ def main(argv=None) -> int:
   b.add_argument("--max_image_side", type=int, default=formats.Checks.max_image_side)
   b.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
   b.add_argument("--no_progress", action="store_true")
+  i = sub.add_parser("inspect", help="rates, lengths and a preview of what a mixture feeds the model")
+  i.add_argument("--mixture", required=True, help="a registered seqio mixture or task")
+  i.add_argument("--n", type=int, default=100, help="examples to read")
+  i.add_argument("--out", default="mm1_data_inspect", help="folder for report.json and preview.html")
+  i.add_argument("--module_import", action="append", default=["tasks"], help="module registering tasks")
+  i.add_argument("--seq_len", type=int, default=128)
+  i.add_argument("--max_images", type=int, default=4)
+  i.add_argument("--tokens_per_image", type=int, default=16)
+  i.add_argument("--image_size", type=int, default=64)
+  i.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
+  if args.command == "inspect":
+    return _inspect(args)
   checks = formats.Checks(args.min_image_size, args.max_images, args.max_image_side)
   try:
     report = build(args.format, args.src, args.out, image_root=args.image_root, split=args.split, tag=args.tag,
@@ -154,6 +168,17 @@ def main(argv=None) -> int:
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"mm1-data: error: {e}", file=sys.stderr)
     return 2
+  print(json.dumps(report))
+  return 0
+
+
+def _inspect(args) -> int:
+  from mm1_jax.data import inspect_data, pipeline  # noqa: PLC0415
+
+  cfg = pipeline.DataConfig(mixture_or_task_name=args.mixture, seq_len=args.seq_len, max_images=args.max_images,
+                            seed=args.seed, module_imports=tuple(args.module_import))
+  report = inspect_data.inspect(cfg, n=args.n, out=Path(args.out), tokens_per_image=args.tokens_per_image,
+                                image_size=args.image_size)
   print(json.dumps(report))
   return 0
 

@@ -1,12 +1,15 @@
-"""Writes the shapes-world corpus as sharded TFRecord files of tf.train.Examples.
+"""Writes the shapes-world corpus as sharded files of tf.train.Examples.
 
 Layout under the data dir (default `$MM1_DATA_DIR`, else ~/.cache/mm1_jax/shapes_world):
 
-  caption/train-0000X-of-00008.tfrecord      image (PNG bytes), caption, id
+  caption/train-0000X-of-00008.array_record  image (PNG bytes), caption, id
   interleaved/train-...                      images (list of PNG bytes), text with <image> markers, id
   text/train-...                             text, id
-  caption_eval/{support,test}-...            image, caption, references (list), id
-  vqa_eval/{support,test}-...                image, question, answers (list), id
+  caption_eval/{support,test}-...tfrecord    image, caption, references (list), id
+  vqa_eval/{support,test}-...tfrecord        image, question, answers (list), id
+
+Training splits are ArrayRecord, the layout `mm1-data build` writes (random access for
+the grain loader); the small eval splits are read once, in order, as TFRecord.
   manifest.json                              the spec it was written from and the counts
 
 The corpus is written once, to a temporary folder that is renamed into place, so a
@@ -27,7 +30,7 @@ from tqdm import tqdm
 
 from mm1_jax.data import shapes_world as sw
 
-VERSION = 2  # bump when generated content changes, so cached corpora are rebuilt
+VERSION = 3  # bump when generated content changes, so cached corpora are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,12 @@ def tf_example(features: dict) -> bytes:
   )).SerializeToString()
 
 
+def _train_writer(folder: Path, num_shards: int):
+  from mm1_jax.data.build import _Shards  # noqa: PLC0415
+
+  return _Shards(folder, "train", num_shards)
+
+
 class _ShardedWriter:
   def __init__(self, folder: Path, split: str, num_shards: int):
     import tensorflow as tf
@@ -92,7 +101,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   counts: dict[str, int] = {}
   train_digests: set[str] = set()
 
-  w = _ShardedWriter(out_dir / "caption", "train", s.num_shards)
+  w = _train_writer(out_dir / "caption", s.num_shards)
   for i in range(s.num_caption):
     ex = sw.caption_example(s.seed, i, s.image_size)
     png = sw.encode_png(ex["image"])
@@ -102,7 +111,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   w.close()
   counts["caption/train"] = w.count
 
-  w = _ShardedWriter(out_dir / "interleaved", "train", s.num_shards)
+  w = _train_writer(out_dir / "interleaved", s.num_shards)
   for i in range(s.num_interleaved):
     ex = sw.interleaved_example(s.seed, i, s.image_size, s.max_images)
     pngs = [sw.encode_png(im) for im in ex["images"]]
@@ -112,7 +121,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   w.close()
   counts["interleaved/train"] = w.count
 
-  w = _ShardedWriter(out_dir / "text", "train", s.num_shards)
+  w = _train_writer(out_dir / "text", s.num_shards)
   for i in range(s.num_text):
     ex = sw.text_example(s.seed, i)
     w.write(tf_example({"id": ex["id"], "text": ex["text"]}))

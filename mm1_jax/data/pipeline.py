@@ -42,6 +42,9 @@ class DataConfig:
     seed: shuffle and mixture-sampling seed; the same seed gives the same batches.
     pack: pack several examples into each sequence (attention stays within each).
     module_imports: modules imported first so that their tasks get registered.
+    loader: "grain" (`mm1_jax.data.loader`: checkpointable, ArrayRecord sources) or
+      "tfdata" (`make_dataset` here: any seqio source; resumes by re-reading).
+    num_threads: grain threads that read and decode records.
   """
 
   mixture_or_task_name: str = "mm1_shapes_pretrain"
@@ -54,6 +57,12 @@ class DataConfig:
   shuffle: bool = True
   pack: bool = True
   module_imports: tuple[str, ...] = ("tasks",)
+  loader: str = "grain"
+  num_threads: int = 4
+
+  def __post_init__(self):
+    if self.loader not in ("grain", "tfdata"):
+      raise ValueError(f"DataConfig.loader must be 'grain' or 'tfdata', got {self.loader!r}")
 
 
 def get_mixture_or_task(config: DataConfig) -> seqio.Task | seqio.Mixture:

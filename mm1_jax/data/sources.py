@@ -42,9 +42,13 @@ MM1_RATES = {"interleaved": 45.0, "caption": 45.0, "text": 10.0}
 class ArrayRecordExampleSource(seqio.DataSource):
   """tf.train.Examples in ArrayRecord shards, read by random access."""
 
-  def __init__(self, split_to_pattern: Mapping[str, str], features: Mapping[str, tf.io.FixedLenFeature]):
+  def __init__(self, split_to_pattern: Mapping[str, str], features: Mapping[str, tf.io.FixedLenFeature],
+               kind: str | None = None):
+    """kind: "caption", "interleaved" or "text" for pre-training sources (the grain loader
+    needs it to turn records into examples); None for other records (eval sets)."""
     self._patterns = dict(split_to_pattern)
     self._features = dict(features)
+    self.kind = kind
     super().__init__(splits=tuple(self._patterns))
 
   @property
@@ -58,13 +62,17 @@ class ArrayRecordExampleSource(seqio.DataSource):
                               "with `mm1-data build`")
     return files
 
+  def random_access(self, split: str):
+    """The split's records by index (a grain / array_record random-access source)."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415
+
+    return ArrayRecordDataSource(self.list_shards(split))
+
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
                   use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
     del sequence_length, use_cached
-    from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415
-
-    records = ArrayRecordDataSource(self.list_shards(split))
+    records = self.random_access(split)
     index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
     mine = np.arange(len(records))[index::count]  # this host's records, whatever the shard count
     passes = [0]  # iterations of this dataset so far (seqio repeats by iterating it again)
@@ -85,7 +93,8 @@ class ArrayRecordExampleSource(seqio.DataSource):
 
 
 @seqio.map_over_dataset
-def _densify(ex):
+def densify(ex):
+  """VarLen (sparse) features to dense tensors."""
   return {k: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v for k, v in ex.items()}
 
 
@@ -104,8 +113,8 @@ def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: in
       seqio.TaskRegistry.remove(name)
     pattern = str(Path(directory) / kind / f"{split}-*.array_record")
     seqio.TaskRegistry.add(
-        name, source=ArrayRecordExampleSource({split: pattern}, FEATURES[kind]),
-        preprocessors=[_densify] + prep.task_preprocessors(TO_TEXT[kind], image_size),
+        name, source=ArrayRecordExampleSource({split: pattern}, FEATURES[kind], kind),
+        preprocessors=[densify] + prep.task_preprocessors(TO_TEXT[kind], image_size),
         output_features=output_features)
     names.append(name)
   mixture = f"{prefix}_pretrain"

@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
     make_sources(root / "src", args.records, args.records // 4, args.records // 4, size)
     out = root / "corpus"
     reports = [build.build("webdataset", root / "src" / "wds", out, progress=False),
-               build.build("obelics", root / "src" / "docs.jsonl", out, progress=False),
+               build.build("obelics", root / "src" / "docs.jsonl", out, image_root=root / "src" / "images",
+                           progress=False),
                build.build("text", root / "src" / "text.jsonl", out, progress=False)]
     build_s = time.perf_counter() - t0
     sources.register_corpus("bench", out, image_size=args.image_size, output_features=shapes.OUTPUT_FEATURES)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -138,28 +139,63 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _open_data(data, model: MM1Config, host: tuple[int, int], batches_consumed: int, data_state: dict):
-  """(batch iterator, fn giving the loader's part of the checkpoint's data record).
+class _DataStream:
+  """The training batches, and where the loader's position is kept across restarts.
 
-  The grain loader resumes from the state saved with the checkpoint (exact, nothing
-  re-read). Runs over several processes keep one record per checkpoint, not one per
-  host, so they (and the tf.data loader) resume by re-reading `batches_consumed`
-  batches: deterministic, slower.
+  One process: the grain loader's state goes into each checkpoint's data record.
+  Several processes: each keeps its own state in <workdir>/loader_state/step_<N>/
+  host_<i>.json, written when checkpoint N is started (orbax writes the data record
+  from one process only). A resumed run restores that state, or, if it is missing (the
+  tf.data loader, or a checkpoint from before), re-reads the consumed batches:
+  deterministic, only slower.
   """
-  from mm1_jax.data import loader, pipeline  # noqa: PLC0415  (tensorflow, seqio, grain)
 
-  kw = dict(tokens_per_image=model.tokens_per_image, image_size=model.encoder.image_size,
-            shard_index=host[0], num_shards=host[1])
-  if data.loader == "tfdata":
-    return pipeline.iterate(pipeline.make_dataset(data, start_batch=batches_consumed, **kw)), dict
-  batches = loader.make_loader(data, **kw)
-  single = host[1] == 1
-  if "loader" in data_state and single:
-    batches.set_state(data_state["loader"])
-  else:
-    for _ in range(batches_consumed):
-      next(batches)
-  return batches, (lambda: {"loader": batches.get_state()}) if single else dict
+  def __init__(self, data, model: MM1Config, host: tuple[int, int], workdir: Path, start: int,
+               batches_consumed: int, data_state: dict):
+    from mm1_jax.data import loader, pipeline  # noqa: PLC0415  (tensorflow, seqio, grain)
+
+    self.host, self.dir = host, workdir / "loader_state"
+    kw = dict(tokens_per_image=model.tokens_per_image, image_size=model.encoder.image_size,
+              shard_index=host[0], num_shards=host[1])
+    self.grain = data.loader == "grain"
+    if not self.grain:
+      self.batches = pipeline.iterate(pipeline.make_dataset(data, start_batch=batches_consumed, **kw))
+      return
+    self.batches = loader.make_loader(data, **kw)
+    state = data_state.get("loader") if host[1] == 1 else self._read(start)
+    if state is not None:
+      self.batches.set_state(state)
+    else:
+      for _ in range(batches_consumed):
+        next(self.batches)
+
+  def __next__(self):
+    return next(self.batches)
+
+  def skipped(self) -> dict[str, int]:
+    return self.batches.skipped() if self.grain else {}
+
+  def record(self) -> dict:
+    """The loader's part of the checkpoint's data record."""
+    return {"loader": self.batches.get_state()} if self.grain and self.host[1] == 1 else {}
+
+  def saved(self, step: int, kept: list[int]) -> None:
+    """Called when checkpoint `step` was started: keeps this host's state beside it."""
+    if not self.grain or self.host[1] == 1:
+      return
+    folder = self.dir / f"step_{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".host_{self.host[0]}.json.tmp"
+    tmp.write_text(json.dumps(self.batches.get_state()))
+    tmp.rename(folder / f"host_{self.host[0]}.json")
+    for old in self.dir.glob("step_*"):  # states of checkpoints that are gone
+      n = int(old.name.split("_")[1])
+      if n < step and n not in kept:
+        shutil.rmtree(old, ignore_errors=True)
+
+  def _read(self, step: int) -> dict | None:
+    path = self.dir / f"step_{step}" / f"host_{self.host[0]}.json"
+    return json.loads(path.read_text()) if step and path.exists() else None
 
 
 def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
@@ -251,7 +287,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     run_eval(0)
 
   host = jax.process_index(), jax.process_count()
-  batches, loader_state = _open_data(data, model, host, batches_consumed, data_state)
+  batches = _DataStream(data, model, host, workdir_path, start, batches_consumed, data_state)
   writer = MetricWriter(workdir_path, echo=tqdm.write if progress else print)
   q = model.tokens_per_image
   step = start
@@ -272,8 +308,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
         bar.update()
         if step % log_every == 0 or step == train_steps:
           metrics = jax.device_get(metrics)
-          if hasattr(batches, "skipped"):  # records skipped so far, by reason (grain loader)
-            metrics.update({f"data_skipped_{k}": v for k, v in batches.skipped().items()})
+          # Records skipped so far, by reason (grain loader).
+          metrics.update({f"data_skipped_{k}": v for k, v in batches.skipped().items()})
           dt = time.perf_counter() - t_last
           steps_done = seqs / data.batch_size
           metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,
@@ -284,8 +320,9 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
           t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
         sliced = bool(stop_after_steps) and step - start >= stop_after_steps and step < train_steps
-        ckpt.save(step, state, dict(batches_consumed=batches_consumed, **loader_state()),
-                  force=stop.signum is not None or sliced or step == train_steps)
+        if ckpt.save(step, state, dict(batches_consumed=batches_consumed, **batches.record()),
+                     force=stop.signum is not None or sliced or step == train_steps):
+          batches.saved(step, ckpt.all_steps())
         if eval_every and step % eval_every == 0 and step != train_steps:
           run_eval(step)
         if stop.signum is not None:

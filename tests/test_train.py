@@ -190,3 +190,27 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
   out = _mm1_train(tmp_path, f"--gin.TRAIN_STEPS={stopped_at + 2}", "--gin.EVALUATION=None")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert f"resumed from {tmp_path / 'checkpoints'}/{stopped_at}" in out.stdout
+
+
+def test_each_host_keeps_its_loader_state_beside_the_checkpoint(tmp_path, tiny_config):
+  """With several processes, host i's loader position is saved per step and restored."""
+  import tasks  # noqa: F401
+  from mm1_jax.data import pipeline
+
+  cfg = tiny_config
+  data = pipeline.DataConfig(batch_size=4, seq_len=64, max_images=2, seed=5)
+  host = (1, 2)
+  stream = train._DataStream(data, cfg, host, tmp_path, 0, 0, {})
+  for _ in range(3):
+    next(stream)
+  assert stream.record() == {}  # not in the shared data record: one per host instead
+  stream.saved(3, kept=[3])
+  expected = [next(stream) for _ in range(2)]
+  assert (tmp_path / "loader_state" / "step_3" / "host_1.json").exists()
+  resumed = train._DataStream(data, cfg, host, tmp_path, 3, 3, {})
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  # A later save drops the states of checkpoints that are gone.
+  stream.saved(7, kept=[7])
+  assert not (tmp_path / "loader_state" / "step_3").exists()

@@ -214,3 +214,24 @@ def test_each_host_keeps_its_loader_state_beside_the_checkpoint(tmp_path, tiny_c
   # A later save drops the states of checkpoints that are gone.
   stream.saved(7, kept=[7])
   assert not (tmp_path / "loader_state" / "step_3").exists()
+
+
+def test_cli_trains_on_a_mixture_registered_in_a_user_module(tmp_path):
+  """The README's tutorial, as a user runs it: --module_import and MIXTURE_OR_TASK_NAME."""
+  mods = tmp_path / "mods"
+  mods.mkdir()
+  (mods / "my_mixtures.py").write_text(
+      "import seqio\nimport tasks\n"
+      "seqio.MixtureRegistry.add('my_captions_and_text', "
+      "[('mm1_shapes_caption', 3.0), ('mm1_shapes_text', 1.0)])\n")
+  env = _env()
+  env["PYTHONPATH"] = os.pathsep.join([str(mods), env.get("PYTHONPATH", "")])
+  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+         f"--workdir={tmp_path / 'run'}", *SMALL, "--gin.TRAIN_STEPS=2", "--gin.EVALUATION=None",
+         "--module_import=my_mixtures", "--gin.MIXTURE_OR_TASK_NAME='my_captions_and_text'",
+         "--gin.MIXTURE_RATES=None"]
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2]
+  assert "my_captions_and_text" in (tmp_path / "run" / "operative_config.gin").read_text()

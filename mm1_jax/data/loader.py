@@ -95,6 +95,7 @@ class _Prepare:
     ids = np.asarray(list(self.vocab.encode(text)) + [EOS_ID], np.int32)
     if int((ids == IMAGE_ID).sum()) != len(encoded):
       return Skipped("image_count_mismatch")
+    # Cut before decoding: pass image indices, so only the images that stay get decoded.
     ids, encoded_kept = expand_and_cut(ids, np.arange(len(encoded)), self.max_len, self.q, self.max_images)
     if len(ids) < 2:
       return Skipped("too_short")

@@ -50,8 +50,8 @@ class DataConfig:
   mixture_or_task_name: str = "mm1_shapes_pretrain"
   split: str = "train"
   batch_size: int = 16
-  seq_len: int = 128
-  max_images: int = 3
+  seq_len: int = 4096  # MM1: 4096 tokens and up to 16 images a sequence
+  max_images: int = 16
   mixture_rates: Mapping[str, float] | None = None
   seed: int = 0
   shuffle: bool = True

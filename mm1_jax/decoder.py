@@ -61,7 +61,7 @@ class DecoderBlock(nn.Module):
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, positions, cache_index, cache):
+  def __call__(self, x, mask, positions, cache_index, valid, cache):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_attn")(x)
@@ -70,7 +70,7 @@ class DecoderBlock(nn.Module):
     x = x + h
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_mlp")(x)
     if self.sparse:
-      x = x + moe_lib.MoEMLP(c.moe, c.mlp_dim, dtype=dtype, name="moe")(h)
+      x = x + moe_lib.MoEMLP(c.moe, c.mlp_dim, dtype=dtype, name="moe")(h, valid)
     else:
       x = x + layers.MLP(c.mlp_dim, act="swiglu", dtype=dtype, name="mlp")(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
@@ -82,14 +82,14 @@ class DecoderGroup(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions, cache_index, cache):
+  def __call__(self, x, mask, positions, cache_index, valid, cache):
     g = self.config.group_size
     new = []
     for i in range(g):
       sparse = i == g - 1
       layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)  # noqa: B023
       x, out = DecoderBlock(self.config, sparse, name="sparse" if sparse else f"dense_{i}")(
-          x, mask, positions, cache_index, layer_cache)
+          x, mask, positions, cache_index, valid, layer_cache)
       new.append(out)
     return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new))
 
@@ -119,8 +119,8 @@ class Decoder(nn.Module):
     return self.embedding(tokens)
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
-               cache: layers.KVCache | None = None, cache_index: jax.Array | int = 0
-               ) -> tuple[jax.Array, layers.KVCache | None]:
+               cache: layers.KVCache | None = None, cache_index: jax.Array | int = 0,
+               valid: jax.Array | None = None) -> tuple[jax.Array, layers.KVCache | None]:
     """Runs the stack.
 
     Args:
@@ -129,6 +129,7 @@ class Decoder(nn.Module):
       positions: int[B, T] RoPE positions.
       cache: (key, value) caches stacked over layers, float[L, B, S, K, H] each, or None.
       cache_index: slot at which the T new entries are written.
+      valid: bool[B, T], False on padding (sparse layers leave padding out); None: all valid.
     Returns:
       (logits float32[B, T, V], updated caches or None)
     """
@@ -136,7 +137,8 @@ class Decoder(nn.Module):
     g = self.config.group_size
     if cache is not None and g > 1:  # [L, ...] -> [L / g, g, ...]: one slice per scanned group
       cache = jax.tree.map(lambda a: a.reshape((a.shape[0] // g, g) + a.shape[1:]), cache)
-    x, new_cache = self.blocks(x, mask, positions, jnp.asarray(cache_index, jnp.int32), cache)
+    valid = jnp.ones(x.shape[:2], bool) if valid is None else valid
+    x, new_cache = self.blocks(x, mask, positions, jnp.asarray(cache_index, jnp.int32), valid, cache)
     if new_cache is not None and g > 1:
       new_cache = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), new_cache)
     x = self.ln_final(x)

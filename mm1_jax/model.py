@@ -115,7 +115,7 @@ class MM1(nn.Module):
     """Training / scoring forward pass: logits float32[B, T, V]."""
     x = self.embed_inputs(tokens, images)
     window = self.config.decoder.sliding_window
-    logits, _ = self.decoder(x, segment_causal_mask(segment_ids, window), positions)
+    logits, _ = self.decoder(x, segment_causal_mask(segment_ids, window), positions, valid=segment_ids > 0)
     return logits
 
   def prefill(self, tokens: jax.Array, images: jax.Array, valid: jax.Array, cache):
@@ -134,7 +134,7 @@ class MM1(nn.Module):
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     x = self.embed_inputs(tokens, images)
     mask = cache_mask(kv_valid, 0, tokens.shape[1], self.config.decoder.sliding_window)
-    logits, cache = self.decoder(x, mask, positions, cache, 0)
+    logits, cache = self.decoder(x, mask, positions, cache, 0, valid=valid)
     return logits[:, -1], cache
 
   def decode_step(self, token: jax.Array, position: jax.Array, kv_valid: jax.Array, cache,

@@ -18,6 +18,8 @@ reads them with `mutable=["moe"]`; they are no-ops elsewhere):
                 mean router probability of e (1.0 when perfectly balanced)
   router_z      mean over tokens of logsumexp(router logits)^2
   drop_rate     fraction of assignments dropped (capacity dispatch; 0 for dropless)
+All three count real tokens only: padding (the decoder's `valid` mask) takes no expert
+capacity and stays out of the statistics.
 """
 
 from __future__ import annotations
@@ -79,11 +81,19 @@ def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Arra
   return probs, top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_i
 
 
-def load_balance_loss(probs: jax.Array, expert_ids: jax.Array) -> jax.Array:
-  """E * sum_e (fraction of the N * k assignments to e) * (mean probability of e)."""
-  e = probs.shape[-1]
-  frac = jnp.mean(jax.nn.one_hot(expert_ids, e, dtype=jnp.float32).reshape(-1, e), axis=0)
-  mean_p = jnp.mean(probs.reshape(-1, e), axis=0)
+def _masked_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """Mean over the leading (token) axis of x[N, ...], counting tokens with weight 1."""
+  w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(jnp.float32)
+  return jnp.sum(x * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def load_balance_loss(probs: jax.Array, expert_ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """E * sum_e (fraction of the assignments to e) * (mean probability of e), over valid tokens."""
+  e, k = probs.shape[-1], expert_ids.shape[-1]
+  valid = jnp.ones(probs.shape[:-1], bool) if valid is None else valid
+  assigned = jax.nn.one_hot(expert_ids, e, dtype=jnp.float32).reshape(-1, k, e).sum(1) / k  # [N, E]
+  frac = _masked_mean(assigned, valid.reshape(-1))
+  mean_p = _masked_mean(probs.reshape(-1, e), valid.reshape(-1))
   return e * jnp.sum(frac * mean_p)
 
 
@@ -95,9 +105,12 @@ class MoEMLP(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """valid: bool[B, T], False on padding: padding takes no expert capacity and is left
+    out of the auxiliary losses and the drop rate (its output is not used)."""
     c = self.config
     b, t, d = x.shape
+    valid = jnp.ones((b, t), bool) if valid is None else valid
     e, f = c.num_experts, c.expert_mlp_dim or self.mlp_dim
     router = self.param("router", nn.with_logical_partitioning(layers.default_init, ("embed", None)),
                         (d, e), jnp.float32)
@@ -113,14 +126,15 @@ class MoEMLP(nn.Module):
 
     logits = jnp.dot(x.astype(jnp.float32).reshape(-1, d), router).reshape(b, t, e)
     probs, weights, expert_ids = route(logits, c.top_k)  # [B, T, E], [B, T, k], [B, T, k]
-    self.sow(AUX_COLLECTION, "load_balance", load_balance_loss(probs, expert_ids))
-    self.sow(AUX_COLLECTION, "router_z", jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))))
+    self.sow(AUX_COLLECTION, "load_balance", load_balance_loss(probs, expert_ids, valid))
+    z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
+    self.sow(AUX_COLLECTION, "router_z", _masked_mean(z.reshape(-1), valid.reshape(-1)))
 
     if c.dispatch == "dropless":
       y = _dropless(x.astype(self.dtype), weights, expert_ids, w_gate, w_up, w_down)
       drop_rate = jnp.zeros((), jnp.float32)
     else:
-      y, drop_rate = _capacity(x.astype(self.dtype), weights, expert_ids, w_gate, w_up, w_down,
+      y, drop_rate = _capacity(x.astype(self.dtype), weights, expert_ids, valid, w_gate, w_up, w_down,
                                c.capacity(t))
     self.sow(AUX_COLLECTION, "drop_rate", drop_rate)
     return y.astype(self.dtype)
@@ -143,12 +157,14 @@ def _dropless(x, weights, expert_ids, w_gate, w_up, w_down):
   return jnp.einsum("btkd,btk->btd", out, weights.astype(out.dtype))
 
 
-def _capacity(x, weights, expert_ids, w_gate, w_up, w_down, capacity):
+def _capacity(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity):
   b, t, _ = x.shape
   k, e = expert_ids.shape[-1], w_gate.shape[0]
   # Slot of each assignment in its expert's buffer: count earlier assignments to the same
   # expert in priority order (all first choices of the sequence, then all second choices).
+  # Padding tokens are assigned nowhere, so they take no slot.
   onehot = jax.nn.one_hot(jnp.swapaxes(expert_ids, 1, 2), e, dtype=jnp.int32)  # [B, k, T, E]
+  onehot = onehot * valid[:, None, :, None].astype(jnp.int32)
   flat = onehot.reshape(b, k * t, e)
   slot = ((jnp.cumsum(flat, axis=1) - 1) * flat).sum(-1).reshape(b, k, t)  # [B, k, T]
   kept = slot < capacity
@@ -162,7 +178,8 @@ def _capacity(x, weights, expert_ids, w_gate, w_up, w_down, capacity):
   matmul = lambda a, wt: jnp.einsum("ebcx,exy->ebcy", a, wt)
   expert_out = _swiglu(expert_in, w_gate, w_up, w_down, matmul)
   y = jnp.einsum("btec,ebcd->btd", combine, expert_out)
-  drop_rate = jnp.mean((~kept).astype(jnp.float32))
+  real = jnp.broadcast_to(valid[:, None, :], kept.shape)
+  drop_rate = jnp.sum(~kept & real) / jnp.maximum(jnp.sum(real), 1)
   return y, drop_rate
 
 

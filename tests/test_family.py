@@ -164,8 +164,28 @@ def test_router_renormalises_top_k():
   np.testing.assert_array_equal(ids, [[0, 1]])
   np.testing.assert_allclose(w, [[0.625, 0.375]], rtol=1e-6)
   # Perfect balance gives 1.0; all tokens on one expert gives E * P(that expert).
-  uniform = jnp.full((8, 4), 0.25)
+  uniform = jnp.full((4, 4), 0.25)
   assert float(moe.load_balance_loss(uniform, jnp.arange(8).reshape(4, 2) % 4)) == pytest.approx(1.0)
+
+
+def test_padding_takes_no_capacity_and_stays_out_of_the_statistics():
+  probs = jnp.array([[0.7, 0.1, 0.1, 0.1]] * 3 + [[0.1, 0.1, 0.1, 0.7]])
+  ids = jnp.array([[0, 1]] * 3 + [[3, 2]])
+  valid = jnp.array([True, False, False, True])
+  masked = moe.load_balance_loss(probs, ids, valid)
+  subset = moe.load_balance_loss(probs[jnp.array([0, 3])], ids[jnp.array([0, 3])])
+  np.testing.assert_allclose(masked, subset, rtol=1e-6)
+  # One slot per expert: 4 tokens all routed to experts 0 and 1 drop 3 of 4 first choices,
+  # but if 3 of them are padding, the one real token keeps both of its slots.
+  d, f = 8, 16
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, d))
+  w = [jax.random.normal(jax.random.PRNGKey(i), s) for i, s in enumerate([(4, d, f), (4, d, f), (4, f, d)])]
+  weights = jnp.full((1, 4, 2), 0.5)
+  same = jnp.tile(jnp.array([[0, 1]]), (1, 4, 1))
+  _, drop_all = moe._capacity(x, weights, same, jnp.ones((1, 4), bool), *w, capacity=1)
+  y, drop_real = moe._capacity(x, weights, same, jnp.array([[False, True, False, False]]), *w, capacity=1)
+  assert float(drop_all) == pytest.approx(0.75) and float(drop_real) == 0.0
+  assert np.abs(np.asarray(y[0, 1])).max() > 0  # the real token was computed
 
 
 def test_capacity_and_dropless_agree_without_drops(tiny_config):

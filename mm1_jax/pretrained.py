@@ -58,7 +58,7 @@ def load_pretrained(params: dict, shardings: dict, sources: Sequence[str], confi
         raise ValueError(f"{src} holds a part {part!r} that the model does not have ({sorted(params)})")
       target = params[part]
       tree = _resize_grids(part, _relayout(tree, target), target, config)
-      convert._compare_tree(target, tree, part)  # noqa: SLF001  (names the first mismatch)
+      convert.compare_tree(target, tree, part)  # names the first mismatch
       params[part] = jax.tree.map(
           lambda x, t, s: jax.make_array_from_callback(
               t.shape, s, lambda idx, x=x, t=t: np.asarray(x, t.dtype)[idx]),

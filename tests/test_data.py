@@ -288,7 +288,7 @@ def test_grain_loader_skips_and_counts_bad_records(tmp_path):
   bad = [{"id": "b0", "image": png(5)[:30], "caption": "corrupt image"},
          {"id": "b1", "image": png(7), "caption": "   "},
          {"id": "b2", "image": png(9), "caption": "two markers <image> in a caption"}]
-  shards = build._Shards(tmp_path / "caption", "train-raw", 1)  # written without the build checks
+  shards = build.ShardWriter(tmp_path / "caption", "train-raw", 1)  # written without the build checks
   for rec in good[:3] + bad + good[3:]:
     shards.write(corpus.tf_example(rec))
   shards.close()

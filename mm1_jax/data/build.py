@@ -30,7 +30,7 @@ from pathlib import Path
 from mm1_jax.data import formats
 
 
-class _Shards:
+class ShardWriter:
   """Round-robin ArrayRecord writers for one kind and split, created on first write."""
 
   def __init__(self, folder: Path, prefix: str, num_shards: int):
@@ -87,7 +87,7 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   records = formats.read(fmt, Path(src), Path(image_root) if image_root else None)
   out.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
-  shards = {k: _Shards(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text")}
+  shards = {k: ShardWriter(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text")}
   skipped, dropped = collections.Counter(), collections.Counter()
   truncated = images = 0
   try:

@@ -65,9 +65,9 @@ def tf_example(features: dict) -> bytes:
 
 
 def _train_writer(folder: Path, num_shards: int):
-  from mm1_jax.data.build import _Shards  # noqa: PLC0415
+  from mm1_jax.data.build import ShardWriter  # noqa: PLC0415
 
-  return _Shards(folder, "train", num_shards)
+  return ShardWriter(folder, "train", num_shards)
 
 
 class _ShardedWriter:

@@ -113,7 +113,7 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
   """An IterDataset of packed rows (see `pipeline.pack_examples`) with exact, JSON-able state."""
   import grain  # noqa: PLC0415
 
-  from mm1_jax.data.pipeline import _Row  # noqa: PLC0415
+  from mm1_jax.data.pipeline import PackedRow  # noqa: PLC0415
 
   class PackIterator(grain.DatasetIterator):
     def __init__(self, parent_it):
@@ -121,7 +121,7 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
       self._pending, self._pending_state = None, None
 
     def __next__(self) -> dict[str, np.ndarray]:
-      row = _Row(seq_len, max_images, image_size)
+      row = PackedRow(seq_len, max_images, image_size)
       if self._pending is not None:
         row.add(self._pending["text"], self._pending["images"])
         self._pending = None

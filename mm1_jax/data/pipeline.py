@@ -81,7 +81,7 @@ def get_mixture_or_task(config: DataConfig) -> seqio.Task | seqio.Mixture:
   return seqio.Mixture(f"{config.mixture_or_task_name}_rates_override", list(rates.items()))
 
 
-class _Row:
+class PackedRow:
   """One packed sequence being filled: (input, target) pairs and image slots."""
 
   def __init__(self, seq_len: int, max_images: int, image_size: int):
@@ -123,14 +123,14 @@ def pack_examples(examples: Iterable[dict], seq_len: int, max_images: int, image
   id and positions from 0, so attention never crosses examples (see
   `model.segment_causal_mask`). With pack=False each row holds one example.
   """
-  row = _Row(seq_len, max_images, image_size)
+  row = PackedRow(seq_len, max_images, image_size)
   for ex in examples:
     text, images = ex["text"], ex[prep.OUTPUT_IMAGE_KEY]
     if len(text) < 2:  # nothing to predict
       continue
     if row.num_segments and (not pack or not row.fits(text, images)):
       yield row.features()
-      row = _Row(seq_len, max_images, image_size)
+      row = PackedRow(seq_len, max_images, image_size)
     row.add(text, images)
   if row.num_segments:
     yield row.features()

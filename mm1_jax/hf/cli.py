@@ -132,7 +132,7 @@ def cmd_export(args) -> int:
     params = load_params(args.params)
   if "decoder" not in params:
     raise convert.ConversionError(f"{args.params} holds no decoder parameters")
-  convert._check_decoder(dec_cfg, params["decoder"])  # noqa: SLF001
+  convert.check_decoder(dec_cfg, params["decoder"])
   convert.decoder_to_llama(dec_cfg, params["decoder"], args.out, log=lambda m: None)
   print(json.dumps({"out": str(args.out), "kind": "mistral" if dec_cfg.sliding_window else "llama"}))
   return 0

@@ -395,16 +395,16 @@ def to_params(kind: str, src: str | Path, *, image_size: int | None = None, scan
   if part == "encoder":
     cfg, trained = encoder_config(kind, ckpt, image_size=image_size, scan_layers=scan_layers, dtype=dtype)
     params = _encoder_params(kind, ckpt, cfg, trained, progress)
-    module_check = _check_encoder
+    module_check = check_encoder
   else:
     cfg = decoder_config(kind, ckpt, scan_layers=scan_layers, dtype=dtype)
     params = _decoder_params(ckpt, cfg, progress)
-    module_check = _check_decoder
+    module_check = check_decoder
   module_check(cfg, params)
   return Converted(kind, part, cfg, params, sorted(set(ckpt.keys()) - ckpt.used))
 
 
-def _compare_tree(expected, got, path="") -> None:
+def compare_tree(expected, got, path="") -> None:
   if isinstance(expected, dict) or isinstance(got, dict):
     if not (isinstance(expected, dict) and isinstance(got, dict)):
       raise ConversionError(f"parameter {path or '/'}: structure differs from the model")
@@ -413,7 +413,7 @@ def _compare_tree(expected, got, path="") -> None:
         raise ConversionError(f"parameter {path}/{k} of the model was not filled from the checkpoint")
       if k not in expected:
         raise ConversionError(f"parameter {path}/{k} from the checkpoint has no place in the model")
-      _compare_tree(expected[k], got[k], f"{path}/{k}")
+      compare_tree(expected[k], got[k], f"{path}/{k}")
     return
   if tuple(expected.shape) != tuple(np.shape(got)):
     raise ConversionError(f"parameter {path}: model expects {tuple(expected.shape)}, got {np.shape(got)}")
@@ -428,15 +428,15 @@ def abstract_params(module, *args, **kwargs) -> dict:
   return nn.meta.unbox(jax.eval_shape(init, *args))["params"]
 
 
-def _check_encoder(cfg: vit_lib.ViTConfig, params: dict) -> None:
+def check_encoder(cfg: vit_lib.ViTConfig, params: dict) -> None:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
   images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.uint8)
-  _compare_tree(abstract_params(vit_lib.ViT(cfg), images), params, "encoder")
+  compare_tree(abstract_params(vit_lib.ViT(cfg), images), params, "encoder")
 
 
-def _check_decoder(cfg: decoder_lib.DecoderConfig, params: dict) -> None:
+def check_decoder(cfg: decoder_lib.DecoderConfig, params: dict) -> None:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -444,7 +444,7 @@ def _check_decoder(cfg: decoder_lib.DecoderConfig, params: dict) -> None:
   mask = jax.ShapeDtypeStruct((1, 1, 4, 4), jnp.bool_)
   expected = abstract_params(decoder_lib.Decoder(cfg), tokens, mask, tokens,
                              method=lambda m, t, mk, p: m(m.embed(t), mk, p))
-  _compare_tree(expected, params, "decoder")
+  compare_tree(expected, params, "decoder")
 
 
 # ----------------------------------------------------------------------------- export

@@ -64,11 +64,11 @@ def verify(kind: str, src: str | Path, *, batch: int = 2, seq_len: int = 16, see
     positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
     (logits, _), state = dec.apply({"params": conv.params}, x, mask, positions, mutable=["intermediates"])
     hidden = state["intermediates"]["hidden_states"][0]
-    with torch.no_grad():
-      out = hf(input_ids=torch.from_numpy(tokens), output_hidden_states=True)
-      base = hf.model(input_ids=torch.from_numpy(tokens))
-    result["max_abs_diff_hidden"] = float(np.abs(np.asarray(hidden) - base.last_hidden_state.numpy()).max())
-    result["max_abs_diff_logits"] = float(np.abs(np.asarray(logits) - out.logits.numpy()).max())
+    with torch.no_grad():  # one forward pass: the base model, then the head on its output
+      theirs_hidden = hf.model(input_ids=torch.from_numpy(tokens)).last_hidden_state
+      theirs_logits = hf.lm_head(theirs_hidden)
+    result["max_abs_diff_hidden"] = float(np.abs(np.asarray(hidden) - theirs_hidden.numpy()).max())
+    result["max_abs_diff_logits"] = float(np.abs(np.asarray(logits) - theirs_logits.numpy()).max())
     result["shape"] = list(np.shape(logits))
   diffs = [v for k, v in result.items() if k.startswith("max_abs_diff")]
   result["ok"] = bool(all(np.isfinite(d) and d <= tolerance for d in diffs))

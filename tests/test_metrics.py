@@ -1,19 +1,43 @@
-"""CIDEr-D and VQA accuracy."""
+"""CIDEr-D (against pycocoevalcap), PTB-style tokenisation, VQA accuracy, exact match."""
 
 import math
+import random
 
 import pytest
 
 from mm1_jax.eval import metrics
 
 
+# Raw answer -> what the official VQA normalisation makes of it.
+VQA_CASES = {
+    "Two": "2", "two.": "2", "the red one": "red 1", "A circle!": "circle", "yes,": "yes",
+    "dont": "don't", "3.5": "3.5", "  blue\n": "blue", "an orange": "orange",
+    "None": "0", "ten": "10", "eleven": "eleven",  # only zero..ten are mapped
+    "Yes.": "yes", "no!": "no", "a b c": "b c",
+    "t-shirt": "t shirt",  # a mark with no space beside it becomes a space
+    "t - shirt": "t shirt",  # ... next to a space it is deleted
+    "1,000": "1000",  # digit-comma-digit: every mark is deleted
+    "2,5 - 3": "25 3", "(red)": "red", "red/blue": "red blue", "red / blue": "red blue",
+    "isnt": "isn't", "whats": "what's", "wouldnt've": "wouldn't've", "Im": "im",  # capital keys never match
+    "10:30": "10:30",  # the colon is not in the mark list
+    "e.g.": "eg", "mr. smith": "mr smith", "3.": "3", ".5": ".5",
+    "it's": "it's", "dog's": "dog's", "@home": "home", "x+y": "x y", "a+b": "b",  # then the article goes
+}
+
+
 def test_vqa_normalisation_cases():
-  cases = {
-      "Two": "2", "two.": "2", "the red one": "red 1", "A circle!": "circle", "yes,": "yes",
-      "dont": "don't", "3.5": "3.5", "  blue\n": "blue", "an orange": "orange",
-  }
-  for raw, norm in cases.items():
+  for raw, norm in VQA_CASES.items():
     assert metrics.normalize_answer(raw) == norm, raw
+
+
+def test_vqa_accuracy_tricky_answers():
+  assert metrics.vqa_accuracy("Two", ["2"] * 10) == 1.0
+  assert metrics.vqa_accuracy("The T-Shirt.", ["t shirt"] * 10) == 1.0
+  assert metrics.vqa_accuracy("1,000", ["1000"] * 10) == 1.0
+  assert metrics.vqa_accuracy("shirt", ["t shirt"] * 10) == 0.0
+  assert metrics.vqa_accuracy("isnt", ["isn't"] * 10) == 1.0
+  assert metrics.exact_match("The Left.", "left") == 1.0
+  assert metrics.exact_match("left side", "left") == 0.0
 
 
 def test_vqa_accuracy_leave_one_out():
@@ -70,3 +94,75 @@ def test_cider_two_images_hand_computed():
 def test_cider_rejects_missing_references():
   with pytest.raises(ValueError, match="no references"):
     metrics.cider({"x": ["red"]}, {"y": "red"})
+
+
+PTB_CASES = {
+    "A man's dog.": "a man 's dog",
+    "I don't know": "i do n't know",
+    "He cannot go!": "he can not go",
+    "won't stop": "wo n't stop",
+    "they're gonna win": "they 're gon na win",
+    "A black-and-white photo of the U.S. flag.": "a black-and-white photo of the u.s. flag",
+    "It costs $5, about 50%.": "it costs $ 5 about 50 %",
+    "3,000 people; 12.5 inches": "3,000 people 12.5 inches",
+    "(a cat) on a mat...": "a cat on a mat",
+    "\"Quoted\" word": "quoted word",
+    "Dogs' toys": "dogs toys",
+    "Mr. Smith's car": "mr. smith 's car",
+    "A dog\nrunning": "a dog running",
+}
+
+
+def test_ptb_tokenize_cases():
+  for raw, toks in PTB_CASES.items():
+    assert " ".join(metrics.ptb_tokenize(raw)) == toks, raw
+
+
+def test_ptb_tokenize_is_idempotent():
+  for raw in PTB_CASES:
+    toks = metrics.ptb_tokenize(raw)
+    assert metrics.ptb_tokenize(" ".join(toks)) == toks
+
+
+def _random_caption_sets(n_images: int, seed: int):
+  rng = random.Random(seed)
+  vocab = ("a an the red blue green yellow circle square triangle two three small large dog cat man "
+           "woman on of with next to sitting standing near picture image photo there is are and").split()
+  refs, preds = {}, {}
+  for i in range(n_images):
+    key = f"img{i}"
+    base = [rng.choice(vocab) for _ in range(rng.randint(3, 9))]
+    refs[key] = []
+    for _ in range(rng.randint(1, 5)):  # references vary around a shared base, as real ones do
+      r = list(base)
+      for _ in range(rng.randint(0, 3)):
+        r.insert(rng.randint(0, len(r)), rng.choice(vocab))
+      refs[key].append(" ".join(r))
+    p = list(base)
+    for _ in range(rng.randint(0, 4)):
+      if p and rng.random() < 0.5:
+        p.pop(rng.randrange(len(p)))
+      else:
+        p.insert(rng.randint(0, len(p)), rng.choice(vocab))
+    preds[key] = " ".join(p) if rng.random() > 0.02 else ""
+  return refs, preds
+
+
+@pytest.mark.parametrize("seed,n_images", [(0, 300), (1, 200), (2, 40), (3, 2)])
+def test_cider_matches_pycocoevalcap(seed, n_images):
+  from pycocoevalcap.cider.cider import Cider
+
+  refs, preds = _random_caption_sets(n_images, seed)
+  expected, _ = Cider().compute_score(refs, {k: [v] for k, v in preds.items()})
+  assert metrics.cider(refs, preds) == pytest.approx(expected, abs=1e-6)
+
+
+def test_seqio_metric_functions():
+  refs, preds = _random_caption_sets(20, 5)
+  keys = sorted(refs)
+  assert metrics.cider_metric([refs[k] for k in keys], [preds[k] for k in keys]) == {
+      "cider": pytest.approx(metrics.cider(refs, preds))}
+  assert metrics.vqa_metric([["2"] * 10, ["red"] * 10], ["two", "blue"]) == {"accuracy": 0.5}
+  assert metrics.exact_match_metric([["left"], ["yes"]], ["left", "no"]) == {"exact_match": 0.5}
+  with pytest.raises(ValueError):
+    metrics.vqa_metric([["2"]], ["2", "3"])

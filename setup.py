@@ -22,6 +22,7 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "tqdm>=4.66",
         "tensorboardX>=2.6,<3",
+        "matplotlib>=3.7",  # eval report plots
         "safetensors>=0.4",  # mm1-convert reads Hugging Face checkpoints with numpy
         # Data stack: seqio tasks over TFRecord shards (imported lazily by the trainer).
         "seqio>=0.0.20,<0.1",

@@ -33,6 +33,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def reload(self) -> None:
+    """Re-reads the directory: steps another process (a training run) wrote since."""
+    self._manager.reload()
+
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
     """Starts a save (async); returns whether one was started."""
     return self._manager.save(

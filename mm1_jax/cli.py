@@ -23,14 +23,14 @@ GIN_HELP = """gin:
 """
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _parser(prog: str, description: str, workdir_required: bool = True) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=prog, description=description, epilog=GIN_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gin_file", action="append", default=[], required=True,
                  help="gin config file (repeatable), e.g. gin/runs/quickstart.gin")
   p.add_argument("--gin_search_path", action="append", default=[],
                  help="extra folder to resolve gin files and includes (repeatable)")
-  p.add_argument("--workdir", required=True, help="run directory")
+  p.add_argument("--workdir", required=workdir_required, help="run directory")
   p.add_argument("--module_import", action="append", default=[],
                  help="Python module to import before parsing gin (e.g. one registering seqio tasks)")
   return p
@@ -100,13 +100,56 @@ def main_eval(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, bindings = _split_gin_bindings(argv)
   parser = _parser("mm1-eval", "Few-shot evaluation of MM1 checkpoints; writes "
-                   "<workdir>/eval/step_<N>.json and prints a table.")
+                   "<workdir>/eval/step_<N>.json and prints a table. With --watch, evaluates "
+                   "every checkpoint not yet evaluated, writes TensorBoard scalars and "
+                   "eval/report.md with plots, and exits 3 when a score regressed.",
+                   workdir_required=False)
   parser.add_argument("--checkpoint_dir", default=None,
-                      help="orbax checkpoint folder (default: <workdir>/checkpoints)")
+                      help="orbax checkpoint folder (default: <workdir>/checkpoints); --workdir "
+                           "defaults to its parent")
+  parser.add_argument("--no_run_config", action="store_true",
+                      help="do not read the run's own <workdir>/config.gin before --gin_file")
   parser.add_argument("--steps", default="latest",
                       help="'latest', 'all', or comma-separated steps to evaluate")
   parser.add_argument("--force", action="store_true", help="re-evaluate steps that have results")
+  parser.add_argument("--benchmarks", default=None,
+                      help="comma-separated benchmarks, e.g. coco,vqav2 (known: coco, nocaps, "
+                           "textcaps, vqav2, textvqa, vizwiz, okvqa, gqa, shapes_caption, shapes_vqa)")
+  parser.add_argument("--shots", default=None, help="comma-separated shot counts, e.g. 0,4,8")
+  parser.add_argument("--num_queries", type=int, default=None,
+                      help="scored examples per benchmark (0: the whole test split)")
+  parser.add_argument("--data_root", default=None,
+                      help="folder with one sub-folder per benchmark in its shipped layout "
+                           "(default $MM1_EVAL_DATA or ~/data/mm1_eval)")
+  parser.add_argument("--watch", action="store_true",
+                      help="nightly mode: every checkpoint not yet evaluated, report, regression check")
+  parser.add_argument("--poll_seconds", type=float, default=0.0,
+                      help="with --watch, look for new checkpoints this often (0: one pass)")
+  parser.add_argument("--idle_timeout", type=float, default=3600.0,
+                      help="with --poll_seconds, stop after this long without a new checkpoint")
+  parser.add_argument("--max_regression", type=float, default=0.05,
+                      help="with --watch, relative drop below the best earlier score that fails")
   args = parser.parse_args(rest)
+  if args.workdir is None:
+    if args.checkpoint_dir is None:
+      parser.error("give --workdir, or --checkpoint_dir (the workdir is then its parent)")
+    args.workdir = str(Path(args.checkpoint_dir).absolute().parent)
+  ckpt_dir = Path(args.checkpoint_dir or Path(args.workdir) / "checkpoints")
+  if not ckpt_dir.is_dir():
+    parser.error(f"no checkpoint folder at {ckpt_dir}")
+  run_config = Path(args.workdir) / "config.gin"
+  if run_config.exists() and not args.no_run_config:
+    args.gin_file = [str(run_config), *args.gin_file]  # the run's model; later files override
+  cfg = "fewshot.FewShotConfig"
+  if args.benchmarks:
+    names = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())
+    bindings.append(f"{cfg}.benchmarks = {names!r}")
+  if args.shots:
+    bindings.append(f"{cfg}.shots = {tuple(int(k) for k in args.shots.split(','))!r}")
+  if args.num_queries is not None:
+    bindings.append(f"{cfg}.num_queries = {args.num_queries or None!r}")
+  if args.data_root:
+    bindings.append(f"{cfg}.data_root = {str(Path(args.data_root).expanduser())!r}")
   _setup_jax()
   import gin  # noqa: PLC0415
 
@@ -115,7 +158,9 @@ def main_eval(argv: list[str] | None = None) -> int:
   sys.path.insert(0, os.getcwd())
   parse_gin(args, bindings)
   return gin.get_configurable(run_lib.evaluate)(
-      workdir=args.workdir, checkpoint_dir=args.checkpoint_dir, steps=args.steps, force=args.force)
+      workdir=args.workdir, checkpoint_dir=str(ckpt_dir), steps=args.steps, force=args.force,
+      watch=args.watch, poll_seconds=args.poll_seconds, idle_timeout=args.idle_timeout,
+      max_regression=args.max_regression)
 
 
 def _exit(fn):

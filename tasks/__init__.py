@@ -2,3 +2,4 @@
 
 from tasks import shapes  # noqa: F401
 from tasks import pretrain  # noqa: F401
+from tasks import benchmarks  # noqa: F401

@@ -7,9 +7,9 @@ Pre-training (split "train"):
   mm1_shapes_pretrain     mixture, rates 45:45:10 (override in gin: `pipeline.DataConfig.mixture_rates`)
 
 Few-shot evaluation (splits "support" for demonstrations, "test" for queries), raw
-records for `mm1_jax.eval.fewshot`:
-  mm1_shapes_caption_eval   image, caption, references
-  mm1_shapes_vqa_eval       image, question, answers
+records for `mm1_jax.eval.fewshot`, benchmarks "shapes_caption" and "shapes_vqa":
+  mm1_shapes_caption_eval   image, caption, references     CIDEr
+  mm1_shapes_vqa_eval       image, question, answers       VQA accuracy
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from mm1_jax.data import corpus
 from mm1_jax.data import preprocessors as prep
 from mm1_jax.data import sources
 from mm1_jax.data.tokenizer import DEFAULT_SPM_PATH
+from mm1_jax.eval import benchmarks, metrics
 
 VOCABULARY = seqio.SentencePieceVocabulary(str(DEFAULT_SPM_PATH))
 CORPUS_SPEC = corpus.CorpusSpec()
@@ -77,19 +78,23 @@ def _register_all():
   seqio.MixtureRegistry.add("mm1_shapes_pretrain", list(PRETRAIN_RATES.items()))
 
   eval_features = {
-      "mm1_shapes_caption_eval": ("caption_eval", {"id": _str(), "image": _str(), "caption": _str(),
-                                                   "references": _str_list()}),
-      "mm1_shapes_vqa_eval": ("vqa_eval", {"id": _str(), "image": _str(), "question": _str(),
-                                           "answers": _str_list()}),
+      "caption": ("caption_eval", {"id": _str(), "image": _str(), "caption": _str(),
+                                   "references": _str_list()}, metrics.cider_metric),
+      "vqa": ("vqa_eval", {"id": _str(), "image": _str(), "question": _str(),
+                           "answers": _str_list()}, metrics.vqa_metric),
   }
-  for name, (folder, features) in eval_features.items():
+  for kind, (folder, features, metric_fn) in eval_features.items():
+    task = f"mm1_shapes_{kind}_eval"
     seqio.TaskRegistry.add(
-        name,
+        task,
         source=GeneratedTFExampleSource(folder, ("support", "test"), features, 1),
         preprocessors=[sources.densify],
         output_features={},
+        metric_fns=[metric_fn],
     )
 
 
 if "mm1_shapes_pretrain" not in seqio.MixtureRegistry.names():
   _register_all()
+benchmarks.register(benchmarks.Benchmark("shapes_caption", "caption", "cider", "mm1_shapes_caption_eval"))
+benchmarks.register(benchmarks.Benchmark("shapes_vqa", "vqa", "accuracy", "mm1_shapes_vqa_eval"))

@@ -1,23 +1,29 @@
 """k-shot captioning and VQA evaluation with batched greedy KV-cache decoding.
 
-Prompts interleave k demonstrations (image + answer) drawn with a fixed seed from
-the benchmark's support split, then the query image:
+Prompts interleave k demonstrations (image + answer) drawn with a fixed seed from the
+benchmark's support split, never showing the query's own image, then the query image.
+The default templates (each overridable in gin, per kind or per benchmark):
 
   caption  <image>{caption}\\n ... <image>                       -> "{caption}"
-  vqa      <image>Question: {q} Answer: {a}\\n ... <image>Question: {q} Answer:  -> " {a}"
+  vqa      <image>Question: {question} Answer: {answer}\\n ... <image>Question: {question} Answer:
 
-Generation stops at EOS or a newline. Results go to <workdir>/eval/step_<N>.json as
-{"step": N, "results": {"<task>/<k>shot/<metric>": value}} (plus a samples file).
+Generation stops at EOS or a newline. Each benchmark's own seqio metric functions score
+the predictions. Results go to <workdir>/eval/step_<N>.json as
+{"step": N, "results": {"<benchmark>/<k>shot/<metric>": value, ...}, "info": {...}}
+(plus a samples file); "info" holds skip and train-overlap counts.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-import io
+import hashlib
+import importlib
 import json
 import time
 from pathlib import Path
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -27,46 +33,55 @@ import numpy as np
 from mm1_jax import decoder as decoder_lib
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, NEWLINE_ID, PAD_ID
-from mm1_jax.eval import metrics
+from mm1_jax.eval import benchmarks as benchmarks_lib
 from mm1_jax.model import MM1
 
 TEMPLATES = {
     "caption": ("<image>{caption}\n", "<image>"),
     "vqa": ("<image>Question: {question} Answer: {answer}\n", "<image>Question: {question} Answer:"),
 }
-METRIC = {"caption": "cider", "vqa": "accuracy"}
 
 
 @dataclasses.dataclass(frozen=True)
 class FewShotConfig:
   """Attributes:
-    tasks: benchmark kinds to run, keys of `task_names`.
+    benchmarks: names in `mm1_jax.eval.benchmarks.BENCHMARKS` (coco, nocaps, textcaps,
+      vqav2, textvqa, vizwiz, okvqa, gqa; shapes_caption, shapes_vqa for the bundled corpus).
     shots: numbers of demonstrations.
-    num_queries: test examples scored per task (capped at the split size).
+    num_queries: test examples scored per benchmark (None: the whole test split).
     batch_size: prompts decoded together (a multiple of the mesh's batch shards).
     max_new_tokens: decoding budget per answer.
     seed: demonstration sampling seed.
-    task_names: seqio task of each benchmark kind (splits "support" and "test").
-    module_imports: modules that register those tasks.
+    templates: {kind or benchmark name: (demonstration, query)} overriding `TEMPLATES`.
+    data_root: folder holding <benchmark>/ folders in their shipped layout (default
+      $MM1_EVAL_DATA, else ~/data/mm1_eval).
+    files: {"<benchmark>.<split>.<role>": path} for files outside that layout.
+    module_imports: modules that register the benchmarks' seqio tasks.
+    train_mixture: the training mixture; when set, eval images are checked against its
+      images by content hash and overlaps are reported.
+    drop_train_overlap: also leave overlapping queries out of the scores.
+    image_cache: decoded images kept in memory (demonstrations recur across queries).
   """
 
-  tasks: tuple[str, ...] = ("caption", "vqa")
+  benchmarks: tuple[str, ...] = ("shapes_caption", "shapes_vqa")
   shots: tuple[int, ...] = (0, 4)
-  num_queries: int = 128
+  num_queries: int | None = 128
   batch_size: int = 32
   max_new_tokens: int = 24
   seed: int = 0
-  task_names: tuple[tuple[str, str], ...] = (("caption", "mm1_shapes_caption_eval"),
-                                             ("vqa", "mm1_shapes_vqa_eval"))
+  templates: Mapping[str, tuple[str, str]] | None = None
+  data_root: str | None = None
+  files: Mapping[str, str] | None = None
   module_imports: tuple[str, ...] = ("tasks",)
+  train_mixture: str | None = None
+  drop_train_overlap: bool = False
+  image_cache: int = 4096
 
 
-def load_split(task_name: str, split: str, image_size: int, module_imports=("tasks",)) -> list[dict]:
-  """Raw records of a registered eval task as Python dicts with decoded uint8 images."""
-  import importlib  # noqa: PLC0415
-
+def load_split(task_name: str, split: str, module_imports=("tasks",)) -> list[dict]:
+  """Records of a registered eval task as Python dicts: strings, lists of strings, and
+  "image" (encoded bytes) or "image_path". Images are decoded later, when used."""
   import seqio  # noqa: PLC0415
-  from PIL import Image  # noqa: PLC0415
 
   for m in module_imports:
     importlib.import_module(m)
@@ -81,29 +96,54 @@ def load_split(task_name: str, split: str, image_size: int, module_imports=("tas
       elif isinstance(v, np.ndarray) and v.dtype == object:
         v = [x.decode("utf-8") for x in v]
       rec[k] = v
-    img = Image.open(io.BytesIO(rec.pop("image"))).convert("RGB")
-    if img.size != (image_size, image_size):
-      img = img.resize((image_size, image_size), Image.BICUBIC)
-    rec["image"] = np.asarray(img, np.uint8)
+    if not rec.get("image"):
+      rec.pop("image", None)
     out.append(rec)
   return out
 
 
-def build_prompt(kind: str, demos: list[dict], query: dict) -> tuple[str, list[np.ndarray]]:
-  demo_t, query_t = TEMPLATES[kind]
+def image_key(rec: dict) -> str:
+  """What identifies a record's image: its benchmark image id, else a hash of its bytes."""
+  if rec.get("image_id"):
+    return str(rec["image_id"])
+  if "image" in rec:
+    return hashlib.sha1(bytes(rec["image"])).hexdigest()
+  return str(rec.get("image_path", rec["id"]))
+
+
+def build_prompt(template: tuple[str, str], demos: list[dict], query: dict) -> str:
+  demo_t, query_t = template
   fill = lambda t, ex: t.format(caption=ex.get("caption", ""), question=ex.get("question", ""),  # noqa: E731
                                 answer=(ex.get("answers") or [""])[0])
-  text = "".join(fill(demo_t, d) for d in demos) + fill(query_t, query)
-  return text, [d["image"] for d in demos] + [query["image"]]
+  return "".join(fill(demo_t, d) for d in demos) + fill(query_t, query)
 
 
-def choose_demos(support: list[dict], query: dict, k: int, seed: int, index: int) -> list[dict]:
-  """k demonstrations, fixed per (seed, query index), never the query's own image."""
-  pool = [s for s in support if s["id"] != query["id"] and not np.array_equal(s["image"], query["image"])]
-  if k > len(pool):
-    raise ValueError(f"{k} shots requested but the support split has {len(pool)} usable examples")
+def choose_demos(support: list[dict], query: dict, k: int, seed: int, index: int,
+                 usable=lambda rec: True) -> list[dict]:
+  """k demonstrations, fixed per (seed, query index), never showing the query's image.
+
+  Draws a few more candidates than needed (cheap on a large support split), drops the
+  ones with the query's image or that are not `usable`, and falls back to a full pass
+  when too few remain."""
+  if k == 0:
+    return []
+  own = image_key(query)
   rng = np.random.default_rng([seed, index])
-  return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+  n = len(support)
+  candidates = rng.choice(n, size=min(n, 2 * k + 8), replace=False)
+  if len(candidates) < n:
+    candidates = np.concatenate([candidates, rng.permutation(n)])
+  picked, seen = [], set()
+  for i in candidates:
+    i = int(i)
+    if i in seen:
+      continue
+    seen.add(i)
+    if image_key(support[i]) != own and usable(support[i]):
+      picked.append(support[i])
+      if len(picked) == k:
+        return picked
+  raise ValueError(f"{k} shots requested but the support split has {len(picked)} usable examples")
 
 
 def _generate(params, tokens, valid, images, *, model: MM1, max_new: int):
@@ -132,10 +172,53 @@ def _generate(params, tokens, valid, images, *, model: MM1, max_new: int):
   return out
 
 
+class _ImageCache:
+  """Decoded images (shorter side resized, centre crop, as in training), least recently
+  used dropped first. Unreadable images give None and are counted by path."""
+
+  def __init__(self, size: int, capacity: int):
+    self.size, self.capacity = size, capacity
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self.failed: dict[str, str] = {}
+
+  def __call__(self, rec: dict) -> np.ndarray | None:
+    from mm1_jax.data.loader import decode_image  # noqa: PLC0415
+
+    key = rec.get("image_path") or image_key(rec)
+    if key in self._cache:
+      self._cache.move_to_end(key)
+      return self._cache[key]
+    if key in self.failed:
+      return None
+    try:
+      data = rec["image"] if "image" in rec else Path(rec["image_path"]).read_bytes()
+      pixels = decode_image(bytes(data), self.size)
+    except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or not an image
+      self.failed[key] = f"{type(e).__name__}: {e}"
+      return None
+    self._cache[key] = pixels
+    if len(self._cache) > self.capacity:
+      self._cache.popitem(last=False)
+    return pixels
+
+
+@dataclasses.dataclass
+class _Benchmark:
+  spec: benchmarks_lib.Benchmark
+  template: tuple[str, str]
+  support: list[dict]
+  test: list[dict]
+  metric_fns: list
+  overlap: list[str] = dataclasses.field(default_factory=list)  # test ids whose image is in training
+  skipped: int = 0  # test queries whose image could not be read
+
+
 class Evaluator:
   """Runs the configured few-shot benchmarks on a set of parameters."""
 
   def __init__(self, config: FewShotConfig, model: MM1, mesh: jax.sharding.Mesh, rules):
+    import seqio  # noqa: PLC0415
+
     from mm1_jax.data import tokenizer  # noqa: PLC0415
 
     self.config = config
@@ -145,15 +228,42 @@ class Evaluator:
     self.sp = tokenizer.load()
     if config.batch_size % sharding_lib.batch_divisor(mesh, rules):
       raise ValueError(f"eval batch_size {config.batch_size} does not split over mesh {mesh.shape}")
-    size = model.config.encoder.image_size
-    names = dict(config.task_names)
-    self.splits = {}
-    for kind in config.tasks:
-      if kind not in TEMPLATES:
-        raise ValueError(f"unknown eval task {kind!r}; known: {sorted(TEMPLATES)}")
-      self.splits[kind] = {s: load_split(names[kind], s, size, config.module_imports)
-                           for s in ("support", "test")}
+    benchmarks_lib.configure(config.data_root, config.files)
+    for m in config.module_imports:  # they register the benchmarks' tasks
+      importlib.import_module(m)
+    specs = [benchmarks_lib.get(n) for n in config.benchmarks]  # fails early on unknown names
+    templates = {**TEMPLATES, **(config.templates or {})}
+    self.images = _ImageCache(model.config.encoder.image_size, config.image_cache)
+    self.benchmarks: dict[str, _Benchmark] = {}
+    for spec in specs:
+      if spec.kind not in TEMPLATES:
+        raise ValueError(f"benchmark {spec.name}: unknown kind {spec.kind!r}")
+      test = load_split(spec.task, "test", config.module_imports)
+      support = []
+      if any(config.shots):
+        support_task = benchmarks_lib.get(spec.support_from).task if spec.support_from else spec.task
+        support = load_split(support_task, "support", config.module_imports)
+      task = seqio.get_mixture_or_task(spec.task)
+      self.benchmarks[spec.name] = _Benchmark(
+          spec, tuple(templates.get(spec.name, templates[spec.kind])), support, test,
+          list(task.predict_metric_fns))
+    if config.train_mixture:
+      self._check_train_overlap(config.train_mixture)
     self._generate = jax.jit(functools.partial(_generate, model=model, max_new=config.max_new_tokens))
+
+  def _check_train_overlap(self, mixture: str) -> None:
+    from mm1_jax.eval import overlap  # noqa: PLC0415
+
+    train = overlap.train_image_digests(mixture)
+    for name, b in self.benchmarks.items():
+      b.overlap = [q["id"] for q in b.test if overlap.record_digest(q) in train]
+      if b.overlap:
+        print(f"WARNING: {len(b.overlap)} of {len(b.test)} {name} test images are in the training "
+              f"mixture {mixture!r} (e.g. {b.overlap[:3]})"
+              + ("; left out of the scores" if self.config.drop_train_overlap else ""))
+      if self.config.drop_train_overlap:
+        dropped = set(b.overlap)
+        b.test = [q for q in b.test if q["id"] not in dropped]
 
   def _encode(self, text: str) -> np.ndarray:
     ids = np.asarray(self.sp.encode(text), np.int32)
@@ -185,40 +295,62 @@ class Evaluator:
       texts.append(self.sp.decode(row.tolist()).strip())
     return texts, generated
 
+  def _queries(self, b: _Benchmark) -> list[dict]:
+    """The scored queries: the first num_queries test records whose image decodes."""
+    limit = self.config.num_queries or len(b.test)
+    out, b.skipped = [], 0
+    for q in b.test:
+      if len(out) == limit:
+        break
+      if self.images(q) is None:
+        b.skipped += 1
+      else:
+        out.append(q)
+    return out
+
   def evaluate(self, params, progress: bool = True) -> tuple[dict[str, float], dict[str, list]]:
     from tqdm import tqdm  # noqa: PLC0415
 
     c = self.config
     results, samples = {}, {}
-    n_batches = sum(-(-min(c.num_queries, len(s["test"])) // c.batch_size) for s in self.splits.values())
+    queries = {name: self._queries(b) for name, b in self.benchmarks.items()}
+    n_batches = sum(-(-len(q) // c.batch_size) for q in queries.values())
     bar = tqdm(total=n_batches * len(c.shots), desc="eval", unit="batch", disable=not progress, leave=False)
-    for kind, splits in self.splits.items():
-      queries = splits["test"][:c.num_queries]
+    usable = lambda rec: self.images(rec) is not None  # noqa: E731
+    for name, b in self.benchmarks.items():
+      qs = queries[name]
+      if not qs:
+        raise ValueError(f"{name}: none of the test images could be read "
+                         f"(e.g. {next(iter(self.images.failed.items()), None)})")
+      targets = [q["references"] if b.spec.kind == "caption" else q["answers"] for q in qs]
       for k in c.shots:
         t0 = time.perf_counter()
-        prompts = [build_prompt(kind, choose_demos(splits["support"], q, k, c.seed, i), q)
-                   for i, q in enumerate(queries)]
         preds, generated = [], 0
-        for s in range(0, len(prompts), c.batch_size):
-          texts, n = self._decode_batch(params, prompts[s:s + c.batch_size], k + 1)
+        for s in range(0, len(qs), c.batch_size):
+          prompts = []
+          for i, q in enumerate(qs[s:s + c.batch_size], start=s):
+            demos = choose_demos(b.support, q, k, c.seed, i, usable)
+            prompts.append((build_prompt(b.template, demos, q), [self.images(d) for d in demos + [q]]))
+          texts, n = self._decode_batch(params, prompts, k + 1)
           preds += texts
           generated += n
           bar.update()
-        if kind == "caption":
-          score = metrics.cider({q["id"]: q["references"] for q in queries},
-                                {q["id"]: p for q, p in zip(queries, preds)})
-        else:
-          score = float(np.mean([metrics.vqa_accuracy(p, q["answers"]) for q, p in zip(queries, preds)]))
-        key = f"{kind}/{k}shot"
-        results[f"{key}/{METRIC[kind]}"] = score
-        dt = time.perf_counter() - t0
-        results[f"{key}/decode_tokens_per_s"] = generated / dt
-        samples[key] = [{"id": q["id"], "prediction": p,
-                         "target": q.get("caption") or q["answers"][0],
+        key = f"{name}/{k}shot"
+        for fn in b.metric_fns:
+          for metric, value in fn(targets, preds).items():
+            results[f"{key}/{metric}"] = float(value)
+        results[f"{key}/decode_tokens_per_s"] = generated / (time.perf_counter() - t0)
+        samples[key] = [{"id": q["id"], "prediction": p, "targets": t[:5],
                          **({"question": q["question"]} if "question" in q else {})}
-                        for q, p in zip(queries[:8], preds[:8])]
+                        for q, p, t in zip(qs[:8], preds[:8], targets[:8])]
     bar.close()
     return results, samples
+
+  def info(self) -> dict:
+    """Counts that belong beside the scores: unreadable images, train overlaps."""
+    return {name: {"test_examples": len(b.test), "skipped_unreadable_images": b.skipped,
+                   "train_overlap": len(b.overlap), "train_overlap_ids": b.overlap[:20]}
+            for name, b in self.benchmarks.items()}
 
   def evaluate_and_write(self, params, step: int, workdir: str | Path) -> dict[str, float]:
     results, samples = self.evaluate(params)
@@ -226,7 +358,8 @@ class Evaluator:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"step_{step}_samples.json").write_text(json.dumps(samples, indent=1))
     tmp = out / f".step_{step}.json.tmp"
-    tmp.write_text(json.dumps({"step": int(step), "results": results}, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps({"step": int(step), "results": results, "info": self.info()},
+                              indent=1, sort_keys=True))
     tmp.rename(out / f"step_{step}.json")
     print(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(results.items())
                                            if not k.endswith("tokens_per_s")))

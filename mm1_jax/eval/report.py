@@ -36,3 +36,96 @@ def comparison_table(eval_dir: str | Path, include_throughput: bool = False) -> 
     rows.append(row)
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
   return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows)
+
+
+def _is_score(metric: str) -> bool:
+  return not metric.endswith("tokens_per_s")
+
+
+def find_regressions(eval_dir: str | Path, max_regression: float, steps: list[int] | None = None
+                     ) -> list[dict]:
+  """Scores of `steps` (None: the newest) more than max_regression (relative) below the
+  best earlier checkpoint's. Every score is higher-is-better."""
+  runs = load_results(eval_dir)
+  if not runs:
+    return []
+  steps = sorted(steps) if steps is not None else [max(runs)]
+  found = []
+  for step in steps:
+    for metric, value in runs.get(step, {}).items():
+      if not _is_score(metric):
+        continue
+      earlier = [(runs[s][metric], s) for s in runs if s < step and metric in runs[s]]
+      if not earlier:
+        continue
+      best, best_step = max(earlier)
+      if best > 0 and value < best * (1 - max_regression):
+        found.append({"step": step, "metric": metric, "value": value, "best": best,
+                      "best_step": best_step, "drop": 1 - value / best})
+  return found
+
+
+def write_tensorboard(eval_dir: str | Path, logged: list[int]) -> list[int]:
+  """Adds eval/<metric> scalars for steps not yet logged; returns all logged steps."""
+  from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+  runs = load_results(eval_dir)
+  new = [s for s in runs if s not in set(logged)]
+  if new:
+    writer = SummaryWriter(str(Path(eval_dir) / "tensorboard"))
+    for step in new:
+      for metric, value in runs[step].items():
+        writer.add_scalar(f"eval/{metric}", value, step)
+    writer.close()
+  return sorted(set(logged) | set(new))
+
+
+def plot_metrics(eval_dir: str | Path) -> dict[str, Path]:
+  """One PNG per score across steps, in eval/plots/; returns {metric: path}."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  runs = load_results(eval_dir)
+  metrics = sorted({m for r in runs.values() for m in r if _is_score(m)})
+  folder = Path(eval_dir) / "plots"
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = {}
+  for metric in metrics:
+    points = [(s, r[metric]) for s, r in runs.items() if metric in r]
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.set_title(metric)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = folder / (metric.replace("/", "__") + ".png")
+    fig.savefig(path)
+    plt.close(fig)
+    paths[metric] = path
+  return paths
+
+
+def write_report(eval_dir: str | Path, regressions: list[dict], max_regression: float,
+                 failed: dict[str, str] | None = None) -> Path:
+  """eval/report.md: the comparison table, regressions, failed checkpoints, plots."""
+  eval_dir = Path(eval_dir)
+  plots = plot_metrics(eval_dir)
+  lines = ["# Few-shot evaluation", "", comparison_table(eval_dir), ""]
+  if regressions:
+    lines += [f"## Regressions (more than {max_regression:.0%} below the best earlier checkpoint)", ""]
+    lines += [f"- step {r['step']}: `{r['metric']}` {r['value']:.4f}, best {r['best']:.4f} at step "
+              f"{r['best_step']} ({r['drop']:.1%} lower)" for r in regressions]
+    lines.append("")
+  else:
+    lines += [f"No regressions beyond {max_regression:.0%}.", ""]
+  if failed:
+    lines += ["## Checkpoints that could not be evaluated", ""]
+    lines += [f"- step {s}: {msg}" for s, msg in sorted(failed.items(), key=lambda kv: int(kv[0]))]
+    lines.append("")
+  lines += ["## Plots", ""]
+  lines += [f"![{m}](plots/{p.name})" for m, p in plots.items()]
+  path = eval_dir / "report.md"
+  path.write_text("\n".join(lines) + "\n")
+  return path

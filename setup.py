@@ -44,6 +44,7 @@ setup(
             "mm1-params=mm1_jax.params:entry",
             "mm1-convert=mm1_jax.hf.cli:entry",
             "mm1-data=mm1_jax.data.build:entry",
+            "mm1-aot=mm1_jax.aot:entry",
         ],
     },
 )

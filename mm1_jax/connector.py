@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm1_jax import layers
+from mm1_jax import sharding
 
 
 class _Buildable:
@@ -99,7 +100,7 @@ class RegNetBlock(nn.Module):
 
     def conv(feats, kernel, name, groups=1, in_axis=None):
       # Kernels are [kh, kw, C_in, C_out]; only C_out is sharded unless C_in is the ViT width.
-      init = nn.with_logical_partitioning(nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      init = sharding.partitioned(nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                                           (None, None, in_axis, "mlp"))
       return nn.Conv(feats, (kernel, kernel), padding="SAME", feature_group_count=groups,
                      use_bias=False, dtype=self.dtype, kernel_init=init, name=name)
@@ -132,7 +133,7 @@ class CAbstractor(nn.Module):
     dtype = jnp.dtype(c.dtype)
     b, n, d = features.shape
     pos = self.param("pos_embed",
-                     nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02),
+                     sharding.partitioned(nn.initializers.truncated_normal(0.02),
                                                   ("length", "embed")), (n, d), jnp.float32)
     x = to_grid(features + pos.astype(features.dtype), "the C-Abstractor")
     for i in range(c.depth):
@@ -144,7 +145,7 @@ class CAbstractor(nn.Module):
     x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name="readout_1")(x)
     x = nn.silu(x)
     x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name="readout_2")(x)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return sharding.constrain(x, ("batch", "length", "embed"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,7 @@ class AvgPoolProjector(nn.Module):
     x = adaptive_avg_pool2d(to_grid(features, "average pooling"), s).reshape(b, s * s, d)
     dtype = jnp.dtype(self.config.dtype)
     x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name="proj")(x)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return sharding.constrain(x, ("batch", "length", "embed"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +191,7 @@ class AttentionPool(nn.Module):
     if d % c.num_heads:
       raise ValueError(f"encoder width {d} is not a multiple of num_heads {c.num_heads}")
     h = d // c.num_heads
-    queries = self.param("queries", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+    queries = self.param("queries", sharding.partitioned(nn.initializers.normal(0.02),
                                                                  ("length", "embed")),
                          (c.num_tokens, d), jnp.float32)
     kv = layers.LayerNorm(1e-6, dtype=dtype, name="ln_kv")(features)
@@ -204,7 +205,7 @@ class AttentionPool(nn.Module):
     x = dense((d,), ("heads", "kv", "embed"), "out", n_in=2)(x)
     x = layers.LayerNorm(1e-6, dtype=dtype, name="ln_out")(x)
     x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name="proj")(x)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return sharding.constrain(x, ("batch", "length", "embed"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +248,7 @@ class PatchProjector(nn.Module):
       x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name=f"hidden_{i}")(x)
       x = layers.activation(self.act)(x)
     x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name="proj")(x)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return sharding.constrain(x, ("batch", "length", "embed"))
 
 
 _MODULES = {CAbstractorConfig: CAbstractor, AvgPoolConfig: AvgPoolProjector, AttentionPoolConfig: AttentionPool}

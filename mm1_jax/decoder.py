@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mm1_jax import layers
+from mm1_jax import sharding
 from mm1_jax import moe as moe_lib
 
 
@@ -73,7 +74,7 @@ class DecoderBlock(nn.Module):
       x = x + moe_lib.MoEMLP(c.moe, c.mlp_dim, dtype=dtype, name="moe")(h, valid)
     else:
       x = x + layers.MLP(c.mlp_dim, act="swiglu", dtype=dtype, name="mlp")(h)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
+    return sharding.constrain(x, ("batch", "length", "embed")), cache
 
 
 class DecoderGroup(nn.Module):
@@ -101,7 +102,7 @@ class Decoder(nn.Module):
     c = self.config
     self.embedding = nn.Embed(
         c.vocab_size, c.width, dtype=jnp.dtype(c.dtype),
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        embedding_init=sharding.partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
         name="embedding")
     if c.group_size > 1:
       block_cls, args = DecoderGroup, (c,)
@@ -133,7 +134,7 @@ class Decoder(nn.Module):
     Returns:
       (logits float32[B, T, V], updated caches or None)
     """
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = sharding.constrain(x, ("batch", "length", "embed"))
     g = self.config.group_size
     if cache is not None and g > 1:  # [L, ...] -> [L / g, g, ...]: one slice per scanned group
       cache = jax.tree.map(lambda a: a.reshape((a.shape[0] // g, g) + a.shape[1:]), cache)
@@ -151,7 +152,7 @@ class Decoder(nn.Module):
         logits = logits / jnp.sqrt(self.config.width)
     else:
       logits = self.lm_head(x).astype(jnp.float32)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
+    return sharding.constrain(logits, ("batch", "length", "vocab")), new_cache
 
 
 def init_cache(config: DecoderConfig, batch: int, length: int) -> layers.KVCache:

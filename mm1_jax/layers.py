@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mm1_jax import sharding
+
 Dtype = jnp.dtype
 Initializer = Callable[..., jax.Array]
 
@@ -62,13 +64,13 @@ class Linear(nn.Module):
       w = self.kernel_init(key, (fan_in, _prod(self.features)), dtype)
       return w.reshape(shape)
 
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+    kernel = self.param("kernel", sharding.partitioned(init, self.axes),
                         kernel_shape, self.param_dtype)
     kernel = jnp.asarray(kernel, self.dtype).reshape(fan_in, -1)
     y = jnp.dot(jnp.asarray(x, self.dtype).reshape(-1, fan_in), kernel)
     y = y.reshape(lead + tuple(self.features))
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+      bias = self.param("bias", sharding.partitioned(nn.initializers.zeros,
                                                              self.axes[self.num_in:]),
                         tuple(self.features), self.param_dtype)
       y = y + jnp.asarray(bias, self.dtype)
@@ -84,7 +86,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+    scale = self.param("scale", sharding.partitioned(nn.initializers.ones,
                                                              (self.axis_name,)),
                        (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
@@ -103,14 +105,14 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+    scale = self.param("scale", sharding.partitioned(nn.initializers.ones,
                                                              (self.axis_name,)), (d,), jnp.float32)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+      bias = self.param("bias", sharding.partitioned(nn.initializers.zeros,
                                                              (self.axis_name,)), (d,), jnp.float32)
       y = y + bias
     return y.astype(self.dtype)

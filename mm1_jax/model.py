@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from mm1_jax import connector as connector_lib
 from mm1_jax import decoder as decoder_lib
+from mm1_jax import sharding
 from mm1_jax import vit as vit_lib
 
 
@@ -102,8 +103,9 @@ class MM1(nn.Module):
   def encode_images(self, images: jax.Array) -> jax.Array:
     """uint8[B, N, H, W, 3] -> image tokens float[B, N * Q, D]."""
     b, n = images.shape[:2]
-    feats = self.encoder(images.reshape((b * n,) + images.shape[2:]))
-    tokens = self.connector(feats)  # [B * N, Q, D]
+    with sharding.encoder_axes():  # the image tower follows the encoder rule set
+      feats = self.encoder(images.reshape((b * n,) + images.shape[2:]))
+      tokens = self.connector(feats)  # [B * N, Q, D]
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
   def embed_inputs(self, tokens: jax.Array, images: jax.Array) -> jax.Array:

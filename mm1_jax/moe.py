@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from mm1_jax import layers
+from mm1_jax import sharding
 
 DISPATCH_MODES = ("capacity", "dropless")
 AUX_COLLECTION = "moe"  # listed in layers.STACKED_COLLECTIONS
@@ -112,14 +113,14 @@ class MoEMLP(nn.Module):
     b, t, d = x.shape
     valid = jnp.ones((b, t), bool) if valid is None else valid
     e, f = c.num_experts, c.expert_mlp_dim or self.mlp_dim
-    router = self.param("router", nn.with_logical_partitioning(layers.default_init, ("embed", None)),
+    router = self.param("router", sharding.partitioned(layers.default_init, ("embed", None)),
                         (d, e), jnp.float32)
-    init = nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+    init = sharding.partitioned(nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                                           in_axis=-2, out_axis=-1),
                                         ("expert", "embed", "mlp"))
     w_gate = self.param("gate", init, (e, d, f), jnp.float32)
     w_up = self.param("up", init, (e, d, f), jnp.float32)
-    w_down = self.param("down", nn.with_logical_partitioning(
+    w_down = self.param("down", sharding.partitioned(
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1),
         ("expert", "mlp", "embed")), (e, f, d), jnp.float32)
     w_gate, w_up, w_down = (jnp.asarray(w, self.dtype) for w in (w_gate, w_up, w_down))
@@ -174,7 +175,7 @@ def _capacity(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity):
   w = (jnp.swapaxes(weights, 1, 2) * kept).astype(x.dtype)  # [B, k, T]
   combine = jnp.einsum("bkte,bktc,bkt->btec", onehot.astype(x.dtype), slot_onehot, w)
   expert_in = jnp.einsum("btec,btd->ebcd", dispatch, x)
-  expert_in = nn.with_logical_constraint(expert_in, ("expert", "batch", None, "embed"))
+  expert_in = sharding.constrain(expert_in, ("expert", "batch", None, "embed"))
   matmul = lambda a, wt: jnp.einsum("ebcx,exy->ebcy", a, wt)
   expert_out = _swiglu(expert_in, w_gate, w_up, w_down, matmul)
   y = jnp.einsum("btec,ebcd->btd", combine, expert_out)

@@ -54,6 +54,26 @@ def _boxed_params(model: MM1, batch: dict, rng: jax.Array):
   return model.init(rng, batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])["params"]
 
 
+def _boxed_state_fn(model: MM1, tx: optax.GradientTransformation, batch: dict):
+  def boxed_init(rng):
+    params = _boxed_params(model, batch, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return boxed_init
+
+
+def abstract_train_state(model: MM1, tx: optax.GradientTransformation, batch: dict,
+                         mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, TrainState]:
+  """(TrainState of jax.ShapeDtypeStructs carrying their shardings, the shardings),
+  with nothing allocated: what an ahead-of-time compile for another machine needs."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # abstract: nothing is placed on the mesh
+    boxed = jax.eval_shape(_boxed_state_fn(model, tx, batch), key)
+  shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
 def init_train_state(model: MM1, tx: optax.GradientTransformation, batch: dict, rng: jax.Array,
                      mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, TrainState]:
   """Initialises parameters and optimizer state directly in their shardings.
@@ -61,11 +81,7 @@ def init_train_state(model: MM1, tx: optax.GradientTransformation, batch: dict, 
   Returns:
     (state, shardings): shardings is a TrainState of NamedShardings.
   """
-
-  def boxed_init(rng):
-    params = _boxed_params(model, batch, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
+  boxed_init = _boxed_state_fn(model, tx, batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract = jax.eval_shape(boxed_init, rng)
     shardings = sharding_lib.logical_shardings(abstract, mesh, rules)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mm1_jax import layers
+from mm1_jax import sharding
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -150,7 +151,7 @@ class EncoderBlock(nn.Module):
     x = x + h
     h = _norm(c, "ln_mlp")(x)
     x = x + layers.MLP(c.mlp_dim, act=c.act, use_bias=c.mlp_bias, dtype=dtype, name="mlp")(h)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+    return sharding.constrain(x, ("batch", "length", "embed")), None
 
 
 class ViT(nn.Module):
@@ -179,12 +180,12 @@ class ViT(nn.Module):
     if c.patch_norm:
       x = _norm(c, "ln_patch")(x)
     if c.use_cls:
-      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+      cls = self.param("cls", sharding.partitioned(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c.width), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c.width)), x], axis=1)
     if c.pos_embed == "learned":
       pos = self.param("pos_embed",
-                       nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
+                       sharding.partitioned(nn.initializers.normal(0.02), ("length", "embed")),
                        (x.shape[1], c.width), jnp.float32)
     else:
       pos = jnp.asarray(sincos_2d(g, c.width))

@@ -25,11 +25,17 @@ def mesh_and_state():
 def test_eight_devices_and_mesh_axes(mesh_and_state):
   _, _, mesh, _, _ = mesh_and_state
   assert jax.device_count() == 8
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
 
 
 def test_mesh_shape_fills_minus_one_and_rejects_bad_shapes():
-  assert sharding.MeshConfig(shape=(-1, 2, 1)).resolved_shape(8) == (4, 2, 1)
+  assert sharding.MeshConfig(shape=(-1, 2, 1)).resolved_shape(8) == (4, 2, 1, 1)
+  assert sharding.MeshConfig(shape=(1, -1, 1, 2)).resolved_shape(8) == (1, 4, 1, 2)
+  # Multi-slice: the shape is per slice; data parallelism crosses the slices.
+  two_slices = sharding.MeshConfig(shape=(1, -1, 2, 1), dcn_shape=(2, 1, 1, 1))
+  assert two_slices.resolved_shape(16) == (1, 4, 2, 1)
+  assert two_slices.global_shape(16) == {"data": 2, "fsdp": 4, "tensor": 2, "expert": 1}
+  assert sharding.data_across_slices(1) is None and sharding.data_across_slices(4) == (4, 1, 1, 1)
   with pytest.raises(ValueError, match="at most one"):
     sharding.MeshConfig(shape=(-1, -1, 1)).resolved_shape(8)
   with pytest.raises(ValueError, match="needs 12 devices"):
@@ -71,13 +77,13 @@ def test_optimizer_state_is_sharded_like_params(mesh_and_state):
   assert kernel.sharding.spec == P(None, "fsdp", "tensor")
 
 
-def test_batch_is_sharded_over_data_and_fsdp(mesh_and_state):
+def test_batch_is_sharded_over_data_fsdp_and_expert(mesh_and_state):
   cfg, mesh_cfg, mesh, _, _ = mesh_and_state
   batch = train.dummy_batch(8, 16, 2, cfg)
   shardings = {k: sharding.batch_sharding(mesh, mesh_cfg.rules, v.ndim) for k, v in batch.items()}
   arrays = train.global_batch(batch, shardings)
-  assert arrays["tokens"].sharding.spec == P(("data", "fsdp"), None)
-  assert arrays["images"].sharding.spec == P(("data", "fsdp"), None, None, None, None)
+  assert arrays["tokens"].sharding.spec == P(("data", "fsdp", "expert"), None)
+  assert arrays["images"].sharding.spec == P(("data", "fsdp", "expert"), None, None, None, None)
   assert arrays["tokens"].addressable_shards[0].data.shape == (2, 16)  # 8 rows over 4 shards
   assert sharding.batch_divisor(mesh, mesh_cfg.rules) == 4
 
@@ -98,3 +104,53 @@ def test_sharded_train_step_runs_and_keeps_layout(mesh_and_state):
   kernel = new_state.params["decoder"]["blocks"]["layers"]["mlp"]["gate"]["kernel"]
   assert kernel.sharding.spec == P(None, "fsdp", "tensor")
   assert int(new_state.step) == 1
+
+
+def _layout(cfg, mesh_shape, mesh_cfg=None):
+  from mm1_jax import layout
+  rows = layout.layout(cfg, mesh_shape, (mesh_cfg or sharding.MeshConfig()).rules)
+  return {path: (shape, spec, note) for path, shape, spec, note in rows}
+
+
+def test_encoder_and_decoder_rule_sets_are_separate():
+  from conftest import tiny_model_config
+  cfg = tiny_model_config()
+  mesh = {"data": 1, "fsdp": 2, "tensor": 2, "expert": 1}
+  # The image tower replicated over fsdp, only tensor-parallel; the decoder keeps FSDP.
+  enc_rules = (("batch", ("data", "fsdp")), ("embed", None), ("mlp", "tensor"), ("heads", "tensor"),
+               ("kv", None), ("length", None), ("patch", None), ("layers", None))
+  rows = _layout(cfg, mesh, sharding.MeshConfig(encoder_rules=enc_rules))
+  assert rows["encoder/blocks/layers/mlp/up/kernel"][1] == "P(None, None, 'tensor')"
+  assert rows["connector/readout_1/kernel"][1] == "P('tensor', None)"
+  assert rows["decoder/blocks/layers/mlp/up/kernel"][1] == "P(None, 'fsdp', 'tensor')"
+  # Without encoder rules both follow the decoder's.
+  rows = _layout(cfg, mesh)
+  assert rows["encoder/blocks/layers/mlp/up/kernel"][1] == "P(None, 'fsdp', 'tensor')"
+
+
+def test_expert_axis_shards_experts_and_indivisible_dims_stay_whole():
+  import dataclasses
+
+  from conftest import tiny_model_config
+  from mm1_jax import moe
+  cfg = tiny_model_config()
+  cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(
+      cfg.decoder, moe=moe.MoEConfig(num_experts=4, top_k=2, every=2, expert_mlp_dim=96)))
+  rows = _layout(cfg, {"fsdp": 2, "tensor": 2, "expert": 2})
+  up = [v for k, v in rows.items() if k.endswith("experts_up") or k.endswith("up") and "sparse" in k]
+  assert up and all(spec.startswith("P(None, 'expert', 'fsdp'") for _, spec, _ in up), up
+  # 64-wide embed over fsdp=3 does not divide: left whole, with a note.
+  spec, notes = sharding.resolve_spec((64, 128), ("embed", "mlp"), sharding.MeshConfig().rules,
+                                      {"data": 1, "fsdp": 3, "tensor": 2, "expert": 1})
+  assert spec == P(None, "tensor") and notes == ["embed=64 not divisible by fsdp=3"]
+
+
+@pytest.mark.parametrize("model_name, mesh_name, mesh_shape", __import__("mm1_jax.layout").layout.GOLDEN)
+def test_parameter_layouts_match_golden_files(model_name, mesh_name, mesh_shape):
+  from mm1_jax import layout
+  path = layout.golden_path(model_name, mesh_name)
+  current = layout.golden_text(model_name, mesh_shape)
+  assert path.exists(), f"missing {path}: python -m mm1_jax.layout --write"
+  assert current == path.read_text(), (
+      f"the layout of {model_name} on {mesh_name} changed; review the diff and run "
+      "`python -m mm1_jax.layout --write`")

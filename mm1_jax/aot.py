@@ -1,0 +1,346 @@
+"""`mm1-aot`: compile the real train step for a Cloud TPU topology on a CPU machine.
+
+Before TPU hours are spent, the step is built for the target topology with the TPU
+compiler (libtpu, the `tpu` extra) through jax.experimental.topologies, with
+JAX_PLATFORMS=cpu; nothing runs on a TPU. The report gives per-chip memory against
+the chip's HBM, whether the step fits, model FLOPs, the compiler's FLOPs and
+roofline step time, and projected tokens/s and MFU.
+
+  JAX_PLATFORMS=cpu mm1-aot --gin_file=gin/pods/mm1_7b_v5p-256.gin [--topology=v5p-256]
+      [--num_slices=2] [--json_out=F]
+
+Reading the compiler's cost (see also the README's preflight section):
+- Memory comes from the scanned program, as it will run.
+- `cost_analysis()` counts a loop body once, so a scanned layer stack reports about
+  one layer's work. FLOPs and the roofline time are therefore taken from two or three
+  small unrolled compiles (a few encoder and decoder layers) and extrapolated linearly
+  per layer, with windowed-einsum rewrites of FSDP collectives turned off so that no
+  loop hides work there either.
+- `optimal_seconds` is the compiler's roofline estimate per chip; it leaves out
+  inter-chip communication, so the projected MFU is an upper bound.
+- v4 topologies are described per TensorCore (two devices a chip); the report counts
+  chips and gives each core half a chip's HBM and peak.
+
+Exit codes: 0 fits; 1 does not fit; 2 bad arguments (unknown topology, no libtpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  generation: str  # as in accelerator-type names: v4, v5p, v5litepod, v6e
+  topology_prefix: str  # as get_topology_desc wants it
+  hbm_bytes: int  # per chip
+  peak_flops: float  # bf16 dense, per chip
+  name_counts_cores: bool  # v4-8 / v5p-8 count TensorCores (2 a chip); v5e / v6e count chips
+  dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
+
+
+CHIPS = {
+    "v4": Chip("v4", "v4", 32 * GIB, 275e12, True, 3),
+    "v5p": Chip("v5p", "v5", 95 * GIB, 459e12, True, 3),
+    "v5litepod": Chip("v5litepod", "v5e", 16 * GIB, 197e12, False, 2),
+    "v5e": Chip("v5e", "v5e", 16 * GIB, 197e12, False, 2),
+    "v6e": Chip("v6e", "v6e", 32 * GIB, 918e12, False, 2),
+}
+# Chips -> the physical topology Cloud TPU gives that slice size.
+TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+            256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # as given, e.g. v5p-256
+  chip: Chip
+  num_chips: int  # per slice
+  topology_name: str  # e.g. v5:4x8x8
+
+  @property
+  def devices_per_chip(self) -> int:
+    return 2 if self.chip.generation == "v4" else 1
+
+
+def parse_topology(name: str) -> Topology:
+  """Cloud TPU accelerator types (v4-8, v5p-256, v5litepod-16, v6e-64) -> a Topology."""
+  m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name.strip())
+  if not m:
+    known = ", ".join(["v4-N", "v5p-N", "v5litepod-N", "v6e-N"])
+    raise ValueError(f"unknown TPU topology {name!r}; give an accelerator type ({known}), e.g. v5p-256")
+  chip, count = CHIPS[m.group(1)], int(m.group(2))
+  chips = count // 2 if chip.name_counts_cores else count
+  shapes = TORUS_3D if chip.dims == 3 else GRID_2D
+  if chips not in shapes or (chip.name_counts_cores and count % 2):
+    sizes = sorted(k * (2 if chip.name_counts_cores else 1) for k in shapes)
+    raise ValueError(f"{name}: no {m.group(1)} slice of that size; sizes: {sizes}")
+  return Topology(name, chip, chips, f"{chip.topology_prefix}:{shapes[chips]}")
+
+
+def topology_devices(topology: Topology, num_slices: int = 1) -> list:
+  """The TPU devices of the topology, from libtpu's description (no TPU needed)."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  if topology.chip.dims == 2 and topology.num_chips < 8:
+    kwargs["chips_per_host_bounds"] = (min(2, topology.num_chips), min(2, topology.num_chips), 1)
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.topology_name, **kwargs)
+  except RuntimeError as e:
+    if "TPU support not installed" in str(e) or "libtpu" in str(e).lower():
+      raise SystemExit("mm1-aot needs libtpu: pip install -e '.[tpu]' (and run with JAX_PLATFORMS=cpu)") from e
+    raise
+  return list(desc.devices)
+
+
+# --- compiling ---------------------------------------------------------------
+
+COSTING_OPTIONS = {  # no windowed-einsum loops in the costing compiles (their bodies count once)
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+@dataclasses.dataclass
+class Compiled:
+  memory: dict | None  # bytes per device
+  flops: float | None  # per device
+  optimal_seconds: float | None
+  error: str | None = None
+  compile_s: float = 0.0
+
+
+def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len, max_images,
+             options=None) -> Compiled:
+  import jax  # noqa: PLC0415
+
+  from mm1_jax import optim, sharding, train  # noqa: PLC0415
+  from mm1_jax.model import MM1  # noqa: PLC0415
+
+  t0 = time.perf_counter()
+  mesh = sharding.make_mesh(mesh_config, devices)
+  rules = mesh_config.rules
+  model = MM1(model_config)
+  tx, schedule = optim.make_optimizer(optimizer, 1000)
+  example = train.dummy_batch(batch_size, seq_len, max_images, model_config)
+  abstract_state, state_shardings = train.abstract_train_state(model, tx, example, mesh, rules)
+  batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in example.items()}
+  step = train.make_train_step(model, tx, schedule, state_shardings, batch_shardings)
+  import flax.linen as nn  # noqa: PLC0415
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    lowered = step.lower(abstract_state, batch)
+  try:
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+  except Exception as e:  # noqa: BLE001
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" in msg or "HbmOom" in msg or "Ran out of memory" in msg:
+      return Compiled(None, None, None, error=msg, compile_s=time.perf_counter() - t0)
+    raise
+  mem = compiled.memory_analysis()
+  memory = None
+  if mem is not None:
+    memory = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
+              ("argument", "output", "alias", "temp", "generated_code")}
+    memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+                       + memory["generated_code"])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  return Compiled(memory, cost.get("flops"), cost.get("optimal_seconds"), compile_s=time.perf_counter() - t0)
+
+
+def _with_depths(config, enc_depth: int, dec_depth: int):
+  """The same model with other depths, unrolled (for costing)."""
+  enc = dataclasses.replace(config.encoder, depth=enc_depth, scan_layers=False)
+  dec = dataclasses.replace(config.decoder, depth=dec_depth, scan_layers=False)
+  return dataclasses.replace(config, encoder=enc, decoder=dec)
+
+
+def extrapolated_cost(model_config, compile_fn) -> dict:
+  """Per-device flops and optimal_seconds of the full-depth step, from unrolled compiles
+  at (a, b), (2a, b) and (a, 2b) encoder / decoder layers, linear per layer."""
+  le, ld = model_config.encoder.depth, model_config.decoder.depth
+  moe = model_config.decoder.moe
+  unit = moe.every if moe is not None else 1  # a sparse stack repeats in groups of `every`
+  a, b = min(2, le), min(unit * max(1, 2 // unit), ld)
+  base = compile_fn(_with_depths(model_config, a, b))
+  enc2 = compile_fn(_with_depths(model_config, 2 * a, b)) if le > a else base
+  dec2 = compile_fn(_with_depths(model_config, a, 2 * b)) if ld > b else base
+  out = {"compiles": [(a, b), (2 * a, b), (a, 2 * b)]}
+  for key in ("flops", "optimal_seconds"):
+    c0, ce, cd = (getattr(c, key) for c in (base, enc2, dec2))
+    if None in (c0, ce, cd):
+      out[key] = None
+      continue
+    out[key] = c0 + (le - a) / a * (ce - c0) + (ld - b) / b * (cd - c0)
+  out["compile_s"] = sum(c.compile_s for c in {id(c): c for c in (base, enc2, dec2)}.values())
+  return out
+
+
+def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int = 1, batch_size: int = 512,
+              seq_len: int = 4096, max_images: int = 16, cost: bool = True, progress: bool = True) -> dict:
+  """Compiles the train step for the topology and returns the report (see module docstring)."""
+  from mm1_jax import flops as flops_lib  # noqa: PLC0415
+  from mm1_jax import params as params_lib  # noqa: PLC0415
+
+  if not topology:
+    raise ValueError("no topology: pass --topology=v5p-256 (or set TOPOLOGY in the gin file)")
+  topo = parse_topology(topology)
+  say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)  # noqa: E731
+  devices = topology_devices(topo, num_slices)
+  if num_slices > 1:
+    mesh = dataclasses.replace(mesh, dcn_shape=(num_slices, 1, 1, 1))
+  say(f"[1/2] compiling the train step for {topology} x{num_slices} ({len(devices)} devices)")
+  full = _compile(model, optimizer, mesh, devices, batch_size, seq_len, max_images)
+  per_device_hbm = topo.chip.hbm_bytes // topo.devices_per_chip
+  report = {
+      "topology": topology, "topology_name": topo.topology_name, "num_slices": num_slices,
+      "num_chips": topo.num_chips * num_slices, "num_devices": len(devices),
+      "mesh": sharding_shape(mesh, len(devices)), "batch_size": batch_size, "seq_len": seq_len,
+      "max_images": max_images, "tokens_per_step": batch_size * seq_len,
+      "hbm_bytes": topo.chip.hbm_bytes, "hbm_bytes_per_device": per_device_hbm,
+      "peak_flops_per_chip": topo.chip.peak_flops, "compile_s": round(full.compile_s, 1),
+  }
+  counts = params_lib.count_parameters(model)
+  report["params_total"] = counts["total"]
+  report["params_active"] = counts.get("total.active", counts["total"])
+  if full.error is not None:
+    report.update(fits=False, per_chip_bytes=_oom_bytes(full.error), memory=None,
+                  error=full.error.splitlines()[0][:500])
+  else:
+    report.update(fits=full.memory["total"] <= per_device_hbm,
+                  per_chip_bytes=full.memory["total"] * topo.devices_per_chip, memory=full.memory)
+  import jax  # noqa: PLC0415
+  from mm1_jax.model import MM1  # noqa: PLC0415
+
+  s = model.encoder.image_size
+  tok = jax.ShapeDtypeStruct((1, 8), "int32")
+  img = jax.ShapeDtypeStruct((1, 1, s, s, 3), "uint8")
+  import flax.linen as nn  # noqa: PLC0415
+
+  abstract = nn.meta.unbox(jax.eval_shape(MM1(model).init, jax.random.PRNGKey(0), tok, img, tok, tok))["params"]
+  report["model_flops_per_step"] = flops_lib.train_flops_per_step(abstract, model, batch_size, seq_len, max_images)
+  report.update(xla_flops=None, optimal_seconds=None, tokens_per_s_per_chip=None, projected_mfu=None)
+  if cost:
+    say("[2/2] costing: small unrolled compiles, extrapolated per layer")
+    est = extrapolated_cost(model, lambda cfg: _compile(cfg, optimizer, mesh, devices, batch_size, seq_len,
+                                                         max_images, options=COSTING_OPTIONS))
+    report["cost_compile_s"] = round(est["compile_s"], 1)
+    if est["flops"] is not None:
+      report["xla_flops"] = est["flops"] * len(devices)  # whole step, all devices
+    if est["optimal_seconds"]:
+      t = est["optimal_seconds"]
+      report["optimal_seconds"] = t
+      report["tokens_per_s_per_chip"] = batch_size * seq_len / t / report["num_chips"]
+      report["projected_mfu"] = report["model_flops_per_step"] / (t * report["num_chips"] * topo.chip.peak_flops)
+  return report
+
+
+def sharding_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  return mesh_config.global_shape(num_devices)
+
+
+def _oom_bytes(message: str) -> int | None:
+  """The byte count a compile-time OOM message reports as used, if it gives one."""
+  m = re.search(r"Used ([\d.]+)([GMK])(?:i?B)? of ([\d.]+)([GMK])", message)
+  if not m:
+    return None
+  scale = {"G": GIB, "M": 1024 ** 2, "K": 1024}
+  return int(float(m.group(1)) * scale[m.group(2)])
+
+
+def format_report(r: dict) -> str:
+  gib = lambda b: "-" if b is None else f"{b / GIB:.2f} GiB"  # noqa: E731
+  rows = [
+      ("topology", f"{r['topology']} ({r['topology_name']}) x{r['num_slices']} slice(s)"),
+      ("chips", f"{r['num_chips']} ({r['num_devices']} devices)"),
+      ("mesh", ", ".join(f"{k}={v}" for k, v in r["mesh"].items())),
+      ("batch", f"{r['batch_size']} x {r['seq_len']} tokens, up to {r['max_images']} images a sequence"),
+      ("parameters", f"{r['params_total'] / 1e9:.2f} B total, {r['params_active'] / 1e9:.2f} B active"),
+      ("per-chip memory", gib(r["per_chip_bytes"]) + f" of {gib(r['hbm_bytes'])} HBM"),
+  ]
+  if r.get("memory"):
+    m = r["memory"]
+    rows.append(("  per device", f"arguments {gib(m['argument'])}, temporaries {gib(m['temp'])}, "
+                                 f"output {gib(m['output'])}, aliased {gib(m['alias'])}"))
+  rows.append(("fits", "yes" if r["fits"] else "NO" + (f": {r.get('error', '')[:120]}" if r.get("error") else "")))
+  rows.append(("model FLOPs / step", f"{r['model_flops_per_step']:.3e}"))
+  if r.get("xla_flops") is not None:
+    rows.append(("compiler FLOPs / step", f"{r['xla_flops']:.3e}"))
+  if r.get("optimal_seconds"):
+    rows += [("roofline step time", f"{r['optimal_seconds']:.3f} s (no communication)"),
+             ("tokens/s per chip", f"{r['tokens_per_s_per_chip']:,.0f}"),
+             ("projected MFU", f"{r['projected_mfu']:.1%}")]
+  rows.append(("compile", f"{r['compile_s']} s" + (f" + {r['cost_compile_s']} s costing"
+                                                   if "cost_compile_s" in r else "")))
+  w = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from mm1_jax import cli  # noqa: PLC0415
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = cli._split_gin_bindings(argv)
+  p = argparse.ArgumentParser(
+      prog="mm1-aot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=cli.GIN_HELP)
+  p.add_argument("--gin_file", action="append", default=[], required=True,
+                 help="run gin files (model, batch, mesh), e.g. gin/pods/mm1_7b_v5p-256.gin")
+  p.add_argument("--gin_search_path", action="append", default=[])
+  p.add_argument("--module_import", action="append", default=[])
+  p.add_argument("--topology", default=None,
+                 help="Cloud TPU accelerator type: v4-8, v5p-256, v5litepod-256, v6e-64, ... "
+                      "(default: the gin file's TOPOLOGY)")
+  p.add_argument("--num_slices", type=int, default=None, help="slices over the data-centre network")
+  p.add_argument("--json_out", default=None, help="also write the report as JSON here")
+  p.add_argument("--no_cost", action="store_true", help="memory only: skip the costing compiles")
+  args = p.parse_args(rest)
+  if args.topology:
+    try:
+      parse_topology(args.topology)
+    except ValueError as e:
+      p.error(str(e))
+  import gin  # noqa: PLC0415
+
+  cli._setup_jax()
+  args.workdir = None
+  cli.parse_gin(args, bindings)
+  kwargs = {}
+  if args.topology:
+    kwargs["topology"] = args.topology
+  if args.num_slices:
+    kwargs["num_slices"] = args.num_slices
+  try:
+    report = gin.get_configurable(preflight)(cost=not args.no_cost, **kwargs)
+  except ValueError as e:
+    print(f"mm1-aot: {e}", file=sys.stderr)
+    return 2
+  print(format_report(report))
+  if args.json_out:
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+  return 0 if report["fits"] else 1
+
+
+def entry():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()

@@ -326,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     kwargs["topology"] = args.topology
   if args.num_slices:
     kwargs["num_slices"] = args.num_slices
+  from mm1_jax import aot as aot_lib  # noqa: PLC0415  (the registered one, also under `python -m`)
+
   try:
-    report = gin.get_configurable(preflight)(cost=not args.no_cost, **kwargs)
+    report = gin.get_configurable(aot_lib.preflight)(cost=not args.no_cost, **kwargs)
   except ValueError as e:
     print(f"mm1-aot: {e}", file=sys.stderr)
     return 2

@@ -33,6 +33,11 @@ def _parser(prog: str, description: str, workdir_required: bool = True) -> argpa
   p.add_argument("--workdir", required=workdir_required, help="run directory")
   p.add_argument("--module_import", action="append", default=[],
                  help="Python module to import before parsing gin (e.g. one registering seqio tasks)")
+  g = p.add_argument_group("multi-process (not needed on Cloud TPU VMs, found automatically there)")
+  g.add_argument("--coordinator_address", default=None,
+                 help="host:port of process 0 (or $MM1_COORDINATOR_ADDRESS)")
+  g.add_argument("--num_processes", type=int, default=None, help="processes in all (or $MM1_NUM_PROCESSES)")
+  g.add_argument("--process_id", type=int, default=None, help="this process, 0-based (or $MM1_PROCESS_ID)")
   return p
 
 
@@ -67,12 +72,31 @@ def parse_gin(args: argparse.Namespace, bindings: list[str]) -> None:
   gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=True)
 
 
-def _setup_jax() -> None:
+def _no_accelerator() -> bool:
+  import glob  # noqa: PLC0415
+
+  return not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*"))
+
+
+def _setup_jax(args: argparse.Namespace | None = None) -> None:
+  # With libtpu installed (the `tpu` extra, for mm1-aot) jax probes for TPU chips at
+  # start-up and prints errors when there are none; a host without accelerator device
+  # files can only use the CPU, so say so.
+  if "JAX_PLATFORMS" not in os.environ and _no_accelerator():
+    os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # noqa: PLC0415
+
+  from mm1_jax import distributed  # noqa: PLC0415
 
   # Random numbers that do not depend on how arrays are sharded, so a run initialises
   # the same parameters on any mesh.
   jax.config.update("jax_threefry_partitionable", True)
+  if args is not None:
+    try:
+      distributed.initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+                             getattr(args, "process_id", None))
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
 
 
 def main_train(argv: list[str] | None = None) -> int:
@@ -81,7 +105,7 @@ def main_train(argv: list[str] | None = None) -> int:
   parser = _parser("mm1-train", "Pre-train MM1: image encoder + connector + decoder, gin-configured. "
                    "Resumes from the newest checkpoint in --workdir.")
   args = parser.parse_args(rest)
-  _setup_jax()
+  _setup_jax(args)
   import gin  # noqa: PLC0415
 
   from mm1_jax import train as train_lib  # noqa: PLC0415
@@ -150,7 +174,7 @@ def main_eval(argv: list[str] | None = None) -> int:
     bindings.append(f"{cfg}.num_queries = {args.num_queries or None!r}")
   if args.data_root:
     bindings.append(f"{cfg}.data_root = {str(Path(args.data_root).expanduser())!r}")
-  _setup_jax()
+  _setup_jax(args)
   import gin  # noqa: PLC0415
 
   from mm1_jax.eval import run as run_lib  # noqa: PLC0415

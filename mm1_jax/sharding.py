@@ -143,7 +143,8 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   from jax.experimental import mesh_utils  # noqa: PLC0415
 
   dcn = config._full(config.dcn_shape, "dcn_shape")
-  by_process = not hasattr(devices[0], "slice_index")
+  # TPU devices know their slice; elsewhere (CPU, GPU) each process stands for one.
+  by_process = len({getattr(d, "slice_index", None) for d in devices}) < config.num_slices()
   arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
                                              allow_split_physical_axes=True)
   return Mesh(arr, MESH_AXES)

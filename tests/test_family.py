@@ -237,7 +237,7 @@ def test_expert_weights_carry_the_expert_axis(tiny_config):
   moe_params = boxed["decoder"]["blocks"]["layers"]["sparse"]["moe"]
   assert moe_params["gate"].names == ("layers", "expert", "embed", "mlp")
   assert moe_params["down"].names == ("layers", "expert", "mlp", "embed")
-  assert ("expert", None) in sharding.DEFAULT_RULES
+  assert ("expert", "expert") in sharding.DEFAULT_RULES  # the expert mesh axis
 
 
 def test_train_step_adds_and_logs_moe_losses(tiny_config):

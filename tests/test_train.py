@@ -157,8 +157,8 @@ def test_train_cli_end_to_end_and_resume(tmp_path):
   for step in (0, 5):
     result = json.loads((tmp_path / "eval" / f"step_{step}.json").read_text())
     assert result["step"] == step
-    assert {"caption/0shot/cider", "caption/1shot/cider", "vqa/0shot/accuracy",
-            "vqa/1shot/accuracy"} <= set(result["results"])
+    assert {"shapes_caption/0shot/cider", "shapes_caption/1shot/cider", "shapes_vqa/0shot/accuracy",
+            "shapes_vqa/1shot/accuracy"} <= set(result["results"])
   assert "| metric" in out.stdout and "step 0" in out.stdout and "step 5" in out.stdout
 
   # It saw exactly the batches of an uninterrupted run: the same losses, bit for bit.

@@ -1,0 +1,75 @@
+"""Runs the TPU preflight (mm1-aot) for every pod preset and tabulates the results.
+
+  JAX_PLATFORMS=cpu python benchmarks/preflight.py            # all gin/pods/*.gin
+  JAX_PLATFORMS=cpu python benchmarks/preflight.py --only mm1_3b_v5p-128
+  python benchmarks/preflight.py --table                       # the table from saved results
+
+Each preset writes benchmarks/results/preflight/<preset>.json (mm1-aot's report, plus
+the wall time of the run and the machine it ran on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "benchmarks" / "results" / "preflight"
+
+
+def run(preset: Path) -> dict:
+  out = OUT / f"{preset.stem}.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  t0 = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
+                         f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True)
+  print(proc.stdout)
+  if proc.returncode not in (0, 1):
+    print(proc.stderr[-3000:], file=sys.stderr)
+    raise SystemExit(f"{preset.name}: mm1-aot failed ({proc.returncode})")
+  report = json.loads(out.read_text())
+  report.update(preset=str(preset.relative_to(REPO)), wall_s=round(time.perf_counter() - t0, 1),
+                machine=f"{platform.machine()}, {os.cpu_count()} cores", python=platform.python_version())
+  out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+  return report
+
+
+def table() -> str:
+  rows = ["| preset | model | topology (chips) | mesh | per-chip memory | fits | projected MFU | tokens/s per chip | compile (scanned + costing) |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  for f in sorted(OUT.glob("*.json")):
+    r = json.loads(f.read_text())
+    mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
+    mfu = "-" if r.get("projected_mfu") is None else f"{r['projected_mfu']:.1%}"
+    tps = "-" if r.get("tokens_per_s_per_chip") is None else f"{r['tokens_per_s_per_chip']:,.0f}"
+    mem = "-" if r.get("per_chip_bytes") is None else f"{r['per_chip_bytes'] / 2**30:.1f} of {r['hbm_bytes'] / 2**30:.0f} GiB"
+    params = f"{r['params_total'] / 1e9:.1f}B" + (f" ({r['params_active'] / 1e9:.1f}B active)"
+                                                  if r["params_active"] != r["params_total"] else "")
+    rows.append(f"| `{Path(r.get('preset', f.stem)).name}` | {params} | {r['topology']} ({r['num_chips']}) | {mesh} | "
+                f"{mem} | {'yes' if r['fits'] else 'no'} | {mfu} | {tps} | "
+                f"{r['compile_s']:.0f} s + {r.get('cost_compile_s', 0):.0f} s |")
+  return "\n".join(rows)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", action="append", default=[], help="preset name (repeatable)")
+  p.add_argument("--table", action="store_true", help="print the table of saved results only")
+  args = p.parse_args()
+  if not args.table:
+    OUT.mkdir(parents=True, exist_ok=True)
+    presets = sorted((REPO / "gin" / "pods").glob("*.gin"))
+    for preset in presets:
+      if not args.only or preset.stem in args.only:
+        run(preset)
+  print(table())
+
+
+if __name__ == "__main__":
+  main()

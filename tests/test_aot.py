@@ -1,0 +1,79 @@
+"""mm1-aot: the train step compiled for real TPU topologies by libtpu on this CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm1_jax import aot
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS = ("topology", "num_chips", "num_slices", "per_chip_bytes", "hbm_bytes", "fits", "model_flops_per_step",
+        "xla_flops", "optimal_seconds", "tokens_per_step", "projected_mfu", "params_total", "params_active")
+
+
+@pytest.mark.parametrize("name, chips, topology", [
+    ("v4-8", 4, "v4:2x2x1"), ("v4-128", 64, "v4:4x4x4"), ("v5p-8", 4, "v5:2x2x1"), ("v5p-256", 128, "v5:4x4x8"),
+    ("v5p-1024", 512, "v5:8x8x8"), ("v5litepod-1", 1, "v5e:1x1"), ("v5litepod-256", 256, "v5e:16x16"),
+    ("v6e-64", 64, "v6e:8x8"),
+])
+def test_accelerator_type_names(name, chips, topology):
+  t = aot.parse_topology(name)
+  assert (t.num_chips, t.topology_name) == (chips, topology)
+
+
+@pytest.mark.parametrize("bad", ["v5p-6", "v5p", "v7-8", "tpu-8", "v6e-3"])
+def test_unknown_topologies_are_refused(bad):
+  with pytest.raises(ValueError, match="topology|slice"):
+    aot.parse_topology(bad)
+
+
+def _aot(tmp_path, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "report.json"
+  proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/runs/quickstart.gin",
+                         f"--json_out={out}", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_preflight_report_for_a_small_topology(tmp_path):
+  from mm1_jax import params
+  from mm1_jax.model import MM1Config
+
+  proc, r = _aot(tmp_path, "--topology=v5p-8", "--gin.BATCH_SIZE=16")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert set(KEYS) <= set(r)
+  assert (r["topology"], r["num_chips"], r["num_slices"], r["num_devices"]) == ("v5p-8", 4, 1, 4)
+  assert r["hbm_bytes"] == 95 * 2**30 and r["fits"] is True
+  assert 0 < r["per_chip_bytes"] < r["hbm_bytes"]
+  m = r["memory"]
+  assert m["total"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+  assert r["tokens_per_step"] == 16 * 128
+  # The compiler's count of the whole step agrees with the model count (6 x params x
+  # tokens + attention) to within a few percent: the per-layer extrapolation holds.
+  assert r["xla_flops"] == pytest.approx(r["model_flops_per_step"], rel=0.1)
+  assert r["optimal_seconds"] > 0 and 0 < r["projected_mfu"] < 1
+  assert r["projected_mfu"] == pytest.approx(
+      r["model_flops_per_step"] / (r["optimal_seconds"] * 4 * 459e12))
+  assert r["params_total"] == r["params_active"] > 4e6
+  for key in ("topology", "chips", "per-chip memory", "fits", "projected MFU"):
+    assert key in proc.stdout
+  del params, MM1Config
+
+
+def test_preflight_refuses_a_step_that_does_not_fit(tmp_path):
+  proc, r = _aot(tmp_path, "--topology=v5litepod-1", "--no_cost", "--gin.BATCH_SIZE=512", "--gin.SEQ_LEN=4096")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert r["fits"] is False and r["hbm_bytes"] == 16 * 2**30
+  assert "NO" in proc.stdout
+
+
+def test_unknown_topology_is_a_clear_error(tmp_path):
+  proc, _ = _aot(tmp_path, "--topology=v5p-7")
+  assert proc.returncode == 2 and "no v5p slice of that size" in proc.stderr
+  assert "Traceback" not in proc.stderr

@@ -25,12 +25,13 @@ OUT = REPO / "benchmarks" / "results" / "preflight"
 
 def run(preset: Path) -> dict:
   out = OUT / f"{preset.stem}.json"
+  out.unlink(missing_ok=True)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   t0 = time.perf_counter()
   proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
                          f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True)
   print(proc.stdout)
-  if proc.returncode not in (0, 1):
+  if proc.returncode not in (0, 1) or not out.exists():
     print(proc.stderr[-3000:], file=sys.stderr)
     raise SystemExit(f"{preset.name}: mm1-aot failed ({proc.returncode})")
   report = json.loads(out.read_text())
@@ -45,7 +46,8 @@ def table() -> str:
           "|---|---|---|---|---|---|---|---|---|"]
   for f in sorted(OUT.glob("*.json")):
     r = json.loads(f.read_text())
-    mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
+    mesh = ", ".join(f"{k}={r['mesh'][k]}" for k in ("data", "fsdp", "tensor", "expert")
+                     if r["mesh"].get(k, 1) > 1) or "1 device"
     mfu = "-" if r.get("projected_mfu") is None else f"{r['projected_mfu']:.1%}"
     tps = "-" if r.get("tokens_per_s_per_chip") is None else f"{r['tokens_per_s_per_chip']:,.0f}"
     mem = "-" if r.get("per_chip_bytes") is None else f"{r['per_chip_bytes'] / 2**30:.1f} of {r['hbm_bytes'] / 2**30:.0f} GiB"

@@ -99,9 +99,11 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.topology_name, **kwargs)
   except RuntimeError as e:
-    if "TPU support not installed" in str(e) or "libtpu" in str(e).lower():
+    if "TPU support not installed" in str(e):
       raise SystemExit("mm1-aot needs libtpu: pip install -e '.[tpu]' (and run with JAX_PLATFORMS=cpu)") from e
-    raise
+    # libtpu serves one process at a time (a lock file): a second mm1-aot fails here.
+    raise SystemExit(f"mm1-aot: libtpu could not describe {topology.topology_name} ({e}); is another "
+                     "process using libtpu?") from e
   return list(desc.devices)
 
 
@@ -134,10 +136,15 @@ def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len,
   rules = mesh_config.rules
   model = MM1(model_config)
   tx, schedule = optim.make_optimizer(optimizer, 1000)
-  example = train.dummy_batch(batch_size, seq_len, max_images, model_config)
-  abstract_state, state_shardings = train.abstract_train_state(model, tx, example, mesh, rules)
-  batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in example.items()}
+  # Parameter shapes do not depend on the batch: initialise from a one-row example, and
+  # describe the real batch abstractly (MM1's is gigabytes of pixels).
+  small = train.dummy_batch(1, 8, 1, model_config)
+  abstract_state, state_shardings = train.abstract_train_state(model, tx, small, mesh, rules)
+  s = model_config.encoder.image_size
+  shapes = {k: ((batch_size, seq_len), v.dtype) for k, v in small.items() if k != "images"}
+  shapes["images"] = ((batch_size, max_images, s, s, 3), small["images"].dtype)
+  batch_shardings = {k: sharding.batch_sharding(mesh, rules, len(shape)) for k, (shape, _) in shapes.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[k]) for k, (shape, dtype) in shapes.items()}
   step = train.make_train_step(model, tx, schedule, state_shardings, batch_shardings)
   import flax.linen as nn  # noqa: PLC0415
 
@@ -179,10 +186,14 @@ def extrapolated_cost(model_config, compile_fn) -> dict:
   base = compile_fn(_with_depths(model_config, a, b))
   enc2 = compile_fn(_with_depths(model_config, 2 * a, b)) if le > a else base
   dec2 = compile_fn(_with_depths(model_config, a, 2 * b)) if ld > b else base
-  out = {"compiles": [(a, b), (2 * a, b), (a, 2 * b)]}
+  out = {"points": [{"encoder_layers": e, "decoder_layers": d, "flops": c.flops,
+                     "optimal_seconds": c.optimal_seconds}
+                    for (e, d), c in (((a, b), base), ((2 * a, b), enc2), ((a, 2 * b), dec2))]}
   for key in ("flops", "optimal_seconds"):
     c0, ce, cd = (getattr(c, key) for c in (base, enc2, dec2))
-    if None in (c0, ce, cd):
+    if None in (c0, ce, cd) or min(c0, ce, cd) < 0:
+      # libtpu's cost model counts ops it cannot cost as -1 s each (seen for some
+      # collectives): then there is no honest estimate.
       out[key] = None
       continue
     out[key] = c0 + (le - a) / a * (ce - c0) + (ld - b) / b * (cd - c0)
@@ -239,6 +250,10 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
     est = extrapolated_cost(model, lambda cfg: _compile(cfg, optimizer, mesh, devices, batch_size, seq_len,
                                                          max_images, options=COSTING_OPTIONS))
     report["cost_compile_s"] = round(est["compile_s"], 1)
+    report["cost_points"] = est["points"]
+    if est["optimal_seconds"] is None:
+      report["cost_note"] = ("no step-time projection: libtpu's cost model returned a negative time "
+                             "(ops it cannot cost count as -1 s each)")
     if est["flops"] is not None:
       report["xla_flops"] = est["flops"] * len(devices)  # whole step, all devices
     if est["optimal_seconds"]:
@@ -254,12 +269,13 @@ def sharding_shape(mesh_config, num_devices: int) -> dict[str, int]:
 
 
 def _oom_bytes(message: str) -> int | None:
-  """The byte count a compile-time OOM message reports as used, if it gives one."""
-  m = re.search(r"Used ([\d.]+)([GMK])(?:i?B)? of ([\d.]+)([GMK])", message)
-  if not m:
-    return None
-  scale = {"G": GIB, "M": 1024 ** 2, "K": 1024}
-  return int(float(m.group(1)) * scale[m.group(2)])
+  """The bytes a compile-time OOM message says are needed, if it gives a figure."""
+  scale = {"T": 1024 ** 4, "G": GIB, "M": 1024 ** 2, "K": 1024}
+  for pattern in (r"Used ([\d.]+)([TGMK])i?B? of ([\d.]+)([TGMK])", r"temporaries \(([\d.]+)([TGMK])\)"):
+    m = re.search(pattern, message)
+    if m:
+      return int(float(m.group(1)) * scale[m.group(2)])
+  return None
 
 
 def format_report(r: dict) -> str:
@@ -280,6 +296,8 @@ def format_report(r: dict) -> str:
   rows.append(("model FLOPs / step", f"{r['model_flops_per_step']:.3e}"))
   if r.get("xla_flops") is not None:
     rows.append(("compiler FLOPs / step", f"{r['xla_flops']:.3e}"))
+  if r.get("cost_note"):
+    rows.append(("roofline step time", r["cost_note"]))
   if r.get("optimal_seconds"):
     rows += [("roofline step time", f"{r['optimal_seconds']:.3f} s (no communication)"),
              ("tokens/s per chip", f"{r['tokens_per_s_per_chip']:,.0f}"),

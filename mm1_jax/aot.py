@@ -220,7 +220,7 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
   report = {
       "topology": topology, "topology_name": topo.topology_name, "num_slices": num_slices,
       "num_chips": topo.num_chips * num_slices, "num_devices": len(devices),
-      "mesh": sharding_shape(mesh, len(devices)), "batch_size": batch_size, "seq_len": seq_len,
+      "mesh": mesh.global_shape(len(devices)), "batch_size": batch_size, "seq_len": seq_len,
       "max_images": max_images, "tokens_per_step": batch_size * seq_len,
       "hbm_bytes": topo.chip.hbm_bytes, "hbm_bytes_per_device": per_device_hbm,
       "peak_flops_per_chip": topo.chip.peak_flops, "compile_s": round(full.compile_s, 1),
@@ -262,10 +262,6 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
       report["tokens_per_s_per_chip"] = batch_size * seq_len / t / report["num_chips"]
       report["projected_mfu"] = report["model_flops_per_step"] / (t * report["num_chips"] * topo.chip.peak_flops)
   return report
-
-
-def sharding_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  return mesh_config.global_shape(num_devices)
 
 
 def _oom_bytes(message: str) -> int | None:

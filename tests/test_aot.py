@@ -42,9 +42,6 @@ def _aot(tmp_path, *flags):
 
 
 def test_preflight_report_for_a_small_topology(tmp_path):
-  from mm1_jax import params
-  from mm1_jax.model import MM1Config
-
   proc, r = _aot(tmp_path, "--topology=v5p-8", "--gin.BATCH_SIZE=16")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert set(KEYS) <= set(r)
@@ -63,7 +60,6 @@ def test_preflight_report_for_a_small_topology(tmp_path):
   assert r["params_total"] == r["params_active"] > 4e6
   for key in ("topology", "chips", "per-chip memory", "fits", "projected MFU"):
     assert key in proc.stdout
-  del params, MM1Config
 
 
 def test_preflight_refuses_a_step_that_does_not_fit(tmp_path):

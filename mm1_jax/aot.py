@@ -225,7 +225,8 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
       "hbm_bytes": topo.chip.hbm_bytes, "hbm_bytes_per_device": per_device_hbm,
       "peak_flops_per_chip": topo.chip.peak_flops, "compile_s": round(full.compile_s, 1),
   }
-  counts = params_lib.count_parameters(model)
+  abstract = params_lib.abstract_params(model)
+  counts = params_lib.count_parameters(model, abstract)
   report["params_total"] = counts["total"]
   report["params_active"] = counts.get("total.active", counts["total"])
   if full.error is not None:
@@ -234,15 +235,6 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
   else:
     report.update(fits=full.memory["total"] <= per_device_hbm,
                   per_chip_bytes=full.memory["total"] * topo.devices_per_chip, memory=full.memory)
-  import jax  # noqa: PLC0415
-  from mm1_jax.model import MM1  # noqa: PLC0415
-
-  s = model.encoder.image_size
-  tok = jax.ShapeDtypeStruct((1, 8), "int32")
-  img = jax.ShapeDtypeStruct((1, 1, s, s, 3), "uint8")
-  import flax.linen as nn  # noqa: PLC0415
-
-  abstract = nn.meta.unbox(jax.eval_shape(MM1(model).init, jax.random.PRNGKey(0), tok, img, tok, tok))["params"]
   report["model_flops_per_step"] = flops_lib.train_flops_per_step(abstract, model, batch_size, seq_len, max_images)
   report.update(xla_flops=None, optimal_seconds=None, tokens_per_s_per_chip=None, projected_mfu=None)
   if cost:

@@ -19,16 +19,22 @@ import jax.numpy as jnp
 from mm1_jax.model import MM1, MM1Config
 
 
-def count_parameters(config: MM1Config) -> dict[str, int]:
-  """{part: parameters}: encoder, connector, decoder (embedding, blocks, head), total, and the
-  active counts (a sparse decoder runs top_k of its experts per token)."""
-  m = MM1(config)
+def abstract_params(config: MM1Config):
+  """The parameter tree of a config as jax.ShapeDtypeStructs (nothing allocated)."""
+  import flax.linen as nn  # noqa: PLC0415
+
   s = config.encoder.image_size
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   images = jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.uint8)
-  variables = jax.eval_shape(m.init, jax.random.PRNGKey(0), tokens, images, tokens, tokens)
-  import flax.linen as nn  # noqa: PLC0415
-  params = nn.meta.unbox(variables)["params"]
+  variables = jax.eval_shape(MM1(config).init, jax.random.PRNGKey(0), tokens, images, tokens, tokens)
+  return nn.meta.unbox(variables)["params"]
+
+
+def count_parameters(config: MM1Config, params=None) -> dict[str, int]:
+  """{part: parameters}: encoder, connector, decoder (embedding, blocks, head), total, and the
+  active counts (a sparse decoder runs top_k of its experts per token). `params`: the
+  config's `abstract_params`, if already at hand."""
+  params = abstract_params(config) if params is None else params
   size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
   dec = params["decoder"]
   counts = {

@@ -3,6 +3,11 @@
 Layout: <workdir>/checkpoints/<step>/{state,data}. `data` is a small JSON record of
 how many batches the run has consumed and the grain loader's state, so a resumed run
 continues the same data stream instead of starting it over.
+
+A step folder appears only once it is complete: orbax writes into a temporary folder
+and renames it when every item is written, so a process killed mid-save leaves a
+temporary folder that readers never list (the training run deletes such leftovers when
+it starts). A state holding NaN or Inf is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -10,20 +15,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class NonfiniteStateError(FloatingPointError):
+  """A train state about to be saved holds NaN or Inf."""
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree.map(lambda x: jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.bool_(True), tree)
+
+
+def nonfinite_paths(tree: Any) -> list[str]:
+  """Paths of the floating-point leaves of `tree` that hold a NaN or Inf."""
+  flags = jax.device_get(_finite_leaves(tree))
+  return [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(flags)
+          if not bool(np.asarray(ok))]
 
 
 class Checkpointer:
   """Saves every `save_every` steps (and on demand), keeps the newest `max_to_keep`."""
 
   def __init__(self, directory: str | Path, *, save_every: int = 100, max_to_keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, remove_partial: bool = False):
+    """remove_partial: delete temporary folders left by a save that never finished. Only
+    the process that writes checkpoints may do so (a reader would delete a save in flight)."""
     self.directory = Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save, create=True),
+            enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=remove_partial),
         item_names=("state", "data"),
     )
 
@@ -38,7 +66,16 @@ class Checkpointer:
     self._manager.reload()
 
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-    """Starts a save (async); returns whether one was started."""
+    """Starts a save (async) if one is due at `step` or `force`; returns whether it was.
+
+    Raises NonfiniteStateError, writing nothing, when the state holds NaN or Inf.
+    """
+    if not force and not self._manager.should_save(step):
+      return False
+    bad = nonfinite_paths(state)
+    if bad:
+      raise NonfiniteStateError(f"not saving checkpoint {step}: NaN/Inf in {', '.join(bad[:5])}"
+                                + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(data_state)), force=force)

@@ -61,15 +61,21 @@ def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def parse_gin(args: argparse.Namespace, bindings: list[str]) -> None:
+  """Parses the gin files and bindings; a bad config exits with one message (code 2)."""
   import importlib  # noqa: PLC0415
 
-  import gin  # noqa: PLC0415
+  from mm1_jax import gin_checks  # noqa: PLC0415
 
   for module in args.module_import:
-    importlib.import_module(module)
-  for path in [os.getcwd(), str(REPO_ROOT), *args.gin_search_path]:
-    gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=True)
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise SystemExit(f"error: --module_import={module}: {e}") from None
+  try:
+    gin_checks.parse(args.gin_file, bindings, [os.getcwd(), str(REPO_ROOT), *args.gin_search_path])
+  except gin_checks.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _no_accelerator() -> bool:
@@ -104,18 +110,32 @@ def main_train(argv: list[str] | None = None) -> int:
   rest, bindings = _split_gin_bindings(argv)
   parser = _parser("mm1-train", "Pre-train MM1: image encoder + connector + decoder, gin-configured. "
                    "Resumes from the newest checkpoint in --workdir.")
+  parser.add_argument("--stop_after_steps", type=int, default=0,
+                      help="end after this many steps with a checkpoint and exit code 0 (time-sliced "
+                           "jobs: the same command continues)")
+  parser.add_argument("--allow_config_change", action="store_true",
+                      help="continue the run in --workdir although its recorded config.gin differs "
+                           "(the old one is kept as config.gin.<time>)")
   args = parser.parse_args(rest)
   _setup_jax(args)
   import gin  # noqa: PLC0415
 
+  from mm1_jax import gin_checks  # noqa: PLC0415
   from mm1_jax import train as train_lib  # noqa: PLC0415
 
   sys.path.insert(0, os.getcwd())
   parse_gin(args, bindings)
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.gin").write_text(gin.config_str())
-  code = gin.get_configurable(train_lib.train)(workdir=str(workdir))
+  config = gin.config_str()
+  try:
+    gin_checks.check_workdir_config(workdir, config, allow_change=args.allow_config_change)
+  except gin_checks.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  (workdir / "config.gin").write_text(config)
+  kwargs = {"stop_after_steps": args.stop_after_steps} if args.stop_after_steps else {}
+  code = gin.get_configurable(train_lib.train)(workdir=str(workdir), **kwargs)
   (workdir / "operative_config.gin").write_text(gin.operative_config_str())
   return code
 

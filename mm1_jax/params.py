@@ -75,10 +75,14 @@ def main(argv=None) -> int:
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   args = parser.parse_args(argv)
   import gin  # noqa: PLC0415
+
+  from mm1_jax import gin_checks  # noqa: PLC0415
   from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
 
-  gin.add_config_file_search_path(str(REPO_ROOT))
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin)
+  try:
+    gin_checks.parse(args.gin_file, args.gin, [str(REPO_ROOT)])
+  except gin_checks.ConfigError as e:
+    parser.exit(2, f"error: {e}\n")
   config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   counts = count_parameters(config)
   print(json.dumps(counts) if args.json else format_table(counts))

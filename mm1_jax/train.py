@@ -14,6 +14,7 @@ import functools
 import json
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,9 +36,21 @@ BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions", "
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """What a checkpoint holds of the model side of a run.
+
+  `nonfinite_total` counts the steps whose loss or gradients were NaN/Inf (their
+  updates were skipped); `nonfinite_streak` how many of the newest steps in a row were.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
+  nonfinite_total: jax.Array
+  nonfinite_streak: jax.Array
+
+  @classmethod
+  def create(cls, params: Any, opt_state: Any) -> "TrainState":
+    zero = jnp.zeros((), jnp.int32)
+    return cls(step=zero, params=params, opt_state=opt_state, nonfinite_total=zero, nonfinite_streak=zero)
 
 
 def dummy_batch(batch_size: int, seq_len: int, max_images: int, config: MM1Config) -> dict:
@@ -57,7 +70,7 @@ def _boxed_params(model: MM1, batch: dict, rng: jax.Array):
 def _boxed_state_fn(model: MM1, tx: optax.GradientTransformation, batch: dict):
   def boxed_init(rng):
     params = _boxed_params(model, batch, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState.create(params, tx.init(params))
   return boxed_init
 
 
@@ -113,11 +126,23 @@ def train_step(state: TrainState, batch: dict, *, model: MM1, tx: optax.Gradient
       metrics.update({f"moe_{k}": v for k, v in moe_stats.items()}, total_loss=loss)
     return loss, metrics
 
-  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(aux, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  # A NaN/Inf loss or gradient skips the update: parameters and optimizer moments stay
+  # as they were (the select fuses into the update, it costs no extra pass), the step
+  # and with it the data position still advance, and the fault is counted.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  bad = (~finite).astype(jnp.int32)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         nonfinite_total=state.nonfinite_total + bad,
+                         nonfinite_streak=(state.nonfinite_streak + 1) * bad)
+  metrics = dict(aux, grad_norm=grad_norm, learning_rate=schedule(state.step), update_skipped=bad,
+                 nonfinite_total=new_state.nonfinite_total, nonfinite_streak=new_state.nonfinite_streak)
+  return new_state, metrics
 
 
 def make_train_step(model: MM1, tx, schedule, state_shardings, batch_shardings, z_loss: float = 0.0
@@ -214,13 +239,48 @@ class _DataStream:
     return json.loads(path.read_text()) if step and path.exists() else None
 
 
+class NonfiniteError(FloatingPointError):
+  """`streak` train steps in a row, the newest `step`, had a NaN/Inf loss or gradient."""
+
+  def __init__(self, step: int, streak: int, loss: float, grad_norm: float):
+    first = step - streak + 1
+    steps = f"step {step}" if streak == 1 else f"steps {first}..{step}"
+    super().__init__(f"stopping at step {step}: loss or gradients were NaN/Inf at {streak} consecutive "
+                     f"{steps} (last loss {loss}, gradient norm {grad_norm})")
+    self.step, self.streak = step, streak
+
+
+class _NonfiniteGuard:
+  """Reads each step's fault counters one step late, so the host never waits on the
+  device; reports skipped steps and raises NonfiniteError after `limit` in a row."""
+
+  def __init__(self, limit: int, echo: Callable[[str], None]):
+    self.limit, self.echo = limit, echo
+    self.pending: tuple[int, dict] | None = None
+
+  def check_previous(self) -> None:
+    if self.pending is None:
+      return
+    step, metrics = self.pending
+    self.pending = None
+    keys = ("update_skipped", "nonfinite_streak", "nonfinite_total", "loss", "grad_norm")
+    skipped, streak, total, loss, grad_norm = jax.device_get(tuple(metrics[k] for k in keys))
+    if not skipped:
+      return
+    self.echo(f"step {step}: loss {float(loss)}, gradient norm {float(grad_norm)}: update skipped "
+              f"({int(streak)} in a row, {int(total)} in this run)")
+    if self.limit and streak >= self.limit:
+      raise NonfiniteError(step, int(streak), float(loss), float(grad_norm))
+
+
 def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
           mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
           train_steps: int = 1000, log_every: int = 10, checkpoint_every: int = 100,
           keep_checkpoints: int = 3, evaluation=None, eval_every: int = 0, z_loss: float = 0.0,
           seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True,
-          init_from: Sequence[str] = (), stop_after_steps: int = 0) -> int:
+          init_from: Sequence[str] = (), stop_after_steps: int = 0,
+          max_consecutive_nonfinite: int = 5) -> int:
   """Pre-trains MM1; resumes from the newest checkpoint in `<workdir>/checkpoints`.
 
   Args:
@@ -243,8 +303,11 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
       another run's checkpoints/), loaded into a fresh run; ignored on resume.
     stop_after_steps: end this run after that many steps, with a checkpoint, exit
       code 0 (time-sliced jobs: the same command continues); 0 runs to train_steps.
+    max_consecutive_nonfinite: a step whose loss or gradients are NaN/Inf is skipped
+      and counted; this many in a row stop the run (exit code 3).
   Returns:
-    0 when train_steps were reached; 128 + signal number when stopped by a signal.
+    0 when train_steps were reached (or stop_after_steps); 3 when stopped by
+    non-finite steps; 128 + signal number when stopped by a signal.
   """
   from tqdm import tqdm  # noqa: PLC0415
 
@@ -268,7 +331,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
   step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss)
 
   ckpt = Checkpointer(workdir_path / "checkpoints", save_every=checkpoint_every,
-                      max_to_keep=keep_checkpoints)
+                      max_to_keep=keep_checkpoints, remove_partial=jax.process_index() == 0)
   start = ckpt.latest_step() or 0
   batches_consumed = 0
   data_state = {}
@@ -309,6 +372,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
   step = start
   t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
   exit_code = 0
+  echo = tqdm.write if progress else print
+  guard = _NonfiniteGuard(max_consecutive_nonfinite, echo)
   try:
     with _StopRequest() as stop, jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
       bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress,
@@ -317,6 +382,9 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
         local = next(batches)
         state, metrics = step_fn(state, global_batch(local, batch_shardings))
         step += 1
+        # The previous step's fault counters, read while this step runs (no stall).
+        guard.check_previous()
+        guard.pending = (step, metrics)
         batches_consumed += 1
         seqs += local["tokens"].shape[0] * host[1]
         tokens += local["tokens"].size * host[1]
@@ -332,8 +400,6 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
                           "step_time_s": dt / steps_done, "mfu": step_flops * steps_done / dt / peak})
           writer.write(step, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-          if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {step}")
           t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
         sliced = bool(stop_after_steps) and step - start >= stop_after_steps and step < train_steps
         if ckpt.save(step, state, dict(batches_consumed=batches_consumed, **batches.record()),
@@ -346,7 +412,16 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           break
         if sliced:
           break
+      guard.check_previous()
       bar.close()
+  except NonfiniteError as e:
+    ckpt.wait()
+    newest = ckpt.latest_step()
+    print(f"error: {e}\nUpdates at those steps were skipped, so parameters are those of step "
+          f"{e.step - e.streak}. Newest checkpoint: step {newest}. Lower the learning rate or "
+          f"inspect the data of those steps, then run the same command to resume from it.",
+          file=sys.stderr, flush=True)
+    return 3
   finally:  # also on errors: let in-flight async saves finish so no checkpoint is half-written
     ckpt.close()
     writer.close()

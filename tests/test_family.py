@@ -252,7 +252,7 @@ def test_train_step_adds_and_logs_moe_losses(tiny_config):
   batch["loss_weights"] = np.ones((2, 24), np.float32)
   params = nn.meta.unbox(train._boxed_params(m, batch, jax.random.PRNGKey(0)))
   tx = optax.sgd(0.0)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  state = train.TrainState.create(params, tx.init(params))
   _, metrics = train.train_step(state, batch, model=m, tx=tx, schedule=lambda s: 0.0)
   for k in ("moe_load_balance", "moe_router_z", "moe_drop_rate"):
     assert np.isfinite(float(metrics[k]))

@@ -5,7 +5,7 @@ from pathlib import Path
 import gin
 import pytest
 
-from mm1_jax import cli
+from mm1_jax import cli, gin_checks
 from mm1_jax.eval import run as eval_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +32,7 @@ def test_gin_file_parses(path):
   files = ["gin/models/mm1_tiny.gin", path] if path in NEEDS_MODEL else [path]
   bindings = ["TRAIN_STEPS = 1", "BATCH_SIZE = 8", "MIXTURE_OR_TASK_NAME = 'x'"] if path in NEEDS_MODEL else []
   gin.parse_config_files_and_bindings(files, bindings)
+  gin_checks.check_types(files, bindings)  # every shipped binding has the type its parameter wants
 
 
 def test_quickstart_macros_and_overrides():

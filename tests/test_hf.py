@@ -231,7 +231,7 @@ def test_export_from_a_training_checkpoint(tmp_path, tiny_config, capsys):
   batch = train.dummy_batch(1, 8, 1, tiny_config)
   params = nn.meta.unbox(train._boxed_params(MM1(tiny_config), batch, jax.random.PRNGKey(0)))
   tx = optax.adamw(1e-3)
-  state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params))
+  state = train.TrainState.create(params, tx.init(params))
   ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1)
   ckpt.save(7, state, {"batches_consumed": 7}, force=True)
   ckpt.close()

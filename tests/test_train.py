@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -134,7 +132,7 @@ def test_help():
 
 def test_train_cli_end_to_end_and_resume(tmp_path):
   # A 5-step run, sliced: it stops (with a checkpoint) after 3 steps.
-  out = _mm1_train(tmp_path, "--gin.TRAIN_STEPS=5", "--gin.train.train.stop_after_steps=3")
+  out = _mm1_train(tmp_path, "--gin.TRAIN_STEPS=5", "--stop_after_steps=3")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "stopped at step 3" in out.stdout
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -167,29 +165,6 @@ def test_train_cli_end_to_end_and_resume(tmp_path):
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   want = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
   assert [r["loss"] for r in records] == [r["loss"] for r in want]
-
-
-def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
-  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
-         f"--workdir={tmp_path}", *SMALL, "--gin.TRAIN_STEPS=500", "--gin.CHECKPOINT_EVERY=1000",
-         "--gin.EVALUATION=None"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
-  output, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
-  saved = Checkpointer(tmp_path / "checkpoints").all_steps()
-  # Orbax keeps the very first step too; the newest is the one written on SIGTERM.
-  stopped_at = saved[-1]
-  assert 2 <= stopped_at < 500, saved
-
-  out = _mm1_train(tmp_path, f"--gin.TRAIN_STEPS={stopped_at + 2}", "--gin.EVALUATION=None")
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert f"resumed from {tmp_path / 'checkpoints'}/{stopped_at}" in out.stdout
 
 
 def test_each_host_keeps_its_loader_state_beside_the_checkpoint(tmp_path, tiny_config):

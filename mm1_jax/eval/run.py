@@ -53,7 +53,7 @@ def _wanted_steps(steps: str, available: list[int], directory) -> list[int]:
 
 
 def evaluate(*, workdir: str, model: MM1Config = MM1Config(),
-             evaluation: fewshot.FewShotConfig = fewshot.FewShotConfig(),
+             evaluation: fewshot.FewShotConfig | None = fewshot.FewShotConfig(),
              mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
              checkpoint_dir: str | None = None, steps: str = "latest", force: bool = False,
              watch: bool = False, poll_seconds: float = 0.0, idle_timeout: float = 3600.0,
@@ -77,6 +77,10 @@ def evaluate(*, workdir: str, model: MM1Config = MM1Config(),
   """
   from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
   from mm1_jax.train import dummy_batch, init_param_shardings  # noqa: PLC0415
+
+  if evaluation is None:
+    raise SystemExit("error: no evaluation configured (EVALUATION = None): add "
+                     "--gin_file=gin/eval/fewshot.gin or bind EVALUATION = @fewshot.FewShotConfig()")
 
   ckpt = Checkpointer(checkpoint_dir or Path(workdir) / "checkpoints")
   out = Path(workdir) / "eval"

@@ -114,12 +114,14 @@ def cmd_export(args) -> int:
 
   from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
 
-  from mm1_jax import decoder  # noqa: PLC0415
+  from mm1_jax import decoder, gin_checks  # noqa: PLC0415
 
   gin.clear_config(clear_constants=True)
-  gin.add_config_file_search_path(str(REPO_ROOT))
   try:
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin)
+    try:
+      gin_checks.parse(args.gin_file, args.gin, [str(REPO_ROOT)])
+    except gin_checks.ConfigError as e:
+      raise SystemExit(f"error: {e}") from None
     try:  # a model file defines MODEL; an imported DIR/model.gin binds the decoder only
       dec_cfg = gin.query_parameter("%MODEL").scoped_configurable_fn().decoder
     except ValueError:

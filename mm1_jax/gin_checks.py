@@ -1,0 +1,257 @@
+"""Checks on a parsed gin config, each failing with one message that names the binding.
+
+- `parse`: gin files and --gin bindings; gin's own errors (unknown configurable or
+  parameter, syntax, missing file, undefined macro) come back as `ConfigError` with
+  gin's location line, without a traceback.
+- `check_types`: every bound value against the annotation of the parameter it sets
+  (following macros), e.g. `TRAIN_STEPS = '10'` for an `int`; the message names the
+  file and line (or --gin flag) that set it.
+- `check_workdir_config`: a workdir belongs to one run; a config that differs from the
+  one recorded there is refused with a diff, unless the change is allowed (the old
+  config is then kept as config.gin.<time>).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import inspect
+import re
+import time
+import traceback
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import gin
+from gin import config as gin_config
+
+# Bindings that decide how a run is driven, not what it computes: they may change
+# between the runs that share a workdir.
+OPERATIONAL = ("train.train.stop_after_steps", "train.train.progress")
+
+
+class ConfigError(ValueError):
+  """A gin config that cannot be used, with a message meant for the user."""
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
+  except (ValueError, TypeError, SyntaxError, OSError, ImportError, AttributeError) as e:
+    raise ConfigError(_gin_message(e, bindings)) from None
+  check_types(files, bindings, search_paths)
+
+
+def _gin_message(e: BaseException, bindings: Sequence[str]) -> str:
+  text = "".join(traceback.format_exception_only(type(e), e)).strip()
+  m = re.search(r"No bindings specified for '([^'/]+)/gin.macro'", text)
+  if m:  # gin appends the whole config to this one
+    return f"gin config: macro %{m.group(1)} is used but never set"
+
+  def flag(match):  # gin numbers the --gin bindings as lines of one string
+    i = int(match.group(1)) - 1
+    return f"In --gin.{bindings[i].replace(' = ', '=', 1)}" if 0 <= i < len(bindings) else match.group(0)
+  return "gin config: " + re.sub(r"In bindings string line (\d+)", flag, text)
+
+
+# --- where a binding was set ------------------------------------------------------------
+
+def _resolve_file(name: str, search_paths: Sequence[str]) -> Path | None:
+  for root in ("", *search_paths):
+    p = Path(root) / name if root else Path(name)
+    if p.is_file():
+      return p
+  return None
+
+
+def _sources(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]
+             ) -> list[tuple[str, list[str]]]:
+  """(name, lines) in the order gin reads them: each file with its includes, then flags."""
+  out, seen = [], set()
+
+  def add(name: str):
+    path = _resolve_file(name, search_paths)
+    if path is None or path.resolve() in seen:
+      return
+    seen.add(path.resolve())
+    lines = path.read_text().splitlines()
+    for line in lines:
+      m = re.match(r"""\s*include\s+['"](.+)['"]""", line)
+      if m:
+        add(m.group(1))
+    out.append((str(path), lines))
+
+  for f in files:
+    add(f)
+  out.extend((f"--gin.{b.replace(' = ', '=', 1)}", [b]) for b in bindings)
+  return out
+
+
+def _locate(sources, pattern: str, block: str | None = None, param: str | None = None) -> str | None:
+  """The last place (`file:line` or the --gin flag) whose line matches, gin's winner."""
+  where = None
+  for name, lines in sources:
+    header = None
+    for i, line in enumerate(lines, 1):
+      m = re.match(r"^([\w.]+):\s*(#.*)?$", line)
+      if m:
+        header = m.group(1)
+        continue
+      if line and not line[0].isspace():
+        header = None
+      hit = re.match(pattern, line) or (
+          block is not None and header is not None and (header == block or header.endswith("." + block))
+          and re.match(rf"^\s+{param}\s*=", line))
+      if hit:
+        where = name if name.startswith("--gin.") else f"{name}:{i}"
+  return where
+
+
+# --- types -------------------------------------------------------------------------------
+
+def _short(selector: str) -> str:
+  parts = selector.split(".")
+  return ".".join(parts[-2:]) if len(parts) >= 2 else selector
+
+
+def _type_name(t: Any) -> str:
+  return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _matches(value: Any, ann: Any) -> bool:
+  """Whether `value` fits the annotation; anything not understood is accepted."""
+  if ann is Any or ann is inspect.Parameter.empty:
+    return True
+  origin, args = typing.get_origin(ann), typing.get_args(ann)
+  if origin in (typing.Union, types.UnionType):
+    return any(_matches(value, a) for a in args)
+  if ann is type(None) or ann is None:
+    return value is None
+  if ann is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ann is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if ann in (str, bool):
+    return isinstance(value, ann)
+  if origin in (tuple, list, collections.abc.Sequence):
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+      return False
+    if origin is tuple and args and args[-1] is not Ellipsis:
+      return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+    inner = args[0] if args else Any
+    return all(_matches(v, inner) for v in value)
+  if origin in (dict, collections.abc.Mapping):
+    return isinstance(value, dict)
+  if isinstance(ann, type):
+    return isinstance(value, ann)
+  return True
+
+
+def _hints(fn) -> dict[str, Any]:
+  target = fn.__init__ if inspect.isclass(fn) and not dataclasses.is_dataclass(fn) else fn
+  try:
+    return typing.get_type_hints(target)
+  except Exception:  # noqa: BLE001  (unresolvable forward references: nothing to check)
+    return {}
+
+
+_UNKNOWN = object()
+
+
+def _value(ref: Any, macros: list[str]) -> Any:
+  """Follows macro references to the literal they stand for; references to other
+  configurables give the class they build (or _UNKNOWN)."""
+  for _ in range(100):
+    if not isinstance(ref, gin_config.ConfigurableReference):
+      return ref
+    scopes = getattr(ref, "_scopes", [])
+    if ref.configurable.name == "macro" and scopes:
+      name = scopes[-1]
+      macros.append(name)
+      ref = gin_config._CONFIG.get((name, "gin.macro"), {}).get("value", _UNKNOWN)  # noqa: SLF001
+      continue
+    wrapped = ref.configurable.wrapped
+    return ("class", wrapped) if inspect.isclass(wrapped) and getattr(ref, "_evaluate", False) else _UNKNOWN
+  return _UNKNOWN
+
+
+def check_types(files: Sequence[str] = (), bindings: Sequence[str] = (), search_paths: Sequence[str] = ()
+                ) -> None:
+  """Raises ConfigError for the first bound value whose type contradicts its annotation."""
+  sources = None
+  for (scope, selector), params in list(gin_config._CONFIG.items()):  # noqa: SLF001
+    if selector == "gin.macro":
+      continue
+    try:
+      configurable = gin_config._REGISTRY.get_match(selector)  # noqa: SLF001
+    except Exception:  # noqa: BLE001
+      configurable = None
+    if configurable is None:
+      continue
+    hints = _hints(configurable.wrapped)
+    for param, raw in params.items():
+      if param not in hints:
+        continue
+      macros: list[str] = []
+      value = _value(raw, macros)
+      if value is _UNKNOWN:
+        continue
+      ann = hints[param]
+      if isinstance(value, tuple) and len(value) == 2 and value[0] == "class":
+        ok = not isinstance(ann, type) or issubclass(value[1], ann)
+        shown = f"@{value[1].__name__}()"
+      else:
+        ok = _matches(value, ann)
+        shown = repr(value)
+      if ok:
+        continue
+      if sources is None:
+        sources = _sources(files, bindings, search_paths)
+      name = f"{scope + '/' if scope else ''}{_short(selector)}.{param}"
+      if macros:
+        where = _locate(sources, rf"^\s*{re.escape(macros[-1])}\s*=")
+        set_by = f"{' -> '.join('%' + m for m in macros)} = {shown}, set in {where or 'the gin config'}"
+      else:
+        short = _short(selector)
+        where = _locate(sources, rf"^\s*(?:[\w.]*\.)?{re.escape(short)}\.{param}\s*=", short, param)
+        set_by = f"{shown}, set in {where or 'the gin config'}"
+      raise ConfigError(f"gin config: {name} expects {_type_name(ann)}, got {type(value).__name__} "
+                        f"({set_by})")
+
+
+# --- one run per workdir ------------------------------------------------------------------
+
+def _comparable(text: str) -> list[str]:
+  return [line for line in text.splitlines() if not line.startswith(tuple(f"{o} =" for o in OPERATIONAL))]
+
+
+def check_workdir_config(workdir: Path, config: str, *, allow_change: bool) -> str | None:
+  """Compares `config` with <workdir>/config.gin when the workdir holds a run.
+
+  Returns None when they agree (or the workdir is new); with allow_change, archives the
+  old config and returns its new name. Otherwise raises ConfigError with the diff.
+  """
+  recorded = workdir / "config.gin"
+  has_run = (workdir / "metrics.jsonl").exists() or any((workdir / "checkpoints").glob("[0-9]*"))
+  if not recorded.exists() or not has_run:
+    return None
+  old = recorded.read_text()
+  if _comparable(old) == _comparable(config):
+    return None
+  diff = "\n".join(difflib.unified_diff(_comparable(old), _comparable(config), f"{recorded} (recorded)",
+                                        "this run", lineterm="", n=1))
+  if not allow_change:
+    raise ConfigError(f"{workdir} holds a run with another config:\n{diff}\n"
+                      f"Use another --workdir, or pass --allow_config_change to continue this run "
+                      f"with the new config (the recorded one is kept as config.gin.<time>).")
+  archived = recorded.with_name(f"config.gin.{time.strftime('%Y%m%dT%H%M%S')}")
+  recorded.rename(archived)
+  print(f"config changed (allowed); the previous one is kept as {archived}:\n{diff}")
+  return str(archived)

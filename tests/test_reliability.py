@@ -1,0 +1,191 @@
+"""Faults a run survives: non-finite steps, preemption, hard kills mid-save, a changed
+device count, a changed config, and bad input at the command line."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from test_train import REPO, SMALL, _env, _fixed_batch, _mm1_train, _setup
+
+from mm1_jax import sharding, train
+from mm1_jax.checkpoint import Checkpointer, NonfiniteStateError
+
+FAULTY_TRAIN = Path(__file__).resolve().parent / "helpers" / "faulty_train.py"
+
+
+def _equal_trees(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# --- NaN / Inf ---------------------------------------------------------------------
+
+def test_a_nonfinite_step_leaves_parameters_and_optimizer_untouched(tiny_config):
+  mesh, mesh_cfg, state, _, bsh, step = _setup(tiny_config)
+  good = _fixed_batch(tiny_config)
+  bad = dict(good, loss_weights=good["loss_weights"].copy())
+  bad["loss_weights"][0, 0] = np.nan  # a corrupt record: the loss becomes NaN
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
+    state, _ = step(state, train.global_batch(good, bsh))
+    before = jax.device_get((state.params, state.opt_state))
+    state, metrics = step(state, train.global_batch(bad, bsh))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(metrics["update_skipped"]) == 1
+    assert _equal_trees(before, jax.device_get((state.params, state.opt_state)))
+    assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (2, 1, 1)
+    state, _ = step(state, train.global_batch(bad, bsh))
+    assert (int(state.nonfinite_total), int(state.nonfinite_streak)) == (2, 2)
+    # A finite step applies its update and ends the streak; the total stays.
+    state, metrics = step(state, train.global_batch(good, bsh))
+    assert int(metrics["update_skipped"]) == 0
+    assert not _equal_trees(before[0], jax.device_get(state.params))
+    assert (int(state.nonfinite_total), int(state.nonfinite_streak)) == (2, 0)
+
+
+def test_a_checkpoint_with_nan_parameters_is_never_written(tiny_config, tmp_path):
+  _, _, state, _, _, _ = _setup(tiny_config)
+  params = jax.tree.map(lambda x: x, state.params)
+  params["decoder"]["ln_final"]["scale"] = params["decoder"]["ln_final"]["scale"].at[3].set(np.inf)
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=1)
+  with pytest.raises(NonfiniteStateError, match=r"checkpoint 5: NaN/Inf in .*ln_final.*scale"):
+    ckpt.save(5, state.replace(params=params), {"batches_consumed": 5})
+  assert ckpt.save(6, state, {"batches_consumed": 6})  # a finite state is written
+  ckpt.close()
+  assert Checkpointer(tmp_path / "ckpt").all_steps() == [6]
+
+
+def _faulty_train(workdir, fault: str, *extra, timeout=600):
+  cmd = [sys.executable, str(FAULTY_TRAIN), fault, "--gin_file=gin/runs/quickstart.gin",
+         f"--workdir={workdir}", *SMALL, "--gin.EVALUATION=None", *extra]
+  return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step(tmp_path):
+  # Step 3 has a corrupt batch (skipped, training goes on); from step 6 on every batch is
+  # corrupt, and the third in a row (step 8) stops the run.
+  out = _faulty_train(tmp_path, "nan_steps=3,6-100", "--gin.TRAIN_STEPS=20",
+                      "--gin.train.train.max_consecutive_nonfinite=3")
+  assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "step 3: loss nan" in out.stdout and "update skipped (1 in a row, 1 in this run)" in out.stdout
+  assert "stopping at step 8: loss or gradients were NaN/Inf at 3 consecutive steps 6..8" in out.stderr
+  assert "parameters are those of step 5" in out.stderr
+  assert "Traceback" not in out.stderr
+  records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+  assert [records[s]["update_skipped"] for s in range(1, 8)] == [0, 0, 1, 0, 0, 1, 1]
+  assert records[7]["nonfinite_total"] == 3 and np.isfinite(records[5]["loss"])
+  # Every checkpoint written holds finite numbers; the one at step 6 equals step 5's model.
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  steps = ckpt.all_steps()
+  assert 6 in steps, steps
+  from mm1_jax.hf.cli import load_checkpoint_params
+  for s in steps:
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_checkpoint_params(tmp_path / "checkpoints", s)))
+  ckpt.close()
+
+
+# --- preemption and hard kills -------------------------------------------------------
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_sigterm_at_any_step_then_resume_matches_an_uninterrupted_run(tmp_path):
+  run = tmp_path / "run"
+  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+         f"--workdir={run}", *SMALL, "--gin.TRAIN_STEPS=500", "--gin.CHECKPOINT_EVERY=1000",
+         "--gin.EVALUATION=None"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = run / "metrics.jsonl"
+  for line in proc.stdout:  # SIGTERM once training is under way, wherever the step is
+    if metrics.exists() and metrics.read_text().count("\n") >= 2:
+      break
+  proc.send_signal(signal.SIGTERM)
+  output = line + proc.stdout.read()
+  proc.wait(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+  assert "received SIGTERM" in output
+  stopped_at = Checkpointer(run / "checkpoints").all_steps()[-1]
+  assert 2 <= stopped_at < 500
+  # The same command resumes: model, optimizer, step and loader position all restored.
+  out = _mm1_train(run, "--gin.TRAIN_STEPS=500", "--gin.CHECKPOINT_EVERY=1000", "--gin.EVALUATION=None",
+                   "--stop_after_steps=2")
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert f"resumed from {run / 'checkpoints'}/{stopped_at}" in out.stdout
+  straight = tmp_path / "straight"
+  out = _mm1_train(straight, "--gin.TRAIN_STEPS=500", "--gin.CHECKPOINT_EVERY=1000", "--gin.EVALUATION=None",
+                   f"--stop_after_steps={stopped_at + 2}")
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  got, want = _losses(run), _losses(straight)
+  assert sorted(got) == sorted(want) == list(range(1, stopped_at + 3))
+  assert got == want  # bit for bit
+
+
+def test_a_kill_during_an_async_save_falls_back_to_the_last_complete_checkpoint(tmp_path):
+  # SIGKILL once checkpoint 4's arrays are on disk but before it is committed.
+  out = _faulty_train(tmp_path, "kill_before_commit=4", "--gin.TRAIN_STEPS=6")
+  assert out.returncode == -signal.SIGKILL, out.stdout[-3000:] + out.stderr[-3000:]
+  partial = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("4.")]
+  assert partial, "the kill should leave checkpoint 4's temporary folder behind"
+  assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 2  # orbax also keeps step 1
+  out = _mm1_train(tmp_path, "--gin.TRAIN_STEPS=6", "--gin.EVALUATION=None")
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert f"resumed from {tmp_path / 'checkpoints'}/2" in out.stdout
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("4.")]
+  assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 6
+
+
+# --- a different device count --------------------------------------------------------
+
+def test_restore_onto_fewer_devices_reshards(tiny_config, tmp_path):
+  mesh, mesh_cfg, state, shardings, bsh, step = _setup(tiny_config)  # 8 devices, fsdp=2
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
+    state, _ = step(state, train.global_batch(_fixed_batch(tiny_config), bsh))
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=1)
+  ckpt.save(1, state, {"batches_consumed": 1})
+  ckpt.close()
+
+  small_cfg = sharding.MeshConfig(shape=(-1, 4, 1))
+  small = sharding.make_mesh(small_cfg, jax.devices()[:4])
+  from mm1_jax import optim
+  from mm1_jax.model import MM1
+  tx, _ = optim.make_optimizer(optim.OptimizerConfig(peak_lr=3e-3, warmup_steps=2), 20)
+  abstract, target = train.abstract_train_state(MM1(tiny_config), tx, train.dummy_batch(8, 32, 2, tiny_config),
+                                                small, small_cfg.rules)
+  restored, data = Checkpointer(tmp_path / "ckpt").restore(1, abstract)
+  assert data == {"batches_consumed": 1}
+  assert _equal_trees(jax.device_get(state), jax.device_get(restored))
+  for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert leaf.sharding == want and len(leaf.sharding.device_set) == 4
+
+
+def test_a_run_resumes_on_half_the_devices(tmp_path):
+  def train_on(devices, workdir):
+    env = dict(_env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+           f"--workdir={workdir}", *SMALL, "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=8",
+           "--gin.EVALUATION=None"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+  # 4 steps on 8 devices, checkpoints at 2 and 4: the reference.
+  assert "'data': 8" in train_on(8, tmp_path / "straight")
+  # The same run as if stopped at step 2, continued on 4 devices.
+  run = tmp_path / "run"
+  shutil.copytree(tmp_path / "straight", run)
+  shutil.rmtree(run / "checkpoints" / "4")
+  for name in ("metrics.jsonl", "train_done.json"):
+    (run / name).unlink()
+  out = train_on(4, run)
+  assert f"resumed from {run / 'checkpoints'}/2" in out and "'data': 4" in out
+  got, want = _losses(run), _losses(tmp_path / "straight")
+  assert sorted(got) == [3, 4]
+  # Same data, same model; only the reduction order of a 4-way split differs.
+  np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=2e-5)

@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     report = gin.get_configurable(aot_lib.preflight)(cost=not args.no_cost, **kwargs)
   except ValueError as e:
-    print(f"mm1-aot: {e}", file=sys.stderr)
+    message = str(e).split("\n  In call to configurable")[0]  # gin's addition: no news here
+    print(f"mm1-aot: {message}", file=sys.stderr)
     return 2
   print(format_report(report))
   if args.json_out:

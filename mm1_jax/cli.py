@@ -60,7 +60,7 @@ def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
   return rest, bindings
 
 
-def parse_gin(args: argparse.Namespace, bindings: list[str]) -> None:
+def parse_gin(args: argparse.Namespace, bindings: list[str], hint: str = "") -> None:
   """Parses the gin files and bindings; a bad config exits with one message (code 2)."""
   import importlib  # noqa: PLC0415
 
@@ -70,11 +70,12 @@ def parse_gin(args: argparse.Namespace, bindings: list[str]) -> None:
     try:
       importlib.import_module(module)
     except ImportError as e:
-      raise SystemExit(f"error: --module_import={module}: {e}") from None
+      print(f"error: --module_import={module}: {e}", file=sys.stderr)
+      raise SystemExit(2) from None
   try:
     gin_checks.parse(args.gin_file, bindings, [os.getcwd(), str(REPO_ROOT), *args.gin_search_path])
   except gin_checks.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}" + (f"\n{hint}" if hint and "%MODEL" in str(e) else ""), file=sys.stderr)
     raise SystemExit(2) from None
 
 
@@ -126,7 +127,10 @@ def main_train(argv: list[str] | None = None) -> int:
   sys.path.insert(0, os.getcwd())
   parse_gin(args, bindings)
   workdir = Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    parser.error(f"cannot use --workdir={args.workdir}: {e.strerror}")
   config = gin.config_str()
   try:
     gin_checks.check_workdir_config(workdir, config, allow_change=args.allow_config_change)
@@ -200,7 +204,9 @@ def main_eval(argv: list[str] | None = None) -> int:
   from mm1_jax.eval import run as run_lib  # noqa: PLC0415
 
   sys.path.insert(0, os.getcwd())
-  parse_gin(args, bindings)
+  hint = "" if run_config.exists() else (f"{run_config} does not exist: give the model's gin file too, "
+                                         "e.g. --gin_file=gin/models/mm1_tiny.gin")
+  parse_gin(args, bindings, hint)
   return gin.get_configurable(run_lib.evaluate)(
       workdir=args.workdir, checkpoint_dir=str(ckpt_dir), steps=args.steps, force=args.force,
       watch=args.watch, poll_seconds=args.poll_seconds, idle_timeout=args.idle_timeout,

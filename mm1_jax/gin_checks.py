@@ -40,6 +40,10 @@ class ConfigError(ValueError):
 # --- parsing ---------------------------------------------------------------------------
 
 def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+  search_paths = list(dict.fromkeys(search_paths))
+  for f in files:
+    if _resolve_file(f, search_paths) is None:
+      raise ConfigError(f"gin file {f} not found (looked in: ., {', '.join(search_paths)})")
   for path in search_paths:
     gin.add_config_file_search_path(path)
   try:

@@ -189,3 +189,120 @@ def test_a_run_resumes_on_half_the_devices(tmp_path):
   assert sorted(got) == [3, 4]
   # Same data, same model; only the reduction order of a 4-way split differs.
   np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=2e-5)
+
+
+# --- one run per workdir ---------------------------------------------------------------
+
+def test_a_workdir_refuses_a_run_with_another_config(tmp_path):
+  from mm1_jax.gin_checks import ConfigError, check_workdir_config
+
+  old = "BATCH_SIZE = 8\nTRAIN_STEPS = 5\ntrain.train.stop_after_steps = 2\n"
+  (tmp_path / "config.gin").write_text(old)
+  # A workdir that holds no run yet takes any config.
+  assert check_workdir_config(tmp_path, "TRAIN_STEPS = 6\n", allow_change=False) is None
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+  # How long this invocation runs is not part of the run's identity.
+  assert check_workdir_config(tmp_path, old.replace("= 2", "= 3"), allow_change=False) is None
+  new = old.replace("TRAIN_STEPS = 5", "TRAIN_STEPS = 6")
+  with pytest.raises(ConfigError) as e:
+    check_workdir_config(tmp_path, new, allow_change=False)
+  assert "-TRAIN_STEPS = 5\n+TRAIN_STEPS = 6" in str(e.value) and "--allow_config_change" in str(e.value)
+  assert (tmp_path / "config.gin").read_text() == old  # nothing touched
+  archived = Path(check_workdir_config(tmp_path, new, allow_change=True))
+  assert archived.read_text() == old and not (tmp_path / "config.gin").exists()
+
+
+# --- bad input at the command line ------------------------------------------------------
+
+@pytest.fixture
+def clean_gin():
+  import gin
+  gin.clear_config(clear_constants=True)
+  yield
+  gin.clear_config(clear_constants=True)
+
+
+def _run_cli(main, argv, capsys) -> tuple[int, str]:
+  try:
+    code = main(argv)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+    if isinstance(e.code, str):
+      print(e.code, file=sys.stderr)
+  err = capsys.readouterr().err
+  return code, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gin_file=gin/runs/nope.gin"], "gin file gin/runs/nope.gin not found"),
+    (["--gin.train.train.foo=1"], "Configurable 'train.train' doesn't have a parameter named 'foo'.\n"
+                                  "  In --gin.train.train.foo=1"),
+    (["--gin.pipeline.DataConfg.batch_size=3"], "No configurable matching 'pipeline.DataConfg'"),
+    (["--gin.TRAIN_STEPS='10'"], "train.train.train_steps expects int, got str (%TRAIN_STEPS = '10', "
+                                 "set in --gin.TRAIN_STEPS='10')"),
+    (["--gin.pipeline.DataConfig.batch_size=2.5"], "pipeline.DataConfig.batch_size expects int, got float"),
+    (["--gin.vit.ViTConfig.depth=True"], "vit.ViTConfig.depth expects int, got bool"),
+    (["--gin.train.train.train_steps=%NOPE"], "macro %NOPE is used but never set"),
+    (["--gin.TRAIN_STEPS=abc("], "SyntaxError"),
+    (["--module_import=no_such_module"], "--module_import=no_such_module: No module named 'no_such_module'"),
+])
+def test_train_config_errors_are_one_clear_message(flags, message, tmp_path, capsys, clean_gin):
+  from mm1_jax import cli
+  argv = ["--gin_file=gin/runs/quickstart.gin", f"--workdir={tmp_path}", *flags]
+  if flags[0].startswith("--gin_file"):
+    argv = argv[1:]
+  code, err = _run_cli(cli.main_train, argv, capsys)
+  assert code == 2 and message in err, err
+  assert "Traceback" not in err and err.count("\n") <= 6, err
+  assert not (tmp_path / "config.gin").exists()
+
+
+def test_a_wrong_type_in_a_file_names_the_file_and_line(tmp_path, capsys, clean_gin):
+  from mm1_jax import cli
+  (tmp_path / "exp.gin").write_text(
+      "from __gin__ import dynamic_registration\nfrom mm1_jax import optim\n"
+      "include 'gin/runs/quickstart.gin'\n\noptim.OptimizerConfig:\n  weight_decay = 0.1\n"
+      "  warmup_steps = '40'\n")
+  code, err = _run_cli(cli.main_train, [f"--gin_file={tmp_path / 'exp.gin'}", f"--workdir={tmp_path / 'w'}"],
+                       capsys)
+  assert code == 2, err
+  assert f"optim.OptimizerConfig.warmup_steps expects int, got str ('40', set in {tmp_path / 'exp.gin'}:7)" in err
+
+
+def test_train_refuses_a_workdir_with_another_run(tmp_path, capsys, clean_gin):
+  from mm1_jax import cli
+  (tmp_path / "config.gin").write_text("TRAIN_STEPS = 5\n")
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+  code, err = _run_cli(cli.main_train, ["--gin_file=gin/runs/quickstart.gin", f"--workdir={tmp_path}"], capsys)
+  assert code == 2 and "holds a run with another config" in err and "-TRAIN_STEPS = 5" in err
+  assert (tmp_path / "config.gin").read_text() == "TRAIN_STEPS = 5\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint_dir=/nonexistent/checkpoints"], "no checkpoint folder at /nonexistent/checkpoints"),
+    (["--checkpoint_dir={ckpt}", "--benchmarks=coco,cocoo", "--gin_file=gin/models/mm1_tiny.gin"],
+     "unknown benchmark 'cocoo'; known: coco, gqa"),
+    (["--checkpoint_dir={ckpt}"], "config.gin does not exist: give the model's gin file too"),
+])
+def test_eval_input_errors(flags, message, tmp_path, capsys, clean_gin):
+  from mm1_jax import cli
+  (tmp_path / "checkpoints").mkdir()
+  argv = ["--gin_file=gin/eval/fewshot.gin", *(f.format(ckpt=tmp_path / "checkpoints") for f in flags)]
+  code, err = _run_cli(cli.main_eval, argv, capsys)
+  assert code == 2 and message in err, err
+  assert "Traceback" not in err
+
+
+def test_only_orbax_and_safetensors_are_read(tmp_path):
+  """Nothing in the package can unpickle: no pickle, torch.load or allow_pickle."""
+  sources = [p for p in (REPO / "mm1_jax").rglob("*.py")]
+  banned = ("import pickle", "pickle.load", "torch.load", "allow_pickle=True", "joblib", "dill")
+  for path in sources:
+    text = path.read_text()
+    assert not [b for b in banned if b in text], path
+  # Hugging Face directories are read through safetensors only, a .bin is refused.
+  from mm1_jax.hf import convert
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not read")
+  with pytest.raises(convert.ConversionError, match="no \\*.safetensors files"):
+    convert.to_params("llama", tmp_path)

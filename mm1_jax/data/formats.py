@@ -11,6 +11,9 @@ large enough, and that there is text.
   text         text                                     JSONL with a "text" field, plain .txt files
 
 Skip reasons (`REASONS`) are the keys of the counts that `mm1-data build` prints.
+
+A source's own text never carries the image marker: a literal `<image>` in it (HTML
+dumps have them) is written as `<img>`, so the only markers are those of real images.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Iterable, Iterator
 from mm1_jax.data.tokenizer import IMAGE_TOKEN
 
 FORMATS = ("webdataset", "coco", "obelics", "mmc4", "text")
+LITERAL_IMAGE_TOKEN = "<img>"  # what a literal IMAGE_TOKEN in source text becomes
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 REASONS = {
@@ -226,7 +230,7 @@ def _interleaved(rid: str, pieces: list[tuple[str, Any]], root: Path) -> Iterato
         yield Skip("bad_utf8", rid, "a text piece is not UTF-8")
         continue
       if text.strip():
-        parts.append(text.strip())
+        parts.append(text.strip().replace(IMAGE_TOKEN, LITERAL_IMAGE_TOKEN))
     else:
       image = _image_ref(value, root, rid)
       if isinstance(image, Skip):
@@ -341,7 +345,10 @@ def normalize_image(data: bytes, checks: Checks) -> bytes | str:
 
 def check(ex: Example, checks: Checks) -> tuple[Record, list[Skip], bool]:
   """Validates one example: (the example or a Skip, images dropped from it, truncated?)."""
+  if not isinstance(ex.text, str):
+    return Skip("bad_record", ex.id, f"text is {type(ex.text).__name__}, not a string"), [], False
   if ex.kind in ("text", "caption"):
+    ex = dataclasses.replace(ex, text=ex.text.replace(IMAGE_TOKEN, LITERAL_IMAGE_TOKEN))
     if not ex.text.strip():
       return Skip("empty_text", ex.id), [], False
     if ex.kind == "caption":
@@ -353,6 +360,8 @@ def check(ex: Example, checks: Checks) -> tuple[Record, list[Skip], bool]:
 
   # Interleaved: drop bad images (with their marker), then cut at max_images.
   pieces = ex.text.split(IMAGE_TOKEN)  # len(images) + 1 text runs around the markers
+  if len(pieces) != len(ex.images) + 1:
+    return Skip("bad_record", ex.id, f"{len(pieces) - 1} image markers for {len(ex.images)} images"), [], False
   kept_text, kept_images, dropped = [pieces[0]], [], []
   for raw, after in zip(ex.images, pieces[1:], strict=True):
     image = normalize_image(raw, checks)

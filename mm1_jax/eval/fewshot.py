@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Mapping
@@ -211,6 +212,18 @@ class _Benchmark:
   metric_fns: list
   overlap: list[str] = dataclasses.field(default_factory=list)  # test ids whose image is in training
   skipped: int = 0  # test queries whose image could not be read
+
+
+def check_benchmark_names(config: FewShotConfig) -> None:
+  """Exits (code 2) with the known names when a configured benchmark is unknown."""
+  for m in config.module_imports:  # they register benchmarks
+    importlib.import_module(m)
+  for name in config.benchmarks:
+    try:
+      benchmarks_lib.get(name)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(2) from None
 
 
 class Evaluator:

@@ -1,6 +1,7 @@
 """`mm1-eval`: evaluate saved checkpoints of a run, once or as a nightly watcher.
 
-Exit codes: 0 done; 2 nothing to evaluate; 3 a metric regressed beyond
+Exit codes: 0 done; 2 nothing evaluated (no checkpoint yet, or a usage or config
+error, e.g. an unknown benchmark name); 3 a metric regressed beyond
 `max_regression` against the best earlier checkpoint (the list is printed and written
 to eval/report.md); 4 a checkpoint could not be evaluated (recorded in
 eval/watch_state.json and not retried unless --force).
@@ -81,6 +82,7 @@ def evaluate(*, workdir: str, model: MM1Config = MM1Config(),
   if evaluation is None:
     raise SystemExit("error: no evaluation configured (EVALUATION = None): add "
                      "--gin_file=gin/eval/fewshot.gin or bind EVALUATION = @fewshot.FewShotConfig()")
+  fewshot.check_benchmark_names(evaluation)
 
   ckpt = Checkpointer(checkpoint_dir or Path(workdir) / "checkpoints")
   out = Path(workdir) / "eval"

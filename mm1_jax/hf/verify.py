@@ -21,7 +21,7 @@ def _hf_model(kind: str, src: Path):
 
   classes = {"clip": T.CLIPVisionModel, "siglip": T.SiglipVisionModel, "aimv2": T.Aimv2VisionModel}
   cls = classes.get(kind, T.AutoModelForCausalLM)
-  model = cls.from_pretrained(str(src), dtype="float32", attn_implementation="eager")
+  model = cls.from_pretrained(str(src), dtype="float32", attn_implementation="eager", use_safetensors=True)
   return model.eval()
 
 

@@ -42,6 +42,9 @@ class DecoderConfig:
   moe: moe_lib.MoEConfig | None = None  # sparse FFNs; None is a dense decoder
   scan_layers: bool = True  # one nn.scan over the blocks; params get a leading 'layers' axis
   remat_policy: str = "none"  # see layers.REMAT_POLICIES
+  # Training/scoring attention in this many causal query blocks, each scoring only the
+  # keys up to its end (layers.causal_attend); 1 scores the full T x T matrix.
+  attention_chunks: int = 4
   dtype: str = "float32"
 
 
@@ -67,7 +70,7 @@ class DecoderBlock(nn.Module):
     dtype = jnp.dtype(c.dtype)
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_attn")(x)
     h, cache = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, rope_base=c.rope_base,
-                                dtype=dtype, name="attn")(h, mask, positions, cache, cache_index)
+                                causal_chunks=c.attention_chunks, dtype=dtype, name="attn")(h, mask, positions, cache, cache_index)
     x = x + h
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_mlp")(x)
     if self.sparse:
@@ -121,7 +124,8 @@ class Decoder(nn.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
                cache: layers.KVCache | None = None, cache_index: jax.Array | int = 0,
-               valid: jax.Array | None = None) -> tuple[jax.Array, layers.KVCache | None]:
+               valid: jax.Array | None = None, last_only: bool = False
+               ) -> tuple[jax.Array, layers.KVCache | None]:
     """Runs the stack.
 
     Args:
@@ -131,8 +135,9 @@ class Decoder(nn.Module):
       cache: (key, value) caches stacked over layers, float[L, B, S, K, H] each, or None.
       cache_index: slot at which the T new entries are written.
       valid: bool[B, T], False on padding (sparse layers leave padding out); None: all valid.
+      last_only: logits of the last position only (a prompt's prefill needs no others).
     Returns:
-      (logits float32[B, T, V], updated caches or None)
+      (logits float32[B, T, V] (T = 1 with last_only), updated caches or None)
     """
     x = sharding.constrain(x, ("batch", "length", "embed"))
     g = self.config.group_size
@@ -144,6 +149,8 @@ class Decoder(nn.Module):
       new_cache = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), new_cache)
     x = self.ln_final(x)
     self.sow("intermediates", "hidden_states", x)  # read by mm1-convert verify
+    if last_only:
+      x = x[:, -1:]
     if self.config.tie_embeddings:
       # Tied head in float32 whatever the compute dtype: logits feed a softmax over V.
       table = jnp.asarray(self.embedding.embedding, jnp.float32)  # [V, D]

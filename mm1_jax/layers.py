@@ -141,6 +141,41 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
 KVCache = tuple[jax.Array, jax.Array]  # (key, value): float[B, S, K, H], or [L, B, S, K, H] stacked
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """softmax(q k^T / sqrt(H), masked) v, with grouped heads; scores and softmax in float32.
+
+  Args:
+    q: float[B, T, N, H]; k, v: float[B, S, K, H] with K dividing N.
+    mask: bool[B, 1, T, S] (True: may attend) or None.
+  Returns:
+    float[B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  q = (q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)).reshape(b, t, kh, n // kh, h)
+  s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+
+
+def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunks: int) -> jax.Array:
+  """`attend` for a causal mask (no query sees a later key) over T == S positions.
+
+  Queries are cut into `chunks` blocks and block i only scores the keys up to its own
+  end: the upper triangle is never computed, (chunks + 1) / (2 chunks) of the work of
+  the full score matrix (5/8 for 4 chunks), with the same result.
+  """
+  t = q.shape[1]
+  if chunks <= 1 or t % chunks:
+    return attend(q, k, v, mask)
+  c = t // chunks
+  outs = [attend(q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
+                 mask[:, :, i * c:(i + 1) * c, :(i + 1) * c]) for i in range(chunks)]
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query attention with optional RoPE and a KV cache.
 
@@ -155,6 +190,7 @@ class Attention(nn.Module):
   use_bias: bool = False
   use_rope: bool = True
   rope_base: float = 10000.0
+  causal_chunks: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -180,7 +216,11 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), idx)
       new_cache = (k, v)
 
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if cache is None and mask is not None and self.causal_chunks > 1:
+      out = causal_attend(q, k, v, mask, self.causal_chunks)
+    else:
+      out = attend(q, k, v, mask)
     out = dense((d,), ("heads", "kv", "embed"), "out", n_in=2)(out)
     return out, new_cache
 

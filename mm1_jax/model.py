@@ -136,7 +136,7 @@ class MM1(nn.Module):
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     x = self.embed_inputs(tokens, images)
     mask = cache_mask(kv_valid, 0, tokens.shape[1], self.config.decoder.sliding_window)
-    logits, cache = self.decoder(x, mask, positions, cache, 0, valid=valid)
+    logits, cache = self.decoder(x, mask, positions, cache, 0, valid=valid, last_only=True)
     return logits[:, -1], cache
 
   def decode_step(self, token: jax.Array, position: jax.Array, kv_valid: jax.Array, cache,

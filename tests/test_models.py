@@ -228,3 +228,22 @@ def test_remat_policies_keep_gradients(tiny_config, policy):
   with pytest.raises(ValueError, match="remat_policy"):
     bad = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, remat_policy="x"))
     model.MM1(bad).init(jax.random.PRNGKey(0), tokens, images, seg, pos)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_attention_matches_the_reference_and_chunking_changes_nothing(chunks):
+  """layers.attend (grouped heads) against jax.nn.dot_product_attention, and the causal
+  block form against the full score matrix, on a packed (segment + causal) mask."""
+  from mm1_jax import layers
+  from mm1_jax.model import segment_causal_mask
+
+  b, t, n, kh, h = 2, 16, 4, 2, 8
+  ks = jax.random.split(jax.random.PRNGKey(chunks), 3)
+  q = jax.random.normal(ks[0], (b, t, n, h))
+  k = jax.random.normal(ks[1], (b, t, kh, h))
+  v = jax.random.normal(ks[2], (b, t, kh, h))
+  seg = jnp.asarray([[1] * 6 + [2] * 7 + [0] * 3, [1] * 16])
+  mask = segment_causal_mask(seg, None)
+  want = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  np.testing.assert_allclose(layers.attend(q, k, v, mask), want, atol=2e-6)
+  np.testing.assert_allclose(layers.causal_attend(q, k, v, mask, chunks), want, atol=2e-6)

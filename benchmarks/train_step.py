@@ -22,6 +22,79 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def synthetic_batch(config, batch_size: int, seq_len: int, max_images: int, seed: int = 0) -> dict:
+  """A batch with every image slot used: random text, each image's Q tokens after 8 text tokens."""
+  import numpy as np
+
+  from mm1_jax import train
+
+  batch = train.dummy_batch(batch_size, seq_len, max_images, config)
+  rng = np.random.default_rng(seed)
+  q = config.tokens_per_image
+  seq = rng.integers(5, config.decoder.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+  for i in range(max_images):
+    seq[:, 1 + i * (q + 8): 1 + i * (q + 8) + q] = config.image_token_id
+  batch.update(tokens=seq[:, :-1], targets=seq[:, 1:],
+               loss_weights=(seq[:, 1:] != config.image_token_id).astype(np.float32),
+               positions=np.broadcast_to(np.arange(seq_len), (batch_size, seq_len)).astype(np.int32),
+               images=rng.integers(0, 256, batch["images"].shape).astype(np.uint8))
+  return batch
+
+
+def measure(config, batch_size: int, seq_len: int, max_images: int, *, steps: int = 20, warmup: int = 3,
+            mesh_shape: tuple[int, ...] = (-1, 1, 1), peak_flops_per_device: float | None = None,
+            progress: bool = True) -> dict:
+  """Times the jitted train step of `config` (an MM1Config); returns the JSON record."""
+  import flax.linen as nn
+  import jax
+  from tqdm import tqdm
+
+  from mm1_jax import flops, optim, sharding, train
+  from mm1_jax.model import MM1
+
+  mesh_cfg = sharding.MeshConfig(shape=tuple(mesh_shape))
+  mesh = sharding.make_mesh(mesh_cfg)
+  tx, schedule = optim.make_optimizer(optim.OptimizerConfig(), 1000)
+  batch = synthetic_batch(config, batch_size, seq_len, max_images)
+  model = MM1(config)
+  state, shardings = train.init_train_state(model, tx, batch, jax.random.PRNGKey(0), mesh, mesh_cfg.rules)
+  bsh = {k: sharding.batch_sharding(mesh, mesh_cfg.rules, v.ndim) for k, v in batch.items()}
+  step = train.make_train_step(model, tx, schedule, shardings, bsh)
+  gbatch = train.global_batch(batch, bsh)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
+    t0 = time.perf_counter()
+    state, m = step(state, gbatch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+      state, m = step(state, gbatch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in tqdm(range(steps), desc="timed steps", disable=not progress, leave=False):
+      t = time.perf_counter()
+      state, m = step(state, gbatch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+
+  backend = jax.default_backend()
+  peak = peak_flops_per_device or (3.2e11 if backend == "cpu" else 989e12)
+  step_flops = flops.train_flops_per_step(state.params, config, batch_size, seq_len, max_images)
+  median = statistics.median(times)
+  return {
+      "backend": backend, "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+      "host": platform.processor() or platform.machine(), "jax": jax.__version__,
+      "mesh": dict(mesh.shape), "batch_size": batch_size, "seq_len": seq_len, "max_images": max_images,
+      "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "compile_s": round(compile_s, 2), "steps": steps, "step_s_median": median,
+      "step_s_min": min(times), "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))],
+      "tokens_per_s": batch_size * seq_len / median, "images_per_s": batch_size * max_images / median,
+      "model_flops_per_step": step_flops, "flops_per_s": step_flops / median,
+      "peak_flops_per_device": peak, "mfu": step_flops / median / (peak * jax.device_count()),
+      "final_loss": float(m["loss"]),
+  }
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gin_file", default="gin/models/mm1_tiny.gin", help="model gin file (defines MODEL)")
@@ -38,72 +111,14 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
 
   import gin
-  import jax
-  import flax.linen as nn
-  import numpy as np
-  from tqdm import tqdm
-
-  from mm1_jax import flops, optim, sharding, train
-  from mm1_jax.model import MM1
 
   gin.add_config_file_search_path(str(REPO))
   gin.parse_config_files_and_bindings([args.gin_file], args.gin)
   config = gin.query_parameter("%MODEL").scoped_configurable_fn()
-
-  mesh_cfg = sharding.MeshConfig(shape=tuple(int(x) for x in args.mesh_shape.split(",")))
-  mesh = sharding.make_mesh(mesh_cfg)
-  tx, schedule = optim.make_optimizer(optim.OptimizerConfig(), 1000)
-  batch = train.dummy_batch(args.batch_size, args.seq_len, args.max_images, config)
-  rng = np.random.default_rng(0)
-  q = config.tokens_per_image
-  seq = rng.integers(5, config.decoder.vocab_size, (args.batch_size, args.seq_len + 1)).astype(np.int32)
-  for i in range(args.max_images):  # every image slot used
-    seq[:, 1 + i * (q + 8): 1 + i * (q + 8) + q] = config.image_token_id
-  batch.update(tokens=seq[:, :-1], targets=seq[:, 1:],
-               loss_weights=(seq[:, 1:] != config.image_token_id).astype(np.float32),
-               positions=np.broadcast_to(np.arange(args.seq_len), (args.batch_size, args.seq_len)).astype(np.int32),
-               images=rng.integers(0, 256, batch["images"].shape).astype(np.uint8))
-
-  model = MM1(config)
-  state, shardings = train.init_train_state(model, tx, batch, jax.random.PRNGKey(0), mesh, mesh_cfg.rules)
-  bsh = {k: sharding.batch_sharding(mesh, mesh_cfg.rules, v.ndim) for k, v in batch.items()}
-  step = train.make_train_step(model, tx, schedule, shardings, bsh)
-  gbatch = train.global_batch(batch, bsh)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
-    t0 = time.perf_counter()
-    state, m = step(state, gbatch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-      state, m = step(state, gbatch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in tqdm(range(args.steps), desc="timed steps"):
-      t = time.perf_counter()
-      state, m = step(state, gbatch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t)
-
-  backend = jax.default_backend()
-  peak = args.peak_flops_per_device or (3.2e11 if backend == "cpu" else 989e12)
-  step_flops = flops.train_flops_per_step(state.params, config, args.batch_size, args.seq_len, args.max_images)
-  median = statistics.median(times)
-  record = {
-      "model_gin": args.gin_file, "gin": args.gin, "backend": backend,
-      "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-      "host": platform.processor() or platform.machine(), "jax": jax.__version__,
-      "mesh": dict(mesh.shape), "batch_size": args.batch_size, "seq_len": args.seq_len,
-      "max_images": args.max_images,
-      "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-      "compile_s": round(compile_s, 2), "step_s_median": median,
-      "step_s_min": min(times), "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))],
-      "tokens_per_s": args.batch_size * args.seq_len / median,
-      "images_per_s": args.batch_size * args.max_images / median,
-      "model_flops_per_step": step_flops, "peak_flops_per_device": peak,
-      "mfu": step_flops / median / (peak * jax.device_count()),
-      "final_loss": float(m["loss"]),
-  }
+  record = measure(config, args.batch_size, args.seq_len, args.max_images, steps=args.steps,
+                   warmup=args.warmup, mesh_shape=tuple(int(x) for x in args.mesh_shape.split(",")),
+                   peak_flops_per_device=args.peak_flops_per_device)
+  record.update(model_gin=args.gin_file, gin=args.gin)
   print(json.dumps(record, indent=1))
   if args.json_out:
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run` (benchmarks/README.md)."""

@@ -1,0 +1,340 @@
+"""The benchmark suite: measures, then writes benchmarks/RESULTS.md.
+
+  python -m benchmarks.run                       # everything, full sizes (about 25 min on 2 cores)
+  python -m benchmarks.run --only train_small    # one benchmark (repeatable); the others keep
+                                                 # their last figures in results/suite.json
+  python -m benchmarks.run --short --results_dir /tmp/b   # tiny sizes: only that it runs
+
+Benchmarks (each a key of --json_out's {"<benchmark>": {"<figure>": value}}):
+  peak          float32 matmul FLOP/s of this machine in jax (the MFU denominator)
+  train_small   train steps of gin/models/bench_small.gin (MLP projector, 256 image tokens)
+  train_small_cabs   the same with a C-Abstractor of 64 tokens
+  moe_vs_dense  every 2nd decoder FFN -> 8 experts (top-2, each the dense FFN's size);
+                step-time ratio to a dense model with the same active parameters, per dispatch
+  decode        batched greedy decoding with the KV cache
+  peer          the same model in PyTorch + transformers (LLaVA), train steps and generate()
+  loader        the grain loader (benchmarks/loader.py)
+  preflight     the projected-MFU table of the pod presets (results/preflight/, mm1-aot)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+NAMES = ("peak", "train_small", "train_small_cabs", "moe_vs_dense", "decode", "peer", "loader", "preflight")
+
+# The fixed shapes (benchmarks/README.md); --short shrinks everything to check the code runs.
+FULL = dict(batch=8, seq_len=512, steps=5, warmup=2, matmul=(2048, 4096), decode_batch=8, prompt_text=256,
+            new_tokens=64)
+SHORT = dict(batch=2, seq_len=16, steps=2, warmup=1, matmul=(256,), decode_batch=2, prompt_text=8, new_tokens=4)
+SHORT_MODEL = ["vit.ViTConfig.image_size = 28", "vit.ViTConfig.width = 32", "vit.ViTConfig.depth = 1",
+               "vit.ViTConfig.num_heads = 2", "vit.ViTConfig.mlp_dim = 64", "decoder.DecoderConfig.width = 32",
+               "decoder.DecoderConfig.depth = 2", "decoder.DecoderConfig.num_heads = 2",
+               "decoder.DecoderConfig.num_kv_heads = 2", "decoder.DecoderConfig.head_dim = 16",
+               "decoder.DecoderConfig.mlp_dim = 64", "decoder.DecoderConfig.vocab_size = 512"]
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_small(short: bool, c_abstractor: bool = False):
+  """The bench_small MM1Config (or its tiny stand-in with --short)."""
+  import gin
+
+  from mm1_jax import connector
+
+  gin.clear_config(clear_constants=True)
+  gin.add_config_file_search_path(str(REPO))
+  gin.parse_config_files_and_bindings(["gin/models/bench_small.gin"], SHORT_MODEL if short else [])
+  config = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  gin.clear_config(clear_constants=True)
+  if c_abstractor:
+    cab = connector.CAbstractorConfig(num_tokens=4 if short else 64, dtype=config.decoder.dtype)
+    config = dataclasses.replace(config, connector=cab)
+  return config
+
+
+# --- the benchmarks ------------------------------------------------------------------------
+
+def run_peak(s: dict, short: bool, results: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  best = {}
+  for n in s["matmul"]:
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(3 if n >= 4096 else 10):
+      t = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t)
+    best[f"flops_per_s_n{n}"] = 2 * n**3 / statistics.median(times)
+  return {**best, "flops_per_s": max(best.values())}
+
+
+def _peak(results: dict) -> float:
+  if "peak" not in results:
+    raise SystemExit("the measured peak is needed: run with --only peak too (or without --only)")
+  return results["peak"]["flops_per_s"]
+
+
+def _train(config, s: dict, short: bool, results: dict) -> dict:
+  from benchmarks import train_step
+
+  r = train_step.measure(config, s["batch"], s["seq_len"], 1, steps=s["steps"], warmup=s["warmup"],
+                         peak_flops_per_device=_peak(results) / 1, progress=not short)
+  keep = ("params", "compile_s", "step_s_median", "step_s_min", "tokens_per_s", "images_per_s",
+          "model_flops_per_step", "flops_per_s", "mfu", "final_loss")
+  return {k: r[k] for k in keep} | {"image_tokens": config.tokens_per_image}
+
+
+def run_train_small(s, short, results):
+  return _train(bench_small(short), s, short, results)
+
+
+def run_train_small_cabs(s, short, results):
+  return _train(bench_small(short, c_abstractor=True), s, short, results)
+
+
+def run_moe_vs_dense(s: dict, short: bool, results: dict) -> dict:
+  from benchmarks import train_step
+  from mm1_jax import moe
+
+  base = bench_small(short)
+  d = base.decoder
+  # Top-2 of experts the dense FFN's size in every 2nd layer = 1.5x the dense FFN on average.
+  dense = dataclasses.replace(base, decoder=dataclasses.replace(d, mlp_dim=d.mlp_dim * 3 // 2))
+  out = {}
+  runs = [("dense_equal_active", dense)] + [
+      (mode, dataclasses.replace(base, decoder=dataclasses.replace(d, moe=moe.MoEConfig(
+          num_experts=8, top_k=2, every=2, dispatch=mode, capacity_factor=1.25))))
+      for mode in moe.DISPATCH_MODES]
+  for name, config in runs:
+    log(f"moe_vs_dense: {name}")
+    r = train_step.measure(config, s["batch"], s["seq_len"], 1, steps=s["steps"], warmup=s["warmup"],
+                           progress=not short)
+    out[f"{name}_step_s"] = r["step_s_median"]
+    out[f"{name}_params"] = r["params"]
+  for mode in moe.DISPATCH_MODES:
+    out[f"ratio_{mode}"] = out[f"{mode}_step_s"] / out["dense_equal_active_step_s"]
+  out["ratio"] = min(out[f"ratio_{m}"] for m in moe.DISPATCH_MODES)
+  return out
+
+
+def run_decode(s: dict, short: bool, results: dict) -> dict:
+  import functools
+
+  import jax
+  import numpy as np
+
+  from mm1_jax import train
+  from mm1_jax.eval.fewshot import _generate
+  from mm1_jax.model import MM1
+
+  config = bench_small(short)
+  model = MM1(config)
+  b, q = s["decode_batch"], config.tokens_per_image
+  p = q + s["prompt_text"]
+  example = train.dummy_batch(1, 8, 1, config)
+  params = jax.jit(lambda r: model.init(r, example["tokens"], example["images"], example["segment_ids"],
+                                        example["positions"])["params"])(jax.random.PRNGKey(0))
+  import flax.linen as nn
+  params = nn.meta.unbox(params)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(5, config.decoder.vocab_size, (b, p)).astype(np.int32)
+  tokens[:, 1:1 + q] = config.image_token_id  # one image after the first token, as the peer's prompt
+  valid = np.ones((b, p), bool)
+  images = rng.integers(0, 256, (b, 1, config.encoder.image_size, config.encoder.image_size, 3), np.uint8)
+  gen = jax.jit(functools.partial(_generate, model=model, max_new=s["new_tokens"]))
+  t0 = time.perf_counter()
+  gen(params, tokens, valid, images).block_until_ready()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(1 if short else 3):
+    t = time.perf_counter()
+    out = gen(params, tokens, valid, images).block_until_ready()
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  return {"tokens_per_s": b * out.shape[1] / median, "seconds_median": median, "compile_s": compile_s,
+          "batch": b, "prompt_positions": p, "new_tokens": int(out.shape[1])}
+
+
+def run_peer(s: dict, short: bool, results: dict) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = Path(tmp) / "peer.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "peer_llava.py"), f"--json_out={out}"]
+    proc = subprocess.run(cmd + (["--short"] if short else []), capture_output=True, text=True)
+    if proc.returncode or not out.exists():
+      raise RuntimeError(f"peer_llava.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    r = json.loads(out.read_text())
+  return {"train_tokens_per_s": r["train"]["tokens_per_s"], "train_step_s": r["train"]["step_s_median"],
+          "decode_tokens_per_s": r["decode"]["tokens_per_s"], "params": r["params"], "threads": r["threads"],
+          "torch": r["torch"], "transformers": r["transformers"], "attention": r["attention"]}
+
+
+def run_loader(s: dict, short: bool, results: dict) -> dict:
+  from benchmarks import loader
+
+  argv = ["--records=16", "--batches=2", "--seq_len=256", "--max_images=2", "--image_size=64",
+          "--tokens_per_image=16"] if short else []
+  r = loader.main(argv)
+  return {k: r[k] for k in ("sequences_per_s", "images_per_s", "tokens_per_s", "padding_fraction")}
+
+
+def run_preflight(s: dict, short: bool, results: dict) -> dict:
+  """The saved mm1-aot reports (rerun them with benchmarks/preflight.py: ~20 min)."""
+  out = {}
+  for f in sorted((REPO / "benchmarks" / "results" / "preflight").glob("*.json")):
+    r = json.loads(f.read_text())
+    out[f"{f.stem}.projected_mfu"] = r.get("projected_mfu")
+    out[f"{f.stem}.per_chip_gib"] = r["per_chip_bytes"] / 2**30 if r.get("per_chip_bytes") else None
+  return out
+
+
+RUNNERS = {"peak": run_peak, "train_small": run_train_small, "train_small_cabs": run_train_small_cabs,
+           "moe_vs_dense": run_moe_vs_dense, "decode": run_decode, "peer": run_peer, "loader": run_loader,
+           "preflight": run_preflight}
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def machine() -> dict:
+  import jax
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  mem = None
+  try:
+    mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+  except (ValueError, OSError):
+    pass
+  versions = {"python": platform.python_version(), "jax": jax.__version__}
+  for mod in ("flax", "optax", "torch", "transformers"):
+    try:
+      versions[mod] = __import__(mod).__version__
+    except ImportError:
+      pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "backend": jax.default_backend(),
+          "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
+  """(target, measured, required, met) rows."""
+  rows = []
+
+  def get(bench, fig):
+    return r.get(bench, {}).get(fig)
+
+  mfu = get("train_small", "mfu")
+  rows.append(("train_small MFU vs the measured f32 matmul peak", f"{mfu:.1%}" if mfu else "-", ">= 50 %",
+               None if mfu is None else mfu >= 0.5))
+  ours, peer = get("train_small", "tokens_per_s"), get("peer", "train_tokens_per_s")
+  ratio = ours / peer if ours and peer else None
+  rows.append(("train_small tokens/s vs PyTorch + transformers LLaVA", f"{ratio:.2f}x" if ratio else "-",
+               ">= 1.2x", None if ratio is None else ratio >= 1.2))
+  moe_ratio = get("moe_vs_dense", "ratio")
+  rows.append(("MoE / dense step time (better dispatch)", f"{moe_ratio:.2f}" if moe_ratio else "-", "<= 1.3",
+               None if moe_ratio is None else moe_ratio <= 1.3))
+  ours, peer = get("decode", "tokens_per_s"), get("peer", "decode_tokens_per_s")
+  ratio = ours / peer if ours and peer else None
+  rows.append(("decode tokens/s vs transformers generate()", f"{ratio:.2f}x" if ratio else "-", ">= 2x",
+               None if ratio is None else ratio >= 2.0))
+  return rows
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+  return str(v)
+
+
+def write_markdown(path: Path, suite: dict, notes: str = "") -> None:
+  m = suite["machine"]
+  lines = ["# Benchmark results", "",
+           f"Written by `python -m benchmarks.run`{' --short (tiny sizes: not figures to quote)' if suite['short'] else ''}"
+           f" on {suite['date']}.", "",
+           f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, backend {m['backend']}; "
+           + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+           + (f"; XLA_FLAGS={m['xla_flags']}" if m["xla_flags"] else "") + ".", "",
+           "## Targets", "", "| target | measured | required | met |", "|---|---|---|---|"]
+  for name, measured, required, met in targets(suite["results"]):
+    lines.append(f"| {name} | {measured} | {required} | {'-' if met is None else ('yes' if met else 'no')} |")
+  lines += ["", "## Figures", ""]
+  for bench in NAMES:
+    figs = suite["results"].get(bench)
+    if not figs:
+      continue
+    when = suite.get("measured_at", {}).get(bench, "")
+    lines += [f"### {bench}" + (f" ({when})" if when else ""), "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in figs.items()]
+    lines.append("")
+  if notes:
+    lines += [notes.strip(), ""]
+  path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", action="append", choices=NAMES, default=None, help="benchmark to run (repeatable)")
+  p.add_argument("--short", action="store_true", help="tiny sizes: checks that every benchmark runs")
+  p.add_argument("--json_out", default=None, help='also write {"<benchmark>": {"<figure>": value}} here')
+  p.add_argument("--results_dir", default=None,
+                 help="where suite.json and RESULTS.md go (default: benchmarks/results/suite.json and "
+                      "benchmarks/RESULTS.md; --short defaults to a temporary folder)")
+  args = p.parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu" if not Path("/dev/nvidia0").exists() else "")
+  if args.results_dir:
+    store, md = Path(args.results_dir) / "suite.json", Path(args.results_dir) / "RESULTS.md"
+  elif args.short:
+    tmp = Path(tempfile.mkdtemp(prefix="mm1_bench_"))
+    store, md = tmp / "suite.json", tmp / "RESULTS.md"
+  else:
+    store, md = REPO / "benchmarks" / "results" / "suite.json", REPO / "benchmarks" / "RESULTS.md"
+  store.parent.mkdir(parents=True, exist_ok=True)
+  suite = json.loads(store.read_text()) if store.exists() and args.only else {"results": {}, "measured_at": {}}
+  names = args.only or list(NAMES)
+  if any(n.startswith("train_small") for n in names) and "peak" not in names and "peak" not in suite["results"]:
+    names = ["peak", *names]
+  s = SHORT if args.short else FULL
+  for name in [n for n in NAMES if n in names]:
+    log(f"{name} ...")
+    t0 = time.perf_counter()
+    suite["results"][name] = RUNNERS[name](s, args.short, suite["results"])
+    suite["measured_at"][name] = time.strftime("%Y-%m-%d")
+    log(f"{name}: {time.perf_counter() - t0:.0f} s {json.dumps(suite['results'][name])[:300]}")
+  suite.update(machine=machine(), short=args.short, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+  store.write_text(json.dumps(suite, indent=1) + "\n")
+  notes_file = REPO / "benchmarks" / "RESULTS_NOTES.md"
+  write_markdown(md, suite, "" if args.short or not notes_file.exists() else notes_file.read_text())
+  if args.json_out:
+    Path(args.json_out).write_text(json.dumps(suite["results"], indent=1) + "\n")
+  print(f"wrote {md} and {store}")
+  return suite
+
+
+if __name__ == "__main__":
+  main()

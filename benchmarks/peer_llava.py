@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -125,4 +124,3 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
   main()
-  sys.exit(0)

@@ -100,7 +100,7 @@ def _train(config, s: dict, short: bool, results: dict) -> dict:
   from benchmarks import train_step
 
   r = train_step.measure(config, s["batch"], s["seq_len"], 1, steps=s["steps"], warmup=s["warmup"],
-                         peak_flops_per_device=_peak(results) / 1, progress=not short)
+                         peak_flops_per_device=_peak(results), progress=not short)
   keep = ("params", "compile_s", "step_s_median", "step_s_min", "tokens_per_s", "images_per_s",
           "model_flops_per_step", "flops_per_s", "mfu", "final_loss")
   return {k: r[k] for k in keep} | {"image_tokens": config.tokens_per_image}
@@ -306,7 +306,9 @@ def main(argv=None) -> dict:
                  help="where suite.json and RESULTS.md go (default: benchmarks/results/suite.json and "
                       "benchmarks/RESULTS.md; --short defaults to a temporary folder)")
   args = p.parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu" if not Path("/dev/nvidia0").exists() else "")
+  from mm1_jax import cli
+
+  cli._setup_jax()  # CPU-only hosts with libtpu installed: say so before jax starts
   if args.results_dir:
     store, md = Path(args.results_dir) / "suite.json", Path(args.results_dir) / "RESULTS.md"
   elif args.short:

@@ -169,6 +169,12 @@ def _hints(fn) -> dict[str, Any]:
 _UNKNOWN = object()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Built:
+  """A reference to a configurable class: its value will be an instance of `cls`."""
+  cls: type
+
+
 def _value(ref: Any, macros: list[str]) -> Any:
   """Follows macro references to the literal they stand for; references to other
   configurables give the class they build (or _UNKNOWN)."""
@@ -182,7 +188,7 @@ def _value(ref: Any, macros: list[str]) -> Any:
       ref = gin_config._CONFIG.get((name, "gin.macro"), {}).get("value", _UNKNOWN)  # noqa: SLF001
       continue
     wrapped = ref.configurable.wrapped
-    return ("class", wrapped) if inspect.isclass(wrapped) and getattr(ref, "_evaluate", False) else _UNKNOWN
+    return _Built(wrapped) if inspect.isclass(wrapped) and getattr(ref, "_evaluate", False) else _UNKNOWN
   return _UNKNOWN
 
 
@@ -208,9 +214,9 @@ def check_types(files: Sequence[str] = (), bindings: Sequence[str] = (), search_
       if value is _UNKNOWN:
         continue
       ann = hints[param]
-      if isinstance(value, tuple) and len(value) == 2 and value[0] == "class":
-        ok = not isinstance(ann, type) or issubclass(value[1], ann)
-        shown = f"@{value[1].__name__}()"
+      if isinstance(value, _Built):
+        ok = not isinstance(ann, type) or issubclass(value.cls, ann)
+        shown = f"@{value.cls.__name__}()"
       else:
         ok = _matches(value, ann)
         shown = repr(value)

@@ -142,6 +142,7 @@ def run_moe_vs_dense(s: dict, short: bool, results: dict) -> dict:
 def run_decode(s: dict, short: bool, results: dict) -> dict:
   import functools
 
+  import flax.linen as nn
   import jax
   import numpy as np
 
@@ -154,10 +155,9 @@ def run_decode(s: dict, short: bool, results: dict) -> dict:
   b, q = s["decode_batch"], config.tokens_per_image
   p = q + s["prompt_text"]
   example = train.dummy_batch(1, 8, 1, config)
-  params = jax.jit(lambda r: model.init(r, example["tokens"], example["images"], example["segment_ids"],
-                                        example["positions"])["params"])(jax.random.PRNGKey(0))
-  import flax.linen as nn
-  params = nn.meta.unbox(params)
+  params = nn.meta.unbox(jax.jit(lambda r: model.init(
+      r, example["tokens"], example["images"], example["segment_ids"], example["positions"])["params"])(
+          jax.random.PRNGKey(0)))
   rng = np.random.default_rng(1)
   tokens = rng.integers(5, config.decoder.vocab_size, (b, p)).astype(np.int32)
   tokens[:, 1:1 + q] = config.image_token_id  # one image after the first token, as the peer's prompt

@@ -263,9 +263,9 @@ class _NonfiniteGuard:
       return
     step, metrics = self.pending
     self.pending = None
-    keys = ("update_skipped", "nonfinite_streak", "nonfinite_total", "loss", "grad_norm")
-    skipped, streak, total, loss, grad_norm = jax.device_get(tuple(metrics[k] for k in keys))
-    if not skipped:
+    keys = ("nonfinite_streak", "nonfinite_total", "loss", "grad_norm")
+    streak, total, loss, grad_norm = jax.device_get(tuple(metrics[k] for k in keys))
+    if not streak:  # a finite step resets the streak
       return
     self.echo(f"step {step}: loss {float(loss)}, gradient norm {float(grad_norm)}: update skipped "
               f"({int(streak)} in a row, {int(total)} in this run)")
@@ -367,12 +367,12 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
 
   host = jax.process_index(), jax.process_count()
   batches = _DataStream(data, model, host, workdir_path, start, batches_consumed, data_state)
-  writer = MetricWriter(workdir_path, echo=tqdm.write if progress else print)
+  echo = tqdm.write if progress else print
+  writer = MetricWriter(workdir_path, echo=echo)
   q = model.tokens_per_image
   step = start
   t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
   exit_code = 0
-  echo = tqdm.write if progress else print
   guard = _NonfiniteGuard(max_consecutive_nonfinite, echo)
   try:
     with _StopRequest() as stop, jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):

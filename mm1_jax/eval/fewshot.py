@@ -21,7 +21,6 @@ import functools
 import hashlib
 import importlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Mapping
@@ -214,16 +213,11 @@ class _Benchmark:
   skipped: int = 0  # test queries whose image could not be read
 
 
-def check_benchmark_names(config: FewShotConfig) -> None:
-  """Exits (code 2) with the known names when a configured benchmark is unknown."""
-  for m in config.module_imports:  # they register benchmarks
+def benchmark_specs(config: FewShotConfig) -> list:
+  """The configured benchmarks' specs; ValueError naming the known ones for an unknown name."""
+  for m in config.module_imports:  # they register the benchmarks' tasks
     importlib.import_module(m)
-  for name in config.benchmarks:
-    try:
-      benchmarks_lib.get(name)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      raise SystemExit(2) from None
+  return [benchmarks_lib.get(n) for n in config.benchmarks]
 
 
 class Evaluator:
@@ -242,9 +236,7 @@ class Evaluator:
     if config.batch_size % sharding_lib.batch_divisor(mesh, rules):
       raise ValueError(f"eval batch_size {config.batch_size} does not split over mesh {mesh.shape}")
     benchmarks_lib.configure(config.data_root, config.files)
-    for m in config.module_imports:  # they register the benchmarks' tasks
-      importlib.import_module(m)
-    specs = [benchmarks_lib.get(n) for n in config.benchmarks]  # fails early on unknown names
+    specs = benchmark_specs(config)  # fails early on unknown names
     templates = {**TEMPLATES, **(config.templates or {})}
     self.images = _ImageCache(model.config.encoder.image_size, config.image_cache)
     self.benchmarks: dict[str, _Benchmark] = {}

@@ -10,6 +10,7 @@ eval/watch_state.json and not retried unless --force).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,7 +83,11 @@ def evaluate(*, workdir: str, model: MM1Config = MM1Config(),
   if evaluation is None:
     raise SystemExit("error: no evaluation configured (EVALUATION = None): add "
                      "--gin_file=gin/eval/fewshot.gin or bind EVALUATION = @fewshot.FewShotConfig()")
-  fewshot.check_benchmark_names(evaluation)
+  try:
+    fewshot.benchmark_specs(evaluation)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_NOTHING
 
   ckpt = Checkpointer(checkpoint_dir or Path(workdir) / "checkpoints")
   out = Path(workdir) / "eval"

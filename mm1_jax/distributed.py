@@ -1,7 +1,9 @@
 """Multi-process start-up: one process per host, one global device mesh.
 
 - Cloud TPU VMs (several workers): `jax.distributed.initialize()` with no arguments
-  finds the coordinator, process count and id from the TPU metadata.
+  finds the coordinator, process count and id from the TPU metadata (and, on
+  multi-slice queued resources, the MEGASCALE_* values there). tpu_scripts/worker.py
+  sets MM1_DISTRIBUTED=tpu on every worker of a multi-host or multi-slice run.
 - Elsewhere (GPU hosts, CPU clusters, tests): the coordinator address, process count
   and this process's id come from flags (`--coordinator_address`, `--num_processes`,
   `--process_id`) or the environment (MM1_COORDINATOR_ADDRESS, MM1_NUM_PROCESSES,
@@ -18,6 +20,8 @@ import os
 
 def on_multihost_tpu() -> bool:
   """True on a Cloud TPU VM that is one of several workers of a slice (or of several slices)."""
+  if os.environ.get("MM1_DISTRIBUTED") == "tpu":
+    return True
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 

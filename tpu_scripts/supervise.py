@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""One command from nothing to a finished run: create, set up, launch, watch, relaunch.
+
+  python tpu_scripts/supervise.py @pod.flags --capacity=spot --nfs=10.0.0.2:/mm1 \\
+      --run_name=7b-a --gin_file=gin/pods/mm1_7b_v5p-256.gin [--dry_run]
+
+The preflight gate runs once, first. Then, every --poll_s:
+- capacity missing: create it, wait until ready, set up the workers, launch;
+- capacity preempted, suspended or failed: delete it, create it again, set up, launch;
+- the run failed on some worker (crash, killed, a worker replaced, a log silent for
+  --stall_s): stop the others (SIGTERM: they checkpoint if they can), set up, launch again;
+- every worker finished with exit code 0: done (exit 0);
+- a worker exited 2 (bad config) or 3 (NaN/Inf loss, see the README): stop, exit with
+  that code; relaunching would fail the same way.
+Every relaunch resumes from the newest checkpoint in the workdir (which must be on the
+shared folder, so that it outlives the workers). Gives up after --max_restarts.
+"""
+
+import sys
+import time
+
+import _pod
+
+
+def build_parser():
+  p = _pod.parser("supervise.py", __doc__)
+  _pod.add_pod_flags(p)
+  p.add_argument("--capacity", choices=_pod.CAPACITY, default="on-demand")
+  p.add_argument("--network", default=None)
+  p.add_argument("--subnetwork", default=None)
+  _pod.add_run_flags(p)
+  _pod.add_setup_flags(p)
+  g = p.add_argument_group("supervision")
+  g.add_argument("--poll_s", type=float, default=120)
+  g.add_argument("--ready_timeout_s", type=float, default=24 * 3600)
+  g.add_argument("--max_restarts", type=int, default=20)
+  g.add_argument("--stop_grace_s", type=float, default=300, help="seconds for the other workers to checkpoint")
+  g.add_argument("--stall_s", type=float, default=0,
+                 help="treat a worker whose log has not changed for this long as hung (0: never)")
+  g.add_argument("--delete_when_done", action="store_true", help="delete the capacity after a clean finish")
+  return p
+
+
+def log(msg):
+  print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervise: {msg}", file=sys.stderr, flush=True)
+
+
+def verdict(pod, statuses, stall_s):
+  """'done', 'running', 'fatal:<code>' or 'failed:<why>' for the run's workers."""
+  s = _pod.summarize(pod, statuses)
+  codes = set(s["exit_codes"])
+  if s["by_state"].get("exited") == s["expected"] and codes == {0}:
+    return "done"
+  for fatal in (2, 3):
+    if fatal in codes:
+      return f"fatal:{fatal}"
+  if s["running"] == s["expected"]:
+    stalled = [x for x in statuses if stall_s and (x.get("log_age_s") or 0) > stall_s]
+    if stalled:
+      return f"failed:{len(stalled)} worker(s) silent for over {stall_s:.0f} s"
+    return "running"
+  if s["running"] == 0 and not codes and s["by_state"].get("lost", 0) == 0:
+    return "not started"
+  return f"failed:{s['by_state']} exit codes {sorted(codes)}"
+
+
+def run(args, gin_flags):
+  pod = _pod.pod_from_args(args)
+  runner = _pod.Runner(args.dry_run)
+  sha, gin_flags = _pod.prepare_run(pod, args, gin_flags, runner)
+  create_cmd = _pod.create_command(pod, args.capacity, args.network, args.subnetwork)
+
+  def bring_up():
+    runner.run(create_cmd)
+    _pod.wait_until_ready(pod, runner, args.ready_timeout_s, min(args.poll_s, 30))
+    start_run()
+
+  def start_run():
+    _pod.setup_workers(pod, sha, args, runner)
+    _pod.launch(pod, sha, args, gin_flags, runner)
+
+  if args.dry_run:
+    print("# from nothing:")
+    bring_up()
+    print("# every --poll_s:")
+    _pod.resource_state(pod, runner)
+    _pod.worker_statuses(pod, args.run_name, runner)
+    print("# when the capacity is preempted, suspended or failed:")
+    runner.run(_pod.delete_command(pod))
+    bring_up()
+    print("# when the run failed on a worker:")
+    _pod.stop_run(pod, args.run_name, args.stop_grace_s, runner)
+    start_run()
+    return 0
+
+  restarts = 0
+
+  def restart(why):
+    nonlocal restarts
+    if restarts >= args.max_restarts:
+      raise _pod.CommandFailed(f"giving up after {restarts} restarts; last: {why}")
+    restarts += 1
+    log(f"restart {restarts}/{args.max_restarts}: {why}")
+
+  while True:
+    state = _pod.resource_state(pod, runner)
+    if state == "MISSING":
+      log(f"{pod.name} does not exist: creating {pod.describe()}")
+      bring_up()
+    elif state in _pod.LOST_STATES:
+      restart(f"{pod.name} is {state}")
+      if state != "DELETING":
+        runner.run(_pod.delete_command(pod))
+      while _pod.resource_state(pod, runner) != "MISSING":
+        time.sleep(min(args.poll_s, 30))
+      bring_up()
+    elif state in _pod.READY_STATES:
+      statuses, _ = _pod.worker_statuses(pod, args.run_name, runner)
+      v = verdict(pod, statuses, args.stall_s)
+      if v == "done":
+        log(f"{args.run_name} finished on all {pod.hosts_per_slice * pod.num_slices} workers")
+        if args.delete_when_done:
+          runner.run(_pod.delete_command(pod))
+        return 0
+      if v.startswith("fatal:"):
+        code = int(v.split(":")[1])
+        log(f"a worker exited {code} ({'bad config' if code == 2 else 'non-finite loss'}); stopping the run, "
+            "no relaunch: see the worker logs (watch.py)")
+        _pod.stop_run(pod, args.run_name, args.stop_grace_s, runner)
+        return code
+      if v == "not started":
+        log(f"starting {args.run_name} on {pod.describe()}")
+        start_run()
+      elif v.startswith("failed:"):
+        restart(v[len("failed:"):])
+        _pod.stop_run(pod, args.run_name, args.stop_grace_s, runner)
+        start_run()
+    else:
+      log(f"{pod.name} is {state}; waiting")
+    time.sleep(args.poll_s)
+
+
+if __name__ == "__main__":
+  raise SystemExit(_pod.main(run, build_parser(), gin=True))

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Runs on each TPU worker: starts, reports on, tails and stops this worker's share of a run.
+
+The tpu_scripts on your machine call it over `gcloud compute tpus tpu-vm ssh --worker=all`;
+it needs only the Python standard library.
+
+  worker.py start  --run_name R --workdir W --slice_id S [--env K=V ...] -- mm1-train ...
+  worker.py status --run_name R --slice_id S     one line: MM1_WORKER {json}
+  worker.py tail   --run_name R --slice_id S [--lines N]
+  worker.py stop   --run_name R --slice_id S [--grace_s 600]
+
+`start` detaches the command (it outlives the ssh session), appends its output to
+<workdir>/logs/slice<S>-worker<W>.log and records its pid and, when it ends, its exit
+code under ~/.mm1_jax/runs/<run_name>/ (this host's processes, so local). SIGTERM and
+SIGINT are passed on to the command: mm1-train then saves a checkpoint and exits 143.
+The worker number comes from the TPU metadata (agent-worker-number), or $MM1_WORKER_ID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+
+
+def worker_id(hosts_per_slice: int | None = None) -> int:
+  if os.environ.get("MM1_WORKER_ID"):
+    return int(os.environ["MM1_WORKER_ID"])
+  try:
+    req = urllib.request.Request(METADATA + "agent-worker-number", headers={"Metadata-Flavor": "Google"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+      return int(r.read().decode().strip())
+  except Exception:  # noqa: BLE001
+    if hosts_per_slice == 1:
+      return 0
+    raise SystemExit("worker.py: cannot read agent-worker-number from the TPU metadata; set MM1_WORKER_ID")
+
+
+def run_dir(run_name: str) -> Path:
+  """This host's record of a run: pid and exit files, and `code`, a link to the commit's folder."""
+  return Path.home() / ".mm1_jax" / "runs" / run_name
+
+
+class Paths:
+  def __init__(self, args: argparse.Namespace):
+    self.slice_id = args.slice_id
+    self.worker = worker_id(getattr(args, "hosts_per_slice", None))
+    tag = f"slice{self.slice_id}-worker{self.worker}"
+    self.state = run_dir(args.run_name) / f"{tag}.json"
+    self.exit = self.state.with_suffix(".exit.json")
+    if args.workdir:
+      self.log = Path(args.workdir) / "logs" / f"{tag}.log"
+    else:  # status, tail and stop find the log through the start record
+      self.log = Path((_read(self.state) or {}).get("log") or "/nonexistent")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:  # a zombie is not alive
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+  except OSError:
+    return True
+
+
+def _read(path: Path) -> dict | None:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _write(path: Path, data: dict) -> None:
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(data))
+  tmp.replace(path)
+
+
+def status(args: argparse.Namespace, paths: Paths | None = None) -> dict:
+  paths = paths or Paths(args)
+  info = {"run_name": args.run_name, "slice": paths.slice_id, "worker": paths.worker,
+          "host": socket.gethostname(), "log": str(paths.log), "pid": None, "exit_code": None}
+  state, ended = _read(paths.state), _read(paths.exit)
+  if state is None:
+    info["state"] = "not started"
+  elif ended is not None and ended.get("pid") == state["pid"]:
+    info.update(state="exited", pid=state["pid"], exit_code=ended["exit_code"], ended=ended["ended"])
+  elif _alive(state["pid"]):
+    info.update(state="running", pid=state["pid"], started=state["started"])
+  else:
+    info.update(state="lost", pid=state["pid"])  # killed without a word (SIGKILL, OOM, reboot)
+  try:
+    st = paths.log.stat()
+    info["log_age_s"] = round(time.time() - st.st_mtime, 1)
+    with paths.log.open("rb") as f:
+      f.seek(max(0, st.st_size - 4096))
+      lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    info["last_line"] = lines[-1][-300:] if lines else ""
+  except OSError:
+    info["log_age_s"], info["last_line"] = None, ""
+  return info
+
+
+def _print_status(info: dict) -> None:
+  print("MM1_WORKER " + json.dumps(info, sort_keys=True), flush=True)
+
+
+def start(args: argparse.Namespace) -> int:
+  if not args.command:
+    raise SystemExit("worker.py start: give the command after --")
+  paths = Paths(args)
+  current = status(args, paths)
+  if current["state"] == "running":
+    print(f"worker.py: {args.run_name} already running here (pid {current['pid']})", file=sys.stderr)
+    _print_status(current)
+    return 1
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  for item in args.env:
+    key, value = item.split("=", 1)
+    env[key] = value
+  if args.num_slices * args.hosts_per_slice > 1:
+    env["MM1_DISTRIBUTED"] = "tpu"  # mm1_jax.distributed: jax.distributed.initialize() from the metadata
+  if args.megascale_coordinator:
+    env.update(MEGASCALE_COORDINATOR_ADDRESS=f"{args.megascale_coordinator}:{args.megascale_port}",
+               MEGASCALE_PORT=str(args.megascale_port), MEGASCALE_NUM_SLICES=str(args.num_slices),
+               MEGASCALE_SLICE_ID=str(args.slice_id))
+  paths.log.parent.mkdir(parents=True, exist_ok=True)
+  paths.state.parent.mkdir(parents=True, exist_ok=True)
+  paths.exit.unlink(missing_ok=True)
+  with paths.log.open("a") as log:
+    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} slice {args.slice_id} worker "
+              f"{paths.worker}: {shlex.join(args.command)}\n")
+    log.flush()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_run", str(paths.exit), "--",
+                             *args.command], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+  _write(paths.state, {"pid": proc.pid, "started": time.time(), "command": args.command,
+                       "log": str(paths.log.absolute())})
+  code = run_dir(args.run_name) / "code"  # status/tail/stop run the worker.py of this commit
+  tmp = code.with_name("code.tmp")
+  tmp.unlink(missing_ok=True)
+  tmp.symlink_to(Path(os.path.abspath(__file__)).parent.parent)
+  tmp.replace(code)
+  _print_status(status(args, paths))
+  return 0
+
+
+def _run(exit_path: str, command: list[str]) -> int:
+  """The detached parent of the command: passes signals on and records the exit code."""
+  child = subprocess.Popen(command)
+
+  def forward(signum, _frame):
+    print(f"=== worker.py: {signal.Signals(signum).name} received, passed on to pid {child.pid}", flush=True)
+    child.send_signal(signum)
+
+  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, forward)
+  code = child.wait()
+  code = 128 - code if code < 0 else code
+  print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}", flush=True)
+  _write(Path(exit_path), {"pid": os.getpid(), "exit_code": code, "ended": time.time()})
+  return code
+
+
+def stop(args: argparse.Namespace) -> int:
+  paths = Paths(args)
+  info = status(args, paths)
+  if info["state"] == "running":
+    pid = info["pid"]
+    os.kill(pid, signal.SIGTERM)  # passed on to mm1-train: checkpoint, exit 143
+    deadline = time.time() + args.grace_s
+    while time.time() < deadline and status(args, paths)["state"] == "running":
+      time.sleep(0.5)
+    if status(args, paths)["state"] == "running":
+      print(f"worker.py: still running after {args.grace_s:.0f} s; killing process group {pid}", file=sys.stderr)
+      try:
+        os.killpg(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+  _print_status(status(args, paths))
+  return 0
+
+
+def tail(args: argparse.Namespace) -> int:
+  paths = Paths(args)
+  prefix = f"[slice {paths.slice_id} worker {paths.worker}] "
+  try:
+    lines = paths.log.read_text(errors="replace").splitlines()[-args.lines:]
+  except OSError:
+    lines = [f"(no log at {paths.log})"]
+  for line in lines:
+    print(prefix + line)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["_run"]:
+    return _run(argv[1], argv[3:])
+  command: list[str] = []
+  if "--" in argv:
+    i = argv.index("--")
+    argv, command = argv[:i], argv[i + 1:]
+  p = argparse.ArgumentParser(prog="worker.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("action", choices=("start", "status", "tail", "stop"))
+  p.add_argument("--run_name", required=True)
+  p.add_argument("--workdir", default=None, help="the run's folder (start; the others read it from there)")
+  p.add_argument("--slice_id", type=int, default=0)
+  p.add_argument("--num_slices", type=int, default=1)
+  p.add_argument("--hosts_per_slice", type=int, default=None)
+  p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--megascale_coordinator", default=None)
+  p.add_argument("--megascale_port", type=int, default=8080)
+  p.add_argument("--lines", type=int, default=20, help="tail: lines to show")
+  p.add_argument("--grace_s", type=float, default=600, help="stop: seconds to wait for the checkpoint")
+  args = p.parse_args(argv)
+  args.command = command
+  if args.action == "start":
+    if args.hosts_per_slice is None or args.workdir is None:
+      p.error("start needs --workdir and --hosts_per_slice")
+    return start(args)
+  if args.action == "status":
+    _print_status(status(args))
+    return 0
+  return tail(args) if args.action == "tail" else stop(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

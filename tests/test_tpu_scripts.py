@@ -151,6 +151,7 @@ def test_create_multislice_v5p_waits_until_active(pod):
 
 
 def test_create_v5e_vm_after_a_passing_preflight(pod, tmp_path):
+  pod.set_rules([{"when": ["describe"], "stdout": "READY\n"}])
   proc = pod.run("create.py", *V5E_VM, "--capacity=spot", "--gin_file=gin/runs/quickstart.gin",
                  "--gin.BATCH_SIZE=16", "--poll_s=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -176,13 +177,13 @@ def test_preflight_gate_refuses_a_step_that_does_not_fit(pod):
   assert "does not fit" in proc.stderr and "GiB a chip on v5litepod-1" in proc.stderr
   assert "--skip_preflight" in proc.stderr
   assert pod.calls() == [], "nothing may be created or launched after a refusal"
-  # Told otherwise, it goes ahead (the verdict is cached, so this does not compile again).
+  # Told otherwise, it goes ahead.
   proc = pod.run("launch.py", "--name=tiny", "--project=my-project", "--zone=us-west4-a",
                  "--accelerator_type=v5litepod-1", "--mode=vm", "--run_name=big", "--allow_dirty",
                  "--gin_file=gin/runs/quickstart.gin", "--gin.BATCH_SIZE=512", "--gin.SEQ_LEN=4096",
                  "--skip_preflight")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "does NOT fit" in proc.stderr and [_kind(c) for c in pod.calls()] == ["ssh:start"]
+  assert "preflight: skipped" in proc.stderr and [_kind(c) for c in pod.calls()] == ["ssh:start"]
 
 
 def test_setup_copies_the_commit_to_every_slice(pod):
@@ -319,6 +320,12 @@ def test_supervise_recreates_preempted_capacity_and_relaunches(pod):
   assert kinds[14:] == ["describe", "ssh:status", "ssh:status"]
   assert "restart 1/20: mm1-7b is SUSPENDED" in proc.stderr
   assert "finished on all 4 workers" in proc.stderr
+  # The relaunch is launch.py's command to the letter: the same workdir, so mm1-train resumes.
+  relaunched = sorted(c for c in pod.calls() if _kind(c) == "ssh:start")
+  dry = pod.run("launch.py", *V5P_2X, "--run_name=r3", "--gin_file=gin/runs/quickstart.gin", "--skip_preflight",
+                "--allow_dirty", "--dry_run")
+  planned = sorted(shlex.split(ln)[1:] for ln in dry.stdout.splitlines() if "worker.py start" in ln)
+  assert relaunched == planned and len(planned) == 2
 
 
 def test_supervise_relaunches_a_crashed_run_but_not_a_config_error(pod):
@@ -339,6 +346,21 @@ def test_supervise_relaunches_a_crashed_run_but_not_a_config_error(pod):
   assert sorted(kinds[3:11]) == sorted(["ssh:stop"] * 2 + ["scp", "ssh:setup"] * 2 + ["ssh:start"] * 2)
   assert kinds[11:] == ["describe", "ssh:status", "ssh:status", "ssh:stop", "ssh:stop"]
   assert "restart 1/20" in proc.stderr and "exited 2 (bad config)" in proc.stderr
+
+
+def test_supervise_rides_out_a_failed_gcloud_call_and_silent_workers(pod):
+  pod.set_rules([
+      {"when": ["describe"], "rc": 1, "stderr": "ERROR: (gcloud.compute.tpus) connection reset\n"},
+      {"when": ["describe"], "stdout": "ACTIVE\n", "times": 2},
+      {"when": ["worker.py status"], "stdout": "", "times": 2},  # ssh answered nothing
+      {"when": ["worker.py status"], "stdout": _status_lines("exited", 0, slices=1), "times": 2},
+  ])
+  proc = pod.run("supervise.py", *V5P_2X, "--run_name=r6", "--gin_file=gin/runs/quickstart.gin",
+                 "--skip_preflight", "--allow_dirty", "--poll_s=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kinds = [_kind(c) for c in pod.calls()]
+  assert kinds == ["describe", "describe", "ssh:status", "ssh:status", "describe", "ssh:status", "ssh:status"]
+  assert "connection reset" in proc.stderr and "0 of 4 workers answered" in proc.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -398,3 +420,59 @@ def test_mm1_distributed_marks_a_multi_host_tpu_run(monkeypatch):
   assert not distributed.on_multihost_tpu()
   monkeypatch.setenv("MM1_DISTRIBUTED", "tpu")
   assert distributed.on_multihost_tpu()
+
+
+def _trainer_pids(marker: str) -> list[int]:
+  """mm1-train processes (not worker.py's wrapper) whose command line names `marker`."""
+  pids = []
+  for proc in Path("/proc").iterdir():
+    try:
+      cmd = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+      continue
+    if any(marker.encode() in c for c in cmd) and any(c.endswith(b"mm1-train") for c in cmd[:2]) \
+        and not any(c.endswith(b"worker.py") for c in cmd):
+      pids.append(int(proc.name))
+  return pids
+
+
+def test_supervise_resumes_a_killed_training_run(pod, tmp_path):
+  """The real mm1-train on one (fake) worker: killed after a checkpoint, relaunched, finished."""
+  import shutil
+  import signal
+  import time
+
+  code = tmp_path / "homes" / "mm1-small" / "mm1_jax" / SHA[:12]
+  (code / ".venv" / "bin").mkdir(parents=True)
+  for name in ("tpu_scripts", "gin"):
+    (code / name).symlink_to(REPO / name)
+  (code / ".venv" / "bin" / "python").symlink_to(sys.executable)
+  (code / ".venv" / "bin" / "mm1-train").symlink_to(shutil.which("mm1-train"))
+  pod.env.update(FAKE_GCLOUD_EXEC_HOME=str(tmp_path / "homes"), JAX_PLATFORMS="cpu")
+  pod.env.pop("XLA_FLAGS", None)
+  pod.set_rules([{"when": ["describe"], "stdout": "READY\n", "times": None},
+                 {"when": ["remote_setup.sh"], "stdout": "MM1_SETUP done\n", "times": None}])
+  workdir = tmp_path / "shared" / "runs" / "e2e"
+  sup = subprocess.Popen(
+      [sys.executable, str(SCRIPTS / "supervise.py"), *V5E_VM, "--run_name=e2e", "--gin_file=gin/runs/quickstart.gin",
+       "--gin.TRAIN_STEPS=20", "--gin.CHECKPOINT_EVERY=5", "--gin.BATCH_SIZE=4", "--gin.LOG_EVERY=1",
+       "--gin.EVALUATION=None", f"--workdir={workdir}", "--skip_preflight", "--allow_dirty", "--poll_s=2"],
+      cwd=REPO, env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  killed, deadline = [], time.time() + 400
+  try:
+    while sup.poll() is None and time.time() < deadline:
+      if not killed and (workdir / "checkpoints" / "10").is_dir():
+        killed = _trainer_pids(str(workdir))
+        for pid in killed:
+          os.kill(pid, signal.SIGKILL)
+      time.sleep(0.2)
+  finally:
+    if sup.poll() is None:
+      sup.kill()
+  out, err = sup.communicate()
+  assert killed and sup.returncode == 0, err[-3000:]
+  assert "restart 1/20" in err and "exit codes [137]" in err
+  log = (workdir / "logs" / "slice0-worker0.log").read_text()
+  assert log.count("=== ") >= 3  # start, exit 137 ... start again, exit 0
+  assert f"resumed from {workdir}/checkpoints/" in log and log.rstrip().endswith("exit code 0")
+  assert (workdir / "checkpoints" / "20").is_dir()

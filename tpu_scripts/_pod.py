@@ -430,7 +430,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 def add_gate_flags(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("preflight gate (mm1-aot, on this machine, before anything is created or started)")
   g.add_argument("--skip_preflight", action="store_true",
-                 help="go ahead even when the preflight says the step does not fit (or without one)")
+                 help="do not run the preflight: go ahead whether or not the step fits")
   g.add_argument("--preflight_timeout_s", type=float, default=3600)
 
 
@@ -490,6 +490,9 @@ def preflight(pod: Pod, sha: str, gin_files: list[str], gin_flags: list[str], ru
   """
   cmd = [sys.executable, "-m", "mm1_jax.aot", *[f"--gin_file={f}" for f in gin_files], *gin_flags,
          f"--topology={pod.accelerator_type}", f"--num_slices={pod.num_slices}", "--no_cost"]
+  if skip:
+    print("preflight: skipped (--skip_preflight); nothing checks that the step fits", file=sys.stderr)
+    return None
   if runner.dry_run:
     runner.show(cmd + ["--json_out=REPORT"], note="preflight on this machine; refuses if it does not fit")
     return None
@@ -527,9 +530,6 @@ def preflight(pod: Pod, sha: str, gin_files: list[str], gin_flags: list[str], ru
     else:
       why = ("timed out" if proc is None else
              (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
-      if skip:
-        print(f"preflight: could not compile ({why}); going ahead (--skip_preflight)", file=sys.stderr)
-        return None
       raise Refused(f"preflight: the step could not be compiled for {pod.accelerator_type}: {why}\n"
                     "Nothing was created or started. Fix the config, or pass --skip_preflight.")
   gib = 2 ** 30
@@ -537,8 +537,6 @@ def preflight(pod: Pod, sha: str, gin_files: list[str], gin_flags: list[str], ru
              f"{report['topology']}" + (f" x {report['num_slices']}" if report.get("num_slices", 1) > 1 else ""))
   if report["fits"]:
     print(f"preflight: fits ({summary})", file=sys.stderr)
-  elif skip:
-    print(f"preflight: does NOT fit ({summary}); going ahead (--skip_preflight)", file=sys.stderr)
   else:
     raise Refused(f"preflight: the train step does not fit: {summary}.\n"
                   "Nothing was created or started. Change the model, batch, mesh or topology, or pass "

@@ -41,14 +41,20 @@ def build_parser():
   return p
 
 
+class GiveUp(_pod.CommandFailed):
+  """--max_restarts reached."""
+
+
 def log(msg):
   print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervise: {msg}", file=sys.stderr, flush=True)
 
 
 def verdict(pod, statuses, stall_s):
-  """'done', 'running', 'fatal:<code>' or 'failed:<why>' for the run's workers."""
+  """'done', 'running', 'not started', 'no answer', 'fatal:<code>' or 'failed:<why>'."""
   s = _pod.summarize(pod, statuses)
   codes = set(s["exit_codes"])
+  if len(statuses) < s["expected"]:
+    return f"no answer:{len(statuses)} of {s['expected']} workers answered"
   if s["by_state"].get("exited") == s["expected"] and codes == {0}:
     return "done"
   for fatal in (2, 3):
@@ -94,15 +100,18 @@ def run(args, gin_flags):
     return 0
 
   restarts = 0
+  silent_polls = 0
 
   def restart(why):
     nonlocal restarts
     if restarts >= args.max_restarts:
-      raise _pod.CommandFailed(f"giving up after {restarts} restarts; last: {why}")
+      raise GiveUp(f"giving up after {restarts} restarts; last: {why}")
     restarts += 1
     log(f"restart {restarts}/{args.max_restarts}: {why}")
 
-  while True:
+  def step():
+    """One look at the capacity and the run; returns an exit code when the run is over."""
+    nonlocal silent_polls
     state = _pod.resource_state(pod, runner)
     if state == "MISSING":
       log(f"{pod.name} does not exist: creating {pod.describe()}")
@@ -117,6 +126,7 @@ def run(args, gin_flags):
     elif state in _pod.READY_STATES:
       statuses, _ = _pod.worker_statuses(pod, args.run_name, runner)
       v = verdict(pod, statuses, args.stall_s)
+      silent_polls = silent_polls + 1 if v.startswith("no answer") else 0
       if v == "done":
         log(f"{args.run_name} finished on all {pod.hosts_per_slice * pod.num_slices} workers")
         if args.delete_when_done:
@@ -131,12 +141,31 @@ def run(args, gin_flags):
       if v == "not started":
         log(f"starting {args.run_name} on {pod.describe()}")
         start_run()
+      elif v.startswith("no answer"):  # ssh trouble: look again before acting
+        log(v.replace("no answer:", "") + (f" ({silent_polls} polls in a row)" if silent_polls > 1 else ""))
+        if silent_polls >= 5:
+          silent_polls = 0
+          restart("workers not answering")
+          _pod.stop_run(pod, args.run_name, args.stop_grace_s, runner)
+          start_run()
       elif v.startswith("failed:"):
         restart(v[len("failed:"):])
         _pod.stop_run(pod, args.run_name, args.stop_grace_s, runner)
         start_run()
     else:
       log(f"{pod.name} is {state}; waiting")
+    return None
+
+  while True:
+    try:
+      code = step()
+    except GiveUp:
+      raise
+    except _pod.CommandFailed as e:  # a failed gcloud call is one more reason to look again, not to quit
+      restart(f"a command failed: {e}")
+      code = None
+    if code is not None:
+      return code
     time.sleep(args.poll_s)
 
 

@@ -142,6 +142,8 @@ def start(args: argparse.Namespace) -> int:
   paths.state.parent.mkdir(parents=True, exist_ok=True)
   paths.exit.unlink(missing_ok=True)
   with paths.log.open("a") as log:
+    if log.tell() > 0:  # the last run may have stopped mid-line (a progress bar)
+      log.write("\n")
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} slice {args.slice_id} worker "
               f"{paths.worker}: {shlex.join(args.command)}\n")
     log.flush()

@@ -208,8 +208,9 @@ def _ssh_flags(pod: Pod) -> list[str]:
   return (["--internal-ip"] if pod.internal_ip else []) + (["--tunnel-through-iap"] if pod.iap else [])
 
 
-def ssh_command(pod: Pod, node: str, remote: str, worker: str = "all") -> list[str]:
-  return [gcloud(), "compute", "tpus", "tpu-vm", "ssh", node, *pod.scope, f"--worker={worker}",
+def ssh_command(pod: Pod, node: str, remote: str) -> list[str]:
+  """Runs `remote` on every worker of one slice (gcloud runs them in parallel)."""
+  return [gcloud(), "compute", "tpus", "tpu-vm", "ssh", node, *pod.scope, "--worker=all",
           f"--command={remote}", *_ssh_flags(pod)]
 
 
@@ -218,10 +219,9 @@ def scp_command(pod: Pod, node: str, local: str, remote: str) -> list[str]:
           "--worker=all", *_ssh_flags(pod)]
 
 
-# Resource states, as gcloud reports them.
+# Resource states, as gcloud reports them; any other (ACCEPTED, WAITING_FOR_RESOURCES,
+# PROVISIONING, CREATING, ...) means: wait.
 READY_STATES = {"ACTIVE", "READY"}
-WAITING_STATES = {"ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING", "CREATING_RESOURCES",
-                  "STARTING", "RESTARTING", "REPAIRING"}
 LOST_STATES = {"SUSPENDING", "SUSPENDED", "FAILED", "PREEMPTED", "TERMINATED", "STOPPED", "STOPPING",
                "DELETING", "MISSING"}
 

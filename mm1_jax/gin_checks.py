@@ -150,7 +150,8 @@ def _matches(value: Any, ann: Any) -> bool:
     if origin is tuple and args and args[-1] is not Ellipsis:
       return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
     inner = args[0] if args else Any
-    return all(_matches(v, inner) for v in value)
+    # A macro or configurable inside a container is not followed: accepted.
+    return all(isinstance(v, gin_config.ConfigurableReference) or _matches(v, inner) for v in value)
   if origin in (dict, collections.abc.Mapping):
     return isinstance(value, dict)
   if isinstance(ann, type):
@@ -215,7 +216,7 @@ def check_types(files: Sequence[str] = (), bindings: Sequence[str] = (), search_
         continue
       ann = hints[param]
       if isinstance(value, _Built):
-        ok = not isinstance(ann, type) or issubclass(value.cls, ann)
+        ok = ann is Any or not isinstance(ann, type) or issubclass(value.cls, ann)  # Any is a class in 3.11
         shown = f"@{value.cls.__name__}()"
       else:
         ok = _matches(value, ann)

@@ -325,7 +325,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
 
   mm1 = MM1(model)
   tx, schedule = optim.make_optimizer(optimizer, train_steps)
-  example = dummy_batch(data.batch_size, data.seq_len, data.max_images, model)
+  example = dummy_batch(data.batch_size, data.seq_len, data.image_slots, model)
   batch_shardings = {k: sharding_lib.batch_sharding(device_mesh, rules, v.ndim) for k, v in example.items()}
   state, state_shardings = init_train_state(mm1, tx, example, jax.random.PRNGKey(seed), device_mesh, rules)
   step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss)
@@ -348,7 +348,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   step_flops = flops_lib.train_flops_per_step(state.params, model, data.batch_size, data.seq_len,
-                                              data.max_images)
+                                              data.image_slots)
   peak = peak_flops_per_device * device_mesh.size
   print(f"model: {n_params / 1e6:.2f}M parameters, {step_flops / 1e9:.1f} GFLOPs per step; "
         f"mesh {dict(device_mesh.shape)}")

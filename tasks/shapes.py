@@ -6,6 +6,10 @@ Pre-training (split "train"):
   mm1_shapes_text         text-only documents
   mm1_shapes_pretrain     mixture, rates 45:45:10 (override in gin: `pipeline.DataConfig.mixture_rates`)
 
+Supervised fine-tuning (split "train"):
+  mm1_shapes_chat         LLaVA-style conversations about 1-2 images, loss on the answers only
+  mm1_shapes_sft          mixture: chat 90, text 10
+
 Few-shot evaluation (splits "support" for demonstrations, "test" for queries), raw
 records for `mm1_jax.eval.fewshot`, benchmarks "shapes_caption" and "shapes_vqa":
   mm1_shapes_caption_eval   image, caption, references     CIDEr
@@ -28,8 +32,10 @@ CORPUS_SPEC = corpus.CorpusSpec()
 OUTPUT_FEATURES = {
     "text": seqio.Feature(VOCABULARY, add_eos=True),
     prep.OUTPUT_IMAGE_KEY: seqio.ContinuousFeature(dtype=tf.uint8, rank=4, required=False),
+    "weights": seqio.ContinuousFeature(dtype=tf.float32, rank=1, required=False),
 }
 PRETRAIN_RATES = {"mm1_shapes_interleaved": 45.0, "mm1_shapes_caption": 45.0, "mm1_shapes_text": 10.0}
+SFT_RATES = {"mm1_shapes_chat": 90.0, "mm1_shapes_text": 10.0}
 
 
 class _EnsureCorpus:
@@ -70,12 +76,13 @@ def _str_list():
 
 
 def _register_all():
-  for kind in sources.KINDS:
+  for kind in sources.KINDS + sources.SFT_KINDS:
     seqio.TaskRegistry.add(
         f"mm1_shapes_{kind}", source=GeneratedArrayRecordSource(kind),
-        preprocessors=[sources.densify] + prep.task_preprocessors(sources.TO_TEXT[kind], CORPUS_SPEC.image_size),
+        preprocessors=sources.preprocessors_for(kind, CORPUS_SPEC.image_size, OUTPUT_FEATURES),
         output_features=OUTPUT_FEATURES)
   seqio.MixtureRegistry.add("mm1_shapes_pretrain", list(PRETRAIN_RATES.items()))
+  seqio.MixtureRegistry.add("mm1_shapes_sft", list(SFT_RATES.items()))
 
   eval_features = {
       "caption": ("caption_eval", {"id": _str(), "image": _str(), "caption": _str(),

@@ -2,7 +2,7 @@
 
   mm1-data inspect --mixture=NAME [--n=100] [--out=DIR]   (see mm1_jax.data.inspect_data)
 
-  mm1-data build --format=webdataset|coco|obelics|mmc4|text --src=PATH --out=DIR
+  mm1-data build --format=webdataset|coco|obelics|mmc4|text|llava --src=PATH --out=DIR
                  [--image_root=DIR] [--split=train] [--tag=NAME] [--num_shards=8]
 
 reads every record of PATH (`mm1_jax.data.formats`), checks it, and writes the usable
@@ -60,11 +60,13 @@ def _features(ex: formats.Example) -> dict:
     return {"id": ex.id, "image": ex.images[0], "caption": ex.text}
   if ex.kind == "interleaved":
     return {"id": ex.id, "images": ex.images, "text": ex.text}
+  if ex.kind == "chat":
+    return {"id": ex.id, "images": ex.images, "conversations": ex.text}
   return {"id": ex.id, "text": ex.text}
 
 
 KIND_OF = {"webdataset": "caption", "coco": "caption", "obelics": "interleaved", "mmc4": "interleaved",
-           "text": "text"}
+           "text": "text", "llava": "chat"}
 
 
 def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path | None = None,
@@ -87,7 +89,7 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   records = formats.read(fmt, Path(src), Path(image_root) if image_root else None)
   out.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
-  shards = {k: ShardWriter(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text")}
+  shards = {k: ShardWriter(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text", "chat")}
   skipped, dropped = collections.Counter(), collections.Counter()
   truncated = images = 0
   try:

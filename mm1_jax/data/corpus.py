@@ -5,6 +5,7 @@ Layout under the data dir (default `$MM1_DATA_DIR`, else ~/.cache/mm1_jax/shapes
   caption/train-0000X-of-00008.array_record  image (PNG bytes), caption, id
   interleaved/train-...                      images (list of PNG bytes), text with <image> markers, id
   text/train-...                             text, id
+  chat/train-...                             images (list of PNG bytes), conversations (LLaVA JSON), id
   caption_eval/{support,test}-...tfrecord    image, caption, references (list), id
   vqa_eval/{support,test}-...tfrecord        image, question, answers (list), id
 
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from mm1_jax.data import shapes_world as sw
 
-VERSION = 3  # bump when generated content changes, so cached corpora are rebuilt
+VERSION = 4  # bump when generated content changes, so cached corpora are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,9 @@ class CorpusSpec:
   num_caption: int = 8_000
   num_interleaved: int = 4_000
   num_text: int = 2_000
+  num_chat: int = 16_000  # instruction conversations (SFT): enough that SFT runs see each about once
   num_eval_support: int = 64  # few-shot demonstrations
-  num_eval_test: int = 128  # scored queries
+  num_eval_test: int = 512  # scored queries (runs score the first num_queries)
   num_shards: int = 8
 
 
@@ -95,7 +97,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   """Generates every split into out_dir; returns the manifest."""
   out_dir = Path(out_dir)
   s = spec
-  total = (s.num_caption + s.num_interleaved + s.num_text
+  total = (s.num_caption + s.num_interleaved + s.num_text + s.num_chat
            + 2 * (s.num_eval_support + s.num_eval_test))
   bar = tqdm(total=total, desc="shapes world corpus", unit="ex", disable=not progress)
   counts: dict[str, int] = {}
@@ -128,6 +130,16 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
     bar.update()
   w.close()
   counts["text/train"] = w.count
+
+  w = _train_writer(out_dir / "chat", s.num_shards)
+  for i in range(s.num_chat):
+    ex = sw.chat_example(s.seed, i, s.image_size)
+    pngs = [sw.encode_png(im) for im in ex["images"]]
+    train_digests.update(_digest(p) for p in pngs)
+    w.write(tf_example({"id": ex["id"], "images": pngs, "conversations": json.dumps(ex["conversations"])}))
+    bar.update()
+  w.close()
+  counts["chat/train"] = w.count
 
   # Eval splits: support (demonstrations) and test (queries) from their own streams;
   # any image that also occurs in training is dropped and counted.

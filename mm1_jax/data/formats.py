@@ -9,11 +9,14 @@ large enough, and that there is text.
   caption      image (encoded bytes), caption           webdataset tar shards, COCO annotations
   interleaved  images (list), text with <image> marks   OBELICS rows (JSONL/Parquet), MMC4 JSONL
   text         text                                     JSONL with a "text" field, plain .txt files
+  chat         images (list), conversations (JSON)      LLaVA instruction JSON / JSONL (SFT)
 
 Skip reasons (`REASONS`) are the keys of the counts that `mm1-data build` prints.
 
 A source's own text never carries the image marker: a literal `<image>` in it (HTML
 dumps have them) is written as `<img>`, so the only markers are those of real images.
+LLaVA conversations are the exception: there `<image>` is the format's own marker, and
+their count must equal the record's images.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 from mm1_jax.data.tokenizer import IMAGE_TOKEN
 
-FORMATS = ("webdataset", "coco", "obelics", "mmc4", "text")
+FORMATS = ("webdataset", "coco", "obelics", "mmc4", "text", "llava")
 LITERAL_IMAGE_TOKEN = "<img>"  # what a literal IMAGE_TOKEN in source text becomes
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -48,9 +51,10 @@ REASONS = {
 
 @dataclasses.dataclass
 class Example:
-  kind: str  # "caption" | "interleaved" | "text"
+  kind: str  # "caption" | "interleaved" | "text" | "chat"
   id: str
-  text: str = ""  # caption for "caption"; for "interleaved" one IMAGE_TOKEN per image, in order
+  text: str = ""  # caption for "caption"; for "interleaved" one IMAGE_TOKEN per image, in order;
+  #                 for "chat" the conversation turns as JSON
   images: list[bytes] = dataclasses.field(default_factory=list)
 
 
@@ -304,6 +308,53 @@ def read_text(paths: Iterable[Path]) -> Iterator[Record]:
       yield Example("text", path.name, text) if text is not None else Skip("bad_utf8", path.name)
 
 
+# ----------------------------------------------------------------------------- conversations (SFT)
+
+
+def read_llava(path: Path, image_root: Path) -> Iterator[Record]:
+  """LLaVA instruction data: a JSON list (or JSONL) of {"id", "image": path | [paths] (optional),
+  "conversations": [{"from", "value"}, ...]}. The turns are checked here (roles, an
+  assistant reply, one `<image>` marker per image); images are read from image_root."""
+  from mm1_jax.data import chat  # noqa: PLC0415
+
+  if path.suffix == ".json":
+    try:
+      rows = json.loads(path.read_text())
+      if not isinstance(rows, list):
+        raise ValueError("not a list of records")
+    except (OSError, ValueError) as e:
+      yield Skip("bad_record", str(path), f"not a LLaVA JSON list: {e}")
+      return
+    pairs = ((str(r.get("id", f"{path.name}:{i}")) if isinstance(r, dict) else f"{path.name}:{i}", r)
+             for i, r in enumerate(rows))
+  else:
+    pairs = _rows(path)
+  for rid, row in pairs:
+    if isinstance(row, Skip):
+      yield row
+      continue
+    if not isinstance(row, dict):
+      yield Skip("bad_record", rid, "a record is not an object")
+      continue
+    try:
+      turns = chat.parse(row.get("conversations"))
+      chat.ChatTemplate().render(turns)
+    except chat.BadConversation as e:
+      yield Skip("bad_record", rid, str(e))
+      continue
+    refs = row.get("image") or []
+    refs = [refs] if isinstance(refs, str) else refs
+    if chat.count_images(turns) != len(refs):
+      yield Skip("bad_record", rid, f"{chat.count_images(turns)} image markers for {len(refs)} images")
+      continue
+    images = [_read_local(image_root, str(ref), rid) for ref in refs]
+    bad = next((im for im in images if isinstance(im, Skip)), None)
+    if bad is not None:
+      yield bad
+      continue
+    yield Example("chat", rid, json.dumps(turns), images)
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -347,6 +398,12 @@ def check(ex: Example, checks: Checks) -> tuple[Record, list[Skip], bool]:
   """Validates one example: (the example or a Skip, images dropped from it, truncated?)."""
   if not isinstance(ex.text, str):
     return Skip("bad_record", ex.id, f"text is {type(ex.text).__name__}, not a string"), [], False
+  if ex.kind == "chat":  # an image cannot leave a conversation that refers to it: all or nothing
+    images = [normalize_image(raw, checks) for raw in ex.images]
+    bad = next((im for im in images if isinstance(im, str)), None)
+    if bad is not None:
+      return Skip(bad, ex.id), [], False
+    return dataclasses.replace(ex, images=images), [], False
   if ex.kind in ("text", "caption"):
     ex = dataclasses.replace(ex, text=ex.text.replace(IMAGE_TOKEN, LITERAL_IMAGE_TOKEN))
     if not ex.text.strip():
@@ -400,6 +457,8 @@ def read(fmt: str, src: Path, image_root: Path | None = None) -> Iterator[Record
     return read_coco(jsons[0], root)
   if fmt == "text":
     return read_text(p for p in files if p.suffix in (".jsonl", ".txt", ".md", ""))
+  if fmt == "llava":
+    return (r for p in files if p.suffix in (".json", ".jsonl") for r in read_llava(p, root))
   reader = read_obelics if fmt == "obelics" else read_mmc4
   data = [p for p in files if p.suffix in (".jsonl", ".parquet")]
   return (r for p in data for r in reader(p, root))

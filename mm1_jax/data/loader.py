@@ -29,7 +29,7 @@ import numpy as np
 
 from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID
 
-SKIP_REASONS = ("corrupt_image", "empty_text", "image_count_mismatch", "too_short")
+SKIP_REASONS = ("corrupt_image", "empty_text", "image_count_mismatch", "too_short", "bad_conversation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +44,20 @@ def _features(record: bytes) -> dict[str, list[bytes]]:
   return {k: list(v.bytes_list.value) for k, v in ex.features.feature.items()}
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-  """Encoded bytes -> uint8[image_size, image_size, 3]: shorter side resized, centre crop."""
+def decode_image(data: bytes, image_size: int, subimages=None) -> np.ndarray:
+  """Encoded bytes -> uint8[image_size, image_size, 3]: shorter side resized, centre crop.
+
+  With `subimages` (`highres.SubImages`): uint8[K, image_size, image_size, 3], the
+  overview and the crops of the whole image, padded to the grid's aspect ratio.
+  """
   from PIL import Image  # noqa: PLC0415
 
   with Image.open(io.BytesIO(data)) as im:
     im = im.convert("RGB")
+    if subimages is not None:
+      from mm1_jax.data import highres  # noqa: PLC0415
+
+      return highres.split(im, image_size, subimages)
     w, h = im.size
     if (w, h) != (image_size, image_size):
       scale = image_size / min(w, h)
@@ -61,28 +69,47 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
 
 
 def expand_and_cut(ids: np.ndarray, images: np.ndarray, max_len: int, tokens_per_image: int,
-                   max_images: int) -> tuple[np.ndarray, np.ndarray]:
+                   max_images: int, weights: np.ndarray | None = None):
   """Each `<image>` id becomes Q ids; the longest prefix within max_len ids and max_images
   images that never splits an image is kept (numpy twin of
-  `preprocessors.truncate_and_expand_images`)."""
+  `preprocessors.truncate_and_expand_images`). Returns (ids, kept images, weights or None)."""
   is_img = ids == IMAGE_ID
   repeats = np.where(is_img, tokens_per_image, 1)
   keep = (np.cumsum(repeats) <= max_len) & (np.cumsum(is_img) <= max_images)
   n_keep = int(np.argmin(keep)) if not keep.all() else len(ids)
+  out_weights = None if weights is None else np.repeat(weights[:n_keep], repeats[:n_keep]).astype(np.float32)
   kept = ids[:n_keep]
-  return np.repeat(kept, repeats[:n_keep]).astype(np.int32), images[:int(is_img[:n_keep].sum())]
+  return (np.repeat(kept, repeats[:n_keep]).astype(np.int32), images[:int(is_img[:n_keep].sum())],
+          out_weights)
 
 
 class _Prepare:
-  """record bytes -> {"text": int32[L], "images": uint8[n, S, S, 3]} or Skipped (runs in grain threads)."""
+  """record bytes -> {"text": int32[L], "images": uint8[n, S, S, 3], ("weights")} or Skipped.
+
+  Runs in grain threads. Kinds: caption, interleaved, text (pre-training; every text id
+  trained) and chat (LLaVA conversations; only the assistant's ids trained).
+  """
 
   def __init__(self, kind: str, vocabulary, image_size: int, seq_len: int, tokens_per_image: int,
-               max_images: int, task_index: int = 0):
-    self.kind, self.vocab, self.image_size, self.task_index = kind, vocabulary, image_size, task_index
-    self.max_len, self.q, self.max_images = seq_len + 1, tokens_per_image, max_images
+               max_images: int, task_index: int = 0, subimages=None, chat_template=None):
+    from mm1_jax.data import chat, highres  # noqa: PLC0415
 
-  def __call__(self, record: bytes) -> dict | Skipped:
-    f = _features(record)
+    self.kind, self.vocab, self.image_size, self.task_index = kind, vocabulary, image_size, task_index
+    self.max_len, self.max_images = seq_len + 1, max_images
+    self.subimages, self.k = subimages, highres.per_image(subimages)
+    self.q = tokens_per_image * self.k  # placeholders per source image
+    self.template = chat_template or chat.ChatTemplate()
+
+  def _text(self, f: dict) -> tuple[np.ndarray, np.ndarray | None, list[bytes]] | Skipped:
+    if self.kind == "chat":
+      from mm1_jax.data import chat  # noqa: PLC0415
+
+      try:
+        turns = chat.parse(f["conversations"][0])
+        ids, weights = chat.tokenize(self.vocab, turns, self.template)
+      except (chat.BadConversation, KeyError, IndexError):
+        return Skipped("bad_conversation")
+      return ids, weights, f.get("images", [])
     if self.kind == "caption":
       text = "<image>" + f["caption"][0].decode("utf-8", "replace") + "\n"
       encoded = f["image"][:1]
@@ -92,20 +119,32 @@ class _Prepare:
       text, encoded = f["text"][0].decode("utf-8", "replace"), []
     if not text.replace("<image>", "").strip():
       return Skipped("empty_text")
-    ids = np.asarray(list(self.vocab.encode(text)) + [EOS_ID], np.int32)
+    return np.asarray(list(self.vocab.encode(text)) + [EOS_ID], np.int32), None, encoded
+
+  def __call__(self, record: bytes) -> dict | Skipped:
+    parsed = self._text(_features(record))
+    if isinstance(parsed, Skipped):
+      return parsed
+    ids, weights, encoded = parsed
     if int((ids == IMAGE_ID).sum()) != len(encoded):
       return Skipped("image_count_mismatch")
     # Cut before decoding: pass image indices, so only the images that stay get decoded.
-    ids, encoded_kept = expand_and_cut(ids, np.arange(len(encoded)), self.max_len, self.q, self.max_images)
-    if len(ids) < 2:
+    ids, encoded_kept, weights = expand_and_cut(ids, np.arange(len(encoded)), self.max_len, self.q,
+                                                self.max_images, weights)
+    if len(ids) < 2 or (weights is not None and not weights[1:].any()):
       return Skipped("too_short")
     try:
-      images = [decode_image(encoded[i], self.image_size) for i in encoded_kept]
+      images = [decode_image(encoded[i], self.image_size, self.subimages) for i in encoded_kept]
     except (OSError, SyntaxError, ValueError):
       return Skipped("corrupt_image")
     shape = (0, self.image_size, self.image_size, 3)
-    return {"text": ids, "images": np.stack(images) if images else np.zeros(shape, np.uint8),
-            "task": self.task_index}
+    if self.subimages is not None:
+      images = [sub for image in images for sub in image]  # K slots per image, in order
+    out = {"text": ids, "images": np.stack(images) if images else np.zeros(shape, np.uint8),
+           "task": self.task_index}
+    if weights is not None:
+      out["weights"] = weights
+    return out
 
 
 def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, pack: bool,
@@ -123,7 +162,7 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
     def __next__(self) -> dict[str, np.ndarray]:
       row = PackedRow(seq_len, max_images, image_size)
       if self._pending is not None:
-        row.add(self._pending["text"], self._pending["images"])
+        row.add(self._pending["text"], self._pending["images"], self._pending.get("weights"))
         self._pending = None
       while True:
         before = self._parent.get_state()
@@ -140,7 +179,7 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
           # The next row starts with this example: remember where it was read from.
           self._pending, self._pending_state = ex, before
           return row.features()
-        row.add(ex["text"], ex["images"])
+        row.add(ex["text"], ex["images"], ex.get("weights"))
 
     def get_state(self) -> dict[str, Any]:
       parent = self._pending_state if self._pending is not None else self._parent.get_state()
@@ -207,7 +246,8 @@ def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_inde
       ds = ds.shuffle(seed=config.seed * 1000 + i)
     ds = ds.repeat(num_epochs)  # reshuffled every epoch
     ds = ds.map(_Prepare(src.kind, task.output_features["text"].vocabulary, image_size, config.seq_len,
-                         tokens_per_image, config.max_images, task_index=len(names)))
+                         tokens_per_image, config.max_images, task_index=len(names),
+                         subimages=config.subimages, chat_template=config.chat_template))
     datasets.append(ds)
     weights.append(rate)
     names.append(task.name)
@@ -235,7 +275,7 @@ def make_loader(config, *, tokens_per_image: int, image_size: int, shard_index: 
                             shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs)
   read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=4 * config.batch_size)
   skipped: collections.Counter = collections.Counter()
-  packed = _pack_iter_dataset(mixed.to_iter_dataset(read), config.seq_len, config.max_images, image_size,
+  packed = _pack_iter_dataset(mixed.to_iter_dataset(read), config.seq_len, config.image_slots, image_size,
                               config.pack, skipped)
   batched = packed.batch(config.batch_size // num_shards, drop_remainder=True)
   return Loader(iter(batched), skipped)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import seqio
@@ -45,6 +45,11 @@ class DataConfig:
     loader: "grain" (`mm1_jax.data.loader`: checkpointable, ArrayRecord sources) or
       "tfdata" (`make_dataset` here: any seqio source; resumes by re-reading).
     num_threads: grain threads that read and decode records.
+    subimages: high resolution (`mm1_jax.data.highres.SubImages`): each image becomes
+      an overview and a grid of crops, K image slots and K x Q placeholders (grain
+      loader only). max_images still counts source images.
+    chat_template: how conversation tasks are rendered (`mm1_jax.data.chat.ChatTemplate`;
+      None: its defaults). The evaluator takes the same one for chat prompts.
   """
 
   mixture_or_task_name: str = "mm1_shapes_pretrain"
@@ -59,10 +64,21 @@ class DataConfig:
   module_imports: tuple[str, ...] = ("tasks",)
   loader: str = "grain"
   num_threads: int = 4
+  subimages: Any = None
+  chat_template: Any = None
 
   def __post_init__(self):
     if self.loader not in ("grain", "tfdata"):
       raise ValueError(f"DataConfig.loader must be 'grain' or 'tfdata', got {self.loader!r}")
+    if self.subimages is not None and self.loader != "grain":
+      raise ValueError("DataConfig.subimages (high-resolution sub-images) needs loader = 'grain'")
+
+  @property
+  def image_slots(self) -> int:
+    """Image slots per sequence: max_images x the sub-images each image takes."""
+    from mm1_jax.data import highres  # noqa: PLC0415
+
+    return self.max_images * highres.per_image(self.subimages)
 
 
 def get_mixture_or_task(config: DataConfig) -> seqio.Task | seqio.Mixture:
@@ -97,12 +113,13 @@ class PackedRow:
     return (self.used + len(text) - 1 <= len(self.tokens)
             and self.num_images + len(images) <= len(self.images))
 
-  def add(self, text: np.ndarray, images: np.ndarray) -> None:
+  def add(self, text: np.ndarray, images: np.ndarray, weights: np.ndarray | None = None) -> None:
+    """weights: the loss weight of each text id (conversations: 1 on the assistant's), else all 1."""
     n = len(text) - 1
     span = slice(self.used, self.used + n)
     self.num_segments += 1
     self.tokens[span], self.targets[span] = text[:-1], text[1:]
-    self.loss_weights[span] = text[1:] != IMAGE_ID
+    self.loss_weights[span] = (text[1:] != IMAGE_ID) * (1.0 if weights is None else weights[1:])
     self.segment_ids[span] = self.num_segments
     self.positions[span] = np.arange(n)
     self.images[self.num_images:self.num_images + len(images)] = images
@@ -131,7 +148,7 @@ def pack_examples(examples: Iterable[dict], seq_len: int, max_images: int, image
     if row.num_segments and (not pack or not row.fits(text, images)):
       yield row.features()
       row = PackedRow(seq_len, max_images, image_size)
-    row.add(text, images)
+    row.add(text, images, ex.get("weights"))
   if row.num_segments:
     yield row.features()
 

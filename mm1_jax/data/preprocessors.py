@@ -1,8 +1,10 @@
 """Preprocessors that turn raw multimodal records into MM1 examples.
 
 Task side (model-agnostic, registered with seqio): every task ends in
-  text:   int32[L]  token ids ending in EOS; each image is a single `<image>` id
-  images: uint8[n, H, W, 3]  the images, in the order of their `<image>` ids
+  text:    int32[L]  token ids ending in EOS; each image is a single `<image>` id
+  images:  uint8[n, H, W, 3]  the images, in the order of their `<image>` ids
+  weights: float32[L]  (conversation tasks only) loss weight of each id: 1 on the
+           assistant's tokens (`mm1_jax.data.chat`); other tasks train on every text id
 
 Model side (`truncate_and_expand_images`, applied by `mm1_jax.data.pipeline`):
 each `<image>` id becomes the connector's Q ids and the example is cut to the
@@ -80,6 +82,37 @@ def check_image_count(ex):
   return ex
 
 
+def chat_to_ids(ex, vocabulary, image_size: int = 64, template=None):
+  """A conversation record (images, LLaVA "conversations" JSON) -> text ids, weights, images.
+
+  Tokenized here rather than by seqio's `tokenize`: the loss mask comes from where each
+  token falls in the rendered chat (`mm1_jax.data.chat.tokenize`).
+  """
+  from mm1_jax.data import chat  # noqa: PLC0415
+
+  template = template or chat.ChatTemplate()
+
+  def tok(conversations):
+    ids, weights = chat.tokenize(vocabulary, chat.parse(conversations), template)
+    return ids.astype("int32"), weights.astype("float32")
+
+  @seqio.map_over_dataset
+  def fn(ex):
+    ids, weights = tf.numpy_function(tok, [ex["conversations"]], [tf.int32, tf.float32], stateful=False)
+    images = tf.map_fn(lambda b: decode_image(b, image_size), ex["images"],
+                       fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
+    return {"text": tf.ensure_shape(ids, [None]), "weights": tf.ensure_shape(weights, [None]),
+            OUTPUT_IMAGE_KEY: images}
+
+  return fn(ex)
+
+
+def chat_task_preprocessors(vocabulary, image_size: int, template=None):
+  """The chain of conversation tasks: records -> (text ids + EOS, weights, images)."""
+  return [functools.partial(chat_to_ids, vocabulary=vocabulary, image_size=image_size, template=template),
+          check_image_count]
+
+
 def task_preprocessors(to_text, image_size: int):
   """The chain shared by the pre-training tasks: records -> (text ids + EOS, images)."""
   return [
@@ -111,4 +144,7 @@ def truncate_and_expand_images(ex: dict, max_len: int, tokens_per_image: int, ma
   images = ex[OUTPUT_IMAGE_KEY][:n_images]
   if images.shape[1] != image_size or images.shape[2] != image_size:
     images = resize_uint8(images, image_size)
-  return {"text": expanded, OUTPUT_IMAGE_KEY: images}
+  out = {"text": expanded, OUTPUT_IMAGE_KEY: images}
+  if "weights" in ex:
+    out["weights"] = tf.repeat(ex["weights"][:n_keep], repeats[:n_keep])
+  return out

@@ -32,7 +32,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SIDES = {"circle": 0, "square": 4, "triangle": 3}
 
 # Stream ids keep every split's random numbers apart.
-STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "caption_eval": 11, "vqa_eval": 12}
+STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "chat": 4, "caption_eval": 11, "vqa_eval": 12}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,3 +251,45 @@ def all_text(seed: int, n: int, image_size: int = 64) -> Iterator[str]:
     rng = _rng(seed, "vqa_eval", 10_000_000 + i)
     for q, a in questions(sample_scene(rng, image_size), rng):
       yield f"Question: {q} Answer: {a}"
+
+
+# --- instruction conversations (SFT) ---------------------------------------------
+
+
+def chat_turns(rng: np.random.Generator, scenes: list[list[Shape]]) -> list[dict]:
+  """A LLaVA-style conversation about one or two scenes: questions, descriptions, comparisons.
+
+  The first user turn carries the `<image>` markers; answers use the VQA answer forms
+  (digits, colour and shape words).
+  """
+  turns: list[dict] = []
+  markers = "\n".join(["<image>"] * len(scenes)) + "\n"
+  asks: list[tuple[str, str]] = []
+  if len(scenes) == 1:
+    qa = questions(scenes[0], rng)
+    asks += qa[: int(rng.integers(1, 4))]
+    if rng.random() < 0.3:
+      refs = captions(scenes[0])
+      asks.insert(int(rng.integers(len(asks) + 1)), ("describe the picture.", refs[int(rng.integers(len(refs)))]))
+  else:
+    a, b = (len(s) for s in scenes)
+    answer = "the first" if a > b else "the second" if b > a else "neither"
+    asks.append(("which picture has more shapes?", answer))
+    for which, scene in zip(("first", "second"), scenes):
+      if rng.random() < 0.6:
+        q, ans = questions(scene, rng)[0]
+        asks.append((q.replace("?", f" in the {which} picture?"), ans))
+    order = rng.permutation(len(asks))
+    asks = [asks[i] for i in order]
+  for i, (q, ans) in enumerate(asks):
+    turns.append({"from": "human", "value": (markers if i == 0 else "") + q})
+    turns.append({"from": "gpt", "value": ans})
+  return turns
+
+
+def chat_example(seed: int, index: int, image_size: int = 64, stream: str = "chat") -> dict:
+  rng = _rng(seed, stream, index)
+  n = 2 if rng.random() < 0.2 else 1
+  scenes = [sample_scene(rng, image_size) for _ in range(n)]
+  images = [render(s, rng, image_size) for s in scenes]
+  return {"id": f"{stream}-{index}", "images": images, "conversations": chat_turns(rng, scenes)}

@@ -6,6 +6,7 @@ tf.train.Examples, plus the build report:
   <dir>/caption/<split>-<tag>-0000i-of-0000n.array_record id, image (encoded bytes), caption
   <dir>/interleaved/<split>-...                            id, images (list), text with <image> marks
   <dir>/text/<split>-...                                   id, text
+  <dir>/chat/<split>-...                                   id, images (list), conversations (LLaVA JSON)
   <dir>/build.json                                         counts: written, skipped by reason
 
 (<tag> names one source; a task reads every tag of its split.)
@@ -27,13 +28,16 @@ import tensorflow as tf
 
 from mm1_jax.data import preprocessors as prep
 
-KINDS = ("caption", "interleaved", "text")
+KINDS = ("caption", "interleaved", "text")  # pre-training kinds
+SFT_KINDS = ("chat",)  # instruction conversations (`mm1_jax.data.chat`)
 FEATURES = {
     "caption": {"id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string),
                 "caption": tf.io.FixedLenFeature([], tf.string)},
     "interleaved": {"id": tf.io.FixedLenFeature([], tf.string), "images": tf.io.VarLenFeature(tf.string),
                     "text": tf.io.FixedLenFeature([], tf.string)},
     "text": {"id": tf.io.FixedLenFeature([], tf.string), "text": tf.io.FixedLenFeature([], tf.string)},
+    "chat": {"id": tf.io.FixedLenFeature([], tf.string), "images": tf.io.VarLenFeature(tf.string),
+             "conversations": tf.io.FixedLenFeature([], tf.string)},
 }
 TO_TEXT = {"caption": prep.caption_to_text, "interleaved": prep.interleaved_to_text, "text": prep.text_only}
 MM1_RATES = {"interleaved": 45.0, "caption": 45.0, "text": 10.0}
@@ -44,8 +48,8 @@ class ArrayRecordExampleSource(seqio.DataSource):
 
   def __init__(self, split_to_pattern: Mapping[str, str], features: Mapping[str, tf.io.FixedLenFeature],
                kind: str | None = None):
-    """kind: "caption", "interleaved" or "text" for pre-training sources (the grain loader
-    needs it to turn records into examples); None for other records (eval sets)."""
+    """kind: "caption", "interleaved", "text" or "chat" for training sources (the grain
+    loader needs it to turn records into examples); None for other records (eval sets)."""
     self._patterns = dict(split_to_pattern)
     self._features = dict(features)
     self.kind = kind
@@ -98,13 +102,23 @@ def densify(ex):
   return {k: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v for k, v in ex.items()}
 
 
+def preprocessors_for(kind: str, image_size: int, output_features: Mapping[str, seqio.Feature]) -> list:
+  """The seqio preprocessors that turn a `kind` record into (text ids, images[, weights])."""
+  if kind == "chat":
+    return [densify] + prep.chat_task_preprocessors(output_features["text"].vocabulary, image_size)
+  return [densify] + prep.task_preprocessors(TO_TEXT[kind], image_size)
+
+
 def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: int,
                     output_features: Mapping[str, seqio.Feature], split: str = "train",
-                    rates: Mapping[str, float] = MM1_RATES, kinds: tuple[str, ...] = KINDS) -> list[str]:
-  """Registers `<prefix>_<kind>` tasks for a built corpus and the `<prefix>_pretrain` mixture.
+                    rates: Mapping[str, float] = MM1_RATES, kinds: tuple[str, ...] = KINDS,
+                    mixture: str | None = None) -> list[str]:
+  """Registers `<prefix>_<kind>` tasks for a built corpus and a mixture of them by `rates`
+  (named `mixture`, default `<prefix>_pretrain`).
 
   Nothing is read here: a missing folder fails when the task is first read, with a
-  message that says how to build it. Returns the task names.
+  message that says how to build it. Returns the task names. An SFT corpus (`mm1-data
+  build --format=llava`) is registered with kinds=("chat",) and rates naming it.
   """
   names = []
   for kind in kinds:
@@ -114,10 +128,10 @@ def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: in
     pattern = str(Path(directory) / kind / f"{split}-*.array_record")
     seqio.TaskRegistry.add(
         name, source=ArrayRecordExampleSource({split: pattern}, FEATURES[kind], kind),
-        preprocessors=[densify] + prep.task_preprocessors(TO_TEXT[kind], image_size),
+        preprocessors=preprocessors_for(kind, image_size, output_features),
         output_features=output_features)
     names.append(name)
-  mixture = f"{prefix}_pretrain"
+  mixture = mixture or f"{prefix}_pretrain"
   if mixture in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(mixture)
   seqio.MixtureRegistry.add(mixture, [(f"{prefix}_{k}", rates[k]) for k in kinds])

@@ -7,6 +7,12 @@ The default templates (each overridable in gin, per kind or per benchmark):
   caption  <image>{caption}\\n ... <image>                       -> "{caption}"
   vqa      <image>Question: {question} Answer: {answer}\\n ... <image>Question: {question} Answer:
 
+With `chat_template` set (fine-tuned models), each demonstration is a user turn and an
+assistant reply and the query ends in the assistant prefix (`mm1_jax.data.chat`):
+
+  caption  user: <image>\ndescribe the picture.\nassistant:    -> " {caption}"
+  vqa      user: <image>\n{question}\nassistant:                -> " {answer}"
+
 Generation stops at EOS or a newline. Each benchmark's own seqio metric functions score
 the predictions. Results go to <workdir>/eval/step_<N>.json as
 {"step": N, "results": {"<benchmark>/<k>shot/<metric>": value, ...}, "info": {...}}
@@ -23,7 +29,7 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -32,6 +38,7 @@ import numpy as np
 
 from mm1_jax import decoder as decoder_lib
 from mm1_jax import sharding as sharding_lib
+from mm1_jax.data import highres
 from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, NEWLINE_ID, PAD_ID
 from mm1_jax.eval import benchmarks as benchmarks_lib
 from mm1_jax.model import MM1
@@ -39,6 +46,12 @@ from mm1_jax.model import MM1
 TEMPLATES = {
     "caption": ("<image>{caption}\n", "<image>"),
     "vqa": ("<image>Question: {question} Answer: {answer}\n", "<image>Question: {question} Answer:"),
+}
+# With a chat template: (the user's turn, the assistant's reply) of a demonstration; the
+# query is the user's turn alone.
+CHAT_TEMPLATES = {
+    "caption": ("<image>\ndescribe the picture.", "{caption}"),
+    "vqa": ("<image>\n{question}", "{answer}"),
 }
 
 
@@ -61,6 +74,9 @@ class FewShotConfig:
       images by content hash and overlaps are reported.
     drop_train_overlap: also leave overlapping queries out of the scores.
     image_cache: decoded images kept in memory (demonstrations recur across queries).
+    chat_template: a `mm1_jax.data.chat.ChatTemplate` for fine-tuned models: prompts are
+      conversations, `templates` then give (user turn, reply) per kind (`CHAT_TEMPLATES`).
+    subimages: `mm1_jax.data.highres.SubImages` when the model was trained on sub-images.
   """
 
   benchmarks: tuple[str, ...] = ("shapes_caption", "shapes_vqa")
@@ -76,6 +92,8 @@ class FewShotConfig:
   train_mixture: str | None = None
   drop_train_overlap: bool = False
   image_cache: int = 4096
+  chat_template: Any = None
+  subimages: Any = None
 
 
 def load_split(task_name: str, split: str, module_imports=("tasks",)) -> list[dict]:
@@ -111,11 +129,18 @@ def image_key(rec: dict) -> str:
   return str(rec.get("image_path", rec["id"]))
 
 
-def build_prompt(template: tuple[str, str], demos: list[dict], query: dict) -> str:
-  demo_t, query_t = template
+def build_prompt(template: tuple[str, str], demos: list[dict], query: dict, chat_template=None) -> str:
+  """The prompt text: demonstrations then the query. With a chat template, `template` is
+  (user turn, reply) and the prompt is a conversation ending in the assistant prefix."""
+  first, second = template
   fill = lambda t, ex: t.format(caption=ex.get("caption", ""), question=ex.get("question", ""),  # noqa: E731
                                 answer=(ex.get("answers") or [""])[0])
-  return "".join(fill(demo_t, d) for d in demos) + fill(query_t, query)
+  if chat_template is None:
+    return "".join(fill(first, d) for d in demos) + fill(second, query)
+  turns = []
+  for d in demos:
+    turns += [{"from": "human", "value": fill(first, d)}, {"from": "gpt", "value": fill(second, d)}]
+  return chat_template.prompt(turns + [{"from": "human", "value": fill(first, query)}])
 
 
 def choose_demos(support: list[dict], query: dict, k: int, seed: int, index: int,
@@ -173,11 +198,11 @@ def _generate(params, tokens, valid, images, *, model: MM1, max_new: int):
 
 
 class _ImageCache:
-  """Decoded images (shorter side resized, centre crop, as in training), least recently
-  used dropped first. Unreadable images give None and are counted by path."""
+  """Decoded images (shorter side resized, centre crop, as in training; or sub-images),
+  least recently used dropped first. Unreadable images give None and are counted by path."""
 
-  def __init__(self, size: int, capacity: int):
-    self.size, self.capacity = size, capacity
+  def __init__(self, size: int, capacity: int, subimages=None):
+    self.size, self.capacity, self.subimages = size, capacity, subimages
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self.failed: dict[str, str] = {}
 
@@ -192,7 +217,7 @@ class _ImageCache:
       return None
     try:
       data = rec["image"] if "image" in rec else Path(rec["image_path"]).read_bytes()
-      pixels = decode_image(bytes(data), self.size)
+      pixels = decode_image(bytes(data), self.size, self.subimages)
     except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or not an image
       self.failed[key] = f"{type(e).__name__}: {e}"
       return None
@@ -237,8 +262,10 @@ class Evaluator:
       raise ValueError(f"eval batch_size {config.batch_size} does not split over mesh {mesh.shape}")
     benchmarks_lib.configure(config.data_root, config.files)
     specs = benchmark_specs(config)  # fails early on unknown names
-    templates = {**TEMPLATES, **(config.templates or {})}
-    self.images = _ImageCache(model.config.encoder.image_size, config.image_cache)
+    defaults = CHAT_TEMPLATES if config.chat_template is not None else TEMPLATES
+    templates = {**defaults, **(config.templates or {})}
+    self.images = _ImageCache(model.config.encoder.image_size, config.image_cache, config.subimages)
+    self.k = highres.per_image(config.subimages)  # image slots per image
     self.benchmarks: dict[str, _Benchmark] = {}
     for spec in specs:
       if spec.kind not in TEMPLATES:
@@ -272,7 +299,7 @@ class Evaluator:
 
   def _encode(self, text: str) -> np.ndarray:
     ids = np.asarray(self.sp.encode(text), np.int32)
-    q = self.model.config.tokens_per_image
+    q = self.model.config.tokens_per_image * self.k
     return np.repeat(ids, np.where(ids == IMAGE_ID, q, 1))
 
   def _decode_batch(self, params, prompts: list[tuple[str, list[np.ndarray]]], n_images: int
@@ -283,12 +310,14 @@ class Evaluator:
     p = -(-max(len(e) for e in encoded) // 32) * 32  # bucket lengths to limit recompiles
     tokens = np.full((bs, p), PAD_ID, np.int32)
     valid = np.zeros((bs, p), bool)
-    images = np.zeros((bs, n_images, size, size, 3), np.uint8)
+    images = np.zeros((bs, n_images * self.k, size, size, 3), np.uint8)
     for i in range(bs):
       j = min(i, len(prompts) - 1)  # fill a short last batch with copies, dropped below
       e = encoded[j]
       tokens[i, p - len(e):], valid[i, p - len(e):] = e, True
-      images[i, :len(prompts[j][1])] = np.stack(prompts[j][1])
+      pixels = np.stack(prompts[j][1])  # [n, S, S, 3], or [n, K, S, S, 3] with sub-images
+      pixels = pixels.reshape((-1,) + pixels.shape[-3:])
+      images[i, :len(pixels)] = pixels
     put = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, self.rules, x.ndim))  # noqa: E731
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       out = np.asarray(self._generate(params, put(tokens), put(valid), put(images)))
@@ -335,7 +364,8 @@ class Evaluator:
           prompts = []
           for i, q in enumerate(qs[s:s + c.batch_size], start=s):
             demos = choose_demos(b.support, q, k, c.seed, i, usable)
-            prompts.append((build_prompt(b.template, demos, q), [self.images(d) for d in demos + [q]]))
+            prompts.append((build_prompt(b.template, demos, q, c.chat_template),
+                            [self.images(d) for d in demos + [q]]))
           texts, n = self._decode_batch(params, prompts, k + 1)
           preds += texts
           generated += n

@@ -1,0 +1,235 @@
+"""Supervised fine-tuning: conversations, the assistant-only loss mask, sub-images, SFT end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm1_jax.data import chat, highres, tokenizer
+from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID
+
+REPO = Path(__file__).resolve().parent.parent
+
+TURNS = [{"from": "human", "value": "<image>\nwhat colour is the circle?"}, {"from": "gpt", "value": "red"},
+         {"from": "human", "value": "how many squares are there?"}, {"from": "gpt", "value": "2"}]
+
+
+@pytest.fixture(scope="module")
+def sp():
+  return tokenizer.load()
+
+
+def _trained_text(sp, ids, weights):
+  """The text of the trained tokens, in runs: one string per maximal run of weight 1."""
+  runs, cur = [], []
+  for i, w in zip(ids.tolist(), weights.tolist()):
+    if w:
+      cur.append(i)
+    elif cur:
+      runs.append(cur)
+      cur = []
+  if cur:
+    runs.append(cur)
+  return [sp.decode([i for i in r if i != EOS_ID]) for r in runs]
+
+
+def test_loss_mask_covers_the_assistant_replies_only(sp):
+  ids, weights = chat.tokenize(sp, TURNS)
+  assert ids[-1] == EOS_ID and weights[-1] == 1
+  assert _trained_text(sp, ids, weights) == [" red\n", " 2\n"]
+  # Everything the user said, the role prefixes and the image are untrained.
+  untrained = sp.decode([i for i, w in zip(ids.tolist(), weights.tolist()) if not w])
+  assert untrained == "user: <image>\nwhat colour is the circle?\nassistant:user: how many squares are there?\nassistant:"
+  assert weights[ids == IMAGE_ID].sum() == 0
+  # The same ids as tokenizing the rendered text in one go, so generation prompts match training.
+  text, _ = chat.ChatTemplate().render(TURNS)
+  assert ids[:-1].tolist() == sp.encode(text)
+  prompt = chat.ChatTemplate().prompt(TURNS[:3])
+  assert ids[:len(sp.encode(prompt))].tolist() == sp.encode(prompt)
+
+
+def test_loss_mask_without_offsets_agrees(sp):
+  class PlainVocab:  # only encode(): parts are tokenized one by one
+    def encode(self, s):
+      return sp.encode(s)
+
+  ids, weights = chat.tokenize(PlainVocab(), TURNS)
+  ref_ids, ref_weights = chat.tokenize(sp, TURNS)
+  assert ids.tolist() == ref_ids.tolist() and weights.tolist() == ref_weights.tolist()
+
+
+@pytest.mark.parametrize("turns, message", [
+    ([{"from": "human", "value": "hi"}], "no assistant turn"),
+    ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}], "expected 'from'"),
+    ([{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}], "string 'value'"),
+])
+def test_bad_conversations_are_refused(sp, turns, message):
+  with pytest.raises(chat.BadConversation, match=message):
+    chat.tokenize(sp, turns)
+  with pytest.raises(chat.BadConversation):
+    chat.parse(b"{not json")
+
+
+def _image(w, h, colour=(200, 30, 30)):
+  im = Image.new("RGB", (w, h), colour)
+  im.paste((10, 200, 10), (0, 0, w // 2, h // 2))  # top-left quarter green
+  return im
+
+
+def test_subimages_overview_and_crops():
+  cfg = highres.SubImages(grid=(2, 2))
+  out = highres.split(_image(128, 128), 64, cfg)
+  assert out.shape == (5, 64, 64, 3) and out.dtype == np.uint8 and cfg.per_image == 5
+  big = np.asarray(_image(128, 128))
+  np.testing.assert_array_equal(out[1], big[:64, :64])  # crops at full resolution, row by row
+  np.testing.assert_array_equal(out[4], big[64:, 64:])
+  overview = np.asarray(_image(128, 128).resize((64, 64), Image.Resampling.BICUBIC, reducing_gap=None))
+  np.testing.assert_array_equal(out[0], overview)
+  assert highres.split(_image(128, 128), 64, highres.SubImages(grid=(1, 2), overview=False)).shape == (2, 64, 64, 3)
+
+
+def test_subimages_pad_other_aspect_ratios_instead_of_cropping():
+  cfg = highres.SubImages(grid=(2, 2))
+  out = highres.split(_image(256, 128), 64, cfg)  # twice as wide as high: padded top and bottom
+  pad = np.array(cfg.pad_value, np.uint8)
+  # The top quarter of the top crops and the bottom quarter of the bottom ones are padding
+  # (bicubic resampling blurs the few rows at the seam).
+  np.testing.assert_array_equal(out[1][:28], np.broadcast_to(pad, (28, 64, 3)))
+  np.testing.assert_array_equal(out[3][-28:], np.broadcast_to(pad, (28, 64, 3)))
+  np.testing.assert_array_equal(out[0][:12], np.broadcast_to(pad, (12, 64, 3)))  # overview: square, padded
+  assert (out[1][40, 10] == (10, 200, 10)).all()  # the image's green corner, not cut off
+  assert (out[2][40, 60] == (200, 30, 30)).all()
+
+
+def test_sft_data_masks_user_tokens_in_packed_batches():
+  """The bundled chat task through the grain loader: loss on the answers, none on the questions."""
+  from mm1_jax.data import loader, pipeline
+
+  cfg = pipeline.DataConfig(mixture_or_task_name="mm1_shapes_chat", batch_size=2, seq_len=256, max_images=4,
+                            num_threads=1)
+  sp = tokenizer.load()
+  batch = next(loader.make_loader(cfg, tokens_per_image=4, image_size=64))
+  w, t = batch["loss_weights"], batch["targets"]
+  assert w.sum() > 0 and (w[t == IMAGE_ID] == 0).all()
+  for row in range(2):
+    trained = sp.decode([int(x) for x in t[row][w[row] > 0] if x != EOS_ID])
+    untrained = sp.decode([int(x) for x in t[row][(w[row] == 0) & (batch["segment_ids"][row] > 0)]
+                           if x != IMAGE_ID])
+    assert "user:" in untrained and "?" in untrained
+    assert "user:" not in trained and "assistant" not in trained and "?" not in trained
+
+
+def test_sft_data_with_subimages_takes_k_slots_per_image():
+  from mm1_jax.data import loader, pipeline
+
+  sub = highres.SubImages(grid=(2, 2))
+  cfg = pipeline.DataConfig(mixture_or_task_name="mm1_shapes_chat", batch_size=2, seq_len=512, max_images=2,
+                            num_threads=1, subimages=sub)
+  batch = next(loader.make_loader(cfg, tokens_per_image=4, image_size=32))
+  assert batch["images"].shape == (2, 2 * 5, 32, 32, 3)
+  for row in range(2):
+    n_slots = int((batch["images"][row].reshape(10, -1).max(axis=1) > 0).sum())
+    assert n_slots % 5 == 0 and n_slots > 0
+    assert (batch["tokens"][row] == IMAGE_ID).sum() == n_slots * 4  # K x Q placeholders per image
+
+
+def test_llava_files_are_read_checked_and_built(tmp_path):
+  from mm1_jax.data import build
+
+  Image.new("RGB", (80, 64), (9, 9, 200)).save(tmp_path / "a.png")
+  records = [
+      {"id": "ok", "image": "a.png", "conversations": [
+          {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A blue square."}]},
+      {"id": "two", "image": ["a.png", "a.png"], "conversations": [
+          {"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "Yes."}]},
+      {"id": "textonly", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+      {"id": "missing", "image": "nope.png", "conversations": [
+          {"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]},
+      {"id": "markers", "image": "a.png", "conversations": [
+          {"from": "human", "value": "no marker"}, {"from": "gpt", "value": "y"}]},
+      {"id": "noreply", "conversations": [{"from": "human", "value": "Hi"}]},
+  ]
+  (tmp_path / "llava.json").write_text(json.dumps(records))
+  report = build.build("llava", tmp_path / "llava.json", tmp_path / "out", image_root=tmp_path)
+  assert report["written"] == {"chat": 3}
+  assert report["skipped"] == {"missing_file": 1, "bad_record": 2}
+  assert len(list((tmp_path / "out" / "chat").glob("train-*.array_record"))) >= 1
+  # Registered as a task, read by the training loader: images in, loss on the replies only.
+  from mm1_jax.data import loader, pipeline, sources
+  from tasks import shapes
+
+  sources.register_corpus("llavatest", tmp_path / "out", image_size=64, output_features=shapes.OUTPUT_FEATURES,
+                          kinds=("chat",), rates={"chat": 1.0}, mixture="llavatest_sft")
+  cfg = pipeline.DataConfig(mixture_or_task_name="llavatest_sft", batch_size=1, seq_len=128, max_images=2,
+                            shuffle=False, pack=False, num_threads=1)
+  rows = loader.make_loader(cfg, tokens_per_image=4, image_size=64)
+  sp = tokenizer.load()
+  replies = set()
+  for _ in range(3):
+    b = next(rows)
+    replies.add(sp.decode([int(t) for t in b["targets"][0][b["loss_weights"][0] > 0] if t != EOS_ID]))
+    assert (b["tokens"][0] == IMAGE_ID).sum() == 4 * int((b["images"][0].reshape(2, -1).max(1) > 0).sum())
+  assert len(replies) == 3 and all(r.endswith(".\n") for r in replies)
+
+
+def test_sft_improves_vqa_over_the_pretrained_model(tmp_path):
+  """Pre-train MM1-tiny briefly, fine-tune from its checkpoint on the chat mixture, and score
+  0-shot VQA on the held-out test split: the fine-tuned model answers better."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  small = ["--gin.BATCH_SIZE=8", "--gin.LOG_EVERY=10", "--gin.fewshot.FewShotConfig.num_queries=64",
+           "--gin.fewshot.FewShotConfig.benchmarks=('shapes_vqa',)", "--gin.fewshot.FewShotConfig.max_new_tokens=4"]
+  pre = tmp_path / "pre"
+  subprocess.run([sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+                  f"--workdir={pre}", "--gin.TRAIN_STEPS=150", "--gin.CHECKPOINT_EVERY=150",
+                  "--gin.fewshot.FewShotConfig.shots=(0,)", *small],
+                 cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
+  sft = tmp_path / "sft"
+  proc = subprocess.run([sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/sft.gin",
+                         f"--workdir={sft}", f"--gin.INIT_FROM='{pre / 'checkpoints'}'", "--gin.TRAIN_STEPS=80",
+                         "--gin.CHECKPOINT_EVERY=80", "--gin.PEAK_LR=2e-3", "--gin.WARMUP_STEPS=10", *small],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"initialised encoder from {pre / 'checkpoints'}" in proc.stdout
+  pre_acc = json.loads((pre / "eval" / "step_150.json").read_text())["results"]["shapes_vqa/0shot/accuracy"]
+  sft_eval = json.loads((sft / "eval" / "step_80.json").read_text())["results"]
+  start_acc = json.loads((sft / "eval" / "step_0.json").read_text())["results"]["shapes_vqa/0shot/accuracy"]
+  sft_acc = sft_eval["shapes_vqa/0shot/accuracy"]
+  assert sft_acc > max(pre_acc, start_acc) + 0.05, (pre_acc, start_acc, sft_acc)
+
+
+def test_pretrained_weights_start_a_higher_resolution_encoder(tmp_path, tiny_config):
+  """64 px -> 128 px: the encoder's (and C-Abstractor's) position embeddings are interpolated
+  bicubically to the larger patch grid; every other weight is taken as it is."""
+  import dataclasses
+
+  import jax
+  import orbax.checkpoint as ocp
+
+  from mm1_jax import model, pretrained, sharding, train, vit
+
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  low = tiny_config  # 64 px, patch 16: a 4x4 grid
+  high = dataclasses.replace(low, encoder=dataclasses.replace(low.encoder, image_size=128))  # 8x8
+  params, _ = train.init_param_shardings(model.MM1(low), train.dummy_batch(8, 16, 1, low), mesh,
+                                         sharding.DEFAULT_RULES)
+  rng = np.random.default_rng(0)
+  source = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), params)
+  ocp.PyTreeCheckpointer().save(tmp_path / "pre" / "params", source)
+  abstract, shardings = train.init_param_shardings(model.MM1(high), train.dummy_batch(8, 16, 1, high), mesh,
+                                                   sharding.DEFAULT_RULES)
+  fresh = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
+  loaded = pretrained.load_pretrained(fresh, shardings, [str(tmp_path / "pre")], high)
+  pos = np.asarray(loaded["encoder"]["pos_embed"])
+  assert pos.shape[-2] == 64 and np.asarray(source["encoder"]["pos_embed"]).shape[-2] == 16
+  np.testing.assert_allclose(pos, vit.resize_pos_embed(np.asarray(source["encoder"]["pos_embed"]), 8, 0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(loaded["connector"]["pos_embed"]),
+                             vit.resize_pos_embed(np.asarray(source["connector"]["pos_embed"]), 8, 0), rtol=1e-6)
+  same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), b)  # noqa: E731
+  jax.tree.map(same, loaded["decoder"], source["decoder"])

@@ -202,10 +202,18 @@ def extrapolated_cost(model_config, compile_fn) -> dict:
 
 
 def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int = 1, batch_size: int = 512,
-              seq_len: int = 4096, max_images: int = 16, cost: bool = True, progress: bool = True) -> dict:
-  """Compiles the train step for the topology and returns the report (see module docstring)."""
+              seq_len: int = 4096, max_images: int = 16, subimages=None, cost: bool = True,
+              progress: bool = True) -> dict:
+  """Compiles the train step for the topology and returns the report (see module docstring).
+
+  With `subimages` (high-resolution SFT) every image takes K slots: the step is compiled
+  for max_images x K image slots a sequence, as the loader feeds it.
+  """
   from mm1_jax import flops as flops_lib  # noqa: PLC0415
   from mm1_jax import params as params_lib  # noqa: PLC0415
+  from mm1_jax.data import highres  # noqa: PLC0415
+
+  slots = max_images * highres.per_image(subimages)
 
   if not topology:
     raise ValueError("no topology: pass --topology=v5p-256 (or set TOPOLOGY in the gin file)")
@@ -215,13 +223,13 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
   if num_slices > 1:
     mesh = dataclasses.replace(mesh, dcn_shape=(num_slices, 1, 1, 1))
   say(f"[1/2] compiling the train step for {topology} x{num_slices} ({len(devices)} devices)")
-  full = _compile(model, optimizer, mesh, devices, batch_size, seq_len, max_images)
+  full = _compile(model, optimizer, mesh, devices, batch_size, seq_len, slots)
   per_device_hbm = topo.chip.hbm_bytes // topo.devices_per_chip
   report = {
       "topology": topology, "topology_name": topo.topology_name, "num_slices": num_slices,
       "num_chips": topo.num_chips * num_slices, "num_devices": len(devices),
       "mesh": mesh.global_shape(len(devices)), "batch_size": batch_size, "seq_len": seq_len,
-      "max_images": max_images, "tokens_per_step": batch_size * seq_len,
+      "max_images": max_images, "image_slots": slots, "tokens_per_step": batch_size * seq_len,
       "hbm_bytes": topo.chip.hbm_bytes, "hbm_bytes_per_device": per_device_hbm,
       "peak_flops_per_chip": topo.chip.peak_flops, "compile_s": round(full.compile_s, 1),
   }
@@ -235,12 +243,12 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
   else:
     report.update(fits=full.memory["total"] <= per_device_hbm,
                   per_chip_bytes=full.memory["total"] * topo.devices_per_chip, memory=full.memory)
-  report["model_flops_per_step"] = flops_lib.train_flops_per_step(abstract, model, batch_size, seq_len, max_images)
+  report["model_flops_per_step"] = flops_lib.train_flops_per_step(abstract, model, batch_size, seq_len, slots)
   report.update(xla_flops=None, optimal_seconds=None, tokens_per_s_per_chip=None, projected_mfu=None)
   if cost:
     say("[2/2] costing: small unrolled compiles, extrapolated per layer")
     est = extrapolated_cost(model, lambda cfg: _compile(cfg, optimizer, mesh, devices, batch_size, seq_len,
-                                                         max_images, options=COSTING_OPTIONS))
+                                                         slots, options=COSTING_OPTIONS))
     report["cost_compile_s"] = round(est["compile_s"], 1)
     report["cost_points"] = est["points"]
     if est["optimal_seconds"] is None:
@@ -272,7 +280,9 @@ def format_report(r: dict) -> str:
       ("topology", f"{r['topology']} ({r['topology_name']}) x{r['num_slices']} slice(s)"),
       ("chips", f"{r['num_chips']} ({r['num_devices']} devices)"),
       ("mesh", ", ".join(f"{k}={v}" for k, v in r["mesh"].items())),
-      ("batch", f"{r['batch_size']} x {r['seq_len']} tokens, up to {r['max_images']} images a sequence"),
+      ("batch", f"{r['batch_size']} x {r['seq_len']} tokens, up to {r['max_images']} images a sequence"
+                + (f" ({r['image_slots']} sub-image slots)" if r.get("image_slots", r["max_images"]) != r["max_images"]
+                   else "")),
       ("parameters", f"{r['params_total'] / 1e9:.2f} B total, {r['params_active'] / 1e9:.2f} B active"),
       ("per-chip memory", gib(r["per_chip_bytes"]) + f" of {gib(r['hbm_bytes'])} HBM"),
   ]

@@ -280,7 +280,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           keep_checkpoints: int = 3, evaluation=None, eval_every: int = 0, z_loss: float = 0.0,
           seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True,
           init_from: Sequence[str] = (), stop_after_steps: int = 0,
-          max_consecutive_nonfinite: int = 5) -> int:
+          max_consecutive_nonfinite: int = 5, eval_at_start: bool = True) -> int:
   """Pre-trains MM1; resumes from the newest checkpoint in `<workdir>/checkpoints`.
 
   Args:
@@ -293,8 +293,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     log_every: steps between metric records.
     checkpoint_every: steps between checkpoints (one is always written at the end).
     keep_checkpoints: newest checkpoints kept.
-    evaluation: a `mm1_jax.eval.fewshot.FewShotConfig`; runs at step 0, every
-      `eval_every` steps (0: never in between) and at the end.
+    evaluation: a `mm1_jax.eval.fewshot.FewShotConfig`; runs at step 0 (unless
+      `eval_at_start` is False), every `eval_every` steps (0: never in between) and at the end.
     z_loss: weight of the output log-partition penalty.
     seed: parameter-initialisation seed.
     peak_flops_per_device: the MFU denominator, per device.
@@ -362,7 +362,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     if evaluator is not None and not (workdir_path / "eval" / f"step_{step}.json").exists():
       evaluator.evaluate_and_write(state.params, step, workdir_path)
 
-  if start == 0:
+  if start == 0 and eval_at_start:
     run_eval(0)
 
   host = jax.process_index(), jax.process_count()

@@ -153,7 +153,7 @@ def test_create_multislice_v5p_waits_until_active(pod):
 def test_create_v5e_vm_after_a_passing_preflight(pod, tmp_path):
   pod.set_rules([{"when": ["describe"], "stdout": "READY\n"}])
   proc = pod.run("create.py", *V5E_VM, "--capacity=spot", "--gin_file=gin/runs/quickstart.gin",
-                 "--gin.BATCH_SIZE=16", "--poll_s=0")
+                 "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32", "--poll_s=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "preflight: fits" in proc.stderr
   (report,) = [json.loads(p.read_text()) for p in (tmp_path / "preflight").glob("*.json")]
@@ -165,7 +165,7 @@ def test_create_v5e_vm_after_a_passing_preflight(pod, tmp_path):
   assert [_kind(c) for c in calls] == ["create", "describe"]
   # The same flags again: the verdict is reused, not compiled twice.
   proc = pod.run("create.py", *V5E_VM, "--capacity=spot", "--gin_file=gin/runs/quickstart.gin",
-                 "--gin.BATCH_SIZE=16", "--poll_s=0", "--no_wait")
+                 "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32", "--poll_s=0", "--no_wait")
   assert proc.returncode == 0 and "reusing the verdict" in proc.stderr
 
 

@@ -47,6 +47,7 @@ setup(
             "mm1-convert=mm1_jax.hf.cli:entry",
             "mm1-data=mm1_jax.data.build:entry",
             "mm1-aot=mm1_jax.aot:entry",
+            "mm1-probe=mm1_jax.probe:entry",
         ],
     },
 )

@@ -129,12 +129,11 @@ def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len,
   import jax  # noqa: PLC0415
 
   from mm1_jax import optim, sharding, train  # noqa: PLC0415
-  from mm1_jax.model import MM1  # noqa: PLC0415
 
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(mesh_config, devices)
   rules = mesh_config.rules
-  model = MM1(model_config)
+  model = model_config.build()
   tx, schedule = optim.make_optimizer(optimizer, 1000)
   # Parameter shapes do not depend on the batch: initialise from a one-row example, and
   # describe the real batch abstractly (MM1's is gigabytes of pixels).
@@ -170,8 +169,10 @@ def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len,
 
 
 def _with_depths(config, enc_depth: int, dec_depth: int):
-  """The same model with other depths, unrolled (for costing)."""
+  """The same model with other depths, unrolled (for costing). AIM (v1) has no decoder."""
   enc = dataclasses.replace(config.encoder, depth=enc_depth, scan_layers=False)
+  if not hasattr(config, "decoder"):
+    return dataclasses.replace(config, encoder=enc)
   dec = dataclasses.replace(config.decoder, depth=dec_depth, scan_layers=False)
   return dataclasses.replace(config, encoder=enc, decoder=dec)
 
@@ -179,10 +180,12 @@ def _with_depths(config, enc_depth: int, dec_depth: int):
 def extrapolated_cost(model_config, compile_fn) -> dict:
   """Per-device flops and optimal_seconds of the full-depth step, from unrolled compiles
   at (a, b), (2a, b) and (a, 2b) encoder / decoder layers, linear per layer."""
-  le, ld = model_config.encoder.depth, model_config.decoder.depth
-  moe = model_config.decoder.moe
+  decoder = getattr(model_config, "decoder", None)
+  le, ld = model_config.encoder.depth, decoder.depth if decoder is not None else 0
+  moe = decoder.moe if decoder is not None else None
   unit = moe.every if moe is not None else 1  # a sparse stack repeats in groups of `every`
   a, b = min(2, le), min(unit * max(1, 2 // unit), ld)
+  b = b or 1  # no decoder: its term is zero (dec2 is base)
   base = compile_fn(_with_depths(model_config, a, b))
   enc2 = compile_fn(_with_depths(model_config, 2 * a, b)) if le > a else base
   dec2 = compile_fn(_with_depths(model_config, a, 2 * b)) if ld > b else base

@@ -124,7 +124,7 @@ class Decoder(nn.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
                cache: layers.KVCache | None = None, cache_index: jax.Array | int = 0,
-               valid: jax.Array | None = None, last_only: bool = False
+               valid: jax.Array | None = None, last_only: bool = False, return_hidden: bool = False
                ) -> tuple[jax.Array, layers.KVCache | None]:
     """Runs the stack.
 
@@ -136,6 +136,8 @@ class Decoder(nn.Module):
       cache_index: slot at which the T new entries are written.
       valid: bool[B, T], False on padding (sparse layers leave padding out); None: all valid.
       last_only: logits of the last position only (a prompt's prefill needs no others).
+      return_hidden: return the final-norm hidden states float[B, T, D] instead of logits
+        (`logits` turns them into logits; AIMv2 also reads them at image positions).
     Returns:
       (logits float32[B, T, V] (T = 1 with last_only), updated caches or None)
     """
@@ -151,6 +153,12 @@ class Decoder(nn.Module):
     self.sow("intermediates", "hidden_states", x)  # read by mm1-convert verify
     if last_only:
       x = x[:, -1:]
+    if return_hidden:
+      return x, new_cache
+    return self.logits(x), new_cache
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final-norm hidden states float[B, T, D] -> logits float32[B, T, V]."""
     if self.config.tie_embeddings:
       # Tied head in float32 whatever the compute dtype: logits feed a softmax over V.
       table = jnp.asarray(self.embedding.embedding, jnp.float32)  # [V, D]
@@ -159,7 +167,7 @@ class Decoder(nn.Module):
         logits = logits / jnp.sqrt(self.config.width)
     else:
       logits = self.lm_head(x).astype(jnp.float32)
-    return sharding.constrain(logits, ("batch", "length", "vocab")), new_cache
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
 
 
 def init_cache(config: DecoderConfig, batch: int, length: int) -> layers.KVCache:

@@ -14,6 +14,7 @@ import math
 
 import jax
 
+from mm1_jax.aim import AIMConfig, AIMv2Config
 from mm1_jax.model import MM1Config
 
 
@@ -31,11 +32,23 @@ def _matmul_params(tree, skip=()) -> int:
   return total
 
 
-def forward_flops_per_sequence(params, config: MM1Config, seq_len: int, num_images: int) -> float:
-  enc, dec = config.encoder, config.decoder
-  image_tokens = config.tokens_per_image
+def forward_flops_per_sequence(params, config: MM1Config | AIMConfig | AIMv2Config, seq_len: int,
+                               num_images: int) -> float:
+  """AIM (v1): encoder and pixel head per image; AIMv2: MM1's count plus the pixel head."""
+  enc = config.encoder
   patches = enc.num_patches + (1 if enc.use_cls else 0)
   vit = 2 * _matmul_params(params["encoder"]) * patches + 4 * enc.depth * patches ** 2 * enc.width
+  if isinstance(config, AIMConfig):
+    return float(num_images * (vit + 2 * _matmul_params(params["head"]) * enc.num_patches))
+  if isinstance(config, AIMv2Config):
+    head = 2 * _matmul_params(params["pixel_head"]) * enc.num_patches
+    return float(num_images * head + _mm1_forward(params, config, seq_len, num_images, vit))
+  return _mm1_forward(params, config, seq_len, num_images, vit)
+
+
+def _mm1_forward(params, config, seq_len: int, num_images: int, vit: float) -> float:
+  enc, dec = config.encoder, config.decoder
+  image_tokens = config.tokens_per_image
 
   conn = 0
   for name, sub in params["connector"].items():

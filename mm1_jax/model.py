@@ -41,6 +41,9 @@ class MM1Config:
     # Per-patch projectors may leave num_tokens unset: one token per patch.
     return self.connector.num_tokens or self.encoder.num_patches
 
+  def build(self) -> "MM1":
+    return MM1(self)
+
 
 def splice_images(text_emb: jax.Array, image_emb: jax.Array, is_image: jax.Array) -> jax.Array:
   """Puts image tokens at the placeholder positions, in order.

@@ -16,36 +16,38 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from mm1_jax.model import MM1, MM1Config
+from mm1_jax.aim import ImageObjectiveConfig
+from mm1_jax.model import MM1Config
 
 
-def abstract_params(config: MM1Config):
+def abstract_params(config: MM1Config | ImageObjectiveConfig):
   """The parameter tree of a config as jax.ShapeDtypeStructs (nothing allocated)."""
   import flax.linen as nn  # noqa: PLC0415
 
   s = config.encoder.image_size
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   images = jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.uint8)
-  variables = jax.eval_shape(MM1(config).init, jax.random.PRNGKey(0), tokens, images, tokens, tokens)
+  variables = jax.eval_shape(config.build().init, jax.random.PRNGKey(0), tokens, images, tokens, tokens)
   return nn.meta.unbox(variables)["params"]
 
 
-def count_parameters(config: MM1Config, params=None) -> dict[str, int]:
-  """{part: parameters}: encoder, connector, decoder (embedding, blocks, head), total, and the
-  active counts (a sparse decoder runs top_k of its experts per token). `params`: the
-  config's `abstract_params`, if already at hand."""
+def count_parameters(config: MM1Config | ImageObjectiveConfig, params=None) -> dict[str, int]:
+  """{part: parameters}: every top-level part (MM1: encoder, connector, decoder; AIM adds
+  its pixel head), the decoder's embedding / blocks / head, total, and the active counts
+  (a sparse decoder runs top_k of its experts per token). `params`: the config's
+  `abstract_params`, if already at hand."""
   params = abstract_params(config) if params is None else params
   size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+  order = ("encoder", "connector", "decoder", "head", "pixel_head")
+  parts = sorted(params, key=lambda k: (order.index(k) if k in order else len(order), k))
+  counts = {part: size(params[part]) for part in parts}
+  total = sum(counts.values())
+  if "decoder" not in params:
+    return dict(counts, total=total, **{"total.active": total})
   dec = params["decoder"]
-  counts = {
-      "encoder": size(params["encoder"]),
-      "connector": size(params["connector"]),
-      "decoder": size(dec),
-      "decoder.embedding": size(dec["embedding"]),
-      "decoder.blocks": size(dec["blocks"]),
-      "decoder.lm_head": size(dec.get("lm_head", {})),
-  }
-  counts["total"] = counts["encoder"] + counts["connector"] + counts["decoder"]
+  counts.update({"decoder.embedding": size(dec["embedding"]), "decoder.blocks": size(dec["blocks"]),
+                 "decoder.lm_head": size(dec.get("lm_head", {}))})
+  counts["total"] = total
   moe = config.decoder.moe
   if moe is not None:
     # Each token runs top_k of the num_experts experts: the rest are inactive for it.

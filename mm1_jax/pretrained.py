@@ -3,6 +3,9 @@
 Each DIR is an `mm1-convert import` output (an encoder or a decoder from Hugging
 Face) or another run's checkpoints/ folder (all parts). MM1 trains from a
 pre-trained CLIP encoder and a pre-trained LLM, so a typical run names two.
+`DIR:part,part` takes only the named parts: an image trunk pre-trained with AIM or
+AIMv2 (`mm1_jax.aim`) is `<run>/checkpoints:encoder`, leaving its pixel head and
+caption decoder behind.
 
 Loaded parts are brought to the model's layout before they replace the fresh
 parameters:
@@ -14,6 +17,7 @@ Anything else that does not match stops the run with the parameter's path.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -46,16 +50,35 @@ def _resize_grids(part: str, tree: dict, target: dict, config: MM1Config) -> dic
   return tree
 
 
+def parse_source(entry: str) -> tuple[str, tuple[str, ...] | None]:
+  """'DIR' -> (DIR, None: every part); 'DIR:a,b' -> (DIR, ('a', 'b')). A DIR that exists
+  as written is taken whole, colons included."""
+  if Path(entry).exists() or ":" not in entry:
+    return entry, None
+  directory, parts = entry.rsplit(":", 1)
+  names = tuple(p.strip() for p in parts.split(",") if p.strip())
+  if not names:
+    raise ValueError(f"init_from entry {entry!r}: no part names after ':'")
+  return directory, names
+
+
 def load_pretrained(params: dict, shardings: dict, sources: Sequence[str], config: MM1Config) -> dict:
   """Returns `params` with the parts found in `sources` replaced, placed in `shardings`."""
   from mm1_jax.hf.cli import load_params  # noqa: PLC0415
 
   params = dict(params)
-  for src in sources:
+  for entry in sources:
+    src, wanted = parse_source(entry)
     loaded = load_params(src)
+    if wanted is not None:
+      missing = [w for w in wanted if w not in loaded]
+      if missing:
+        raise ValueError(f"{src} has no part {missing[0]!r} (it holds {sorted(loaded)})")
+      loaded = {k: loaded[k] for k in wanted}
     for part, tree in loaded.items():
       if part not in params:
-        raise ValueError(f"{src} holds a part {part!r} that the model does not have ({sorted(params)})")
+        raise ValueError(f"{src} holds a part {part!r} that the model does not have ({sorted(params)}); "
+                         f"name the parts to take with {src}:part,part")
       target = params[part]
       tree = _resize_grids(part, _relayout(tree, target), target, config)
       convert.compare_tree(target, tree, part)  # names the first mismatch

@@ -30,6 +30,7 @@ from mm1_jax import flops as flops_lib
 from mm1_jax import moe as moe_lib
 from mm1_jax import optim
 from mm1_jax import sharding as sharding_lib
+from mm1_jax.aim import ImageObjectiveConfig
 from mm1_jax.model import MM1, MM1Config, cross_entropy
 
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions", "images")
@@ -53,7 +54,8 @@ class TrainState(flax.struct.PyTreeNode):
     return cls(step=zero, params=params, opt_state=opt_state, nonfinite_total=zero, nonfinite_streak=zero)
 
 
-def dummy_batch(batch_size: int, seq_len: int, max_images: int, config: MM1Config) -> dict:
+def dummy_batch(batch_size: int, seq_len: int, max_images: int, config: MM1Config | ImageObjectiveConfig
+                ) -> dict:
   """Zero arrays with the shapes and dtypes of a real batch."""
   s = config.encoder.image_size
   i32 = lambda: np.zeros((batch_size, seq_len), np.int32)  # noqa: E731
@@ -110,21 +112,31 @@ def init_param_shardings(model: MM1, batch: dict, mesh: jax.sharding.Mesh, rules
   return nn.meta.unbox(boxed), sharding_lib.logical_shardings(boxed, mesh, rules)
 
 
-def train_step(state: TrainState, batch: dict, *, model: MM1, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, z_loss: float = 0.0) -> tuple[TrainState, dict]:
+def _mm1_loss(params, *, model: MM1, batch: dict, z_loss: float) -> tuple[jax.Array, dict]:
+  """MM1's next-token loss, plus the sparse layers' load-balance and router z-losses."""
   moe_config = model.config.decoder.moe
+  logits, stats = model.apply({"params": params}, batch["tokens"], batch["images"],
+                              batch["segment_ids"], batch["positions"],
+                              mutable=[moe_lib.AUX_COLLECTION])
+  loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
+  if moe_config is not None:
+    moe_stats = moe_lib.summarize_aux(stats.get(moe_lib.AUX_COLLECTION, {}))
+    loss += (moe_config.load_balance_weight * moe_stats["load_balance"]
+             + moe_config.router_z_weight * moe_stats["router_z"])
+    metrics.update({f"moe_{k}": v for k, v in moe_stats.items()}, total_loss=loss)
+  return loss, metrics
 
-  def loss_fn(params):
-    logits, stats = model.apply({"params": params}, batch["tokens"], batch["images"],
-                                batch["segment_ids"], batch["positions"],
-                                mutable=[moe_lib.AUX_COLLECTION])
-    loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
-    if moe_config is not None:  # sparse layers' load-balance and router z-losses
-      moe_stats = moe_lib.summarize_aux(stats.get(moe_lib.AUX_COLLECTION, {}))
-      loss += (moe_config.load_balance_weight * moe_stats["load_balance"]
-               + moe_config.router_z_weight * moe_stats["router_z"])
-      metrics.update({f"moe_{k}": v for k, v in moe_stats.items()}, total_loss=loss)
-    return loss, metrics
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, z_loss: float = 0.0, seed: int = 0) -> tuple[TrainState, dict]:
+  """One optimizer step. `model` is MM1, or an encoder pre-training objective (`mm1_jax.aim`)
+  whose `loss(batch, rng)` is used; that rng is a function of `seed` and the step, so a
+  resumed run draws what the uninterrupted one would have."""
+  if isinstance(model, MM1):
+    loss_fn = functools.partial(_mm1_loss, model=model, batch=batch, z_loss=z_loss)
+  else:
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    loss_fn = lambda params: model.apply({"params": params}, batch, rng, method="loss")  # noqa: E731
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
@@ -145,9 +157,9 @@ def train_step(state: TrainState, batch: dict, *, model: MM1, tx: optax.Gradient
   return new_state, metrics
 
 
-def make_train_step(model: MM1, tx, schedule, state_shardings, batch_shardings, z_loss: float = 0.0
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=z_loss)
+def make_train_step(model: nn.Module, tx, schedule, state_shardings, batch_shardings, z_loss: float = 0.0,
+                    seed: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=z_loss, seed=seed)
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
@@ -273,7 +285,7 @@ class _NonfiniteGuard:
       raise NonfiniteError(step, int(streak), float(loss), float(grad_norm))
 
 
-def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
+def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config(), data=None,
           optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
           mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
           train_steps: int = 1000, log_every: int = 10, checkpoint_every: int = 100,
@@ -281,7 +293,8 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True,
           init_from: Sequence[str] = (), stop_after_steps: int = 0,
           max_consecutive_nonfinite: int = 5, eval_at_start: bool = True) -> int:
-  """Pre-trains MM1; resumes from the newest checkpoint in `<workdir>/checkpoints`.
+  """Pre-trains MM1, or an image encoder with `model` an `mm1_jax.aim` objective config;
+  resumes from the newest checkpoint in `<workdir>/checkpoints`.
 
   Args:
     workdir: where checkpoints, metrics.jsonl, tensorboard/ and eval/ go.
@@ -301,6 +314,7 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     progress: show a progress bar.
     init_from: directories of pre-trained parts (`mm1-convert import` outputs or
       another run's checkpoints/), loaded into a fresh run; ignored on resume.
+      `DIR:encoder` takes only the named parts (an AIM / AIMv2 trunk).
     stop_after_steps: end this run after that many steps, with a checkpoint, exit
       code 0 (time-sliced jobs: the same command continues); 0 runs to train_steps.
     max_consecutive_nonfinite: a step whose loss or gradients are NaN/Inf is skipped
@@ -323,12 +337,12 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
   if data.batch_size % sharding_lib.batch_divisor(device_mesh, rules):
     raise ValueError(f"batch_size {data.batch_size} does not split over the mesh {device_mesh.shape}")
 
-  mm1 = MM1(model)
+  mm1 = model.build()
   tx, schedule = optim.make_optimizer(optimizer, train_steps)
   example = dummy_batch(data.batch_size, data.seq_len, data.image_slots, model)
   batch_shardings = {k: sharding_lib.batch_sharding(device_mesh, rules, v.ndim) for k, v in example.items()}
   state, state_shardings = init_train_state(mm1, tx, example, jax.random.PRNGKey(seed), device_mesh, rules)
-  step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss)
+  step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss, seed)
 
   ckpt = Checkpointer(workdir_path / "checkpoints", save_every=checkpoint_every,
                       max_to_keep=keep_checkpoints, remove_partial=jax.process_index() == 0)
@@ -402,13 +416,16 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
           bar.set_postfix(loss=f"{metrics['loss']:.3f}")
           t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
         sliced = bool(stop_after_steps) and step - start >= stop_after_steps and step < train_steps
+        # Read the stop flag once: a signal that lands after the save below is acted on
+        # after the next step's save, never by stopping without one.
+        stopping = stop.signum
         if ckpt.save(step, state, dict(batches_consumed=batches_consumed, **batches.record()),
-                     force=stop.signum is not None or sliced or step == train_steps):
+                     force=stopping is not None or sliced or step == train_steps):
           batches.saved(step, ckpt.all_steps())
         if eval_every and step % eval_every == 0 and step != train_steps:
           run_eval(step)
-        if stop.signum is not None:
-          exit_code = 128 + stop.signum
+        if stopping is not None:
+          exit_code = 128 + stopping
           break
         if sliced:
           break
@@ -426,7 +443,11 @@ def train(*, workdir: str, model: MM1Config = MM1Config(), data=None,
     ckpt.close()
     writer.close()
   if exit_code or step < train_steps:
-    print(f"stopped at step {step}; checkpoint saved. Run the same command to resume.")
+    newest = Checkpointer(ckpt.directory).latest_step()  # read back from disk
+    if newest != step:  # the forced save above did not land: say so rather than claim it did
+      print(f"warning: stopped at step {step} but the newest checkpoint is step {newest} "
+            f"(steps on disk: {ckpt.all_steps()})", file=sys.stderr, flush=True)
+    print(f"stopped at step {step}; newest checkpoint: step {newest}. Run the same command to resume.")
     return exit_code
   run_eval(step)
   if evaluator is not None:

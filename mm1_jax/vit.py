@@ -129,6 +129,22 @@ def resize_pos_embed(pos: np.ndarray, new_grid: int, num_prefix: int = 0) -> np.
   return np.concatenate([prefix, np.asarray(resized).reshape(new_grid * new_grid, d)], axis=0)
 
 
+def normalise_pixels(images: jax.Array, config: ViTConfig) -> jax.Array:
+  """uint8 (or float in [0, 1]) [..., H, W, 3] -> float32, standardised by the encoder's mean/std."""
+  x = images.astype(jnp.float32)
+  if images.dtype == jnp.uint8:
+    x = x / 255.0
+  return (x - jnp.asarray(config.pixel_mean)) / jnp.asarray(config.pixel_std)
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+  """float[B, H, W, C] -> float[B, (H / p) * (W / p), p * p * C]: raster order, rows first."""
+  b, h, w, ch = x.shape
+  p = patch_size
+  x = x.reshape(b, h // p, p, w // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * ch)
+
+
 def prefix_causal_mask(num_tokens: int, prefix_lengths: jax.Array) -> jax.Array:
   """bool[B, 1, L, L]: query q sees key k when k <= q or k is in its image's prefix (AIM)."""
   idx = jnp.arange(num_tokens)
@@ -164,17 +180,10 @@ class ViT(nn.Module):
     """prefix_lengths: optional int[B]; when given, attention is prefix-causal (AIM pre-training)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    b, hgt, wid, ch = images.shape
+    b, hgt, wid, _ = images.shape
     if (hgt, wid) != (c.image_size, c.image_size):
       raise ValueError(f"expected {c.image_size}px images, got {hgt}x{wid}")
-    x = images.astype(jnp.float32)
-    if images.dtype == jnp.uint8:
-      x = x / 255.0
-    x = (x - jnp.asarray(c.pixel_mean)) / jnp.asarray(c.pixel_std)
-
-    # Patchify: [B, g, p, g, p, C] -> [B, g*g, p*p*C], then one linear projection.
-    p, g = c.patch_size, c.grid
-    x = x.reshape(b, g, p, g, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * ch)
+    x = patchify(normalise_pixels(images, c), c.patch_size)  # then one linear projection
     x = layers.Linear((c.width,), ("patch", "embed"), use_bias=c.patch_bias, dtype=dtype,
                       name="patch_embed")(x)
     if c.patch_norm:
@@ -188,7 +197,7 @@ class ViT(nn.Module):
                        sharding.partitioned(nn.initializers.normal(0.02), ("length", "embed")),
                        (x.shape[1], c.width), jnp.float32)
     else:
-      pos = jnp.asarray(sincos_2d(g, c.width))
+      pos = jnp.asarray(sincos_2d(c.grid, c.width))
       if c.use_cls:
         pos = jnp.concatenate([jnp.zeros((1, c.width)), pos])
     x = x + pos.astype(x.dtype)

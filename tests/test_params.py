@@ -75,3 +75,27 @@ def test_preset_counts_match_readme(name, capsys):
   if moe_total:
     assert abs(counts["total"] / moe_total - 1) < 0.05
     assert counts["total.active"] < counts["total"] / 5
+
+
+def _readme_encoder_pretraining():
+  rows = {}
+  for line in (REPO / "README.md").read_text().splitlines():
+    m = re.match(r"\| (AIM\S*) \| `(gin/models/\S+\.gin)` \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|$", line)
+    if m:
+      rows[m.group(1)] = (m.group(2), *(int(g.replace(",", "")) for g in m.groups()[2:]))
+  return rows
+
+
+PRETRAINING = _readme_encoder_pretraining()
+
+
+def test_readme_lists_every_encoder_pretraining_preset():
+  presets = {p.name for p in (REPO / "gin" / "models").glob("aim*.gin")} - {"aim_base.gin", "aimv2_base.gin"}
+  assert presets == {Path(g).name for g, *_ in PRETRAINING.values()}
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAINING))
+def test_encoder_pretraining_counts_match_readme(name, capsys):
+  gin_file, trunk, dropped, total = PRETRAINING[name]
+  counts = _counts([gin_file], capsys)
+  assert (counts["encoder"], counts["total"] - counts["encoder"], counts["total"]) == (trunk, dropped, total)

@@ -112,6 +112,7 @@ def test_sigterm_at_any_step_then_resume_matches_an_uninterrupted_run(tmp_path):
   assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
   assert "received SIGTERM" in output
   stopped_at = Checkpointer(run / "checkpoints").all_steps()[-1]
+  assert f"stopped at step {stopped_at}; newest checkpoint: step {stopped_at}." in output, output[-3000:]
   assert 2 <= stopped_at < 500
   # The same command resumes: model, optimizer, step and loader position all restored.
   out = _mm1_train(run, "--gin.TRAIN_STEPS=500", "--gin.CHECKPOINT_EVERY=1000", "--gin.EVALUATION=None",

@@ -32,7 +32,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SIDES = {"circle": 0, "square": 4, "triangle": 3}
 
 # Stream ids keep every split's random numbers apart.
-STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "chat": 4, "caption_eval": 11, "vqa_eval": 12}
+STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "chat": 4, "caption_eval": 11, "vqa_eval": 12,
+           "probe_train": 21, "probe_test": 22}  # mm1-probe's labelled scenes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ import jax
 
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.eval import fewshot, report
+from mm1_jax.aim import ImageObjectiveConfig
 from mm1_jax.model import MM1, MM1Config
 
 EXIT_NOTHING, EXIT_REGRESSION, EXIT_FAILED = 2, 3, 4
@@ -54,7 +55,7 @@ def _wanted_steps(steps: str, available: list[int], directory) -> list[int]:
   return wanted
 
 
-def evaluate(*, workdir: str, model: MM1Config = MM1Config(),
+def evaluate(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config(),
              evaluation: fewshot.FewShotConfig | None = fewshot.FewShotConfig(),
              mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
              checkpoint_dir: str | None = None, steps: str = "latest", force: bool = False,
@@ -80,6 +81,9 @@ def evaluate(*, workdir: str, model: MM1Config = MM1Config(),
   from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
   from mm1_jax.train import dummy_batch, init_param_shardings  # noqa: PLC0415
 
+  if not isinstance(model, MM1Config):
+    raise SystemExit(f"error: mm1-eval scores MM1 models; this run trains an image encoder "
+                     f"({type(model).__name__}): judge its trunk with mm1-probe")
   if evaluation is None:
     raise SystemExit("error: no evaluation configured (EVALUATION = None): add "
                      "--gin_file=gin/eval/fewshot.gin or bind EVALUATION = @fewshot.FewShotConfig()")

@@ -1,0 +1,273 @@
+"""`mm1-probe`: attentive probing of a frozen image trunk on shapes-world tasks.
+
+How pre-trained image encoders are judged (AIM, AIMv2): the trunk is frozen, its patch
+features are computed once, and a small attentive probe -- one learned query
+cross-attending to the patches, LayerNorm, a linear classifier -- is trained on them per
+task. Better features give higher held-out accuracy from the same probe and budget.
+
+Tasks, labels read off generated shapes-world scenes (streams disjoint from the corpus):
+  count   how many shapes the image holds (1-4)
+  colour  the colour of the leftmost shape (6 colours)
+  shape   the kind of the leftmost shape (circle, square, triangle)
+
+  mm1-probe --gin_file=gin/runs/aim_pretrain.gin --init_from=/tmp/aim/checkpoints --baseline
+  mm1-probe --gin_file=gin/runs/quickstart.gin --init_from=/tmp/mm1_quickstart/checkpoints
+
+The trunk is the `encoder` of the gin file's MODEL (MM1, AIM or AIMv2): --init_from
+names a run's checkpoints/ folder (newest step) or an `mm1-convert import` output. It
+runs with bidirectional attention, as MM1 uses it. --baseline also probes the same
+trunk randomly initialised (seed 0), the reference a pre-training must beat. Output:
+a table, and with --json_out one JSON record (per task: accuracy, chance, examples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+TASKS = ("count", "colour", "shape")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+  num_train: int = 2048
+  num_test: int = 512
+  steps: int = 400
+  batch_size: int = 128
+  learning_rate: float = 3e-3
+  weight_decay: float = 0.05
+  num_heads: int = 4
+  seed: int = 0
+
+
+def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
+  """{task: (class names, scene -> class index)}."""
+  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
+
+  colours = tuple(sw.COLOURS)
+  return {
+      "count": (("1", "2", "3", "4"), lambda scene: len(scene) - 1),
+      "colour": (colours, lambda scene: colours.index(scene[0].colour)),
+      "shape": (sw.SHAPES, lambda scene: sw.SHAPES.index(scene[0].kind)),
+  }
+
+
+def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
+  """(uint8[n, S, S, 3] images, {task: int32[n] labels}) of generated scenes."""
+  import numpy as np  # noqa: PLC0415
+
+  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
+
+  stream = {"train": "probe_train", "test": "probe_test"}[split]
+  labels_of = task_labels()
+  images = np.zeros((n, image_size, image_size, 3), np.uint8)
+  labels = {t: np.zeros(n, np.int32) for t in tasks}
+  for i in range(n):
+    rng = sw._rng(seed, stream, i)
+    scene = sw.sample_scene(rng, image_size)
+    images[i] = sw.render(scene, rng, image_size)
+    for t in tasks:
+      labels[t][i] = labels_of[t][1](scene)
+  return images, labels
+
+
+def trunk_params(model_config, init_from: str | None, seed: int = 0):
+  """The `encoder` parameters of MODEL: loaded from `init_from`, else freshly initialised."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import flax.linen as nn  # noqa: PLC0415
+
+  from mm1_jax import pretrained, vit  # noqa: PLC0415
+
+  c = model_config.encoder
+  images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.uint8)
+  params = {"encoder": nn.meta.unbox(vit.ViT(c).init(jax.random.PRNGKey(seed), images)["params"])}
+  if init_from is None:
+    return params["encoder"]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree.map(lambda _: device, params)
+  source, parts = pretrained.parse_source(init_from)
+  if parts is not None and parts != ("encoder",):
+    raise ValueError(f"mm1-probe reads the encoder part only, not {parts}")
+  return pretrained.load_pretrained(params, shardings, [f"{source}:encoder"], model_config)["encoder"]
+
+
+def features(encoder_config, params, images, batch_size: int = 64, progress: bool = False):
+  """Frozen trunk features float32[n, L, D] (bidirectional attention, final norm)."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from mm1_jax import vit  # noqa: PLC0415
+
+  apply = jax.jit(lambda p, x: vit.ViT(encoder_config).apply({"params": p}, x))
+  out = []
+  for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
+    chunk = images[i:i + batch_size]
+    pad = batch_size - len(chunk)  # one compiled shape for every chunk
+    x = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
+    out.append(np.asarray(apply(params, x), np.float32)[:len(chunk)])
+  return np.concatenate(out)
+
+
+def _probe_module(num_classes: int, num_heads: int):
+  import flax.linen as nn  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  class AttentiveProbe(nn.Module):
+    """One learned query attends over the frozen patch features; LayerNorm; linear."""
+
+    @nn.compact
+    def __call__(self, feats):
+      b, _, d = feats.shape
+      query = self.param("query", nn.initializers.normal(0.02), (1, 1, d))
+      x = nn.LayerNorm(use_scale=False, use_bias=False, name="ln_in")(feats)
+      pooled = nn.MultiHeadDotProductAttention(num_heads=num_heads, name="attn")(
+          jnp.broadcast_to(query, (b, 1, d)), x)[:, 0]
+      return nn.Dense(num_classes, name="classifier")(nn.LayerNorm(name="ln_out")(pooled))
+
+  return AttentiveProbe()
+
+
+def train_probe(train_feats, train_labels, test_feats, test_labels, num_classes: int,
+                config: ProbeConfig) -> float:
+  """Trains one attentive probe; returns its accuracy on the test features."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  module = _probe_module(num_classes, config.num_heads)
+  key = jax.random.PRNGKey(config.seed)
+  params = module.init(key, jnp.asarray(train_feats[:2]))["params"]
+  schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
+  tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, x, y):
+    def loss_fn(p):
+      logits = module.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  rng = np.random.default_rng(config.seed)
+  n = len(train_feats)
+  for _ in range(config.steps):
+    idx = rng.choice(n, size=min(config.batch_size, n), replace=False)
+    params, opt, _ = step(params, opt, jnp.asarray(train_feats[idx]), jnp.asarray(train_labels[idx]))
+  predict = jax.jit(lambda p, x: jnp.argmax(module.apply({"params": p}, x), -1))
+  correct = 0
+  for i in range(0, len(test_feats), 256):
+    correct += int((np.asarray(predict(params, jnp.asarray(test_feats[i:i + 256]))) == test_labels[i:i + 256]).sum())
+  return correct / len(test_feats)
+
+
+def run_probe(model_config, init_from: str | None, *, tasks=TASKS, config: ProbeConfig = ProbeConfig(),
+              baseline: bool = False, progress: bool = True) -> dict:
+  """Probes the trunk (and with `baseline` the same trunk at random init) on `tasks`."""
+  say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)  # noqa: E731
+  enc = model_config.encoder
+  say(f"generating {config.num_train} + {config.num_test} shapes-world images at {enc.image_size} px")
+  train_images, train_labels = make_split("train", config.num_train, enc.image_size, tasks)
+  test_images, test_labels = make_split("test", config.num_test, enc.image_size, tasks)
+  trunks = {}
+  if init_from is not None:
+    trunks["pretrained"] = trunk_params(model_config, init_from)
+  if init_from is None or baseline:
+    trunks["random_init"] = trunk_params(model_config, None, seed=config.seed)
+  names = task_labels()
+  result = {"init_from": init_from, "image_size": enc.image_size, "num_train": config.num_train,
+            "num_test": config.num_test, "probe_steps": config.steps, "tasks": {}}
+  for trunk, params in trunks.items():
+    t0 = time.perf_counter()
+    tr = features(enc, params, train_images, progress=progress)
+    te = features(enc, params, test_images, progress=progress)
+    say(f"{trunk}: features {tr.shape} in {time.perf_counter() - t0:.1f} s")
+    for task in tasks:
+      classes = names[task][0]
+      acc = train_probe(tr, train_labels[task], te, test_labels[task], len(classes), config)
+      majority = float(max((test_labels[task] == k).mean() for k in range(len(classes))))
+      entry = result["tasks"].setdefault(task, {"classes": len(classes), "majority_class": majority})
+      entry[trunk] = acc
+      say(f"  {task:<7} {trunk:<12} accuracy {acc:.3f} (majority class {majority:.3f})")
+  return result
+
+
+def format_table(result: dict) -> str:
+  cols = [c for c in ("pretrained", "random_init") if any(c in t for t in result["tasks"].values())]
+  rows = [("task", *cols, "majority class")]
+  for task, t in result["tasks"].items():
+    rows.append((task, *(f"{t[c]:.3f}" for c in cols), f"{t['majority_class']:.3f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+  from mm1_jax import cli  # noqa: PLC0415
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = cli._split_gin_bindings(argv)
+  p = argparse.ArgumentParser(prog="mm1-probe", description=__doc__, epilog=cli.GIN_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--gin_file", action="append", default=[], required=True,
+                 help="the run's gin files (MODEL's encoder is probed), e.g. gin/runs/aim_pretrain.gin")
+  p.add_argument("--gin_search_path", action="append", default=[])
+  p.add_argument("--init_from", default=None,
+                 help="a run's checkpoints/ folder or an mm1-convert import (default: random init)")
+  p.add_argument("--baseline", action="store_true", help="also probe the randomly initialised trunk")
+  p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+  p.add_argument("--num_train", type=int, default=ProbeConfig.num_train)
+  p.add_argument("--num_test", type=int, default=ProbeConfig.num_test)
+  p.add_argument("--steps", type=int, default=ProbeConfig.steps, help="probe optimizer steps per task")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json_out", default=None, help="also write the result as JSON here")
+  p.add_argument("--no_progress", action="store_true")
+  args = p.parse_args(rest)
+  tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown or not tasks:
+    p.error(f"unknown task {unknown[0] if unknown else '(none)'}; choose from {', '.join(TASKS)}")
+  args.module_import, args.workdir = [], None
+  cli._setup_jax()
+  if args.init_from is not None and not Path(pretrained_dir(args.init_from)).exists():
+    p.error(f"--init_from={args.init_from}: no such folder")
+  import gin  # noqa: PLC0415
+
+  sys.path.insert(0, os.getcwd())
+  cli.parse_gin(args, bindings)
+  model_config = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  config = ProbeConfig(num_train=args.num_train, num_test=args.num_test, steps=args.steps, seed=args.seed)
+  try:
+    result = run_probe(model_config, args.init_from, tasks=tasks, config=config, baseline=args.baseline,
+                       progress=not args.no_progress)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"mm1-probe: {e}", file=sys.stderr)
+    return 2
+  print(format_table(result))
+  if args.json_out:
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+  return 0
+
+
+def pretrained_dir(entry: str) -> str:
+  from mm1_jax import pretrained  # noqa: PLC0415
+
+  return pretrained.parse_source(entry)[0]
+
+
+def entry():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry()

@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel; transformers is only needed by mm1-convert verify.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "transformers>=5.0,<6",
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6",
                  "pycocoevalcap==1.2", "hypothesis>=6",
                  "jax[tpu]>=0.10.2,<0.11"],  # libtpu: the preflight tests compile for TPU topologies
         # libtpu: mm1-aot compiles for TPU topologies on any machine; on TPU VMs, the runtime.

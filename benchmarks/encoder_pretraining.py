@@ -1,6 +1,6 @@
 """Image-encoder pre-training on the bundled data, judged the two ways that matter here.
 
-  python -m benchmarks.encoder_pretraining                 # everything, about 45 min on 2 cores
+  python -m benchmarks.encoder_pretraining                 # everything, under an hour on 2 cores
   python -m benchmarks.encoder_pretraining --skip_mm1      # pre-training and probes only
 
 1. AIM (gin/runs/aim_pretrain.gin) and AIMv2 (gin/runs/aimv2_pretrain.gin) as shipped:

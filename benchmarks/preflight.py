@@ -2,6 +2,7 @@
 
   JAX_PLATFORMS=cpu python benchmarks/preflight.py            # all gin/pods/*.gin
   JAX_PLATFORMS=cpu python benchmarks/preflight.py --only mm1_3b_v5p-128
+  JAX_PLATFORMS=cpu python benchmarks/preflight.py --only aim_600m_v5p-64 --no_cost   # memory only
   python benchmarks/preflight.py --table                       # the table from saved results
 
 Each preset writes benchmarks/results/preflight/<preset>.json (mm1-aot's report, plus
@@ -23,13 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "preflight"
 
 
-def run(preset: Path) -> dict:
+def run(preset: Path, cost: bool = True) -> dict:
   out = OUT / f"{preset.stem}.json"
   out.unlink(missing_ok=True)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   t0 = time.perf_counter()
   proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
-                         f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True)
+                         f"--json_out={out}", *([] if cost else ["--no_cost"])], cwd=REPO, env=env, capture_output=True, text=True)
   print(proc.stdout)
   if proc.returncode not in (0, 1) or not out.exists():
     print(proc.stderr[-3000:], file=sys.stderr)
@@ -55,7 +56,8 @@ def table() -> str:
                                                   if r["params_active"] != r["params_total"] else "")
     rows.append(f"| `{Path(r.get('preset', f.stem)).name}` | {params} | {r['topology']} ({r['num_chips']}) | {mesh} | "
                 f"{mem} | {'yes' if r['fits'] else 'no'} | {mfu} | {tps} | "
-                f"{r['compile_s']:.0f} s + {r.get('cost_compile_s', 0):.0f} s |")
+                f"{r['compile_s']:.0f} s + " + (f"{r['cost_compile_s']:.0f} s |" if "cost_compile_s" in r
+                                                 else "not costed |"))
   return "\n".join(rows)
 
 
@@ -63,13 +65,14 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", action="append", default=[], help="preset name (repeatable)")
   p.add_argument("--table", action="store_true", help="print the table of saved results only")
+  p.add_argument("--no_cost", action="store_true", help="memory only: skip the costing compiles")
   args = p.parse_args()
   if not args.table:
     OUT.mkdir(parents=True, exist_ok=True)
     presets = sorted((REPO / "gin" / "pods").glob("*.gin"))
     for preset in presets:
       if not args.only or preset.stem in args.only:
-        run(preset)
+        run(preset, cost=not args.no_cost)
   print(table())
 
 

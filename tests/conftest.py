@@ -36,3 +36,25 @@ def tiny_model_config() -> model.MM1Config:
 @pytest.fixture
 def tiny_config() -> model.MM1Config:
   return tiny_model_config()
+
+
+LIBTPU_FILES = ("test_aot.py", "test_tpu_scripts.py")  # every test there may start mm1-aot
+
+
+def pytest_configure(config):
+  """Generates the shared corpus once, before any xdist worker starts, so that workers
+  never race to write it."""
+  if hasattr(config, "workerinput"):
+    return
+  from pathlib import Path
+
+  from mm1_jax.data import corpus
+  corpus.ensure_corpus(Path(os.environ["MM1_DATA_DIR"]), progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+  # libtpu serves one process at a time: every test that compiles for a TPU topology runs
+  # on the same xdist worker (--dist loadgroup), one after another.
+  for item in items:
+    if item.path.name in LIBTPU_FILES or "preflight" in item.name:
+      item.add_marker(pytest.mark.xdist_group("libtpu"))

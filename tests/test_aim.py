@@ -262,8 +262,8 @@ def test_aimv2_run_lowers_both_losses_and_mm1_starts_from_its_trunk(tmp_path):
 
   mm1 = tmp_path / "mm1"
   proc = _train(mm1, "gin/runs/quickstart.gin", "--gin_file=gin/encoders/aimv2_tiny.gin",
-                f"--gin.train.init_from=['{run / 'checkpoints'}:encoder']", "--gin.TRAIN_STEPS=4",
-                "--gin.BATCH_SIZE=4", "--gin.LOG_EVERY=2", "--gin.EVALUATION=None")
+                f"--gin.train.init_from=['{run / 'checkpoints'}:encoder']", "--gin.TRAIN_STEPS=2",
+                "--gin.BATCH_SIZE=4", "--gin.LOG_EVERY=1", "--gin.EVALUATION=None")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"initialised encoder from {run / 'checkpoints'}" in proc.stdout
   assert "initialised decoder" not in proc.stdout and "initialised connector" not in proc.stdout
@@ -292,14 +292,31 @@ def test_aim_preflight_compiles_for_a_tpu_topology(tmp_path):
   out = tmp_path / "report.json"
   env = dict(_env(), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/runs/aim_pretrain.gin",
-                         "--topology=v5p-8", f"--json_out={out}"], cwd=REPO, env=env,
+                         "--topology=v5p-8", "--no_cost", f"--json_out={out}"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["fits"] and r["num_devices"] == 4 and r["image_slots"] == 1
+  assert 0 < r["per_chip_bytes"] < r["hbm_bytes"]
   assert r["params_total"] == 3_000_512  # AIM-tiny, trunk and head
-  # Costing without a decoder: the per-layer extrapolation still matches the model count.
-  assert r["xla_flops"] == pytest.approx(r["model_flops_per_step"], rel=0.1)
+
+
+def test_costing_extrapolates_a_trunk_without_a_decoder():
+  # mm1-aot costs a scanned stack from unrolled compiles at 2 and 4 layers; AIM has no
+  # decoder, so only the encoder's depth varies.
+  from mm1_jax import aot
+  config = aim.AIMConfig(encoder=dataclasses.replace(ENC, depth=24), head=HEAD)
+  seen = []
+
+  def compile_fn(c):
+    seen.append(c.encoder.depth)
+    assert not c.encoder.scan_layers and not hasattr(c, "decoder")
+    return aot.Compiled(None, 7.0 * c.encoder.depth + 5.0, 0.5 * c.encoder.depth + 1.0)
+
+  est = aot.extrapolated_cost(config, compile_fn)
+  assert sorted(seen) == [2, 4]
+  assert est["flops"] == pytest.approx(7.0 * 24 + 5.0)
+  assert est["optimal_seconds"] == pytest.approx(0.5 * 24 + 1.0)
 
 
 # --- the attentive probe ----------------------------------------------------------------

@@ -275,7 +275,7 @@ class Runner:
 
     def one(node):
       out = []
-      for cmd in cmds_of[node]:
+      for cmd in plans[node]:
         proc = self.run(cmd, capture=True, check=False)
         out.append(proc.stdout)
         if proc.returncode != 0 and check:
@@ -283,7 +283,6 @@ class Runner:
           raise CommandFailed(f"{node}: exit {proc.returncode} from {shlex.join(cmd)[:200]}\n    {tail}")
       return "".join(out)
 
-    cmds_of = plans
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(plans))) as pool:
       futures = {pool.submit(one, node): node for node in plans}
       done = 0

@@ -99,6 +99,24 @@ def images_present(tokens: jax.Array, image_token_id: int, tokens_per_image: int
   return (jnp.arange(slots)[None, :] < count[:, None]).reshape(-1)
 
 
+def _draw_prefixes(config, batch: dict, rng: jax.Array) -> jax.Array:
+  """One prefix length per image slot of the batch, int32[B * N]."""
+  b, n = batch["images"].shape[:2]
+  return sample_prefix_lengths(rng, b * n, config.encoder.num_patches, config.min_prefix, config.max_prefix)
+
+
+def _pixel_loss(config, batch: dict, prefix: jax.Array, predictions: jax.Array):
+  """(next-patch loss, scored patches, bool[B * N] slots holding an image) of an AIM or
+  AIMv2 config's predictions float[B * N, L, P] for the batch's images."""
+  images = batch["images"]
+  b, n = images.shape[:2]
+  num_patches = config.encoder.num_patches
+  targets = patch_targets(images.reshape((b * n,) + images.shape[2:]), config.encoder)
+  present = images_present(batch["tokens"], config.image_token_id, num_patches, n)
+  loss, scored = next_patch_loss(predictions, targets, next_patch_weights(prefix, num_patches) * present[:, None])
+  return loss, scored, present
+
+
 # --- the pixel head ----------------------------------------------------------------
 
 
@@ -176,16 +194,9 @@ class AIM(nn.Module):
       return self.head(feats)
 
   def loss(self, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-    c = self.config
-    images = batch["images"]
-    b, n = images.shape[:2]
-    num_patches = c.encoder.num_patches
-    prefix = sample_prefix_lengths(rng, b * n, num_patches, c.min_prefix, c.max_prefix)
-    predictions = self(batch["tokens"], images, batch["segment_ids"], batch["positions"], prefix)
-    targets = patch_targets(images.reshape((b * n,) + images.shape[2:]), c.encoder)
-    present = images_present(batch["tokens"], c.image_token_id, num_patches, n)
-    weights = next_patch_weights(prefix, num_patches) * present[:, None]
-    loss, scored = next_patch_loss(predictions, targets, weights)
+    prefix = _draw_prefixes(self.config, batch, rng)
+    predictions = self(batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"], prefix)
+    loss, scored, present = _pixel_loss(self.config, batch, prefix, predictions)
     return loss, {"loss": loss, "pixel_loss": loss, "num_patches": scored,
                   "num_images": present.sum().astype(jnp.float32)}
 
@@ -263,16 +274,10 @@ class AIMv2(nn.Module):
 
   def loss(self, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     c = self.config
-    images = batch["images"]
-    b, n = images.shape[:2]
-    num_patches = c.encoder.num_patches
-    prefix = sample_prefix_lengths(rng, b * n, num_patches, c.min_prefix, c.max_prefix)
-    logits, pixels = self(batch["tokens"], images, batch["segment_ids"], batch["positions"], prefix)
+    prefix = _draw_prefixes(c, batch, rng)
+    logits, pixels = self(batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"], prefix)
     caption_loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_weights"])
-    targets = patch_targets(images.reshape((b * n,) + images.shape[2:]), c.encoder)
-    present = images_present(batch["tokens"], c.image_token_id, num_patches, n)
-    pixel_loss, scored = next_patch_loss(pixels, targets, next_patch_weights(prefix, num_patches)
-                                         * present[:, None])
+    pixel_loss, scored, _ = _pixel_loss(c, batch, prefix, pixels)
     loss = caption_loss + c.pixel_weight * pixel_loss
     metrics.update(loss=loss, caption_loss=caption_loss, pixel_loss=pixel_loss, num_patches=scored)
     return loss, metrics

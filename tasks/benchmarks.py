@@ -23,7 +23,7 @@ from mm1_jax.eval import benchmarks, metrics
 
 METRIC_FNS = {"cider": metrics.cider_metric, "accuracy": metrics.vqa_metric,
               "exact_match": metrics.exact_match_metric}
-_TEXT = ("id", "image_id", "image_path", "question", "caption")
+_TEXT = ("id", "image_id", "image_path", "question", "caption", "answer_type")
 _LISTS = ("references", "answers")
 
 

@@ -13,7 +13,8 @@ Supervised fine-tuning (split "train"):
 Few-shot evaluation (splits "support" for demonstrations, "test" for queries), raw
 records for `mm1_jax.eval.fewshot`, benchmarks "shapes_caption" and "shapes_vqa":
   mm1_shapes_caption_eval   image, caption, references     CIDEr
-  mm1_shapes_vqa_eval       image, question, answers       VQA accuracy
+  mm1_shapes_vqa_eval       image, question, answers,      VQA accuracy, also per answer type
+                            answer_type (number, colour, shape)
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _register_all():
       "caption": ("caption_eval", {"id": _str(), "image": _str(), "caption": _str(),
                                    "references": _str_list()}, metrics.cider_metric),
       "vqa": ("vqa_eval", {"id": _str(), "image": _str(), "question": _str(),
-                           "answers": _str_list()}, metrics.vqa_metric),
+                           "answers": _str_list(), "answer_type": _str()}, metrics.vqa_metric),
   }
   for kind, (folder, features, metric_fn) in eval_features.items():
     task = f"mm1_shapes_{kind}_eval"

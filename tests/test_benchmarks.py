@@ -178,6 +178,7 @@ def test_reader_details(eval_root):
   assert len(textcaps[0]["references"]) == 5
   vqa, _ = benchmarks.read("vqav2", "test")
   assert vqa[0]["answers"] == ["2"] * 10 and vqa[0]["image_id"] == "500" == vqa[1]["image_id"]
+  assert vqa[0]["answer_type"] == "number"  # from the annotation, for the per-type breakdown
   gqa, _ = benchmarks.read("gqa", "test")
   assert gqa[0]["answers"] == ["yes"] and gqa[0]["image_path"].endswith("images/n1100.jpg")
 
@@ -263,6 +264,9 @@ def test_evaluator_runs_every_benchmark_and_reports_train_overlap(eval_root, tmp
     for k in (0, 2):
       assert f"{name}/{k}shot/{metric.get(name, 'accuracy')}" in results
       assert results[f"{name}/{k}shot/decode_tokens_per_s"] > 0
+  # VQAv2 and OK-VQA annotations carry answer types (all "number" here); the others none.
+  assert {k for k in results if k.count("/") == 3} == {
+      f"{n}/{k}shot/accuracy/number" for n in ("vqav2", "okvqa") for k in (0, 2)}
   info = json.loads((tmp_path / "eval" / "step_3.json").read_text())["info"]
   assert info["coco"]["train_overlap"] == 1 and info["coco"]["train_overlap_ids"] == [leaked["id"]]
   assert all(info[n]["train_overlap"] == 0 for n in OFFICIAL if n != "coco")

@@ -13,7 +13,8 @@ import pytest
 
 from mm1_jax import sharding
 from mm1_jax.data.tokenizer import IMAGE_ID, NEWLINE_ID, PAD_ID
-from mm1_jax.eval import fewshot, report
+from mm1_jax.data import shapes_world
+from mm1_jax.eval import fewshot, metrics, report
 from mm1_jax.model import MM1
 
 
@@ -96,6 +97,9 @@ def test_evaluator_reports_every_task_and_shot(tiny_config, tmp_path):
   for key in ("shapes_caption/0shot/cider", "shapes_caption/2shot/cider", "shapes_vqa/0shot/accuracy",
               "shapes_vqa/2shot/accuracy"):
     assert key in results and 0.0 <= results[key] <= 10.0
+  # Shapes-world questions carry their answer type; accuracy is also reported per type.
+  types = {k.rsplit("/", 1)[1] for k in results if k.startswith("shapes_vqa/0shot/accuracy/")}
+  assert types and types <= {"number", "colour", "shape"}
   saved = json.loads((tmp_path / "eval" / "step_7.json").read_text())
   assert saved["step"] == 7 and saved["results"] == results
   # The corpus generator keeps eval images out of training; the check finds none.
@@ -103,6 +107,37 @@ def test_evaluator_reports_every_task_and_shot(tiny_config, tmp_path):
   samples = json.loads((tmp_path / "eval" / "step_7_samples.json").read_text())
   assert len(samples["shapes_vqa/2shot"]) == 8 and "question" in samples["shapes_vqa/2shot"][0]
   assert "| shapes_vqa/2shot/accuracy" in report.comparison_table(tmp_path / "eval")
+
+
+def test_scores_are_broken_down_by_answer_type():
+  targets = [["2"] * 10, ["red"] * 10, ["blue"] * 10, ["circle"] * 10]
+  preds = ["2", "red", "green", "square"]
+  types = ["number", "colour", "colour", None]  # the last record has no type
+  got = fewshot.score([metrics.vqa_metric], "b/0shot", targets, preds, types)
+  assert got == {"b/0shot/accuracy": 0.5, "b/0shot/accuracy/number": 1.0, "b/0shot/accuracy/colour": 0.5}
+  assert fewshot.score([metrics.vqa_metric], "b/0shot", targets, preds, [None] * 4) == {"b/0shot/accuracy": 0.5}
+
+
+def test_shapes_questions_have_answer_types():
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(50):
+    for q, a in shapes_world.questions(shapes_world.sample_scene(rng), rng):
+      t = shapes_world.answer_type(q)
+      seen.add(t)
+      assert (t == "number") == a.isdigit() and (t == "colour") == (a in shapes_world.COLOURS)
+      assert (t == "shape") == (a in shapes_world.SHAPES)
+  assert seen == {"number", "colour", "shape"}
+  with pytest.raises(ValueError, match="not a shapes-world question"):
+    shapes_world.answer_type("is it raining?")
+
+
+def test_per_type_breakdowns_are_reported_but_not_gated(tmp_path):
+  for step, (overall, shape) in ((0, (0.50, 0.40)), (50, (0.50, 0.20))):
+    (tmp_path / f"step_{step}.json").write_text(json.dumps({"step": step, "results": {
+        "vqa/0shot/accuracy": overall, "vqa/0shot/accuracy/shape": shape}}))
+  assert "| vqa/0shot/accuracy/shape" in report.comparison_table(tmp_path)
+  assert report.find_regressions(tmp_path, 0.05) == []  # the shape subset halved; the headline held
 
 
 def test_comparison_table(tmp_path):

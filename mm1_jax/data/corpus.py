@@ -7,7 +7,7 @@ Layout under the data dir (default `$MM1_DATA_DIR`, else ~/.cache/mm1_jax/shapes
   text/train-...                             text, id
   chat/train-...                             images (list of PNG bytes), conversations (LLaVA JSON), id
   caption_eval/{support,test}-...tfrecord    image, caption, references (list), id
-  vqa_eval/{support,test}-...tfrecord        image, question, answers (list), id
+  vqa_eval/{support,test}-...tfrecord        image, question, answers (list), answer_type, id
 
 Training splits are ArrayRecord, the layout `mm1-data build` writes (random access for
 the grain loader); the small eval splits are read once, in order, as TFRecord.
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mm1_jax.data import shapes_world as sw
 
-VERSION = 4  # bump when generated content changes, so cached corpora are rebuilt
+VERSION = 5  # bump when generated content changes, so cached corpora are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,7 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
         if task == "caption_eval":
           fields.update(caption=ex["caption"], references=ex["references"])
         else:
-          fields.update(question=ex["question"], answers=ex["answers"])
+          fields.update(question=ex["question"], answers=ex["answers"], answer_type=ex["answer_type"])
         w.write(tf_example(fields))
         bar.update()
       w.close()

@@ -139,6 +139,14 @@ def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, 
   return [qa[i] for i in order]
 
 
+def answer_type(question: str) -> str:
+  """'number', 'colour' or 'shape': what a question of `questions` asks for."""
+  for prefix, kind in (("how many", "number"), ("what colour", "colour"), ("what shape", "shape")):
+    if question.startswith(prefix):
+      return kind
+  raise ValueError(f"not a shapes-world question: {question!r}")
+
+
 def _statement(shapes: list[Shape], rng: np.random.Generator) -> str:
   kind = str(rng.choice(SHAPES))
   n = sum(s.kind == kind for s in shapes)
@@ -230,7 +238,8 @@ def vqa_example(seed: int, index: int, image_size: int = 64, stream: str = "vqa_
   scene = sample_scene(rng, image_size)
   image = render(scene, rng, image_size)
   q, a = questions(scene, rng)[0]
-  return {"id": f"{stream}-{index}", "image": image, "question": q, "answers": [a] * 10}
+  return {"id": f"{stream}-{index}", "image": image, "question": q, "answers": [a] * 10,
+          "answer_type": answer_type(q)}
 
 
 def interleaved_example(seed: int, index: int, image_size: int = 64, max_images: int = 3) -> dict:

@@ -176,9 +176,12 @@ def read_vqa(files: dict[str, Path], split: str) -> tuple[Records, int]:
       skipped += 1
       continue
     name = f"COCO_{subtype}_{int(q['image_id']):012d}.jpg"
-    out.append({"id": str(q["question_id"]), "image_id": str(q["image_id"]),
-                "image_path": str(files["images"] / subtype / name), "question": q["question"],
-                "answers": answers})
+    rec = {"id": str(q["question_id"]), "image_id": str(q["image_id"]),
+           "image_path": str(files["images"] / subtype / name), "question": q["question"],
+           "answers": answers}
+    if isinstance((ann or {}).get("answer_type"), str):
+      rec["answer_type"] = ann["answer_type"]  # yes/no, number, other
+    out.append(rec)
   return out, skipped
 
 

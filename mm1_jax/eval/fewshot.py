@@ -16,7 +16,9 @@ assistant reply and the query ends in the assistant prefix (`mm1_jax.data.chat`)
 Generation stops at EOS or a newline. Each benchmark's own seqio metric functions score
 the predictions. Results go to <workdir>/eval/step_<N>.json as
 {"step": N, "results": {"<benchmark>/<k>shot/<metric>": value, ...}, "info": {...}}
-(plus a samples file); "info" holds skip and train-overlap counts.
+(plus a samples file); "info" holds skip and train-overlap counts. Where the test records
+carry an "answer_type" (VQAv2 annotations; the shapes-world questions: number, colour,
+shape), each metric is also reported per type as "<benchmark>/<k>shot/<metric>/<type>".
 """
 
 from __future__ import annotations
@@ -245,6 +247,24 @@ def benchmark_specs(config: FewShotConfig) -> list:
   return [benchmarks_lib.get(n) for n in config.benchmarks]
 
 
+def score(metric_fns, key: str, targets: list, preds: list[str], answer_types: list[str | None]
+          ) -> dict[str, float]:
+  """{key}/{metric} for each metric function, and {key}/{metric}/{type} over the queries of
+  each answer type where the records carry one (VQAv2's yes/no, number, other)."""
+  out = {}
+  groups = collections.defaultdict(list)
+  for i, t in enumerate(answer_types):
+    if t:
+      groups[t].append(i)
+  for fn in metric_fns:
+    for metric, value in fn(targets, preds).items():
+      out[f"{key}/{metric}"] = float(value)
+    for t, idx in sorted(groups.items()):
+      for metric, value in fn([targets[i] for i in idx], [preds[i] for i in idx]).items():
+        out[f"{key}/{metric}/{t}"] = float(value)
+  return out
+
+
 class Evaluator:
   """Runs the configured few-shot benchmarks on a set of parameters."""
 
@@ -371,9 +391,7 @@ class Evaluator:
           generated += n
           bar.update()
         key = f"{name}/{k}shot"
-        for fn in b.metric_fns:
-          for metric, value in fn(targets, preds).items():
-            results[f"{key}/{metric}"] = float(value)
+        results.update(score(b.metric_fns, key, targets, preds, [q.get("answer_type") for q in qs]))
         results[f"{key}/decode_tokens_per_s"] = generated / (time.perf_counter() - t0)
         samples[key] = [{"id": q["id"], "prediction": p, "targets": t[:5],
                          **({"question": q["question"]} if "question" in q else {})}

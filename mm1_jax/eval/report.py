@@ -39,7 +39,9 @@ def comparison_table(eval_dir: str | Path, include_throughput: bool = False) -> 
 
 
 def _is_score(metric: str) -> bool:
-  return not metric.endswith("tokens_per_s")
+  """A headline score: not a throughput, not a per-answer-type breakdown
+  ("<benchmark>/<k>shot/<metric>/<type>", reported but too small a sample to gate on)."""
+  return not metric.endswith("tokens_per_s") and metric.count("/") <= 2
 
 
 def find_regressions(eval_dir: str | Path, max_regression: float, steps: list[int] | None = None

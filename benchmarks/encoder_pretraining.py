@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.jobs import REPO, record_header, run_logged, write_record
+
 OUT = REPO / "benchmarks" / "results" / "encoder_pretraining_cpu.json"
 
 
@@ -36,19 +33,9 @@ def _train(cmd: list[str], run: Path, log: Path) -> float:
   if (run / "train_done.json").exists() and wall_file.exists():
     print(f"kept the finished run {run}", flush=True)
     return float(wall_file.read_text())
-  wall = _run(cmd, log)
+  wall = run_logged(cmd, log)
   wall_file.write_text(str(wall))
   return wall
-
-
-def _run(cmd: list[str], log: Path) -> float:
-  print("$", " ".join(cmd), flush=True)
-  t0 = time.perf_counter()
-  with log.open("w") as f:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-  if proc.returncode:
-    raise SystemExit(f"failed ({proc.returncode}); see {log}")
-  return round(time.perf_counter() - t0, 1)
 
 
 def _losses(workdir: Path, keys: tuple[str, ...]) -> dict:
@@ -66,15 +53,14 @@ def main(argv=None) -> int:
   work = Path(args.workdir)
   work.mkdir(parents=True, exist_ok=True)
   py = sys.executable
-  result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+  result = record_header()
   for name, gin_file, keys in (("aim", "gin/runs/aim_pretrain.gin", ("pixel_loss",)),
                                ("aimv2", "gin/runs/aimv2_pretrain.gin", ("caption_loss", "pixel_loss"))):
     run = work / name
     wall = _train([py, "-m", "mm1_jax.cli", "train", f"--gin_file={gin_file}", f"--workdir={run}",
                    "--gin.train.train.progress=False"], run, work / f"{name}_train.log")
     probe_json = work / f"{name}_probe.json"
-    probe_wall = _run([py, "-m", "mm1_jax.probe", f"--gin_file={gin_file}", f"--init_from={run / 'checkpoints'}",
+    probe_wall = run_logged([py, "-m", "mm1_jax.probe", f"--gin_file={gin_file}", f"--init_from={run / 'checkpoints'}",
                        "--baseline", "--no_progress", f"--json_out={probe_json}"], work / f"{name}_probe.log")
     result[name] = {"gin_file": gin_file, "train_wall_s": wall, "losses": _losses(run, keys),
                     "probe": json.loads(probe_json.read_text()), "probe_wall_s": probe_wall}
@@ -91,9 +77,7 @@ def main(argv=None) -> int:
       result["mm1_quickstart_aimv2_encoder"][name] = {
           "train_wall_s": wall, "eval_step": int(final.stem.split("_")[1]),
           "results": json.loads(final.read_text())["results"], "losses": _losses(run, ("loss",))}
-  OUT.parent.mkdir(parents=True, exist_ok=True)
-  OUT.write_text(json.dumps(result, indent=1) + "\n")
-  print(f"wrote {OUT}")
+  write_record(OUT, result)
   return 0
 
 

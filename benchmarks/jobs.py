@@ -1,0 +1,36 @@
+"""Helpers of the benchmarks that drive whole runs through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_logged(cmd: list[str], log: Path) -> float:
+  """Runs a command from the repository root with its output in `log`; its wall time in seconds.
+  A failure stops the benchmark, naming the log."""
+  print("$", " ".join(cmd), flush=True)
+  t0 = time.perf_counter()
+  with log.open("w") as f:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+  if proc.returncode:
+    raise SystemExit(f"failed ({proc.returncode}); see {log}")
+  return round(time.perf_counter() - t0, 1)
+
+
+def record_header() -> dict:
+  """What every results file starts with: the machine, Python and the date."""
+  return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+          "date": time.strftime("%Y-%m-%d")}
+
+
+def write_record(path: Path, result: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1) + "\n")
+  print(f"wrote {path}")

@@ -116,6 +116,8 @@ def test_scores_are_broken_down_by_answer_type():
   got = fewshot.score([metrics.vqa_metric], "b/0shot", targets, preds, types)
   assert got == {"b/0shot/accuracy": 0.5, "b/0shot/accuracy/number": 1.0, "b/0shot/accuracy/colour": 0.5}
   assert fewshot.score([metrics.vqa_metric], "b/0shot", targets, preds, [None] * 4) == {"b/0shot/accuracy": 0.5}
+  assert "b/0shot/accuracy/yes_no" in fewshot.score([metrics.vqa_metric], "b/0shot", targets, preds,
+                                                    ["yes/no"] * 4)
 
 
 def test_shapes_questions_have_answer_types():

@@ -250,12 +250,13 @@ def benchmark_specs(config: FewShotConfig) -> list:
 def score(metric_fns, key: str, targets: list, preds: list[str], answer_types: list[str | None]
           ) -> dict[str, float]:
   """{key}/{metric} for each metric function, and {key}/{metric}/{type} over the queries of
-  each answer type where the records carry one (VQAv2's yes/no, number, other)."""
+  each answer type where the records carry one (VQAv2's yes/no, number, other; a "/" in a
+  type becomes "_", so keys keep three separators: ".../accuracy/yes_no")."""
   out = {}
   groups = collections.defaultdict(list)
   for i, t in enumerate(answer_types):
     if t:
-      groups[t].append(i)
+      groups[t.replace("/", "_")].append(i)
   for fn in metric_fns:
     for metric, value in fn(targets, preds).items():
       out[f"{key}/{metric}"] = float(value)

@@ -63,16 +63,17 @@ def _evaluate(py: str, gin_file: str, run: Path, work: Path, name: str) -> dict:
 
 
 def _blind_guess() -> dict:
-  """Share of the most frequent answer, over all questions and per answer type."""
+  """Share of the most frequent answer of each answer type, and over all questions when
+  each type is answered with its own most frequent answer."""
   import tasks  # noqa: F401, PLC0415  (registers the shapes-world tasks)
-  from mm1_jax.data import shapes_world  # noqa: PLC0415
   from mm1_jax.eval import fewshot  # noqa: PLC0415
 
   test = fewshot.load_split("mm1_shapes_vqa_eval", "test")
   by_type = collections.defaultdict(collections.Counter)
   for q in test:
-    by_type[shapes_world.answer_type(q["question"])][q["answers"][0]] += 1
-  out = {"questions": len(test)}
+    by_type[q["answer_type"]][q["answers"][0]] += 1
+  out = {"questions": len(test),
+         "overall_share": round(sum(c.most_common(1)[0][1] for c in by_type.values()) / len(test), 4)}
   for t, counts in sorted(by_type.items()):
     answer, n = counts.most_common(1)[0]
     out[t] = {"questions": sum(counts.values()), "most_frequent": answer,

@@ -5,8 +5,8 @@
   JAX_PLATFORMS=cpu python benchmarks/preflight.py --only aim_600m_v5p-64 --no_cost   # memory only
   python benchmarks/preflight.py --table                       # the table from saved results
 
-Each preset writes benchmarks/results/preflight/<preset>.json (mm1-aot's report, plus
-the wall time of the run and the machine it ran on).
+Each preset writes benchmarks/results/preflight/<preset>.json: a record (benchmarks/record.py:
+commit, date, command, machine, packages) whose figures are mm1-aot's report plus the wall time.
 """
 
 from __future__ import annotations
@@ -21,43 +21,57 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
 OUT = REPO / "benchmarks" / "results" / "preflight"
 
 
 def run(preset: Path, cost: bool = True) -> dict:
+  """Compiles one preset with mm1-aot and writes its record (results/preflight/<preset>.json)."""
+  from benchmarks import record  # noqa: PLC0415
+
   out = OUT / f"{preset.stem}.json"
   out.unlink(missing_ok=True)
+  report_file = OUT / f".{preset.stem}.report.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
+         f"--json_out={report_file}", *([] if cost else ["--no_cost"])]
   t0 = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
-                         f"--json_out={out}", *([] if cost else ["--no_cost"])], cwd=REPO, env=env, capture_output=True, text=True)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   print(proc.stdout)
-  if proc.returncode not in (0, 1) or not out.exists():
+  if proc.returncode not in (0, 1) or not report_file.exists():
     print(proc.stderr[-3000:], file=sys.stderr)
     raise SystemExit(f"{preset.name}: mm1-aot failed ({proc.returncode})")
-  report = json.loads(out.read_text())
-  report.update(preset=str(preset.relative_to(REPO)), wall_s=round(time.perf_counter() - t0, 1),
-                machine=f"{platform.machine()}, {os.cpu_count()} cores", python=platform.python_version())
-  out.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-  return report
+  report = json.loads(report_file.read_text())
+  report_file.unlink()
+  report.update(preset=str(preset.relative_to(REPO)), wall_s=round(time.perf_counter() - t0, 1))
+  command = f"JAX_PLATFORMS=cpu python -m mm1_jax.aot --gin_file={preset.relative_to(REPO)}" + (
+      "" if cost else " --no_cost")
+  return record.write(out, "preflight", report, command=command)
 
 
 def table() -> str:
-  rows = ["| preset | model | topology (chips) | mesh | per-chip memory | fits | projected MFU | tokens/s per chip | compile (scanned + costing) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+  """The preset table, from the records (each row names the commit it was compiled at)."""
+  from benchmarks import record  # noqa: PLC0415
+
+  rows = ["| preset | model | topology (chips) | mesh | per-chip memory | fits | projected MFU, useful (every slot) "
+          "| tokens/s per chip, real (slots) | compile (scanned + costing) | commit |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
   for f in sorted(OUT.glob("*.json")):
-    r = json.loads(f.read_text())
+    rec = json.loads(f.read_text())
+    r = rec["figures"]
     mesh = ", ".join(f"{k}={r['mesh'][k]}" for k in ("data", "fsdp", "tensor", "expert")
                      if r["mesh"].get(k, 1) > 1) or "1 device"
-    mfu = "-" if r.get("projected_mfu") is None else f"{r['projected_mfu']:.1%}"
-    tps = "-" if r.get("tokens_per_s_per_chip") is None else f"{r['tokens_per_s_per_chip']:,.0f}"
+    mfu = "-" if r.get("projected_mfu") is None else f"{r['projected_mfu']:.1%} ({r['projected_mfu_slots']:.1%})"
+    tps = ("-" if r.get("tokens_per_s_per_chip") is None else
+           f"{r['useful_tokens_per_s_per_chip']:,.0f} ({r['tokens_per_s_per_chip']:,.0f})")
     mem = "-" if r.get("per_chip_bytes") is None else f"{r['per_chip_bytes'] / 2**30:.1f} of {r['hbm_bytes'] / 2**30:.0f} GiB"
     params = f"{r['params_total'] / 1e9:.1f}B" + (f" ({r['params_active'] / 1e9:.1f}B active)"
                                                   if r["params_active"] != r["params_total"] else "")
+    costing = f"{r['cost_compile_s']:.0f} s" if "cost_compile_s" in r else "not costed"
     rows.append(f"| `{Path(r.get('preset', f.stem)).name}` | {params} | {r['topology']} ({r['num_chips']}) | {mesh} | "
-                f"{mem} | {'yes' if r['fits'] else 'no'} | {mfu} | {tps} | "
-                f"{r['compile_s']:.0f} s + " + (f"{r['cost_compile_s']:.0f} s |" if "cost_compile_s" in r
-                                                 else "not costed |"))
+                f"{mem} | {'yes' if r['fits'] else 'no'} | {mfu} | {tps} | {r['compile_s']:.0f} s + {costing} | "
+                f"{record.short_commit(rec)} |")
   return "\n".join(rows)
 
 

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from mm1_jax.hardware import TPU_PEAK
+
 GIB = 1024 ** 3
 
 
@@ -49,11 +51,11 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("v4", "v4", 32 * GIB, 275e12, True, 3),
-    "v5p": Chip("v5p", "v5", 95 * GIB, 459e12, True, 3),
-    "v5litepod": Chip("v5litepod", "v5e", 16 * GIB, 197e12, False, 2),
-    "v5e": Chip("v5e", "v5e", 16 * GIB, 197e12, False, 2),
-    "v6e": Chip("v6e", "v6e", 32 * GIB, 918e12, False, 2),
+    "v4": Chip("v4", "v4", 32 * GIB, TPU_PEAK["v4"], True, 3),
+    "v5p": Chip("v5p", "v5", 95 * GIB, TPU_PEAK["v5p"], True, 3),
+    "v5litepod": Chip("v5litepod", "v5e", 16 * GIB, TPU_PEAK["v5litepod"], False, 2),
+    "v5e": Chip("v5e", "v5e", 16 * GIB, TPU_PEAK["v5e"], False, 2),
+    "v6e": Chip("v6e", "v6e", 32 * GIB, TPU_PEAK["v6e"], False, 2),
 }
 # Chips -> the physical topology Cloud TPU gives that slice size.
 TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -206,11 +208,17 @@ def extrapolated_cost(model_config, compile_fn) -> dict:
 
 def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int = 1, batch_size: int = 512,
               seq_len: int = 4096, max_images: int = 16, subimages=None, cost: bool = True,
+              padding_fraction: float = 0.0, images_per_sequence: float | None = None,
               progress: bool = True) -> dict:
   """Compiles the train step for the topology and returns the report (see module docstring).
 
   With `subimages` (high-resolution SFT) every image takes K slots: the step is compiled
   for max_images x K image slots a sequence, as the loader feeds it.
+
+  MFU is reported twice: `projected_mfu` counts the useful work the loader is expected to
+  deliver (`padding_fraction` of the tokens are padding, `images_per_sequence` real images a
+  row, default every slot; one segment a row, so the causal attention pairs are an upper
+  bound when rows are packed), `projected_mfu_slots` every token and image slot.
   """
   from mm1_jax import flops as flops_lib  # noqa: PLC0415
   from mm1_jax import params as params_lib  # noqa: PLC0415
@@ -247,7 +255,16 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
     report.update(fits=full.memory["total"] <= per_device_hbm,
                   per_chip_bytes=full.memory["total"] * topo.devices_per_chip, memory=full.memory)
   report["model_flops_per_step"] = flops_lib.train_flops_per_step(abstract, model, batch_size, seq_len, slots)
-  report.update(xla_flops=None, optimal_seconds=None, tokens_per_s_per_chip=None, projected_mfu=None)
+  real_tokens = seq_len * (1.0 - padding_fraction)
+  real_images = slots if images_per_sequence is None else min(images_per_sequence * highres.per_image(subimages),
+                                                              slots)
+  useful = flops_lib.Work(tokens=batch_size * real_tokens, images=batch_size * real_images,
+                          attention_pairs=batch_size * real_tokens ** 2 / 2)
+  report["assumed"] = {"padding_fraction": padding_fraction, "images_per_sequence": real_images,
+                       "attention": "causal, T^2/2 pairs a row of T real tokens (one segment)"}
+  report["useful_flops_per_step"] = flops_lib.train_flops(abstract, model, useful)
+  report.update(xla_flops=None, optimal_seconds=None, tokens_per_s_per_chip=None, projected_mfu=None,
+                useful_tokens_per_s_per_chip=None, projected_mfu_slots=None)
   if cost:
     say("[2/2] costing: small unrolled compiles, extrapolated per layer")
     est = extrapolated_cost(model, lambda cfg: _compile(cfg, optimizer, mesh, devices, batch_size, seq_len,
@@ -262,8 +279,11 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
     if est["optimal_seconds"]:
       t = est["optimal_seconds"]
       report["optimal_seconds"] = t
-      report["tokens_per_s_per_chip"] = batch_size * seq_len / t / report["num_chips"]
-      report["projected_mfu"] = report["model_flops_per_step"] / (t * report["num_chips"] * topo.chip.peak_flops)
+      chip_s = t * report["num_chips"]
+      report["tokens_per_s_per_chip"] = batch_size * seq_len / chip_s
+      report["useful_tokens_per_s_per_chip"] = batch_size * real_tokens / chip_s
+      report["projected_mfu"] = report["useful_flops_per_step"] / (chip_s * topo.chip.peak_flops)
+      report["projected_mfu_slots"] = report["model_flops_per_step"] / (chip_s * topo.chip.peak_flops)
   return report
 
 
@@ -294,15 +314,21 @@ def format_report(r: dict) -> str:
     rows.append(("  per device", f"arguments {gib(m['argument'])}, temporaries {gib(m['temp'])}, "
                                  f"output {gib(m['output'])}, aliased {gib(m['alias'])}"))
   rows.append(("fits", "yes" if r["fits"] else "NO" + (f": {r.get('error', '')[:120]}" if r.get("error") else "")))
-  rows.append(("model FLOPs / step", f"{r['model_flops_per_step']:.3e}"))
+  a = r.get("assumed", {})
+  rows.append(("model FLOPs / step", f"{r['model_flops_per_step']:.3e} every slot; "
+                                     f"{r['useful_flops_per_step']:.3e} useful (padding "
+                                     f"{a.get('padding_fraction', 0):.0%}, {a.get('images_per_sequence', 0):.1f} "
+                                     "images a row)"))
   if r.get("xla_flops") is not None:
     rows.append(("compiler FLOPs / step", f"{r['xla_flops']:.3e}"))
   if r.get("cost_note"):
     rows.append(("roofline step time", r["cost_note"]))
   if r.get("optimal_seconds"):
     rows += [("roofline step time", f"{r['optimal_seconds']:.3f} s (no communication)"),
-             ("tokens/s per chip", f"{r['tokens_per_s_per_chip']:,.0f}"),
-             ("projected MFU", f"{r['projected_mfu']:.1%}")]
+             ("tokens/s per chip", f"{r['tokens_per_s_per_chip']:,.0f} slots, "
+                                   f"{r['useful_tokens_per_s_per_chip']:,.0f} real"),
+             ("projected MFU", f"{r['projected_mfu']:.1%} useful work, {r['projected_mfu_slots']:.1%} every "
+                               "slot (bf16 datasheet peak; no communication)")]
   rows.append(("compile", f"{r['compile_s']} s" + (f" + {r['cost_compile_s']} s costing"
                                                    if "cost_compile_s" in r else "")))
   w = max(len(k) for k, _ in rows)

@@ -5,7 +5,10 @@ to its top-k experts with weights p_i / sum_topk(p) (renormalised over the k).
 
 Dispatch, chosen by `MoEConfig.dispatch`:
   "capacity"  each sequence is a group; expert e takes at most
-              C = ceil(capacity_factor * T * k / E) of a group's assignments, first
+              C = ceil(capacity_factor * T / E) of a group's assignments (AXLearn's
+              convention, MM1's framework: top_k does not enter, so a factor of k is
+              exactly the slots of a perfectly balanced load, and factor 2.0 with top-2
+              leaves no headroom), first
               choices before second choices, earlier tokens first; the rest are
               dropped (their share of the output is zero) and the drop rate is logged.
               Dispatch and combine are one-hot einsums: static shapes, batch-parallel.
@@ -49,7 +52,8 @@ class MoEConfig:
       1 makes every layer sparse (Mixtral).
     expert_mlp_dim: hidden width of one expert; None uses the dense mlp_dim.
     dispatch: "capacity" or "dropless".
-    capacity_factor: slots per expert relative to a perfectly balanced load.
+    capacity_factor: slots per expert = capacity_factor x group tokens / E (AXLearn's
+      convention; a perfectly balanced top-k load fills the slots at factor k).
     load_balance_weight: weight of the load-balance loss in the training loss.
     router_z_weight: weight of the router z-loss.
   """
@@ -72,7 +76,7 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.every must be >= 1, got {self.every}")
 
   def capacity(self, group_size: int) -> int:
-    return max(1, math.ceil(self.capacity_factor * group_size * self.top_k / self.num_experts))
+    return max(1, math.ceil(self.capacity_factor * group_size / self.num_experts))
 
 
 def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:

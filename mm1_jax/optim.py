@@ -15,7 +15,8 @@ class OptimizerConfig:
     warmup_steps: linear warmup from 0. MM1: 2000.
     end_lr_ratio: cosine decays to peak_lr * end_lr_ratio at the last step. MM1: 0.1.
     weight_decay: decoupled; optax scales it by the current LR, so 0.1 gives MM1's
-      decay of 0.1 x peak LR at the peak. Matrices only; norms and biases are not decayed.
+      decay of 0.1 x peak LR at the peak. Every weight matrix (MoE experts and router
+      included); norms, biases and position tables are not decayed.
     clip_norm: global gradient-norm clip.
   """
 
@@ -36,14 +37,20 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=config.peak_lr * config.end_lr_ratio)
 
 
-def _decay_mask(params):
-  """Decay weight matrices and embeddings; not norms, biases or position embeddings.
+# Leaves that are weight matrices or conv kernels (any rank >= 2, stacked layers included):
+# dense and attention kernels, token embeddings, and the sparse FFN's router and experts.
+DECAYED = ("kernel", "embedding", "router", "gate", "up", "down")
 
-  Decided by name: with scanned layers a norm scale is 2-D too ([layers, width]).
+
+def _decay_mask(params):
+  """Decay every weight matrix; not norms, biases, scales or position tables.
+
+  Decided by name: with scanned layers a norm scale is 2-D too ([layers, width]), so rank
+  alone cannot tell. tests/test_optim.py checks the names against each preset's tree by rank.
   """
   def decays(path, _):
     dict_keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # skips flax boxes
-    return dict_keys[-1] in ("kernel", "embedding")
+    return dict_keys[-1] in DECAYED
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from mm1_jax import flops as flops_lib
+from mm1_jax import hardware
 from mm1_jax import moe as moe_lib
 from mm1_jax import optim
 from mm1_jax import sharding as sharding_lib
@@ -152,7 +153,11 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
                          opt_state=keep(opt_state, state.opt_state),
                          nonfinite_total=state.nonfinite_total + bad,
                          nonfinite_streak=(state.nonfinite_streak + 1) * bad)
-  metrics = dict(aux, grad_norm=grad_norm, learning_rate=schedule(state.step), update_skipped=bad,
+  # The rate this step's update applies: the optimizer's schedule counts applied updates only
+  # (a skipped step keeps the old optimizer state), so after skips it trails the step.
+  applied = state.step - state.nonfinite_total
+  metrics = dict(aux, grad_norm=grad_norm, learning_rate=schedule(applied),
+                 update_skipped=bad,
                  nonfinite_total=new_state.nonfinite_total, nonfinite_streak=new_state.nonfinite_streak)
   return new_state, metrics
 
@@ -290,7 +295,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
           mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
           train_steps: int = 1000, log_every: int = 10, checkpoint_every: int = 100,
           keep_checkpoints: int = 3, evaluation=None, eval_every: int = 0, z_loss: float = 0.0,
-          seed: int = 0, peak_flops_per_device: float = 1e12, progress: bool = True,
+          seed: int = 0, peak_flops_per_device: float | None = None, progress: bool = True,
           init_from: Sequence[str] = (), stop_after_steps: int = 0,
           max_consecutive_nonfinite: int = 5, eval_at_start: bool = True) -> int:
   """Pre-trains MM1, or an image encoder with `model` an `mm1_jax.aim` objective config;
@@ -310,7 +315,8 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
       `eval_at_start` is False), every `eval_every` steps (0: never in between) and at the end.
     z_loss: weight of the output log-partition penalty.
     seed: parameter-initialisation seed.
-    peak_flops_per_device: the MFU denominator, per device.
+    peak_flops_per_device: the MFU denominator, per device; None takes the device's own
+      (`mm1_jax.hardware.device_peak`).
     progress: show a progress bar.
     init_from: directories of pre-trained parts (`mm1-convert import` outputs or
       another run's checkpoints/), loaded into a fresh run; ignored on resume.
@@ -361,11 +367,16 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     state = state.replace(params=load_pretrained(state.params, state_shardings.params, init_from, model))
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  step_flops = flops_lib.train_flops_per_step(state.params, model, data.batch_size, data.seq_len,
+  slot_flops = flops_lib.train_flops_per_step(state.params, model, data.batch_size, data.seq_len,
                                               data.image_slots)
+  count_useful = flops_lib.useful_flops_counter(state.params, model)
+  if peak_flops_per_device is None:
+    device_peak = hardware.device_peak()
+    peak_flops_per_device = device_peak.flops_per_s
+    print(f"MFU peak: {device_peak.derivation}")
   peak = peak_flops_per_device * device_mesh.size
-  print(f"model: {n_params / 1e6:.2f}M parameters, {step_flops / 1e9:.1f} GFLOPs per step; "
-        f"mesh {dict(device_mesh.shape)}")
+  print(f"model: {n_params / 1e6:.2f}M parameters, {slot_flops / 1e9:.1f} GFLOPs per step with every "
+        f"token and image slot filled; mesh {dict(device_mesh.shape)}")
 
   evaluator = None
   if evaluation is not None:
@@ -385,7 +396,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
   writer = MetricWriter(workdir_path, echo=echo)
   q = model.tokens_per_image
   step = start
-  t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
+  t_last, seqs, images, tokens, useful_flops = time.perf_counter(), 0, 0, 0, 0.0
   exit_code = 0
   guard = _NonfiniteGuard(max_consecutive_nonfinite, echo)
   try:
@@ -403,6 +414,9 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
         seqs += local["tokens"].shape[0] * host[1]
         tokens += local["tokens"].size * host[1]
         images += int((local["tokens"] == model.image_token_id).sum()) // q * host[1]
+        # MFU counts real tokens, images and causal pairs (hosts' batches are alike in shape;
+        # this host's share stands for each host's).
+        useful_flops += count_useful(local) * host[1]
         bar.update()
         if step % log_every == 0 or step == train_steps:
           metrics = jax.device_get(metrics)
@@ -411,10 +425,11 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
           dt = time.perf_counter() - t_last
           steps_done = seqs / data.batch_size
           metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,
-                          "step_time_s": dt / steps_done, "mfu": step_flops * steps_done / dt / peak})
+                          "step_time_s": dt / steps_done, "mfu": useful_flops / dt / peak,
+                          "mfu_slots": slot_flops * steps_done / dt / peak})
           writer.write(step, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-          t_last, seqs, images, tokens = time.perf_counter(), 0, 0, 0
+          t_last, seqs, images, tokens, useful_flops = time.perf_counter(), 0, 0, 0, 0.0
         sliced = bool(stop_after_steps) and step - start >= stop_after_steps and step < train_steps
         # Read the stop flag once: a signal that lands after the save below is acted on
         # after the next step's save, never by stopping without one.

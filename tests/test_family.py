@@ -200,7 +200,7 @@ def test_capacity_and_dropless_agree_without_drops(tiny_config):
 
 def test_capacity_drops_tokens_and_reports_it(tiny_config):
   args = _inputs(t=16)
-  m = model.MM1(_moe_model(tiny_config, capacity_factor=0.25))  # 2 slots per expert for 32 assignments
+  m = model.MM1(_moe_model(tiny_config, capacity_factor=0.25))  # 1 slot per expert for 32 assignments
   variables = nn.meta.unbox(m.init(jax.random.PRNGKey(0), *args))
   _, stats = m.apply(variables, *args, mutable=["moe"])
   summary = moe.summarize_aux(stats["moe"])

@@ -11,10 +11,11 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 from test_train import REPO, SMALL, _env, _fixed_batch, _mm1_train, _setup
 
-from mm1_jax import sharding, train
+from mm1_jax import optim, sharding, train
 from mm1_jax.checkpoint import Checkpointer, NonfiniteStateError
 
 FAULTY_TRAIN = Path(__file__).resolve().parent / "helpers" / "faulty_train.py"
@@ -42,8 +43,16 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_untouched(tiny_config)
     assert (int(state.step), int(state.nonfinite_total), int(state.nonfinite_streak)) == (2, 1, 1)
     state, _ = step(state, train.global_batch(bad, bsh))
     assert (int(state.nonfinite_total), int(state.nonfinite_streak)) == (2, 2)
-    # A finite step applies its update and ends the streak; the total stays.
+    # A finite step applies its update and ends the streak; the total stays. Its logged
+    # learning rate is the one optax applies, at the optimizer's own count of applied updates
+    # (1: the two skipped steps kept the old state), not at the step counter (3).
+    count = int([s.count for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState)][0])
+    schedule = optim.make_schedule(optim.OptimizerConfig(peak_lr=3e-3, warmup_steps=2), 20)
     state, metrics = step(state, train.global_batch(good, bsh))
+    assert count == 1
+    assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(count)))
+    assert float(metrics["learning_rate"]) != pytest.approx(float(schedule(3)))
     assert int(metrics["update_skipped"]) == 0
     assert not _equal_trees(before[0], jax.device_get(state.params))
     assert (int(state.nonfinite_total), int(state.nonfinite_streak)) == (2, 0)

@@ -98,7 +98,7 @@ def test_flop_count_matches_xla_for_the_forward_pass(tiny_config, conn):
   # The lowered (pre-optimisation) HLO: the CPU backend hides matmuls in library calls.
   lowered = jax.jit(lambda p: m.apply({"params": p}, *args)).lower(params)
   xla = lowered.cost_analysis()["flops"]
-  ours = 2 * flops.forward_flops_per_sequence(params, tiny_config, 32, 2)
+  ours = flops.forward_flops(params, tiny_config, flops.executed_work(2, 32, 2, tiny_config.decoder.attention_chunks))
   assert 0.8 < ours / xla < 1.25, (ours, xla)
 
 

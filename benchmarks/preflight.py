@@ -36,6 +36,7 @@ def run(preset: Path, cost: bool = True) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
          f"--json_out={report_file}", *([] if cost else ["--no_cost"])]
+  git = record.git_state()  # the code mm1-aot loads now
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   print(proc.stdout)
@@ -47,7 +48,7 @@ def run(preset: Path, cost: bool = True) -> dict:
   report.update(preset=str(preset.relative_to(REPO)), wall_s=round(time.perf_counter() - t0, 1))
   command = f"JAX_PLATFORMS=cpu python -m mm1_jax.aot --gin_file={preset.relative_to(REPO)}" + (
       "" if cost else " --no_cost")
-  return record.write(out, "preflight", report, command=command)
+  return record.write(out, "preflight", report, command=command, git=git)
 
 
 def table() -> str:

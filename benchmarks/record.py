@@ -99,8 +99,10 @@ def machine() -> dict:
   return out
 
 
-def make(benchmark: str, figures: dict, *, command: str | None = None, **extra) -> dict:
-  commit, dirty = git_state()
+def make(benchmark: str, figures: dict, *, command: str | None = None, git: tuple | None = None,
+         **extra) -> dict:
+  """git: (commit, dirty) taken when the measured code was loaded (default: now)."""
+  commit, dirty = git or git_state()
   return {"schema": SCHEMA, "benchmark": benchmark, "commit": commit, "dirty": dirty,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
           "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),

@@ -51,14 +51,14 @@ def run(preset: Path, cost: bool = True) -> dict:
   return record.write(out, "preflight", report, command=command, git=git)
 
 
-def table() -> str:
+def table(folder: Path = OUT) -> str:
   """The preset table, from the records (each row names the commit it was compiled at)."""
   from benchmarks import record  # noqa: PLC0415
 
   rows = ["| preset | model | topology (chips) | mesh | per-chip memory | fits | projected MFU, useful (every slot) "
           "| tokens/s per chip, real (slots) | compile (scanned + costing) | commit |",
           "|---|---|---|---|---|---|---|---|---|---|"]
-  for f in sorted(OUT.glob("*.json")):
+  for f in sorted(folder.glob("*.json")):
     rec = json.loads(f.read_text())
     r = rec["figures"]
     mesh = ", ".join(f"{k}={r['mesh'][k]}" for k in ("data", "fsdp", "tensor", "expert")

@@ -99,13 +99,20 @@ def machine() -> dict:
   return out
 
 
+def _command() -> str:
+  """This process's command line, as typed (`python -m NAME ...` for a module run)."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+  return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
+
+
 def make(benchmark: str, figures: dict, *, command: str | None = None, git: tuple | None = None,
          **extra) -> dict:
   """git: (commit, dirty) taken when the measured code was loaded (default: now)."""
   commit, dirty = git or git_state()
   return {"schema": SCHEMA, "benchmark": benchmark, "commit": commit, "dirty": dirty,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-          "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+          "command": command or _command(),
           "machine": machine(), "packages": packages(), **extra, "figures": figures}
 
 
@@ -126,8 +133,18 @@ def load(path: str | Path) -> dict:
 
 
 def all_records(root: Path = RESULTS) -> dict[str, dict]:
-  """{path relative to benchmarks/: record} for every JSON under results/."""
-  return {str(p.relative_to(root.parent)): json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
+  """{path relative to root: record} for every JSON under root (results/)."""
+  return {str(p.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
+
+
+def committed_in(path: str, repo: Path = REPO) -> str:
+  """The commit that first added a record file (for legacy records that name no commit)."""
+  try:
+    out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", f"benchmarks/results/{path}"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[-1] if out else "uncommitted"
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
 
 
 def short_commit(rec: dict) -> str:

@@ -1,20 +1,29 @@
-"""The benchmark suite: measures, then writes benchmarks/RESULTS.md.
+"""The benchmark suite: measures, writes one record per benchmark, then renders RESULTS.md.
 
-  python -m benchmarks.run                       # everything, full sizes (about 25 min on 2 cores)
-  python -m benchmarks.run --only train_small    # one benchmark (repeatable); the others keep
-                                                 # their last figures in results/suite.json
+  python -m benchmarks.run                       # everything, full sizes (the preflight compiles
+                                                 # every pod preset: about two hours on 2 cores)
+  python -m benchmarks.run --skip preflight      # the rest (about 20 min on 2 cores)
+  python -m benchmarks.run --only train_small    # one benchmark (repeatable)
+  python -m benchmarks.run --render              # RESULTS.md from the records, nothing measured
   python -m benchmarks.run --short --results_dir /tmp/b   # tiny sizes: only that it runs
 
-Benchmarks (each a key of --json_out's {"<benchmark>": {"<figure>": value}}):
-  peak          float32 matmul FLOP/s of this machine in jax (the MFU denominator)
+Each benchmark run writes results/suite/<benchmark>.json (benchmarks/record.py: commit, date,
+command, machine, packages, figures); the preflight also writes results/preflight/<preset>.json.
+RESULTS.md is generated from the records alone and names the record and commit of every figure.
+
+Benchmarks:
+  peak          float32 jnp.dot rate of this machine (the "measured matmul rate"), beside the
+                CPU peak derived from its instruction set (mm1_jax.hardware: the MFU denominator)
   train_small   train steps of gin/models/bench_small.gin (MLP projector, 256 image tokens)
   train_small_cabs   the same with a C-Abstractor of 64 tokens
-  moe_vs_dense  every 2nd decoder FFN -> 8 experts (top-2, each the dense FFN's size);
-                step-time ratio to a dense model with the same active parameters, per dispatch
+  moe_vs_dense  every 2nd decoder FFN -> 8 experts (top-2, each the dense FFN's size) at the
+                shipped capacity factor (MoEConfig default); step-time ratio to a dense model
+                with the same active parameters, per dispatch, with the token drop rate
   decode        batched greedy decoding with the KV cache
   peer          the same model in PyTorch + transformers (LLaVA), train steps and generate()
   loader        the grain loader (benchmarks/loader.py)
-  preflight     the projected-MFU table of the pod presets (results/preflight/, mm1-aot)
+  preflight     mm1-aot for every gin/pods/*.gin (benchmarks/preflight.py); --short compiles the
+                quickstart for v5p-8 without costing; --skip preflight records that it was skipped
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -86,24 +94,30 @@ def run_peak(s: dict, short: bool, results: dict) -> dict:
       t = time.perf_counter()
       f(a, b).block_until_ready()
       times.append(time.perf_counter() - t)
-    best[f"flops_per_s_n{n}"] = 2 * n**3 / statistics.median(times)
-  return {**best, "flops_per_s": max(best.values())}
+    best[f"matmul_flops_per_s_n{n}"] = 2 * n**3 / statistics.median(times)
+  from mm1_jax import hardware
+
+  isa = hardware.cpu_peak() if jax.default_backend() == "cpu" else hardware.device_peak()
+  measured = max(best.values())
+  return {**best, "matmul_flops_per_s": measured, "peak_flops_per_s": isa.flops_per_s,
+          "peak_derivation": isa.derivation, "matmul_fraction_of_peak": measured / isa.flops_per_s}
 
 
-def _peak(results: dict) -> float:
+def _matmul_rate(results: dict) -> float:
   if "peak" not in results:
-    raise SystemExit("the measured peak is needed: run with --only peak too (or without --only)")
-  return results["peak"]["flops_per_s"]
+    raise SystemExit("the measured matmul rate is needed: run with --only peak too (or without --only)")
+  return results["peak"]["matmul_flops_per_s"]
 
 
 def _train(config, s: dict, short: bool, results: dict) -> dict:
   from benchmarks import train_step
 
   r = train_step.measure(config, s["batch"], s["seq_len"], 1, steps=s["steps"], warmup=s["warmup"],
-                         peak_flops_per_device=_peak(results), progress=not short)
+                         progress=not short)
   keep = ("params", "compile_s", "step_s_median", "step_s_min", "tokens_per_s", "images_per_s",
-          "model_flops_per_step", "flops_per_s", "mfu", "final_loss")
-  return {k: r[k] for k in keep} | {"image_tokens": config.tokens_per_image}
+          "model_flops_per_step", "flops_per_s", "peak_flops_per_device", "peak_source", "mfu", "final_loss")
+  return {k: r[k] for k in keep} | {"image_tokens": config.tokens_per_image,
+                                    "fraction_of_measured_matmul": r["flops_per_s"] / _matmul_rate(results)}
 
 
 def run_train_small(s, short, results):
@@ -123,9 +137,11 @@ def run_moe_vs_dense(s: dict, short: bool, results: dict) -> dict:
   # Top-2 of experts the dense FFN's size in every 2nd layer = 1.5x the dense FFN on average.
   dense = dataclasses.replace(base, decoder=dataclasses.replace(d, mlp_dim=d.mlp_dim * 3 // 2))
   out = {}
+  shipped = moe.MoEConfig().capacity_factor  # what every preset ships (gin/models/*moe*.gin)
+  out["capacity_factor"] = shipped
   runs = [("dense_equal_active", dense)] + [
       (mode, dataclasses.replace(base, decoder=dataclasses.replace(d, moe=moe.MoEConfig(
-          num_experts=8, top_k=2, every=2, dispatch=mode, capacity_factor=1.25))))
+          num_experts=8, top_k=2, every=2, dispatch=mode, capacity_factor=shipped))))
       for mode in moe.DISPATCH_MODES]
   for name, config in runs:
     log(f"moe_vs_dense: {name}")
@@ -133,6 +149,8 @@ def run_moe_vs_dense(s: dict, short: bool, results: dict) -> dict:
                            progress=not short)
     out[f"{name}_step_s"] = r["step_s_median"]
     out[f"{name}_params"] = r["params"]
+    if "moe_drop_rate" in r:  # of the last timed step, on random tokens (an untrained router)
+      out[f"{name}_drop_rate"] = r["moe_drop_rate"]
   for mode in moe.DISPATCH_MODES:
     out[f"ratio_{mode}"] = out[f"{mode}_step_s"] / out["dense_equal_active_step_s"]
   out["ratio"] = min(out[f"ratio_{m}"] for m in moe.DISPATCH_MODES)
@@ -200,12 +218,27 @@ def run_loader(s: dict, short: bool, results: dict) -> dict:
 
 
 def run_preflight(s: dict, short: bool, results: dict) -> dict:
-  """The saved mm1-aot reports (rerun them with benchmarks/preflight.py: ~20 min)."""
+  """Compiles every pod preset for its topology (benchmarks/preflight.py writes each record);
+  --short compiles the quickstart for v5p-8, memory only."""
+  from benchmarks import preflight
+
+  if short:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = Path(tmp) / "report.json"
+      env = dict(os.environ, JAX_PLATFORMS="cpu")
+      proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/runs/quickstart.gin",
+                             "--topology=v5p-8", "--no_cost", f"--json_out={out}"], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+      if proc.returncode or not out.exists():
+        raise RuntimeError(f"mm1-aot failed ({proc.returncode}): {proc.stderr[-2000:]}")
+      r = json.loads(out.read_text())
+    return {"quickstart_v5p-8.per_chip_gib": r["per_chip_bytes"] / 2**30, "quickstart_v5p-8.fits": r["fits"]}
   out = {}
-  for f in sorted((REPO / "benchmarks" / "results" / "preflight").glob("*.json")):
-    r = json.loads(f.read_text())
-    out[f"{f.stem}.projected_mfu"] = r.get("projected_mfu")
-    out[f"{f.stem}.per_chip_gib"] = r["per_chip_bytes"] / 2**30 if r.get("per_chip_bytes") else None
+  for preset in sorted((REPO / "gin" / "pods").glob("*.gin")):
+    log(f"preflight: {preset.stem}")
+    r = preflight.run(preset)["figures"]
+    out[f"{preset.stem}.projected_mfu"] = r.get("projected_mfu")
+    out[f"{preset.stem}.per_chip_gib"] = r["per_chip_bytes"] / 2**30 if r.get("per_chip_bytes") else None
   return out
 
 
@@ -216,49 +249,24 @@ RUNNERS = {"peak": run_peak, "train_small": run_train_small, "train_small_cabs":
 
 # --- the report ------------------------------------------------------------------------------
 
-def machine() -> dict:
-  import jax
-
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  mem = None
-  try:
-    mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-  except (ValueError, OSError):
-    pass
-  versions = {"python": platform.python_version(), "jax": jax.__version__}
-  for mod in ("flax", "optax", "torch", "transformers"):
-    try:
-      versions[mod] = __import__(mod).__version__
-    except ImportError:
-      pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "backend": jax.default_backend(),
-          "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", "")}
-
-
 def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
-  """(target, measured, required, met) rows."""
+  """(target, measured, required, met) rows, from {benchmark: figures}."""
   rows = []
 
   def get(bench, fig):
     return r.get(bench, {}).get(fig)
 
   mfu = get("train_small", "mfu")
-  rows.append(("train_small MFU vs the measured f32 matmul peak", f"{mfu:.1%}" if mfu else "-", ">= 50 %",
+  rows.append(("train_small MFU (useful FLOPs / ISA-derived CPU peak)", f"{mfu:.1%}" if mfu else "-", ">= 50 %",
                None if mfu is None else mfu >= 0.5))
   ours, peer = get("train_small", "tokens_per_s"), get("peer", "train_tokens_per_s")
   ratio = ours / peer if ours and peer else None
   rows.append(("train_small tokens/s vs PyTorch + transformers LLaVA", f"{ratio:.2f}x" if ratio else "-",
                ">= 1.2x", None if ratio is None else ratio >= 1.2))
   moe_ratio = get("moe_vs_dense", "ratio")
-  rows.append(("MoE / dense step time (better dispatch)", f"{moe_ratio:.2f}" if moe_ratio else "-", "<= 1.3",
-               None if moe_ratio is None else moe_ratio <= 1.3))
+  cf = get("moe_vs_dense", "capacity_factor")
+  rows.append((f"MoE / dense step time (better dispatch; capacity factor {cf})", f"{moe_ratio:.2f}" if moe_ratio
+               else "-", "<= 1.3", None if moe_ratio is None else moe_ratio <= 1.3))
   ours, peer = get("decode", "tokens_per_s"), get("peer", "decode_tokens_per_s")
   ratio = ours / peer if ours and peer else None
   rows.append(("decode tokens/s vs transformers generate()", f"{ratio:.2f}x" if ratio else "-", ">= 2x",
@@ -272,70 +280,120 @@ def _fmt(v) -> str:
   return str(v)
 
 
-def write_markdown(path: Path, suite: dict, notes: str = "") -> None:
-  m = suite["machine"]
+def _machine_line(m: dict, packages: dict) -> str:
+  acc = m.get("accelerator") or "no accelerator"
+  return (f"{m['cpu']} ({', '.join(m.get('isa', []))}), {m['cores']} cores, {m['memory_gib']} GiB, {acc}; "
+          + ", ".join(f"{k} {v}" for k, v in packages.items() if k in ("python", "jax", "flax", "torch")))
+
+
+def render(results_dir: Path, md: Path) -> str:
+  """RESULTS.md from the records under results_dir (suite/, preflight/ and single runs)."""
+  from benchmarks import preflight as preflight_lib
+  from benchmarks import record
+
+  suite = {}
+  for f in sorted((results_dir / "suite").glob("*.json")):
+    suite[f.stem] = (f, json.loads(f.read_text()))
+  figures = {name: rec["figures"] for name, (_, rec) in suite.items()}
+  short = any(rec.get("short") for _, rec in suite.values())
   lines = ["# Benchmark results", "",
-           f"Written by `python -m benchmarks.run`{' --short (tiny sizes: not figures to quote)' if suite['short'] else ''}"
-           f" on {suite['date']}.", "",
-           f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, backend {m['backend']}; "
-           + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-           + (f"; XLA_FLAGS={m['xla_flags']}" if m["xla_flags"] else "") + ".", "",
+           "Generated from the records under `benchmarks/results/` by `python -m benchmarks.run` "
+           "(`--render` re-renders without measuring)" + (" --short: tiny sizes, not figures to quote" if short
+                                                         else "") + ". Each figure names its record; the "
+           "record names the commit, date, command, machine and package versions of its run.", "",
            "## Targets", "", "| target | measured | required | met |", "|---|---|---|---|"]
-  for name, measured, required, met in targets(suite["results"]):
+  for name, measured, required, met in targets(figures):
     lines.append(f"| {name} | {measured} | {required} | {'-' if met is None else ('yes' if met else 'no')} |")
-  lines += ["", "## Figures", ""]
+  lines += ["", "## Suite", ""]
   for bench in NAMES:
-    figs = suite["results"].get(bench)
-    if not figs:
+    if bench not in suite:
       continue
-    when = suite.get("measured_at", {}).get(bench, "")
-    lines += [f"### {bench}" + (f" ({when})" if when else ""), "", "| figure | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in figs.items()]
+    f, rec = suite[bench]
+    lines += [f"### {bench}", "",
+              f"Record `results/suite/{f.name}`, "
+              f"commit {record.short_commit(rec)}, {rec['date']}; {_machine_line(rec['machine'], rec['packages'])}.",
+              "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rec["figures"].items()]
     lines.append("")
-  if notes:
-    lines += [notes.strip(), ""]
-  path.write_text("\n".join(lines))
+  pre = results_dir / "preflight"
+  if any(pre.glob("*.json")):
+    lines += ["## TPU preflight (mm1-aot)", "",
+              "Compiled by libtpu for the stated topology on a CPU machine; roofline times leave out "
+              "inter-chip communication, so MFU figures are upper bounds. Records: `results/preflight/`.", "",
+              preflight_lib.table(pre), ""]
+  others = [(p, r) for p, r in record.all_records(results_dir).items() if not p.startswith(("suite/", "preflight/"))]
+  if others:
+    lines += ["## Other records", "", "| record | benchmark | commit | date | machine |", "|---|---|---|---|---|"]
+    for path, rec in others:
+      if rec.get("schema"):
+        lines.append(f"| `results/{path}` | {rec['benchmark']} | {record.short_commit(rec)} | {rec['date']} | "
+                     f"{rec['machine']['cpu']}, {rec['machine']['cores']} cores"
+                     f"{', ' + rec['machine']['accelerator'] if rec['machine'].get('accelerator') else ''} |")
+      else:
+        lines.append(f"| `results/{path}` | - | legacy record (no commit or machine recorded; committed in "
+                     f"{record.committed_in(path)}) | - | - |")
+    lines.append("")
+  notes = REPO / "benchmarks" / "RESULTS_NOTES.md"
+  if notes.exists() and not short:
+    lines += [notes.read_text().strip(), ""]
+  text = "\n".join(lines)
+  md.write_text(text)
+  return text
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", action="append", choices=NAMES, default=None, help="benchmark to run (repeatable)")
+  p.add_argument("--skip", action="append", choices=NAMES, default=[],
+                 help="benchmark not to run (repeatable); its record then says it was skipped")
   p.add_argument("--short", action="store_true", help="tiny sizes: checks that every benchmark runs")
+  p.add_argument("--render", action="store_true", help="only render RESULTS.md from the records")
   p.add_argument("--json_out", default=None, help='also write {"<benchmark>": {"<figure>": value}} here')
   p.add_argument("--results_dir", default=None,
-                 help="where suite.json and RESULTS.md go (default: benchmarks/results/suite.json and "
-                      "benchmarks/RESULTS.md; --short defaults to a temporary folder)")
+                 help="where the records (suite/, preflight/) and RESULTS.md go (default: benchmarks/results "
+                      "and benchmarks/RESULTS.md; --short defaults to a temporary folder)")
   args = p.parse_args(argv)
+  from benchmarks import record
   from mm1_jax import cli
 
-  cli._setup_jax()  # CPU-only hosts with libtpu installed: say so before jax starts
   if args.results_dir:
-    store, md = Path(args.results_dir) / "suite.json", Path(args.results_dir) / "RESULTS.md"
+    results_dir = Path(args.results_dir)
+    md = results_dir / "RESULTS.md"
   elif args.short:
-    tmp = Path(tempfile.mkdtemp(prefix="mm1_bench_"))
-    store, md = tmp / "suite.json", tmp / "RESULTS.md"
+    results_dir = Path(tempfile.mkdtemp(prefix="mm1_bench_"))
+    md = results_dir / "RESULTS.md"
   else:
-    store, md = REPO / "benchmarks" / "results" / "suite.json", REPO / "benchmarks" / "RESULTS.md"
-  store.parent.mkdir(parents=True, exist_ok=True)
-  suite = json.loads(store.read_text()) if store.exists() and args.only else {"results": {}, "measured_at": {}}
-  names = args.only or list(NAMES)
-  if any(n.startswith("train_small") for n in names) and "peak" not in names and "peak" not in suite["results"]:
+    results_dir, md = REPO / "benchmarks" / "results", REPO / "benchmarks" / "RESULTS.md"
+  if args.render:
+    render(results_dir, md)
+    print(f"wrote {md}")
+    return {}
+  cli._setup_jax()  # CPU-only hosts with libtpu installed: say so before jax starts
+  git = record.git_state()
+  suite_dir = results_dir / "suite"
+  previous = {f.stem: json.loads(f.read_text())["figures"] for f in suite_dir.glob("*.json")}
+  names = [n for n in (args.only or NAMES) if n not in args.skip]
+  if any(n.startswith("train_small") for n in names) and "peak" not in names and "peak" not in previous:
     names = ["peak", *names]
   s = SHORT if args.short else FULL
-  for name in [n for n in NAMES if n in names]:
+  measured = dict(previous)
+  for name in NAMES:
+    if name in args.skip and not args.only:
+      record.write(suite_dir / f"{name}.json", name, {"skipped": "--skip " + name}, git=git, short=args.short)
+      continue
+    if name not in names:
+      continue
     log(f"{name} ...")
     t0 = time.perf_counter()
-    suite["results"][name] = RUNNERS[name](s, args.short, suite["results"])
-    suite["measured_at"][name] = time.strftime("%Y-%m-%d")
-    log(f"{name}: {time.perf_counter() - t0:.0f} s {json.dumps(suite['results'][name])[:300]}")
-  suite.update(machine=machine(), short=args.short, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-  store.write_text(json.dumps(suite, indent=1) + "\n")
-  notes_file = REPO / "benchmarks" / "RESULTS_NOTES.md"
-  write_markdown(md, suite, "" if args.short or not notes_file.exists() else notes_file.read_text())
+    measured[name] = RUNNERS[name](s, args.short, measured)
+    record.write(suite_dir / f"{name}.json", name, measured[name], git=git, short=args.short,
+                 wall_s=round(time.perf_counter() - t0, 1))
+    log(f"{name}: {time.perf_counter() - t0:.0f} s {json.dumps(measured[name])[:300]}")
+  render(results_dir, md)
   if args.json_out:
-    Path(args.json_out).write_text(json.dumps(suite["results"], indent=1) + "\n")
-  print(f"wrote {md} and {store}")
-  return suite
+    Path(args.json_out).write_text(json.dumps({n: measured[n] for n in names}, indent=1) + "\n")
+  print(f"wrote {md} and the records under {suite_dir}")
+  return measured
 
 
 if __name__ == "__main__":

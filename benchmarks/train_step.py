@@ -2,10 +2,10 @@
 
 Uses the real model, optimizer and jitted sharded train step on synthetic batches
 (no data pipeline, so it runs where only jax/flax/optax are installed, e.g. a GPU
-machine without tensorflow). Writes one JSON record per run.
+machine without tensorflow). --json_out writes the run's record (benchmarks/record.py).
 
   python benchmarks/train_step.py --gin_file=gin/models/mm1_tiny.gin --batch_size=16 \
-      --peak_flops_per_device=3.2e11 --json_out=benchmarks/results/cpu_mm1_tiny.json
+      --json_out=benchmarks/results/cpu_mm1_tiny.json
 """
 
 from __future__ import annotations
@@ -77,9 +77,17 @@ def measure(config, batch_size: int, seq_len: int, max_images: int, *, steps: in
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
 
+  from mm1_jax import hardware
+
   backend = jax.default_backend()
-  peak = peak_flops_per_device or (3.2e11 if backend == "cpu" else 989e12)
-  step_flops = flops.train_flops_per_step(state.params, config, batch_size, seq_len, max_images)
+  if peak_flops_per_device is None:
+    device_peak = hardware.device_peak()
+    peak, peak_source = device_peak.flops_per_s, device_peak.derivation
+  else:
+    peak, peak_source = peak_flops_per_device, "given (--peak_flops_per_device)"
+  # Every slot of the synthetic batch is real (one segment a row, every image slot used), so
+  # the useful count equals the slot count here; it is taken from the batch all the same.
+  step_flops = flops.useful_train_flops(state.params, config, batch)
   median = statistics.median(times)
   return {
       "backend": backend, "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
@@ -90,8 +98,10 @@ def measure(config, batch_size: int, seq_len: int, max_images: int, *, steps: in
       "step_s_min": min(times), "step_s_p90": sorted(times)[int(0.9 * (len(times) - 1))],
       "tokens_per_s": batch_size * seq_len / median, "images_per_s": batch_size * max_images / median,
       "model_flops_per_step": step_flops, "flops_per_s": step_flops / median,
-      "peak_flops_per_device": peak, "mfu": step_flops / median / (peak * jax.device_count()),
+      "peak_flops_per_device": peak, "peak_source": peak_source,
+      "mfu": step_flops / median / (peak * jax.device_count()),
       "final_loss": float(m["loss"]),
+      **({"moe_drop_rate": float(m["moe_drop_rate"])} if "moe_drop_rate" in m else {}),
   }
 
 
@@ -106,12 +116,16 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   p.add_argument("--mesh_shape", default="-1,1,1", help="data,fsdp,tensor")
   p.add_argument("--peak_flops_per_device", type=float, default=None,
-                 help="MFU denominator; default: 3.2e11 on CPU, 989e12 (H100/H200 bf16 dense) on GPU")
+                 help="MFU denominator; default: the device's (mm1_jax.hardware: datasheet bf16 peak of a "
+                      "GPU/TPU, or the CPU's peak derived from its instruction set)")
   p.add_argument("--json_out", default=None)
   args = p.parse_args(argv)
 
   import gin
 
+  from benchmarks import record as record_lib
+
+  git = record_lib.git_state()
   gin.add_config_file_search_path(str(REPO))
   gin.parse_config_files_and_bindings([args.gin_file], args.gin)
   config = gin.query_parameter("%MODEL").scoped_configurable_fn()
@@ -121,8 +135,9 @@ def main(argv=None) -> dict:
   record.update(model_gin=args.gin_file, gin=args.gin)
   print(json.dumps(record, indent=1))
   if args.json_out:
-    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(record, indent=1) + "\n")
+    from benchmarks import record as record_lib
+
+    return record_lib.write(Path(args.json_out).resolve(), "train_step", record, git=git)
   return record
 
 

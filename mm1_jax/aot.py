@@ -337,6 +337,9 @@ def format_report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # mm1-aot only compiles: libtpu's one-process lock file guards a TPU's runtime, which is
+  # not used here, so several preflights (or a preflight beside the tests) may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from mm1_jax import cli  # noqa: PLC0415
 
   argv = list(sys.argv[1:] if argv is None else argv)

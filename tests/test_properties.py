@@ -149,14 +149,33 @@ def test_truncate_and_expand_images_never_splits_an_image(tokens, max_len, q, ma
 # --- metrics -----------------------------------------------------------------------------
 
 any_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60)
+# Caption-like text: words in mixed case with clitics, quotes, brackets and punctuation.
+caption_words = st.lists(st.sampled_from(
+    ["A", "Man's", "DON'T", "cannot", "Two", "dogs,", "(red)", '"Hi!"', "U.S.", "Mr.", "it's.", "wait...",
+     "3.5", "1,000", "$5", "50%", "--", "''", "``", ";", "?", "x", "Gonna", "they're", "e.g.", "[big]"]),
+    max_size=12).map(" ".join)
+# The punctuation tokens the COCO caption toolkit removes after PTB tokenisation.
+COCO_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", "(", ")", "[", "]",
+                    "{", "}", '"'}
 
 
 @SETTINGS
-@given(any_text)
+@given(any_text | caption_words)
 def test_ptb_tokens_are_nonempty_words(text):
+  """Tokens are non-empty, lower case, free of the punctuation the COCO toolkit drops, and
+  pieces of the lower-cased text in their original order. Catches a missing lower-casing
+  (CIDEr then counts "A" and "a" as different words), punctuation tokens kept in the
+  n-grams, clitics emitted before their word ("'s man"), and tokens the text never held."""
   tokens = metrics.ptb_tokenize(text)
   assert all(t and not any(c.isspace() for c in t) for t in tokens)
-  assert metrics.tokenize_caption(text) == metrics.tokenize_caption(text)
+  assert metrics.tokenize_caption(text) == tokens
+  assert all(t == t.lower() for t in tokens) and metrics.ptb_tokenize(text.lower()) == tokens
+  assert not COCO_PUNCTUATION & set(tokens)
+  lowered, pos = text.lower(), 0
+  for t in tokens:
+    pos = lowered.find(t, pos)
+    assert pos >= 0, (t, tokens)
+    pos += len(t)
 
 
 @SETTINGS

@@ -205,9 +205,40 @@ def test_sft_runs_end_to_end_from_a_pretraining_checkpoint(tmp_path):
     assert 0 < r["num_tokens"] < 0.4 * 8 * 128 and np.isfinite(r["loss"])
   result = json.loads((sft / "eval" / "step_20.json").read_text())
   assert result["info"]["shapes_vqa"]["test_examples"] == 512
-  assert 0.0 <= result["results"]["shapes_vqa/0shot/accuracy"] <= 1.0
   samples = json.loads((sft / "eval" / "step_20_samples.json").read_text())["shapes_vqa/0shot"]
   assert all("assistant" not in s["prediction"] and "user" not in s["prediction"] for s in samples)
+  _check_vqa_scores(result["results"], samples)
+
+
+def _check_vqa_scores(results: dict, samples: list[dict], key: str = "shapes_vqa/0shot"):
+  """The written VQA scores against the test split they were computed on.
+
+  Every shapes-world question has ten identical answers, so each question scores 0 or 1:
+  each answer type's accuracy times its number of questions is a whole count, and the
+  overall accuracy is those counts over all 512 questions (not the mean of the per-type
+  accuracies: the types hold 275, 119 and 118 questions). The samples are the first test
+  questions in order, with their own answers. Catches per-type scores computed on the
+  wrong questions or with misaligned predictions, an overall score that averages the
+  types, questions left out of the scores (a num_queries limit still applied),
+  and samples paired with another question's answers."""
+  from mm1_jax.eval import fewshot, metrics
+
+  test = fewshot.load_split("mm1_shapes_vqa_eval", "test")
+  assert len(test) == 512 and all(len(set(q["answers"])) == 1 for q in test)
+  counts = {}
+  for q in test:
+    counts[q["answer_type"]] = counts.get(q["answer_type"], 0) + 1
+  per_type = {k.rsplit("/", 1)[1]: v for k, v in results.items() if k.startswith(f"{key}/accuracy/")}
+  assert set(per_type) == set(counts)
+  correct = {}
+  for t, acc in per_type.items():
+    correct[t] = round(acc * counts[t])
+    assert acc == pytest.approx(correct[t] / counts[t], abs=1e-9), (t, acc, counts[t])
+  assert results[f"{key}/accuracy"] == pytest.approx(sum(correct.values()) / len(test), abs=1e-9)
+  assert [s["id"] for s in samples] == [q["id"] for q in test[:len(samples)]] and len(samples) == 8
+  for s, q in zip(samples, test):
+    assert s["question"] == q["question"] and s["targets"] == q["answers"][:5]
+    assert metrics.vqa_accuracy(s["prediction"], q["answers"]) in (0.0, 1.0)
 
 
 def test_pretrained_weights_start_a_higher_resolution_encoder(tmp_path, tiny_config):

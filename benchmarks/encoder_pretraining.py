@@ -53,6 +53,9 @@ def main(argv=None) -> int:
   work = Path(args.workdir)
   work.mkdir(parents=True, exist_ok=True)
   py = sys.executable
+  from benchmarks import record
+
+  git = record.git_state()  # the code this run loads
   result = record_header()
   for name, gin_file, keys in (("aim", "gin/runs/aim_pretrain.gin", ("pixel_loss",)),
                                ("aimv2", "gin/runs/aimv2_pretrain.gin", ("caption_loss", "pixel_loss"))):
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
       result["mm1_quickstart_aimv2_encoder"][name] = {
           "train_wall_s": wall, "eval_step": int(final.stem.split("_")[1]),
           "results": json.loads(final.read_text())["results"], "losses": _losses(run, ("loss",))}
-  write_record(OUT, result)
+  write_record(OUT, result, git=git)
   return 0
 
 

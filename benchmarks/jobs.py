@@ -30,7 +30,10 @@ def record_header() -> dict:
           "date": time.strftime("%Y-%m-%d")}
 
 
-def write_record(path: Path, result: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=1) + "\n")
+def write_record(path: Path, result: dict, git: tuple | None = None) -> None:
+  """The run's record (benchmarks/record.py), named after the file; git: (commit, dirty) read
+  when the run started."""
+  from benchmarks import record
+
+  record.write(Path(path).resolve(), Path(path).stem, result, git=git)
   print(f"wrote {path}")

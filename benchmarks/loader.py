@@ -75,8 +75,11 @@ def main(argv=None) -> dict:
   p.add_argument("--num_threads", type=int, default=2)
   p.add_argument("--batches", type=int, default=10, help="timed batches")
   p.add_argument("--records", type=int, default=400, help="caption pairs (documents: a quarter of it)")
-  p.add_argument("--json_out", default=None)
+  p.add_argument("--json_out", default=None, help="write the run's record (benchmarks/record.py) here")
   args = p.parse_args(argv)
+  from benchmarks import record as record_lib
+
+  git = record_lib.git_state()
 
   from mm1_jax.data import build, loader, pipeline, sources
   from tasks import shapes
@@ -120,7 +123,9 @@ def main(argv=None) -> dict:
   }
   print(json.dumps({k: v for k, v in record.items() if k != "build_reports"}, indent=1))
   if args.json_out:
-    Path(args.json_out).write_text(json.dumps(record, indent=1) + "\n")
+    from benchmarks import record as record_lib
+
+    record_lib.write(Path(args.json_out).resolve(), "loader", record, git=git)
   return record
 
 

@@ -330,8 +330,7 @@ def render(results_dir: Path, md: Path) -> str:
                      f"{rec['machine']['cpu']}, {rec['machine']['cores']} cores"
                      f"{', ' + rec['machine']['accelerator'] if rec['machine'].get('accelerator') else ''} |")
       else:
-        lines.append(f"| `results/{path}` | - | legacy record (no commit or machine recorded; committed in "
-                     f"{record.committed_in(path)}) | - | - |")
+        lines.append(f"| `results/{path}` | - | legacy record: no commit or machine recorded | - | - |")
     lines.append("")
   notes = REPO / "benchmarks" / "RESULTS_NOTES.md"
   if notes.exists() and not short:

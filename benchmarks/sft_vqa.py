@@ -141,6 +141,9 @@ def main(argv=None) -> int:
   work = Path(args.workdir)
   work.mkdir(parents=True, exist_ok=True)
   py = sys.executable
+  from benchmarks import record
+
+  git = record.git_state()  # the code this run loads
   result = {**record_header(), "blind_guess": _blind_guess(), "runs": {}}
   pre = work / f"pretrain_{args.pretrain_steps}"
   flags = ["--gin_file=gin/runs/quickstart.gin"]
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     print(json.dumps(result["runs"][name]), flush=True)
   if not args.skip_shape_check:
     result["shape_trained_end_to_end"] = shape_learnability()
-  write_record(RESULTS / f"sft_vqa_pretrain{args.pretrain_steps}_cpu.json", result)
+  write_record(RESULTS / f"sft_vqa_pretrain{args.pretrain_steps}_cpu.json", result, git=git)
   return 0
 
 

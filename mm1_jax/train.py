@@ -371,10 +371,13 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
                                               data.image_slots)
   count_useful = flops_lib.useful_flops_counter(state.params, model)
   if peak_flops_per_device is None:
-    device_peak = hardware.device_peak()
-    peak_flops_per_device = device_peak.flops_per_s
-    print(f"MFU peak: {device_peak.derivation}")
-  peak = peak_flops_per_device * device_mesh.size
+    try:
+      device_peak = hardware.device_peak()
+      peak_flops_per_device = device_peak.flops_per_s
+      print(f"MFU peak: {device_peak.derivation}")
+    except (ValueError, RuntimeError) as e:  # an unknown device: no MFU rather than a wrong one
+      print(f"MFU not reported: {e}")
+  peak = peak_flops_per_device * device_mesh.size if peak_flops_per_device else float("nan")
   print(f"model: {n_params / 1e6:.2f}M parameters, {slot_flops / 1e9:.1f} GFLOPs per step with every "
         f"token and image slot filled; mesh {dict(device_mesh.shape)}")
 

@@ -257,7 +257,9 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
     return r.get(bench, {}).get(fig)
 
   mfu = get("train_small", "mfu")
-  rows.append(("train_small MFU (useful FLOPs / ISA-derived CPU peak)", f"{mfu:.1%}" if mfu else "-", ">= 50 %",
+  frac = get("train_small", "fraction_of_measured_matmul")
+  rows.append(("train_small MFU (useful FLOPs / ISA-derived CPU peak)",
+               f"{mfu:.1%} ({frac:.1%} of the measured matmul rate)" if mfu and frac else "-", ">= 50 %",
                None if mfu is None else mfu >= 0.5))
   ours, peer = get("train_small", "tokens_per_s"), get("peer", "train_tokens_per_s")
   ratio = ours / peer if ours and peer else None
@@ -265,8 +267,10 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
                ">= 1.2x", None if ratio is None else ratio >= 1.2))
   moe_ratio = get("moe_vs_dense", "ratio")
   cf = get("moe_vs_dense", "capacity_factor")
-  rows.append((f"MoE / dense step time (better dispatch; capacity factor {cf})", f"{moe_ratio:.2f}" if moe_ratio
-               else "-", "<= 1.3", None if moe_ratio is None else moe_ratio <= 1.3))
+  drops = get("moe_vs_dense", "capacity_drop_rate")
+  rows.append((f"MoE / dense step time (better dispatch; capacity factor {cf})",
+               (f"{moe_ratio:.2f}" + (f" (capacity dispatch dropped {drops:.1%})" if drops is not None else ""))
+               if moe_ratio else "-", "<= 1.3", None if moe_ratio is None else moe_ratio <= 1.3))
   ours, peer = get("decode", "tokens_per_s"), get("peer", "decode_tokens_per_s")
   ratio = ours / peer if ours and peer else None
   rows.append(("decode tokens/s vs transformers generate()", f"{ratio:.2f}x" if ratio else "-", ">= 2x",

@@ -36,7 +36,7 @@ def test_the_checker_refuses_unrecorded_and_mismatched_figures(tmp_path):
 def test_results_md_is_rendered_from_the_committed_records(tmp_path):
   """Catches a RESULTS.md edited by hand or left stale after a record changed."""
   subprocess.run([sys.executable, "-m", "benchmarks.run", "--render",
-                  f"--results_dir={REPO / 'benchmarks' / 'results'}"], cwd=tmp_path, check=True,
+                  f"--results_dir={REPO / 'benchmarks' / 'results'}"], cwd=REPO, check=True,
                  capture_output=True)
   rendered = (REPO / "benchmarks" / "results" / "RESULTS.md")
   try:

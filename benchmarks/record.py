@@ -137,16 +137,6 @@ def all_records(root: Path = RESULTS) -> dict[str, dict]:
   return {str(p.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))}
 
 
-def committed_in(path: str, repo: Path = REPO) -> str:
-  """The commit that first added a record file (for legacy records that name no commit)."""
-  try:
-    out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", f"benchmarks/results/{path}"], cwd=repo,
-                         capture_output=True, text=True, check=True).stdout.split()
-    return out[-1] if out else "uncommitted"
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def short_commit(rec: dict) -> str:
   c = rec.get("commit")
   return "unknown" if not c else c[:10] + ("+dirty" if rec.get("dirty") else "")

@@ -78,10 +78,6 @@ def batch_work(batch: dict, config) -> Work:
   return Work(tokens=tokens, images=images, attention_pairs=pairs, groups=b, seq_len=t)
 
 
-def _size(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 def _names(path) -> list[str]:
   return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
 

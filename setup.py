@@ -9,8 +9,11 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mm1_jax", "mm1_jax.*", "tasks", "tasks.*"]),
-    package_data={"mm1_jax.data": ["assets/*.model"]},
+    # The gin/ tree ships as the data-only package mm1_jax.gin (mm1_jax/gin/ once installed;
+    # an editable install maps it to the checkout's gin/): see mm1_jax/gin_files.py.
+    packages=[*find_packages(include=["mm1_jax", "mm1_jax.*", "tasks", "tasks.*"]), "mm1_jax.gin"],
+    package_dir={"mm1_jax.gin": "gin"},
+    package_data={"mm1_jax.data": ["assets/*.model"], "mm1_jax.gin": ["**/*.gin"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12,<0.13",
@@ -41,13 +44,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mm1-train=mm1_jax.cli:train_entry",
-            "mm1-eval=mm1_jax.cli:eval_entry",
-            "mm1-params=mm1_jax.params:entry",
-            "mm1-convert=mm1_jax.hf.cli:entry",
-            "mm1-data=mm1_jax.data.build:entry",
-            "mm1-aot=mm1_jax.aot:entry",
-            "mm1-probe=mm1_jax.probe:entry",
+            "mm1-train=mm1_jax.console:train",
+            "mm1-eval=mm1_jax.console:eval",
+            "mm1-params=mm1_jax.console:params",
+            "mm1-convert=mm1_jax.console:convert",
+            "mm1-data=mm1_jax.console:data",
+            "mm1-aot=mm1_jax.console:aot",
+            "mm1-probe=mm1_jax.console:probe",
         ],
     },
 )

@@ -1,7 +1,8 @@
 """Device mesh and logical-axis sharding rules, in one place.
 
 Parameters and activations are annotated with logical axis names; rule sets map each
-name to mesh axes. There are two rule sets, both chosen in gin: one for the decoder
+name to mesh axes. There are two rule sets, defined here (`DECODER_RULES`,
+`ENCODER_RULES`) and overridable in gin: one for the decoder
 (`MeshConfig.decoder_rules`, also used for everything outside the image tower) and one
 for the image tower, encoder and connector (`MeshConfig.encoder_rules`). Inside the
 image tower every logical name is prefixed with "encoder:" (`encoder_axes()`), and
@@ -37,19 +38,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 ENCODER_PREFIX = "encoder:"
 
-# FSDP over 'embed', tensor parallelism over heads/mlp/vocab, experts over 'expert',
-# batch over data, fsdp and expert. Flax resolves a name to the first rule whose mesh
-# axes are all still free in that array, so activations [batch, length, embed] get
-# batch -> (data, fsdp, expert) and leave embed unsharded, weights [embed, mlp] get
+# The decoder's rules: FSDP over 'embed', tensor parallelism over heads/mlp/vocab, experts
+# over 'expert', batch over data, fsdp and expert. Flax resolves a name to the first rule
+# whose mesh axes are all still free in that array, so activations [batch, length, embed]
+# get batch -> (data, fsdp, expert) and leave embed unsharded, weights [embed, mlp] get
 # (fsdp, tensor), and expert-major activations [expert, batch, ...] fall through to the
 # second batch rule, (data, fsdp).
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+DECODER_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -57,6 +59,18 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("expert", "expert"),
+    ("kv", None),
+    ("length", None),
+    ("patch", None),
+    ("layers", None),
+)
+# The image tower's (encoder and connector): the same layout with the names it uses (it has
+# no vocabulary and no experts).
+ENCODER_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
     ("kv", None),
     ("length", None),
     ("patch", None),
@@ -81,8 +95,8 @@ class MeshConfig:
   """
 
   shape: tuple[int, ...] = (-1, 1, 1, 1)
-  decoder_rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
-  encoder_rules: tuple[tuple[str, Any], ...] | None = None
+  decoder_rules: tuple[tuple[str, Any], ...] = DECODER_RULES
+  encoder_rules: tuple[tuple[str, Any], ...] | None = ENCODER_RULES
   dcn_shape: tuple[int, ...] | None = None
 
   @property
@@ -133,15 +147,11 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   devices = list(devices) if devices is not None else jax.devices()
   ici = config.resolved_shape(len(devices))
   if config.num_slices() == 1:
-    from jax.experimental import mesh_utils  # noqa: PLC0415
-
     try:  # topology-aware order on TPU; plain order elsewhere
       arr = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
       arr = np.asarray(devices).reshape(ici)
     return Mesh(arr, MESH_AXES)
-  from jax.experimental import mesh_utils  # noqa: PLC0415
-
   dcn = config._full(config.dcn_shape, "dcn_shape")
   # TPU devices know their slice; elsewhere (CPU, GPU) each process stands for one.
   by_process = len({getattr(d, "slice_index", None) for d in devices}) < config.num_slices()

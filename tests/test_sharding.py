@@ -124,7 +124,7 @@ def test_encoder_and_decoder_rule_sets_are_separate():
   assert rows["connector/readout_1/kernel"][1] == "P('tensor', None)"
   assert rows["decoder/blocks/layers/mlp/up/kernel"][1] == "P(None, 'fsdp', 'tensor')"
   # Without encoder rules both follow the decoder's.
-  rows = _layout(cfg, mesh)
+  rows = _layout(cfg, mesh, sharding.MeshConfig(encoder_rules=None))
   assert rows["encoder/blocks/layers/mlp/up/kernel"][1] == "P(None, 'fsdp', 'tensor')"
 
 

@@ -8,7 +8,7 @@ output appended to <workdir>/logs/slice<S>-worker<W>.log. The preflight gate run
 Launching into a workdir that holds checkpoints resumes from the newest.
 
   python tpu_scripts/launch.py @pod.flags --run_name=7b-a --gin_file=gin/pods/mm1_7b_v5p-256.gin \\
-      --gin.TRAIN_STEPS=100000 --env=MM1_PRETRAIN_DIR=/mnt/mm1/data [--dry_run]
+      --gin.TRAIN_STEPS=100000 --gin.DATA_DIR="'/mnt/mm1/data'" [--dry_run]
 """
 
 import _pod

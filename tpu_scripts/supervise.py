@@ -10,7 +10,7 @@ The preflight gate runs once, first. Then, every --poll_s:
 - the run failed on some worker (crash, killed, a worker replaced, a log silent for
   --stall_s): stop the others (SIGTERM: they checkpoint if they can), set up, launch again;
 - every worker finished with exit code 0: done (exit 0);
-- a worker exited 2 (bad config) or 3 (NaN/Inf loss, see the README): stop, exit with
+- a worker exited 2 (bad config) or 3 (NaN/Inf loss, see docs/pods.md): stop, exit with
   that code; relaunching would fail the same way.
 Every relaunch resumes from the newest checkpoint in the workdir (which must be on the
 shared folder, so that it outlives the workers). Gives up after --max_restarts.

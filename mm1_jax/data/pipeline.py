@@ -21,6 +21,7 @@ import seqio
 import tensorflow as tf
 
 from mm1_jax.data import preprocessors as prep
+from mm1_jax.data import sources
 from mm1_jax.data.tokenizer import IMAGE_ID, PAD_ID
 
 # tf.data only runs input pipelines here; keep it off any accelerator jax uses.
@@ -42,6 +43,8 @@ class DataConfig:
     seed: shuffle and mixture-sampling seed; the same seed gives the same batches.
     pack: pack several examples into each sequence (attention stays within each).
     module_imports: modules imported first so that their tasks get registered.
+    corpora: built corpora (`mm1_jax.data.sources.Corpus`: folder and tokenizer, set in
+      gin) registered as tasks next, before the mixture or task is looked up.
     loader: "grain" (`mm1_jax.data.loader`: checkpointable, ArrayRecord sources) or
       "tfdata" (`make_dataset` here: any seqio source; resumes by re-reading).
     num_threads: grain threads that read and decode records.
@@ -62,6 +65,7 @@ class DataConfig:
   shuffle: bool = True
   pack: bool = True
   module_imports: tuple[str, ...] = ("tasks",)
+  corpora: tuple[Any, ...] = ()
   loader: str = "grain"
   num_threads: int = 4
   subimages: Any = None
@@ -84,6 +88,7 @@ class DataConfig:
 def get_mixture_or_task(config: DataConfig) -> seqio.Task | seqio.Mixture:
   for module in config.module_imports:
     importlib.import_module(module)
+  sources.register_all(config.corpora)
   source = seqio.get_mixture_or_task(config.mixture_or_task_name)
   if not config.mixture_rates:
     return source

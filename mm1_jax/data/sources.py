@@ -18,6 +18,7 @@ of all records (seeded), not a window of a stream.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Mapping
@@ -136,3 +137,65 @@ def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: in
     seqio.MixtureRegistry.remove(mixture)
   seqio.MixtureRegistry.add(mixture, [(f"{prefix}_{k}", rates[k]) for k in kinds])
   return names
+
+
+_REGISTERED: dict[str, "Corpus"] = {}  # mixture name -> the corpus registered under it
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """A built corpus as seqio tasks, registered where a run needs them (see `register`).
+
+  Attributes:
+    data_dir: the folder `mm1-data build` wrote (`~` expanded).
+    tokenizer: its SentencePiece model: a path, or the name of one bundled with the
+      package (`mm1_jax.data.tokenizer.resolve`). `<image>` must be one piece, id 3.
+    prefix: tasks are named `<prefix>_<kind>`.
+    image_size: resolution images are decoded at (the pipeline resizes them to the
+      model's if it differs); MM1's is 378.
+    kinds: which kinds of the folder become tasks.
+    rates: mixture rates per kind (default `MM1_RATES`, 45:45:10).
+    mixture: the mixture's name (default `<prefix>_pretrain`).
+  """
+
+  data_dir: str
+  tokenizer: str
+  prefix: str = "mm1"
+  image_size: int = 378
+  kinds: tuple[str, ...] = KINDS
+  rates: Mapping[str, float] | None = None
+  mixture: str | None = None
+
+  @property
+  def mixture_name(self) -> str:
+    return self.mixture or f"{self.prefix}_pretrain"
+
+  def output_features(self) -> dict[str, seqio.Feature]:
+    from mm1_jax.data import tokenizer  # noqa: PLC0415
+
+    vocabulary = seqio.SentencePieceVocabulary(str(tokenizer.resolve(self.tokenizer)))
+    features = {"text": seqio.Feature(vocabulary, add_eos=True),
+                prep.OUTPUT_IMAGE_KEY: seqio.ContinuousFeature(dtype=tf.uint8, rank=4, required=False)}
+    if "chat" in self.kinds:
+      features["weights"] = seqio.ContinuousFeature(dtype=tf.float32, rank=1, required=False)
+    return features
+
+  def register(self) -> list[str]:
+    """Registers the tasks and the mixture (again only if another corpus took the name).
+    Reads nothing but the tokenizer: a missing folder fails when a task is first read."""
+    names = [f"{self.prefix}_{k}" for k in self.kinds]
+    registered = set(seqio.TaskRegistry.names())
+    if (_REGISTERED.get(self.mixture_name) == self and set(names) <= registered
+        and self.mixture_name in seqio.MixtureRegistry.names()):
+      return names
+    names = register_corpus(self.prefix, Path(self.data_dir).expanduser(), image_size=self.image_size,
+                            output_features=self.output_features(), rates=self.rates or MM1_RATES,
+                            kinds=self.kinds, mixture=self.mixture_name)
+    _REGISTERED[self.mixture_name] = self
+    return names
+
+
+def register_all(corpora) -> None:
+  """Registers each `Corpus` of a config's `corpora` field."""
+  for corpus in corpora or ():
+    corpus.register()

@@ -16,7 +16,8 @@ import sentencepiece as spm
 from mm1_jax.data import shapes_world
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_SPM_PATH = ASSETS / "shapes_sp.model"
+SHAPES = "shapes_sp"  # the bundled model, by name
+DEFAULT_SPM_PATH = ASSETS / f"{SHAPES}.model"
 IMAGE_TOKEN = "<image>"
 NEWLINE = "\n"
 PAD_ID, EOS_ID, UNK_ID, IMAGE_ID, NEWLINE_ID = 0, 1, 2, 3, 4
@@ -38,7 +39,22 @@ def train_tokenizer(out_path: Path = DEFAULT_SPM_PATH, vocab_size: int = 256, se
   return out_path
 
 
-def load(path: Path = DEFAULT_SPM_PATH) -> spm.SentencePieceProcessor:
+def resolve(name_or_path: str | Path) -> Path:
+  """A SentencePiece model file from the name of one bundled in assets/ (e.g. "shapes_sp")
+  or a path (`~` expanded)."""
+  text = str(name_or_path)
+  if "/" not in text and not text.endswith(".model") and (ASSETS / f"{text}.model").is_file():
+    return ASSETS / f"{text}.model"
+  path = Path(text).expanduser()
+  if not path.is_file():
+    bundled = sorted(p.stem for p in ASSETS.glob("*.model"))
+    raise FileNotFoundError(f"tokenizer {text!r}: no such file, nor a bundled model ({', '.join(bundled)})")
+  return path
+
+
+def load(name_or_path: str | Path = SHAPES) -> spm.SentencePieceProcessor:
+  """The SentencePiece model `resolve` finds, checked for the ids the pipeline relies on."""
+  path = resolve(name_or_path)
   sp = spm.SentencePieceProcessor(model_file=str(path))
   if sp.piece_to_id(IMAGE_TOKEN) != IMAGE_ID or sp.piece_to_id(NEWLINE) != NEWLINE_ID:
     raise ValueError(f"{path} does not place {IMAGE_TOKEN!r} at {IMAGE_ID} and newline at {NEWLINE_ID}")

@@ -3,11 +3,11 @@
   python -m benchmarks.encoder_pretraining                 # everything, under an hour on 2 cores
   python -m benchmarks.encoder_pretraining --skip_mm1      # pre-training and probes only
 
-1. AIM (gin/runs/aim_pretrain.gin) and AIMv2 (gin/runs/aimv2_pretrain.gin) as shipped:
+1. AIM (gin/experiments/aim_pretrain.gin) and AIMv2 (gin/experiments/aimv2_pretrain.gin) as shipped:
    their losses at the first and last logged steps.
 2. `mm1-probe --baseline` on each trunk: attentive probes on frozen features for count,
    colour and shape, against the same probes on the trunk at random initialisation.
-3. MM1 quickstarts (gin/runs/quickstart.gin with the AIMv2-tiny encoder) started from the
+3. MM1 quickstarts (gin/experiments/quickstart.gin with the AIMv2-tiny encoder) started from the
    AIMv2 trunk and from scratch: their few-shot evaluations at the end.
 
 Writes benchmarks/results/encoder_pretraining_cpu.json (with the machine it ran on) and
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
 
   git = record.git_state()  # the code this run loads
   result = record_header()
-  for name, gin_file, keys in (("aim", "gin/runs/aim_pretrain.gin", ("pixel_loss",)),
-                               ("aimv2", "gin/runs/aimv2_pretrain.gin", ("caption_loss", "pixel_loss"))):
+  for name, gin_file, keys in (("aim", "gin/experiments/aim_pretrain.gin", ("pixel_loss",)),
+                               ("aimv2", "gin/experiments/aimv2_pretrain.gin", ("caption_loss", "pixel_loss"))):
     run = work / name
     wall = _train([py, "-m", "mm1_jax.cli", "train", f"--gin_file={gin_file}", f"--workdir={run}",
                    "--gin.train.train.progress=False"], run, work / f"{name}_train.log")
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     for name, extra in (("from_aimv2", [f"--gin.train.init_from=['{work / 'aimv2' / 'checkpoints'}:encoder']"]),
                         ("from_scratch", [])):
       run = work / f"mm1_{name}"
-      wall = _train([py, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+      wall = _train([py, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/quickstart.gin",
                      "--gin_file=gin/encoders/aimv2_tiny.gin", f"--workdir={run}",
                      "--gin.train.train.progress=False", *extra], run, work / f"mm1_{name}.log")
       final = sorted((run / "eval").glob("step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))[-1]

@@ -36,8 +36,8 @@ run() {  # name, then train_step.py flags
 }
 run gpu_mm1_tiny_f32 --gin_file=gin/models/mm1_tiny.gin --batch_size=16 --seq_len=128 --max_images=4 --steps=20
 run gpu_bench_small_f32_b8 --gin_file=gin/models/bench_small.gin --batch_size=8 --seq_len=512 --max_images=1 --steps=20
-run gpu_bench_small_bf16_b8 --gin_file=gin/models/bench_small.gin --gin="COMPUTE_DTYPE='bfloat16'" --batch_size=8 --seq_len=512 --max_images=1 --steps=20
-run gpu_bench_small_bf16_b64 --gin_file=gin/models/bench_small.gin --gin="COMPUTE_DTYPE='bfloat16'" --batch_size=64 --seq_len=512 --max_images=1 --steps=20
+run gpu_bench_small_bf16_b8 --gin_file=gin/models/bench_small.gin --gin.COMPUTE_DTYPE="'bfloat16'" --batch_size=8 --seq_len=512 --max_images=1 --steps=20
+run gpu_bench_small_bf16_b64 --gin_file=gin/models/bench_small.gin --gin.COMPUTE_DTYPE="'bfloat16'" --batch_size=64 --seq_len=512 --max_images=1 --steps=20
 run gpu_mm1_3b_b2 --gin_file=gin/models/mm1_3b.gin --batch_size=2 --seq_len=2048 --max_images=4 --steps=8 --warmup=2
 "$py" - "$OUT" <<'PY'
 import json, sys, pathlib

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,13 +22,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+
+from benchmarks import record  # noqa: E402  (after the checkout is on the path)
+
 OUT = REPO / "benchmarks" / "results" / "preflight"
 
 
 def run(preset: Path, cost: bool = True) -> dict:
   """Compiles one preset with mm1-aot and writes its record (results/preflight/<preset>.json)."""
-  from benchmarks import record  # noqa: PLC0415
-
   out = OUT / f"{preset.stem}.json"
   out.unlink(missing_ok=True)
   report_file = OUT / f".{preset.stem}.report.json"
@@ -53,8 +53,6 @@ def run(preset: Path, cost: bool = True) -> dict:
 
 def table(folder: Path = OUT) -> str:
   """The preset table, from the records (each row names the commit it was compiled at)."""
-  from benchmarks import record  # noqa: PLC0415
-
   rows = ["| preset | model | topology (chips) | mesh | per-chip memory | fits | projected MFU, useful (every slot) "
           "| tokens/s per chip, real (slots) | compile (scanned + costing) | commit |",
           "|---|---|---|---|---|---|---|---|---|---|"]

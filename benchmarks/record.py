@@ -9,7 +9,7 @@ one is present. `packages` holds the installed versions (read from package metad
 nothing heavy is imported). Only the standard library and mm1_jax.hardware are needed: a
 GPU machine without TensorFlow writes records too.
 
-A figure quoted in README.md or benchmarks/README.md names its record; `check_figures`
+A figure quoted in README.md, benchmarks/README.md or docs/*.md names its record; `check_figures`
 (tests/test_records.py) fails when it does not, or when the record does not hold it.
 """
 
@@ -24,6 +24,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from mm1_jax import hardware
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -77,8 +79,6 @@ def _accelerator() -> str | None:
 
 
 def machine() -> dict:
-  from mm1_jax import hardware  # noqa: PLC0415  (jax-free)
-
   info = hardware._cpuinfo()
   flags = set(info.get("flags", info.get("Features", "")).split())
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

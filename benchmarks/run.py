@@ -226,7 +226,7 @@ def run_preflight(s: dict, short: bool, results: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
       out = Path(tmp) / "report.json"
       env = dict(os.environ, JAX_PLATFORMS="cpu")
-      proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/runs/quickstart.gin",
+      proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/experiments/quickstart.gin",
                              "--topology=v5p-8", "--no_cost", f"--json_out={out}"], cwd=REPO, env=env,
                             capture_output=True, text=True)
       if proc.returncode or not out.exists():
@@ -357,7 +357,7 @@ def main(argv=None) -> dict:
                       "and benchmarks/RESULTS.md; --short defaults to a temporary folder)")
   args = p.parse_args(argv)
   from benchmarks import record
-  from mm1_jax import cli
+  from mm1_jax import console
 
   if args.results_dir:
     results_dir = Path(args.results_dir)
@@ -371,7 +371,7 @@ def main(argv=None) -> dict:
     render(results_dir, md)
     print(f"wrote {md}")
     return {}
-  cli._setup_jax()  # CPU-only hosts with libtpu installed: say so before jax starts
+  console.prepare_platform("train")  # CPU-only hosts with libtpu installed: say so before jax starts
   git = record.git_state()
   suite_dir = results_dir / "suite"
   previous = {f.stem: json.loads(f.read_text())["figures"] for f in suite_dir.glob("*.json")}

@@ -3,10 +3,10 @@
   python -m benchmarks.sft_vqa                      # about 45 minutes on 2 cores from nothing
   python -m benchmarks.sft_vqa --pretrain_steps=3000 --sft_runs=sft_300 --skip_shape_check
 
-1. Pre-training: the quickstart (gin/runs/quickstart.gin; --pretrain_steps overrides its
+1. Pre-training: the quickstart (gin/experiments/quickstart.gin; --pretrain_steps overrides its
    600 steps). The fine-tuned runs are named after it (sft_300_from_pretrain_600, ...).
-2. Fine-tuning from its last checkpoint: gin/runs/sft.gin as shipped (300 steps), the same
-   for 1,000 steps, and gin/runs/sft_highres.gin (overview + 2x2 sub-images) for 600 steps.
+2. Fine-tuning from its last checkpoint: gin/experiments/sft.gin as shipped (300 steps), the same
+   for 1,000 steps, and gin/experiments/sft_highres.gin (overview + 2x2 sub-images) for 600 steps.
 3. `mm1-eval` of every final checkpoint on the whole held-out VQA split (512 questions),
    zero-shot, with accuracy per answer type (number, colour, shape): the pre-trained model
    in its pre-training format, the fine-tuned ones in the chat format. The share of the
@@ -28,15 +28,24 @@ import statistics
 import sys
 from pathlib import Path
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import record
 from benchmarks.jobs import REPO, record_header, run_logged, write_record
+from mm1_jax import probe, vit
+from mm1_jax.eval import fewshot
 
 RESULTS = REPO / "benchmarks" / "results"
 
 SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
-    "sft_300": ["--gin_file=gin/runs/sft.gin"],
-    "sft_1000": ["--gin_file=gin/runs/sft.gin", "--gin.TRAIN_STEPS=1000", "--gin.EVAL_EVERY=250",
+    "sft_300": ["--gin_file=gin/experiments/sft.gin"],
+    "sft_1000": ["--gin_file=gin/experiments/sft.gin", "--gin.TRAIN_STEPS=1000", "--gin.EVAL_EVERY=250",
                  "--gin.CHECKPOINT_EVERY=250"],
-    "sft_highres_600": ["--gin_file=gin/runs/sft_highres.gin", "--gin.TRAIN_STEPS=600", "--gin.EVAL_EVERY=200",
+    "sft_highres_600": ["--gin_file=gin/experiments/sft_highres.gin", "--gin.TRAIN_STEPS=600", "--gin.EVAL_EVERY=200",
                         "--gin.CHECKPOINT_EVERY=200", "--gin.train.train.eval_at_start=False"],
 }
 
@@ -65,8 +74,7 @@ def _evaluate(py: str, gin_file: str, run: Path, work: Path, name: str) -> dict:
 def _blind_guess() -> dict:
   """Share of the most frequent answer of each answer type, and over all questions when
   each type is answered with its own most frequent answer."""
-  import tasks  # noqa: F401, PLC0415  (registers the shapes-world tasks)
-  from mm1_jax.eval import fewshot  # noqa: PLC0415
+  import tasks  # noqa: F401, PLC0415  (tasks: registers the shapes-world seqio tasks; only for the blind guess)
 
   test = fewshot.load_split("mm1_shapes_vqa_eval", "test")
   by_type = collections.defaultdict(collections.Counter)
@@ -84,14 +92,6 @@ def _blind_guess() -> dict:
 def shape_learnability(steps: int = 400, batch_size: int = 64, num_train: int = 8192, patch_size: int = 8,
                        lr: float = 1e-3) -> list[dict]:
   """MM1-tiny's ViT + an attentive head, trained end to end on the leftmost object's shape."""
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  import optax  # noqa: PLC0415
-
-  from mm1_jax import probe, vit  # noqa: PLC0415
-
   cfg = vit.ViTConfig(image_size=64, patch_size=patch_size, width=128, depth=4, num_heads=4, mlp_dim=512,
                       scan_layers=False, dtype="float32")
   train_x, train_y = probe.make_split("train", num_train, 64, tasks=("shape",))
@@ -141,12 +141,10 @@ def main(argv=None) -> int:
   work = Path(args.workdir)
   work.mkdir(parents=True, exist_ok=True)
   py = sys.executable
-  from benchmarks import record
-
   git = record.git_state()  # the code this run loads
   result = {**record_header(), "blind_guess": _blind_guess(), "runs": {}}
   pre = work / f"pretrain_{args.pretrain_steps}"
-  flags = ["--gin_file=gin/runs/quickstart.gin"]
+  flags = ["--gin_file=gin/experiments/quickstart.gin"]
   if args.pretrain_steps != 600:  # a longer run: checkpoints every 500, all 512 questions every 1,000
     flags += [f"--gin.TRAIN_STEPS={args.pretrain_steps}", "--gin.EVAL_EVERY=1000", "--gin.CHECKPOINT_EVERY=500",
               "--gin.train.train.eval_at_start=False", "--gin.fewshot.FewShotConfig.shots=(0,)",
@@ -155,7 +153,7 @@ def main(argv=None) -> int:
       "command": "mm1-train " + " ".join(flags),
       **_train([py, "-m", "mm1_jax.cli", "train", *flags, f"--workdir={pre}", "--gin.train.train.progress=False"],
                pre, work / f"{pre.name}.log"),
-      "vqa_0shot": _evaluate(py, "gin/runs/quickstart.gin", pre, work, pre.name)}
+      "vqa_0shot": _evaluate(py, "gin/experiments/quickstart.gin", pre, work, pre.name)}
   for name in chosen:
     flags = SFT_RUNS[name]
     run = work / f"{name}_from_{pre.name}"

@@ -106,9 +106,14 @@ def measure(config, batch_size: int, seq_len: int, max_images: int, *, steps: in
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--gin_file", default="gin/models/mm1_tiny.gin", help="model gin file (defines MODEL)")
-  p.add_argument("--gin", action="append", default=[], help="extra gin binding, e.g. COMPUTE_DTYPE='bfloat16'")
+  from mm1_jax import console
+
+  console.prepare_platform("train")
+  from mm1_jax import gin_cli
+
+  rest, bindings = gin_cli.split_bindings(sys.argv[1:] if argv is None else argv)
+  p = argparse.ArgumentParser(description=__doc__)
+  gin_cli.add_gin_flags(p, required=False, example="gin/models/mm1_tiny.gin (defines MODEL; the default)")
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--max_images", type=int, default=3)
@@ -119,20 +124,19 @@ def main(argv=None) -> dict:
                  help="MFU denominator; default: the device's (mm1_jax.hardware: datasheet bf16 peak of a "
                       "GPU/TPU, or the CPU's peak derived from its instruction set)")
   p.add_argument("--json_out", default=None)
-  args = p.parse_args(argv)
-
+  args = p.parse_args(rest)
+  args.gin_file = args.gin_file or ["gin/models/mm1_tiny.gin"]
   import gin
 
   from benchmarks import record as record_lib
 
   git = record_lib.git_state()
-  gin.add_config_file_search_path(str(REPO))
-  gin.parse_config_files_and_bindings([args.gin_file], args.gin)
+  gin_cli.parse(args, bindings, read_by_command=("MODEL",))
   config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   record = measure(config, args.batch_size, args.seq_len, args.max_images, steps=args.steps,
                    warmup=args.warmup, mesh_shape=tuple(int(x) for x in args.mesh_shape.split(",")),
                    peak_flops_per_device=args.peak_flops_per_device)
-  record.update(model_gin=args.gin_file, gin=args.gin)
+  record.update(model_gin=args.gin_file, gin=bindings)
   print(json.dumps(record, indent=1))
   if args.json_out:
     from benchmarks import record as record_lib

@@ -9,7 +9,7 @@ roofline step time, and projected tokens/s and MFU.
   JAX_PLATFORMS=cpu mm1-aot --gin_file=gin/pods/mm1_7b_v5p-256.gin [--topology=v5p-256]
       [--num_slices=2] [--json_out=F]
 
-Reading the compiler's cost (see also the README's preflight section):
+Reading the compiler's cost (see also docs/pods.md):
 - Memory comes from the scanned program, as it will run.
 - `cost_analysis()` counts a loop body once, so a scanned layer stack reports about
   one layer's work. FLOPs and the roofline time are therefore taken from two or three
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -35,6 +36,15 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
+import gin
+import jax
+from jax.experimental import topologies
+
+from mm1_jax import flops as flops_lib
+from mm1_jax import gin_cli, optim, sharding, train
+from mm1_jax import params as params_lib
+from mm1_jax.data import highres
 from mm1_jax.hardware import TPU_PEAK
 
 GIB = 1024 ** 3
@@ -93,7 +103,6 @@ def parse_topology(name: str) -> Topology:
 def topology_devices(topology: Topology, num_slices: int = 1) -> list:
   """The TPU devices of the topology, from libtpu's description (no TPU needed)."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  from jax.experimental import topologies  # noqa: PLC0415
 
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
   if topology.chip.dims == 2 and topology.num_chips < 8:
@@ -128,10 +137,6 @@ class Compiled:
 
 def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len, max_images,
              options=None) -> Compiled:
-  import jax  # noqa: PLC0415
-
-  from mm1_jax import optim, sharding, train  # noqa: PLC0415
-
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(mesh_config, devices)
   rules = mesh_config.rules
@@ -147,8 +152,6 @@ def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len,
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, len(shape)) for k, (shape, _) in shapes.items()}
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[k]) for k, (shape, dtype) in shapes.items()}
   step = train.make_train_step(model, tx, schedule, state_shardings, batch_shardings)
-  import flax.linen as nn  # noqa: PLC0415
-
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = step.lower(abstract_state, batch)
   try:
@@ -220,10 +223,6 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
   row, default every slot; one segment a row, so the causal attention pairs are an upper
   bound when rows are packed), `projected_mfu_slots` every token and image slot.
   """
-  from mm1_jax import flops as flops_lib  # noqa: PLC0415
-  from mm1_jax import params as params_lib  # noqa: PLC0415
-  from mm1_jax.data import highres  # noqa: PLC0415
-
   slots = max_images * highres.per_image(subimages)
 
   if not topology:
@@ -336,21 +335,10 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  # mm1-aot only compiles: libtpu's one-process lock file guards a TPU's runtime, which is
-  # not used here, so several preflights (or a preflight beside the tests) may run at once.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from mm1_jax import cli  # noqa: PLC0415
-
   argv = list(sys.argv[1:] if argv is None else argv)
-  rest, bindings = cli._split_gin_bindings(argv)
-  p = argparse.ArgumentParser(
-      prog="mm1-aot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog=cli.GIN_HELP)
-  p.add_argument("--gin_file", action="append", default=[], required=True,
-                 help="run gin files (model, batch, mesh), e.g. gin/pods/mm1_7b_v5p-256.gin")
-  p.add_argument("--gin_search_path", action="append", default=[])
-  p.add_argument("--module_import", action="append", default=[])
+  rest, bindings = gin_cli.split_bindings(argv)
+  p = argparse.ArgumentParser(prog="mm1-aot", description=__doc__)
+  gin_cli.add_gin_flags(p, example="gin/pods/mm1_7b_v5p-256.gin")
   p.add_argument("--topology", default=None,
                  help="Cloud TPU accelerator type: v4-8, v5p-256, v5litepod-256, v6e-64, ... "
                       "(default: the gin file's TOPOLOGY)")
@@ -363,18 +351,15 @@ def main(argv: list[str] | None = None) -> int:
       parse_topology(args.topology)
     except ValueError as e:
       p.error(str(e))
-  import gin  # noqa: PLC0415
-
-  cli._setup_jax()
-  args.workdir = None
-  cli.parse_gin(args, bindings)
+  gin_cli.parse(args, bindings)
   kwargs = {}
   if args.topology:
     kwargs["topology"] = args.topology
   if args.num_slices:
     kwargs["num_slices"] = args.num_slices
-  from mm1_jax import aot as aot_lib  # noqa: PLC0415  (the registered one, also under `python -m`)
-
+  # The registered function: under `python -m mm1_jax.aot` this module is __main__,
+  # a second copy whose `preflight` gin does not know.
+  aot_lib = sys.modules.get("mm1_jax.aot") or importlib.import_module("mm1_jax.aot")
   try:
     report = gin.get_configurable(aot_lib.preflight)(cost=not args.no_cost, **kwargs)
   except ValueError as e:
@@ -388,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
   return 0 if report["fits"] else 1
 
 
-def entry():
-  sys.exit(main())
-
-
 if __name__ == "__main__":
-  entry()
+  from mm1_jax import console
+
+  sys.exit(console.run("aot"))

@@ -109,3 +109,35 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+# --- parameter trees outside a train state (imports, exports, init_from) ---------------
+
+def save_params(tree: dict, directory: Path) -> None:
+  """Writes a parameter tree as an orbax PyTree (what `mm1-convert import` makes)."""
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(directory.absolute(), tree, force=True)
+
+
+def load_params(directory: str | Path) -> dict:
+  """An imported DIR (DIR/params) or a run's checkpoints/ folder (newest step) -> params numpy tree."""
+  directory = Path(directory).absolute()
+  if (directory / "params").is_dir():
+    return _restore_numpy(directory / "params")
+  steps = Checkpointer(directory).all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{directory} has neither params/ (mm1-convert import) nor checkpoints")
+  return load_checkpoint_params(directory, steps[-1])
+
+
+def load_checkpoint_params(directory: Path, step: int) -> dict:
+  return _restore_numpy(Path(directory).absolute() / str(step) / "state")["params"]
+
+
+def _restore_numpy(path: Path) -> dict:
+  """Restores an orbax PyTree as host numpy arrays: no devices or saved topology needed."""
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, restore_args=args)

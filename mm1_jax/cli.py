@@ -1,38 +1,28 @@
-"""Command-line entry points `mm1-train` and `mm1-eval`, t5x-style gin flags.
+"""`mm1-train` and `mm1-eval`: pre-training and few-shot evaluation, gin-configured.
 
-  --gin_file=PATH        repeatable; looked up as given, then under the repository root
-  --gin.NAME=VALUE       a binding or macro, e.g. --gin.TRAIN_STEPS=20
-                         or --gin.pipeline.DataConfig.batch_size=8
-  --gin_search_path=DIR  repeatable; extra folders for gin_file and include lookups
-  --workdir=DIR          where the run writes everything
+Gin flags as every command takes them (`mm1_jax.gin_cli`): --gin_file, --gin.NAME=VALUE,
+--gin_search_paths, --module_import. Started through `mm1_jax.console`, which settles the
+JAX platform first.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import gin
+import jax
 
-GIN_HELP = """gin:
-  --gin.NAME=VALUE      bind a gin parameter or macro (repeatable), e.g.
-                        --gin.TRAIN_STEPS=20  --gin.BATCH_SIZE=8
-                        --gin.MIXTURE_OR_TASK_NAME="'mm1_shapes_caption'"
-"""
+from mm1_jax import distributed, gin_checks, gin_cli
+from mm1_jax import train as train_lib
+from mm1_jax.eval import run as run_lib
 
 
 def _parser(prog: str, description: str, workdir_required: bool = True) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=prog, description=description, epilog=GIN_HELP,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--gin_file", action="append", default=[], required=True,
-                 help="gin config file (repeatable), e.g. gin/runs/quickstart.gin")
-  p.add_argument("--gin_search_path", action="append", default=[],
-                 help="extra folder to resolve gin files and includes (repeatable)")
+  p = argparse.ArgumentParser(prog=prog, description=description)
+  gin_cli.add_gin_flags(p)
   p.add_argument("--workdir", required=workdir_required, help="run directory")
-  p.add_argument("--module_import", action="append", default=[],
-                 help="Python module to import before parsing gin (e.g. one registering seqio tasks)")
   g = p.add_argument_group("multi-process (not needed on Cloud TPU VMs, found automatically there)")
   g.add_argument("--coordinator_address", default=None,
                  help="host:port of process 0 (or $MM1_COORDINATOR_ADDRESS)")
@@ -41,74 +31,19 @@ def _parser(prog: str, description: str, workdir_required: bool = True) -> argpa
   return p
 
 
-def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
-  """Separates --gin.NAME=VALUE flags (returned as 'NAME = VALUE') from the rest."""
-  rest, bindings = [], []
-  it = iter(argv)
-  for arg in it:
-    if arg.startswith("--gin."):
-      body = arg[len("--gin."):]
-      if "=" not in body:
-        try:
-          body = body + "=" + next(it)
-        except StopIteration:
-          raise SystemExit(f"error: {arg} needs a value (--gin.NAME=VALUE)") from None
-      name, value = body.split("=", 1)
-      bindings.append(f"{name} = {value}")
-    else:
-      rest.append(arg)
-  return rest, bindings
-
-
-def parse_gin(args: argparse.Namespace, bindings: list[str], hint: str = "") -> None:
-  """Parses the gin files and bindings; a bad config exits with one message (code 2)."""
-  import importlib  # noqa: PLC0415
-
-  from mm1_jax import gin_checks  # noqa: PLC0415
-
-  for module in args.module_import:
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      print(f"error: --module_import={module}: {e}", file=sys.stderr)
-      raise SystemExit(2) from None
-  try:
-    gin_checks.parse(args.gin_file, bindings, [os.getcwd(), str(REPO_ROOT), *args.gin_search_path])
-  except gin_checks.ConfigError as e:
-    print(f"error: {e}" + (f"\n{hint}" if hint and "%MODEL" in str(e) else ""), file=sys.stderr)
-    raise SystemExit(2) from None
-
-
-def _no_accelerator() -> bool:
-  import glob  # noqa: PLC0415
-
-  return not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*"))
-
-
-def _setup_jax(args: argparse.Namespace | None = None) -> None:
-  # With libtpu installed (the `tpu` extra, for mm1-aot) jax probes for TPU chips at
-  # start-up and prints errors when there are none; a host without accelerator device
-  # files can only use the CPU, so say so.
-  if "JAX_PLATFORMS" not in os.environ and _no_accelerator():
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax  # noqa: PLC0415
-
-  from mm1_jax import distributed  # noqa: PLC0415
-
+def _start_runtime(args: argparse.Namespace) -> None:
   # Random numbers that do not depend on how arrays are sharded, so a run initialises
   # the same parameters on any mesh.
   jax.config.update("jax_threefry_partitionable", True)
-  if args is not None:
-    try:
-      distributed.initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
-                             getattr(args, "process_id", None))
-    except ValueError as e:
-      raise SystemExit(f"error: {e}") from None
+  try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def main_train(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  rest, bindings = _split_gin_bindings(argv)
+  rest, bindings = gin_cli.split_bindings(argv)
   parser = _parser("mm1-train", "Pre-train MM1: image encoder + connector + decoder, gin-configured. "
                    "Resumes from the newest checkpoint in --workdir.")
   parser.add_argument("--stop_after_steps", type=int, default=0,
@@ -118,14 +53,8 @@ def main_train(argv: list[str] | None = None) -> int:
                       help="continue the run in --workdir although its recorded config.gin differs "
                            "(the old one is kept as config.gin.<time>)")
   args = parser.parse_args(rest)
-  _setup_jax(args)
-  import gin  # noqa: PLC0415
-
-  from mm1_jax import gin_checks  # noqa: PLC0415
-  from mm1_jax import train as train_lib  # noqa: PLC0415
-
-  sys.path.insert(0, os.getcwd())
-  parse_gin(args, bindings)
+  _start_runtime(args)
+  gin_cli.parse(args, bindings)
   workdir = Path(args.workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +75,7 @@ def main_train(argv: list[str] | None = None) -> int:
 
 def main_eval(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  rest, bindings = _split_gin_bindings(argv)
+  rest, bindings = gin_cli.split_bindings(argv)
   parser = _parser("mm1-eval", "Few-shot evaluation of MM1 checkpoints; writes "
                    "<workdir>/eval/step_<N>.json and prints a table. With --watch, evaluates "
                    "every checkpoint not yet evaluated, writes TensorBoard scalars and "
@@ -198,32 +127,19 @@ def main_eval(argv: list[str] | None = None) -> int:
     bindings.append(f"{cfg}.num_queries = {args.num_queries or None!r}")
   if args.data_root:
     bindings.append(f"{cfg}.data_root = {str(Path(args.data_root).expanduser())!r}")
-  _setup_jax(args)
-  import gin  # noqa: PLC0415
-
-  from mm1_jax.eval import run as run_lib  # noqa: PLC0415
-
-  sys.path.insert(0, os.getcwd())
+  _start_runtime(args)
   hint = "" if run_config.exists() else (f"{run_config} does not exist: give the model's gin file too, "
                                          "e.g. --gin_file=gin/models/mm1_tiny.gin")
-  parse_gin(args, bindings, hint)
+  gin_cli.parse(args, bindings, hint=hint)
   return gin.get_configurable(run_lib.evaluate)(
       workdir=args.workdir, checkpoint_dir=str(ckpt_dir), steps=args.steps, force=args.force,
       watch=args.watch, poll_seconds=args.poll_seconds, idle_timeout=args.idle_timeout,
       max_regression=args.max_regression)
 
 
-def _exit(fn):
-  def run():
-    sys.exit(fn())
-  return run
-
-
-train_entry = _exit(main_train)
-eval_entry = _exit(main_eval)
-
 if __name__ == "__main__":  # python -m mm1_jax.cli {train,eval} ...
+  from mm1_jax import console
+
   if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval"):
     raise SystemExit("usage: python -m mm1_jax.cli {train,eval} [flags]")
-  command = sys.argv.pop(1)
-  sys.exit(main_train() if command == "train" else main_eval())
+  sys.exit(console.run(sys.argv[1], sys.argv[2:]))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 
 def on_multihost_tpu() -> bool:
   """True on a Cloud TPU VM that is one of several workers of a slice (or of several slices)."""
@@ -29,8 +31,6 @@ def on_multihost_tpu() -> bool:
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
   """Starts jax.distributed when there is more than one process; returns whether it did."""
-  import jax  # noqa: PLC0415
-
   coordinator_address = coordinator_address or os.environ.get("MM1_COORDINATOR_ADDRESS")
   if num_processes is None and os.environ.get("MM1_NUM_PROCESSES"):
     num_processes = int(os.environ["MM1_NUM_PROCESSES"])

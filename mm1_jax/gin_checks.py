@@ -6,6 +6,9 @@
 - `check_types`: every bound value against the annotation of the parameter it sets
   (following macros), e.g. `TRAIN_STEPS = '10'` for an `int`; the message names the
   file and line (or --gin flag) that set it.
+- `check_macros_read`: a macro set on the command line must be read by something
+  (a binding, through any chain of macros, or the command itself); a mistyped name
+  fails naming the closest macro that exists.
 - `check_workdir_config`: a workdir belongs to one run; a config that differs from the
   one recorded there is refused with a diff, unless the change is allowed (the old
   config is then kept as config.gin.<time>).
@@ -58,6 +61,12 @@ def _gin_message(e: BaseException, bindings: Sequence[str]) -> str:
   m = re.search(r"No bindings specified for '([^'/]+)/gin.macro'", text)
   if m:  # gin appends the whole config to this one
     return f"gin config: macro %{m.group(1)} is used but never set"
+  m = re.search(r"(\w+)/macro\.value set to `%gin\.REQUIRED` but not subsequently overridden", text)
+  if m:
+    name = m.group(1)
+    what = "a model file" if name == "MODEL" else f"a file that sets {name}"
+    return (f"gin config: macro %{name} is required by the run file but never set: give {what} after "
+            f"the run file, or --gin.{name}=VALUE (an experiment in gin/experiments/ sets them all)")
 
   def flag(match):  # gin numbers the --gin bindings as lines of one string
     i = int(match.group(1)) - 1
@@ -235,6 +244,53 @@ def check_types(files: Sequence[str] = (), bindings: Sequence[str] = (), search_
         set_by = f"{shown}, set in {where or 'the gin config'}"
       raise ConfigError(f"gin config: {name} expects {_type_name(ann)}, got {type(value).__name__} "
                         f"({set_by})")
+
+
+# --- macros set on the command line --------------------------------------------------------
+
+def _macro_refs(value: Any, out: set[str]) -> None:
+  """Adds the names of the macros `value` refers to (inside containers too)."""
+  if isinstance(value, gin_config.ConfigurableReference):
+    scopes = getattr(value, "_scopes", [])
+    if value.configurable.name == "macro" and scopes:
+      out.add(scopes[-1])
+  elif isinstance(value, dict):
+    for v in value.values():
+      _macro_refs(v, out)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _macro_refs(v, out)
+
+
+def macros_read(read_by_command: Sequence[str] = ()) -> tuple[set[str], set[str]]:
+  """(macros defined, macros read) in the parsed config: read means referred to by a
+  binding of a configurable, or by the command, directly or through other macros."""
+  defined = {scope for (scope, selector) in gin_config._CONFIG if selector == "gin.macro"}  # noqa: SLF001
+  read: set[str] = set(read_by_command)
+  for (scope, selector), params in gin_config._CONFIG.items():  # noqa: SLF001
+    if selector != "gin.macro":
+      for value in params.values():
+        _macro_refs(value, read)
+  frontier = set(read)
+  while frontier:  # a macro read is as good as the macros its value refers to
+    name = frontier.pop()
+    found: set[str] = set()
+    _macro_refs(gin_config._CONFIG.get((name, "gin.macro"), {}).get("value"), found)  # noqa: SLF001
+    frontier |= found - read
+    read |= found
+  return defined, read
+
+
+def check_macros_read(bindings: Sequence[str], read_by_command: Sequence[str] = ()) -> None:
+  """Raises ConfigError for a macro binding among `bindings` that nothing reads."""
+  defined, read = macros_read(read_by_command)
+  for binding in bindings:
+    name = binding.split("=", 1)[0].strip()
+    if "." in name or "/" in name or name in read:
+      continue
+    close = difflib.get_close_matches(name, sorted(read | defined - {name}), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"--gin.{binding.replace(' = ', '=', 1)}: no configuration reads the macro {name}{hint}")
 
 
 # --- one run per workdir ------------------------------------------------------------------

@@ -21,6 +21,8 @@ import os
 import re
 from pathlib import Path
 
+import jax
+
 # Dense bf16 FLOP/s per chip, from the vendors' datasheets.
 TPU_PEAK = {"v4": 275e12, "v5p": 459e12, "v5litepod": 197e12, "v5e": 197e12, "v6e": 918e12}
 GPU_PEAK = {  # device_kind substrings, most specific first; dense bf16 (no sparsity)
@@ -99,8 +101,6 @@ def device_peak(device=None) -> Peak:
   CPU: the figure is for all the cores together, since XLA runs one CPU device over all of
   them. Unknown accelerators raise: a guessed peak would make an MFU that means nothing.
   """
-  import jax  # noqa: PLC0415  (jax loads only when a device is asked about)
-
   device = device or jax.devices()[0]
   if device.platform == "cpu":
     p = cpu_peak()

@@ -4,8 +4,8 @@ Nothing is allocated (jax.eval_shape) and no devices are needed: the mesh is onl
 shape. tests/golden/sharding/ holds the layout of each preset on a few meshes; a test
 fails on any change, so a change of rules or model structure is reviewed as a diff.
 
-  python -m mm1_jax.layout --write      # regenerate the golden files after a reviewed change
-  python -m mm1_jax.layout gin/models/mm1_7b.gin --mesh=data=2,fsdp=16,tensor=4
+  python -m mm1_jax layout --write      # regenerate the golden files after a reviewed change
+  python -m mm1_jax layout --gin_file=gin/models/mm1_7b.gin --mesh=data=2,fsdp=16,tensor=4
 """
 
 from __future__ import annotations
@@ -13,6 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from mm1_jax import gin_checks, gin_cli, sharding
+from mm1_jax import gin_files as gin_files_lib
+from mm1_jax.model import MM1
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = REPO / "tests" / "golden" / "sharding"
@@ -34,12 +43,6 @@ GOLDEN = (
 
 def layout(model_config, mesh_shape: dict[str, int], rules) -> list[tuple[str, tuple, str, str]]:
   """[(parameter path, shape, PartitionSpec, note)] in path order."""
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from mm1_jax import sharding  # noqa: PLC0415
-  from mm1_jax.model import MM1  # noqa: PLC0415
 
   s = model_config.encoder.image_size
   tok = jax.ShapeDtypeStruct((1, 8), jnp.int32)
@@ -64,18 +67,16 @@ def format_layout(rows) -> str:
                    + (f"  # unsharded: {note}" if note else "") for p, shape, spec, note in rows) + "\n"
 
 
-def _config_and_rules(gin_files: list[str]):
-  import gin  # noqa: PLC0415
-
-  from mm1_jax import sharding  # noqa: PLC0415
-
+def _config_and_rules(gin_files: list[str], bindings: list[str] = (), search_paths: list[str] = ()):
   gin.clear_config(clear_constants=True)
-  gin.add_config_file_search_path(str(REPO))
+  for path in (*search_paths, *gin_files_lib.search_paths()):
+    gin.add_config_file_search_path(path)
   try:
     # The run file's required macros, which a layout does not depend on.
     gin.parse_config_files_and_bindings(
-        [str(REPO / "gin/runs/pretrain.gin"), *gin_files],
-        ["TRAIN_STEPS = 1", "BATCH_SIZE = 1", "MIXTURE_OR_TASK_NAME = 'none'"])
+        ["gin/runs/pretrain.gin", *gin_files],
+        ["TRAIN_STEPS = 1", "BATCH_SIZE = 1", "MIXTURE_OR_TASK_NAME = 'none'", *bindings])
+    gin_checks.check_macros_read(bindings, read_by_command=("MODEL", "MESH"))
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     mesh = gin.query_parameter("%MESH").scoped_configurable_fn()
   finally:
@@ -86,7 +87,7 @@ def _config_and_rules(gin_files: list[str]):
 def golden_text(model_name: str, mesh_shape: dict[str, int]) -> str:
   model, rules = _config_and_rules([f"gin/models/{model_name}.gin"])
   mesh = ", ".join(f"{k}={v}" for k, v in mesh_shape.items())
-  header = (f"# {model_name} on mesh {mesh}, rules of gin/runs/pretrain.gin\n"
+  header = (f"# {model_name} on mesh {mesh}, rules of gin/runs/pretrain.gin (mm1_jax/sharding.py's)\n"
             f"# regenerate after a reviewed change: python -m mm1_jax.layout --write\n")
   return header + format_layout(layout(model, mesh_shape, rules))
 
@@ -96,12 +97,13 @@ def golden_path(model_name: str, mesh_name: str) -> Path:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mm1_jax.layout", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("gin_file", nargs="*", help="model gin files (with the run's rules)")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = gin_cli.split_bindings(argv)
+  p = argparse.ArgumentParser(prog="python -m mm1_jax layout", description=__doc__)
+  gin_cli.add_gin_flags(p, required=False, example="gin/models/mm1_7b.gin (with the run's rules)")
   p.add_argument("--mesh", default="fsdp=8", help="axis sizes, e.g. data=2,fsdp=16,tensor=4")
   p.add_argument("--write", action="store_true", help="rewrite every golden file")
-  args = p.parse_args(argv)
+  args = p.parse_args(rest)
   if args.write:
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     for model_name, mesh_name, shape in GOLDEN:
@@ -111,10 +113,17 @@ def main(argv=None) -> int:
   if not args.gin_file:
     p.error("give model gin files, or --write")
   shape = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
-  model, rules = _config_and_rules(args.gin_file)
+  gin_cli.import_modules(args.module_import)
+  try:
+    model, rules = _config_and_rules(args.gin_file, bindings, gin_cli.search_paths(args))
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   sys.stdout.write(format_layout(layout(model, shape, rules)))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from mm1_jax import console
+
+  sys.exit(console.run("layout"))

@@ -32,6 +32,7 @@ import math
 
 import flax.linen as nn
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 
 from mm1_jax import layers
@@ -194,8 +195,6 @@ def summarize_aux(collection) -> dict[str, jax.Array]:
   `collection` is the "moe" variable collection returned by `apply(..., mutable=["moe"])`;
   an empty one (a dense model) gives {}.
   """
-  from flax import traverse_util
-
   values: dict[str, list[jax.Array]] = {}
   for path, leaf in traverse_util.flatten_dict(dict(collection)).items():
     for v in (leaf if isinstance(leaf, tuple) else (leaf,)):

@@ -13,17 +13,18 @@ import json
 import math
 import sys
 
+import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 
+from mm1_jax import gin_cli
 from mm1_jax.aim import ImageObjectiveConfig
 from mm1_jax.model import MM1Config
 
 
 def abstract_params(config: MM1Config | ImageObjectiveConfig):
   """The parameter tree of a config as jax.ShapeDtypeStructs (nothing allocated)."""
-  import flax.linen as nn  # noqa: PLC0415
-
   s = config.encoder.image_size
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   images = jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.uint8)
@@ -70,30 +71,20 @@ def format_table(counts: dict[str, int]) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="mm1-params", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gin_file", action="append", required=True, help="model gin file (defines MODEL)")
-  parser.add_argument("--gin", action="append", default=[], help="extra binding, e.g. 'decoder.DecoderConfig.depth=8'")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = gin_cli.split_bindings(argv)
+  parser = argparse.ArgumentParser(prog="mm1-params", description=__doc__)
+  gin_cli.add_gin_flags(parser, example="gin/models/mm1_7b.gin (defines MODEL)")
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-  args = parser.parse_args(argv)
-  import gin  # noqa: PLC0415
-
-  from mm1_jax import gin_checks  # noqa: PLC0415
-  from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
-
-  try:
-    gin_checks.parse(args.gin_file, args.gin, [str(REPO_ROOT)])
-  except gin_checks.ConfigError as e:
-    parser.exit(2, f"error: {e}\n")
+  args = parser.parse_args(rest)
+  gin_cli.parse(args, bindings, read_by_command=("MODEL",))
   config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   counts = count_parameters(config)
   print(json.dumps(counts) if args.json else format_table(counts))
   return 0
 
 
-def entry():
-  sys.exit(main())
-
-
 if __name__ == "__main__":
-  entry()
+  from mm1_jax import console
+
+  sys.exit(console.run("params"))

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from mm1_jax import vit as vit_lib
+from mm1_jax.checkpoint import load_params
 from mm1_jax.hf import convert
 from mm1_jax.model import MM1Config
 
@@ -64,8 +65,6 @@ def parse_source(entry: str) -> tuple[str, tuple[str, ...] | None]:
 
 def load_pretrained(params: dict, shardings: dict, sources: Sequence[str], config: MM1Config) -> dict:
   """Returns `params` with the parts found in `sources` replaced, placed in `shardings`."""
-  from mm1_jax.hf.cli import load_params  # noqa: PLC0415
-
   params = dict(params)
   for entry in sources:
     src, wanted = parse_source(entry)

@@ -10,8 +10,8 @@ Tasks, labels read off generated shapes-world scenes (streams disjoint from the 
   colour  the colour of the leftmost shape (6 colours)
   shape   the kind of the leftmost shape (circle, square, triangle)
 
-  mm1-probe --gin_file=gin/runs/aim_pretrain.gin --init_from=/tmp/aim/checkpoints --baseline
-  mm1-probe --gin_file=gin/runs/quickstart.gin --init_from=/tmp/mm1_quickstart/checkpoints
+  mm1-probe --gin_file=gin/experiments/aim_pretrain.gin --init_from=/tmp/aim/checkpoints --baseline
+  mm1-probe --gin_file=gin/experiments/quickstart.gin --init_from=/tmp/mm1_quickstart/checkpoints
 
 The trunk is the `encoder` of the gin file's MODEL (MM1, AIM or AIMv2): --init_from
 names a run's checkpoints/ folder (newest step) or an `mm1-convert import` output. It
@@ -25,11 +25,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from mm1_jax import gin_cli, pretrained, vit
+from mm1_jax.data import shapes_world as sw
 
 TASKS = ("count", "colour", "shape")
 
@@ -48,7 +58,6 @@ class ProbeConfig:
 
 def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
   """{task: (class names, scene -> class index)}."""
-  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
 
   colours = tuple(sw.COLOURS)
   return {
@@ -60,9 +69,6 @@ def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
 
 def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
   """(uint8[n, S, S, 3] images, {task: int32[n] labels}) of generated scenes."""
-  import numpy as np  # noqa: PLC0415
-
-  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
 
   stream = {"train": "probe_train", "test": "probe_test"}[split]
   labels_of = task_labels()
@@ -79,11 +85,6 @@ def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
 
 def trunk_params(model_config, init_from: str | None, seed: int = 0):
   """The `encoder` parameters of MODEL: loaded from `init_from`, else freshly initialised."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import flax.linen as nn  # noqa: PLC0415
-
-  from mm1_jax import pretrained, vit  # noqa: PLC0415
 
   c = model_config.encoder
   images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.uint8)
@@ -100,11 +101,6 @@ def trunk_params(model_config, init_from: str | None, seed: int = 0):
 
 def features(encoder_config, params, images, batch_size: int = 64, progress: bool = False):
   """Frozen trunk features float32[n, L, D] (bidirectional attention, final norm)."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from mm1_jax import vit  # noqa: PLC0415
 
   apply = jax.jit(lambda p, x: vit.ViT(encoder_config).apply({"params": p}, x))
   out = []
@@ -117,9 +113,6 @@ def features(encoder_config, params, images, batch_size: int = 64, progress: boo
 
 
 def _probe_module(num_classes: int, num_heads: int):
-  import flax.linen as nn  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
   class AttentiveProbe(nn.Module):
     """One learned query attends over the frozen patch features; LayerNorm; linear."""
 
@@ -138,10 +131,6 @@ def _probe_module(num_classes: int, num_heads: int):
 def train_probe(train_feats, train_labels, test_feats, test_labels, num_classes: int,
                 config: ProbeConfig) -> float:
   """Trains one attentive probe; returns its accuracy on the test features."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  import optax  # noqa: PLC0415
 
   module = _probe_module(num_classes, config.num_heads)
   key = jax.random.PRNGKey(config.seed)
@@ -212,15 +201,10 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from mm1_jax import cli  # noqa: PLC0415
-
   argv = list(sys.argv[1:] if argv is None else argv)
-  rest, bindings = cli._split_gin_bindings(argv)
-  p = argparse.ArgumentParser(prog="mm1-probe", description=__doc__, epilog=cli.GIN_HELP,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--gin_file", action="append", default=[], required=True,
-                 help="the run's gin files (MODEL's encoder is probed), e.g. gin/runs/aim_pretrain.gin")
-  p.add_argument("--gin_search_path", action="append", default=[])
+  rest, bindings = gin_cli.split_bindings(argv)
+  p = argparse.ArgumentParser(prog="mm1-probe", description=__doc__)
+  gin_cli.add_gin_flags(p, example="gin/experiments/aim_pretrain.gin (MODEL's encoder is probed)")
   p.add_argument("--init_from", default=None,
                  help="a run's checkpoints/ folder or an mm1-convert import (default: random init)")
   p.add_argument("--baseline", action="store_true", help="also probe the randomly initialised trunk")
@@ -236,14 +220,9 @@ def main(argv: list[str] | None = None) -> int:
   unknown = [t for t in tasks if t not in TASKS]
   if unknown or not tasks:
     p.error(f"unknown task {unknown[0] if unknown else '(none)'}; choose from {', '.join(TASKS)}")
-  args.module_import, args.workdir = [], None
-  cli._setup_jax()
   if args.init_from is not None and not Path(pretrained_dir(args.init_from)).exists():
     p.error(f"--init_from={args.init_from}: no such folder")
-  import gin  # noqa: PLC0415
-
-  sys.path.insert(0, os.getcwd())
-  cli.parse_gin(args, bindings)
+  gin_cli.parse(args, bindings, read_by_command=("MODEL",))
   model_config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   config = ProbeConfig(num_train=args.num_train, num_test=args.num_test, steps=args.steps, seed=args.seed)
   try:
@@ -260,14 +239,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pretrained_dir(entry: str) -> str:
-  from mm1_jax import pretrained  # noqa: PLC0415
-
   return pretrained.parse_source(entry)[0]
 
 
-def entry():
-  sys.exit(main())
-
-
 if __name__ == "__main__":
-  entry()
+  from mm1_jax import console
+
+  sys.exit(console.run("probe"))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from mm1_jax import flops as flops_lib
 from mm1_jax import hardware
@@ -32,7 +33,12 @@ from mm1_jax import moe as moe_lib
 from mm1_jax import optim
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.aim import ImageObjectiveConfig
+from mm1_jax.checkpoint import Checkpointer
+from mm1_jax.data import loader
+from mm1_jax.eval import fewshot, report
+from mm1_jax.metrics_writer import MetricWriter
 from mm1_jax.model import MM1, MM1Config, cross_entropy
+from mm1_jax.pretrained import load_pretrained
 
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions", "images")
 
@@ -210,7 +216,7 @@ class _DataStream:
 
   def __init__(self, data, model: MM1Config, host: tuple[int, int], workdir: Path, start: int,
                batches_consumed: int, data_state: dict):
-    from mm1_jax.data import loader, pipeline  # noqa: PLC0415  (tensorflow, seqio, grain)
+    from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
     self.host, self.dir = host, workdir / "loader_state"
     kw = dict(tokens_per_image=model.tokens_per_image, image_size=model.encoder.image_size,
@@ -329,11 +335,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     0 when train_steps were reached (or stop_after_steps); 3 when stopped by
     non-finite steps; 128 + signal number when stopped by a signal.
   """
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
-  from mm1_jax.data import pipeline  # noqa: PLC0415  (tensorflow, seqio)
-  from mm1_jax.metrics_writer import MetricWriter  # noqa: PLC0415
+  from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
   data = data or pipeline.DataConfig()
   workdir_path = Path(workdir)
@@ -362,8 +364,6 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     batches_consumed = int(data_state.get("batches_consumed", start))
     print(f"resumed from {ckpt.directory}/{start} ({batches_consumed} batches consumed)")
   elif init_from:
-    from mm1_jax.pretrained import load_pretrained  # noqa: PLC0415
-
     state = state.replace(params=load_pretrained(state.params, state_shardings.params, init_from, model))
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -383,7 +383,6 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
 
   evaluator = None
   if evaluation is not None:
-    from mm1_jax.eval import fewshot  # noqa: PLC0415
     evaluator = fewshot.Evaluator(evaluation, mm1, device_mesh, rules)
 
   def run_eval(step):
@@ -469,7 +468,6 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     return exit_code
   run_eval(step)
   if evaluator is not None:
-    from mm1_jax.eval import report  # noqa: PLC0415
     print(report.comparison_table(workdir_path / "eval"))
   (workdir_path / "train_done.json").write_text(json.dumps({"step": step}))
   return 0

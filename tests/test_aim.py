@@ -149,6 +149,7 @@ def _aimv2(pixel_weight):
                                                        num_kv_heads=2, head_dim=16, mlp_dim=64))
 
 
+@pytest.mark.slow
 def test_aimv2_loss_is_caption_cross_entropy_plus_alpha_times_pixel_regression():
   # Row 0: image then caption; row 1: text, then the image, then more text.
   batch = _batch([[3] * 16 + [7, 8, 9, 2], [5, 6] + [3] * 16 + [7, 8, 2]], [1, 1], 24)
@@ -216,8 +217,9 @@ def _records(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_aim_run_lowers_its_pixel_loss(tmp_path):
-  proc = _train(tmp_path, "gin/runs/aim_pretrain.gin", "--gin.TRAIN_STEPS=30", "--gin.BATCH_SIZE=16",
+  proc = _train(tmp_path, "gin/experiments/aim_pretrain.gin", "--gin.TRAIN_STEPS=30", "--gin.BATCH_SIZE=16",
                 "--gin.LOG_EVERY=2", "--gin.CHECKPOINT_EVERY=30", "--gin.WARMUP_STEPS=5")
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = _records(tmp_path)
@@ -229,9 +231,10 @@ def test_aim_run_lowers_its_pixel_loss(tmp_path):
   assert "caption_loss" not in records[0]  # the captions are not part of this objective
 
 
+@pytest.mark.slow
 def test_aimv2_run_lowers_both_losses_and_mm1_starts_from_its_trunk(tmp_path):
   run = tmp_path / "aimv2"
-  proc = _train(run, "gin/runs/aimv2_pretrain.gin", "--gin.TRAIN_STEPS=40", "--gin.BATCH_SIZE=16",
+  proc = _train(run, "gin/experiments/aimv2_pretrain.gin", "--gin.TRAIN_STEPS=40", "--gin.BATCH_SIZE=16",
                 "--gin.LOG_EVERY=10", "--gin.CHECKPOINT_EVERY=40", "--gin.WARMUP_STEPS=10")
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = _records(run)
@@ -245,9 +248,9 @@ def test_aimv2_run_lowers_both_losses_and_mm1_starts_from_its_trunk(tmp_path):
   # The trunk, and only the trunk, starts MM1-tiny (with the AIMv2-flavoured encoder).
   import gin
   from mm1_jax import gin_checks, train
-  from mm1_jax.hf.cli import load_params
+  from mm1_jax.checkpoint import load_params
   gin.clear_config()
-  gin_checks.parse(["gin/runs/quickstart.gin", "gin/encoders/aimv2_tiny.gin"], [], [str(REPO)])
+  gin_checks.parse(["gin/experiments/quickstart.gin", "gin/encoders/aimv2_tiny.gin"], [], [str(REPO)])
   mm1_config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   gin.clear_config()
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -261,7 +264,7 @@ def test_aimv2_run_lowers_both_losses_and_mm1_starts_from_its_trunk(tmp_path):
   assert not np.asarray(loaded["decoder"]["embedding"]["embedding"]).any()  # untouched
 
   mm1 = tmp_path / "mm1"
-  proc = _train(mm1, "gin/runs/quickstart.gin", "--gin_file=gin/encoders/aimv2_tiny.gin",
+  proc = _train(mm1, "gin/experiments/quickstart.gin", "--gin_file=gin/encoders/aimv2_tiny.gin",
                 f"--gin.train.init_from=['{run / 'checkpoints'}:encoder']", "--gin.TRAIN_STEPS=2",
                 "--gin.BATCH_SIZE=4", "--gin.LOG_EVERY=1", "--gin.EVALUATION=None")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -287,10 +290,12 @@ def test_model_flops_agree_with_the_compiler(objective):
   assert 0.8 < ours / xla < 1.25, (ours, xla)
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_aim_preflight_compiles_for_a_tpu_topology(tmp_path):
   out = tmp_path / "report.json"
   env = dict(_env(), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/runs/aim_pretrain.gin",
+  proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/experiments/aim_pretrain.gin",
                          "--topology=v5p-8", "--no_cost", f"--json_out={out}"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -354,9 +359,10 @@ def test_attentive_probe_finds_a_label_that_one_token_carries():
   assert probe.train_probe(feats[:512], shuffled, feats[512:], labels[512:], classes, config) < 0.45
 
 
+@pytest.mark.slow
 def test_probe_command_writes_its_result(tmp_path):
   out = tmp_path / "probe.json"
-  proc = subprocess.run([sys.executable, "-m", "mm1_jax.probe", "--gin_file=gin/runs/aim_pretrain.gin",
+  proc = subprocess.run([sys.executable, "-m", "mm1_jax.probe", "--gin_file=gin/experiments/aim_pretrain.gin",
                          "--num_train=64", "--num_test=32", "--steps=5", "--tasks=count,shape", "--no_progress",
                          f"--json_out={out}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -364,6 +370,6 @@ def test_probe_command_writes_its_result(tmp_path):
   assert r["init_from"] is None and list(r["tasks"]) == ["count", "shape"]
   assert r["tasks"]["count"]["classes"] == 4 and 0 <= r["tasks"]["count"]["random_init"] <= 1
   assert "random_init" in proc.stdout.splitlines()[0]
-  bad = subprocess.run([sys.executable, "-m", "mm1_jax.probe", "--gin_file=gin/runs/aim_pretrain.gin",
+  bad = subprocess.run([sys.executable, "-m", "mm1_jax.probe", "--gin_file=gin/experiments/aim_pretrain.gin",
                         "--tasks=size"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "unknown task size" in bad.stderr

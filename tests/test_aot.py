@@ -36,7 +36,7 @@ def _quickstart_config():
 
   gin.clear_config(clear_constants=True)
   gin.add_config_file_search_path(str(REPO))
-  gin.parse_config_files_and_bindings(["gin/runs/quickstart.gin"], [])
+  gin.parse_config_files_and_bindings(["gin/experiments/quickstart.gin"], [])
   config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   gin.clear_config(clear_constants=True)
   return config
@@ -46,7 +46,7 @@ def _aot(tmp_path, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   out = tmp_path / "report.json"
-  proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/runs/quickstart.gin",
+  proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/experiments/quickstart.gin",
                          f"--json_out={out}", *flags], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=1200)
   return proc, (json.loads(out.read_text()) if out.exists() else None)
@@ -59,6 +59,8 @@ def v5p_8_report(tmp_path_factory):
               "--gin.PREFLIGHT_PADDING_FRACTION=0.5")
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_preflight_report_for_a_small_topology(v5p_8_report):
   proc, r = v5p_8_report
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,6 +79,8 @@ def test_preflight_report_for_a_small_topology(v5p_8_report):
   assert r["params_total"] == r["params_active"] > 4e6
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_preflight_mfu_is_the_compilers_work_over_four_v5p_chips(v5p_8_report):
   """Catches a wrong peak (another chip's), devices taken for chips, per-device FLOPs taken
   for the whole step, or padding counted as useful work: the every-slot MFU times
@@ -104,6 +108,8 @@ def test_preflight_mfu_is_the_compilers_work_over_four_v5p_chips(v5p_8_report):
                                                                         rel=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_preflight_refuses_a_step_that_does_not_fit(tmp_path):
   proc, r = _aot(tmp_path, "--topology=v5litepod-1", "--no_cost", "--gin.BATCH_SIZE=512", "--gin.SEQ_LEN=4096")
   assert proc.returncode == 1, proc.stderr[-3000:]
@@ -111,6 +117,8 @@ def test_preflight_refuses_a_step_that_does_not_fit(tmp_path):
   assert "NO" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_unknown_topology_is_a_clear_error(tmp_path):
   proc, _ = _aot(tmp_path, "--topology=v5p-7")
   assert proc.returncode == 2 and "no v5p slice of that size" in proc.stderr

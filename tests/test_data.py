@@ -194,6 +194,7 @@ def test_grain_loader_hosts_read_disjoint_shares(data_dir):
   assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
+@pytest.mark.slow
 def test_tfdata_pipeline_is_deterministic_and_resumes(data_dir):
   cfg = pipeline.DataConfig(batch_size=2, seq_len=48, max_images=2, seed=7, loader="tfdata")
   kw = dict(tokens_per_image=4, image_size=64)
@@ -220,7 +221,7 @@ def test_mixture_rate_override_must_match_the_mixture():
 
 @pytest.mark.parametrize("kind", LOADERS)
 def test_user_module_registers_a_mixture(tmp_path, monkeypatch, kind):
-  """The README's tutorial: a mixture registered in the user's own module."""
+  """The tutorial in docs/data.md: a mixture registered in the user's own module."""
   (tmp_path / "my_mixtures.py").write_text(
       "import seqio\nimport tasks\n"
       "seqio.MixtureRegistry.add('my_captions_and_text', "

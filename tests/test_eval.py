@@ -55,6 +55,7 @@ def test_demos_are_seeded_and_never_the_query_image():
   assert all(int(d["id"][1:]) % 2 == 0 for d in demos)
 
 
+@pytest.mark.slow
 def test_greedy_decoding_matches_step_by_step_full_forward(tiny_config):
   m = MM1(tiny_config)
   rng = np.random.default_rng(0)
@@ -83,6 +84,7 @@ def test_greedy_decoding_matches_step_by_step_full_forward(tiny_config):
   assert np.array_equal(out[0], out[1])
 
 
+@pytest.mark.slow
 def test_evaluator_reports_every_task_and_shot(tiny_config, tmp_path):
   mesh_cfg = sharding.MeshConfig()
   mesh = sharding.make_mesh(mesh_cfg)
@@ -149,9 +151,10 @@ def test_comparison_table(tmp_path):
   assert "step 0" in table and "step 50" in table and "+0.600" in table
 
 
+@pytest.mark.slow
 def test_mm1_eval_command_and_watch_mode(tmp_path, monkeypatch):
   env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-  common = ["--gin_file=gin/runs/quickstart.gin", f"--workdir={tmp_path}",
+  common = ["--gin_file=gin/experiments/quickstart.gin", f"--workdir={tmp_path}",
             "--gin.fewshot.FewShotConfig.num_queries=4", "--gin.fewshot.FewShotConfig.batch_size=4",
             "--gin.fewshot.FewShotConfig.shots=(0,)", "--gin.fewshot.FewShotConfig.max_new_tokens=4"]
   repo = __import__("pathlib").Path(__file__).resolve().parent.parent

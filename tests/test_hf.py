@@ -186,7 +186,7 @@ def test_init_from_imported_parts(tmp_path, tiny_config):
   m = model.MM1(cfg)
   mesh = sharding.make_mesh(sharding.MeshConfig())
   batch = train.dummy_batch(8, 16, 1, cfg)
-  abstract, shardings = train.init_param_shardings(m, batch, mesh, sharding.DEFAULT_RULES)
+  abstract, shardings = train.init_param_shardings(m, batch, mesh, sharding.DECODER_RULES)
   fresh = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
   loaded = pretrained.load_pretrained(fresh, shardings, [str(tmp_path / "clip-mm1"), str(tmp_path / "llama-mm1")],
                                       cfg)
@@ -197,7 +197,7 @@ def test_init_from_imported_parts(tmp_path, tiny_config):
   assert loaded["encoder"]["pos_embed"].sharding == shardings["encoder"]["pos_embed"]
   assert float(np.abs(np.asarray(loaded["connector"]["pos_embed"])).max()) == 0.0  # untouched
   bad = dataclasses.replace(cfg, decoder=dataclasses.replace(dec, mlp_dim=96))
-  abstract_bad, shard_bad = train.init_param_shardings(model.MM1(bad), batch, mesh, sharding.DEFAULT_RULES)
+  abstract_bad, shard_bad = train.init_param_shardings(model.MM1(bad), batch, mesh, sharding.DECODER_RULES)
   with pytest.raises(convert.ConversionError, match="decoder/blocks/layers/mlp/down/kernel"):
     pretrained.load_pretrained(dict(abstract_bad), shard_bad, [str(tmp_path / "llama-mm1")], bad)
 
@@ -218,6 +218,7 @@ def test_import_then_export_gives_back_the_same_tensors(tmp_path, capsys):
   assert json.loads((tmp_path / "back" / "config.json").read_text())["sliding_window"] == 5
 
 
+@pytest.mark.slow
 def test_export_from_a_training_checkpoint(tmp_path, tiny_config, capsys):
   """A run's checkpoints/ folder (orbax train state) exports its decoder."""
   import flax.linen as nn

@@ -58,6 +58,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_untouched(tiny_config)
     assert (int(state.nonfinite_total), int(state.nonfinite_streak)) == (2, 0)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_nan_parameters_is_never_written(tiny_config, tmp_path):
   _, _, state, _, _, _ = _setup(tiny_config)
   params = jax.tree.map(lambda x: x, state.params)
@@ -71,11 +72,12 @@ def test_a_checkpoint_with_nan_parameters_is_never_written(tiny_config, tmp_path
 
 
 def _faulty_train(workdir, fault: str, *extra, timeout=600):
-  cmd = [sys.executable, str(FAULTY_TRAIN), fault, "--gin_file=gin/runs/quickstart.gin",
+  cmd = [sys.executable, str(FAULTY_TRAIN), fault, "--gin_file=gin/experiments/quickstart.gin",
          f"--workdir={workdir}", *SMALL, "--gin.EVALUATION=None", *extra]
   return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step(tmp_path):
   # Step 3 has a corrupt batch (skipped, training goes on); from step 6 on every batch is
   # corrupt, and the third in a row (step 8) stops the run.
@@ -93,7 +95,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step(tmp_path
   ckpt = Checkpointer(tmp_path / "checkpoints")
   steps = ckpt.all_steps()
   assert 6 in steps, steps
-  from mm1_jax.hf.cli import load_checkpoint_params
+  from mm1_jax.checkpoint import load_checkpoint_params
   for s in steps:
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_checkpoint_params(tmp_path / "checkpoints", s)))
   ckpt.close()
@@ -105,9 +107,10 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_sigterm_at_any_step_then_resume_matches_an_uninterrupted_run(tmp_path):
   run = tmp_path / "run"
-  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/quickstart.gin",
          f"--workdir={run}", *SMALL, "--gin.TRAIN_STEPS=500", "--gin.CHECKPOINT_EVERY=1000",
          "--gin.EVALUATION=None"]
   proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -137,6 +140,7 @@ def test_sigterm_at_any_step_then_resume_matches_an_uninterrupted_run(tmp_path):
   assert got == want  # bit for bit
 
 
+@pytest.mark.slow
 def test_a_kill_during_an_async_save_falls_back_to_the_last_complete_checkpoint(tmp_path):
   # SIGKILL once checkpoint 4's arrays are on disk but before it is committed.
   out = _faulty_train(tmp_path, "kill_before_commit=4", "--gin.TRAIN_STEPS=6")
@@ -153,6 +157,7 @@ def test_a_kill_during_an_async_save_falls_back_to_the_last_complete_checkpoint(
 
 # --- a different device count --------------------------------------------------------
 
+@pytest.mark.slow
 def test_restore_onto_fewer_devices_reshards(tiny_config, tmp_path):
   mesh, mesh_cfg, state, shardings, bsh, step = _setup(tiny_config)  # 8 devices, fsdp=2
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
@@ -175,10 +180,11 @@ def test_restore_onto_fewer_devices_reshards(tiny_config, tmp_path):
     assert leaf.sharding == want and len(leaf.sharding.device_set) == 4
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_half_the_devices(tmp_path):
   def train_on(devices, workdir):
     env = dict(_env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+    cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/quickstart.gin",
            f"--workdir={workdir}", *SMALL, "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=8",
            "--gin.EVALUATION=None"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -258,7 +264,7 @@ def _run_cli(main, argv, capsys) -> tuple[int, str]:
 ])
 def test_train_config_errors_are_one_clear_message(flags, message, tmp_path, capsys, clean_gin):
   from mm1_jax import cli
-  argv = ["--gin_file=gin/runs/quickstart.gin", f"--workdir={tmp_path}", *flags]
+  argv = ["--gin_file=gin/experiments/quickstart.gin", f"--workdir={tmp_path}", *flags]
   if flags[0].startswith("--gin_file"):
     argv = argv[1:]
   code, err = _run_cli(cli.main_train, argv, capsys)
@@ -271,7 +277,7 @@ def test_a_wrong_type_in_a_file_names_the_file_and_line(tmp_path, capsys, clean_
   from mm1_jax import cli
   (tmp_path / "exp.gin").write_text(
       "from __gin__ import dynamic_registration\nfrom mm1_jax import optim\n"
-      "include 'gin/runs/quickstart.gin'\n\noptim.OptimizerConfig:\n  weight_decay = 0.1\n"
+      "include 'gin/experiments/quickstart.gin'\n\noptim.OptimizerConfig:\n  weight_decay = 0.1\n"
       "  warmup_steps = '40'\n")
   code, err = _run_cli(cli.main_train, [f"--gin_file={tmp_path / 'exp.gin'}", f"--workdir={tmp_path / 'w'}"],
                        capsys)
@@ -283,7 +289,7 @@ def test_train_refuses_a_workdir_with_another_run(tmp_path, capsys, clean_gin):
   from mm1_jax import cli
   (tmp_path / "config.gin").write_text("TRAIN_STEPS = 5\n")
   (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-  code, err = _run_cli(cli.main_train, ["--gin_file=gin/runs/quickstart.gin", f"--workdir={tmp_path}"], capsys)
+  code, err = _run_cli(cli.main_train, ["--gin_file=gin/experiments/quickstart.gin", f"--workdir={tmp_path}"], capsys)
   assert code == 2 and "holds a run with another config" in err and "-TRAIN_STEPS = 5" in err
   assert (tmp_path / "config.gin").read_text() == "TRAIN_STEPS = 5\n"
 

@@ -177,20 +177,21 @@ def test_llava_files_are_read_checked_and_built(tmp_path):
   assert len(replies) == 3 and all(r.endswith(".\n") for r in replies)
 
 
+@pytest.mark.slow
 def test_sft_runs_end_to_end_from_a_pretraining_checkpoint(tmp_path):
-  """gin/runs/sft.gin end to end: a short pre-training run, then SFT from its checkpoint
+  """gin/experiments/sft.gin end to end: a short pre-training run, then SFT from its checkpoint
   (parameters only: step 0, a new optimizer), trained on the answers only, and scored
   zero-shot with the chat template on the whole held-out VQA split (512 questions).
-  (At this size SFT does not measurably raise VQA accuracy; see the README's Results.)"""
+  (At this size SFT does not measurably raise VQA accuracy; see docs/results.md.)"""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   common = ["--gin.BATCH_SIZE=8", "--gin.LOG_EVERY=10", "--gin.train.train.progress=False"]
   pre = tmp_path / "pre"
-  subprocess.run([sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+  subprocess.run([sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/quickstart.gin",
                   f"--workdir={pre}", "--gin.TRAIN_STEPS=30", "--gin.CHECKPOINT_EVERY=30", "--gin.EVALUATION=None",
                   *common], cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
   sft = tmp_path / "sft"
-  proc = subprocess.run([sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/sft.gin",
+  proc = subprocess.run([sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/sft.gin",
                          f"--workdir={sft}", f"--gin.INIT_FROM='{pre / 'checkpoints'}'", "--gin.TRAIN_STEPS=20",
                          "--gin.CHECKPOINT_EVERY=20", "--gin.fewshot.FewShotConfig.benchmarks=('shapes_vqa',)",
                          "--gin.fewshot.FewShotConfig.max_new_tokens=4",
@@ -255,12 +256,12 @@ def test_pretrained_weights_start_a_higher_resolution_encoder(tmp_path, tiny_con
   low = tiny_config  # 64 px, patch 16: a 4x4 grid
   high = dataclasses.replace(low, encoder=dataclasses.replace(low.encoder, image_size=128))  # 8x8
   params, _ = train.init_param_shardings(model.MM1(low), train.dummy_batch(8, 16, 1, low), mesh,
-                                         sharding.DEFAULT_RULES)
+                                         sharding.DECODER_RULES)
   rng = np.random.default_rng(0)
   source = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), params)
   ocp.PyTreeCheckpointer().save(tmp_path / "pre" / "params", source)
   abstract, shardings = train.init_param_shardings(model.MM1(high), train.dummy_batch(8, 16, 1, high), mesh,
-                                                   sharding.DEFAULT_RULES)
+                                                   sharding.DECODER_RULES)
   fresh = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
   loaded = pretrained.load_pretrained(fresh, shardings, [str(tmp_path / "pre")], high)
   pos = np.asarray(loaded["encoder"]["pos_embed"])

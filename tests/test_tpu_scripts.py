@@ -75,6 +75,7 @@ SCRIPT_NAMES = ["create.py", "setup_workers.py", "launch.py", "watch.py", "stop.
                 "worker.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPT_NAMES)
 def test_every_script_has_usage_text(pod, script):
   proc = pod.run(script, "--help")
@@ -83,15 +84,16 @@ def test_every_script_has_usage_text(pod, script):
   assert not pod.calls()
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_exact_commands_in_order_and_runs_nothing(pod, tmp_path):
-  gin = ["--gin_file=gin/runs/quickstart.gin", "--gin.BATCH_SIZE=16"]
+  gin = ["--gin_file=gin/experiments/quickstart.gin", "--gin.BATCH_SIZE=16"]
   proc = pod.run("supervise.py", *V5P_2X, "--capacity=spot", "--nfs=10.0.0.2:/mm1", "--run_name=r1",
                  "--allow_dirty", *gin, "--dry_run")
   assert proc.returncode == 0, proc.stderr
   assert not pod.calls(), "a dry run called gcloud"
   assert not list((tmp_path / "preflight").glob("*.json")), "a dry run compiled"
   lines = [shlex.split(ln.split("    # ")[0]) for ln in proc.stdout.splitlines() if ln and not ln.startswith("#")]
-  assert lines[0][1:4] == ["-m", "mm1_jax.aot", "--gin_file=gin/runs/quickstart.gin"]
+  assert lines[0][1:4] == ["-m", "mm1_jax.aot", "--gin_file=gin/experiments/quickstart.gin"]
   assert "--topology=v5p-16" in lines[0] and "--num_slices=2" in lines[0] and "--gin.NUM_SLICES=2" in lines[0]
   assert lines[1] == ["gcloud", "compute", "tpus", "queued-resources", "create", "mm1-7b", "--project=my-project",
                       "--zone=us-east5-a", "--accelerator-type=v5p-16", "--runtime-version=v2-alpha-tpuv5",
@@ -111,10 +113,11 @@ def test_dry_run_prints_the_exact_commands_in_order_and_runs_nothing(pod, tmp_pa
     assert line in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, extra", [
     ("create.py", ["--capacity=reserved", "--skip_preflight"]),
     ("setup_workers.py", ["--gcs_bucket=my-bucket"]),
-    ("launch.py", ["--run_name=r1", "--gin_file=gin/runs/quickstart.gin", "--allow_dirty"]),
+    ("launch.py", ["--run_name=r1", "--gin_file=gin/experiments/quickstart.gin", "--allow_dirty"]),
     ("watch.py", ["--run_name=r1"]),
     ("stop.py", ["--run_name=r1"]),
     ("delete.py", ["--run_name=r1"]),
@@ -136,6 +139,7 @@ def test_every_command_has_a_dry_run(pod, script, extra, pod_flags):
     assert gcloud_lines[-1][4] == "delete" and "--quiet" in gcloud_lines[-1]
 
 
+@pytest.mark.slow
 def test_create_multislice_v5p_waits_until_active(pod):
   pod.set_rules([{"when": ["describe"], "stdout": "WAITING_FOR_RESOURCES\n"},
                  {"when": ["describe"], "stdout": "PROVISIONING\n"},
@@ -150,9 +154,11 @@ def test_create_multislice_v5p_waits_until_active(pod):
   assert "4 workers" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_create_v5e_vm_after_a_passing_preflight(pod, tmp_path):
   pod.set_rules([{"when": ["describe"], "stdout": "READY\n"}])
-  proc = pod.run("create.py", *V5E_VM, "--capacity=spot", "--gin_file=gin/runs/quickstart.gin",
+  proc = pod.run("create.py", *V5E_VM, "--capacity=spot", "--gin_file=gin/experiments/quickstart.gin",
                  "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32", "--poll_s=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "preflight: fits" in proc.stderr
@@ -164,15 +170,17 @@ def test_create_v5e_vm_after_a_passing_preflight(pod, tmp_path):
                       "--spot"]
   assert [_kind(c) for c in calls] == ["create", "describe"]
   # The same flags again: the verdict is reused, not compiled twice.
-  proc = pod.run("create.py", *V5E_VM, "--capacity=spot", "--gin_file=gin/runs/quickstart.gin",
+  proc = pod.run("create.py", *V5E_VM, "--capacity=spot", "--gin_file=gin/experiments/quickstart.gin",
                  "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32", "--poll_s=0", "--no_wait")
   assert proc.returncode == 0 and "reusing the verdict" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_preflight_gate_refuses_a_step_that_does_not_fit(pod):
   proc = pod.run("launch.py", "--name=tiny", "--project=my-project", "--zone=us-west4-a",
                  "--accelerator_type=v5litepod-1", "--mode=vm", "--run_name=big", "--allow_dirty",
-                 "--gin_file=gin/runs/quickstart.gin", "--gin.BATCH_SIZE=512", "--gin.SEQ_LEN=4096")
+                 "--gin_file=gin/experiments/quickstart.gin", "--gin.BATCH_SIZE=512", "--gin.SEQ_LEN=4096")
   assert proc.returncode == 3, proc.stderr[-3000:]
   assert "does not fit" in proc.stderr and "GiB a chip on v5litepod-1" in proc.stderr
   assert "--skip_preflight" in proc.stderr
@@ -180,12 +188,13 @@ def test_preflight_gate_refuses_a_step_that_does_not_fit(pod):
   # Told otherwise, it goes ahead.
   proc = pod.run("launch.py", "--name=tiny", "--project=my-project", "--zone=us-west4-a",
                  "--accelerator_type=v5litepod-1", "--mode=vm", "--run_name=big", "--allow_dirty",
-                 "--gin_file=gin/runs/quickstart.gin", "--gin.BATCH_SIZE=512", "--gin.SEQ_LEN=4096",
+                 "--gin_file=gin/experiments/quickstart.gin", "--gin.BATCH_SIZE=512", "--gin.SEQ_LEN=4096",
                  "--skip_preflight")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "preflight: skipped" in proc.stderr and [_kind(c) for c in pod.calls()] == ["ssh:start"]
 
 
+@pytest.mark.slow
 def test_setup_copies_the_commit_to_every_slice(pod):
   proc = pod.run("setup_workers.py", *V5P_2X, "--nfs=10.0.0.2:/mm1 share")
   assert proc.returncode == 0, proc.stderr
@@ -230,12 +239,13 @@ def _fake_workers(pod, tmp_path, nodes, workers_per_node):
   return stub_out
 
 
+@pytest.mark.slow
 def test_launch_passes_values_with_spaces_and_quotes_intact_to_every_worker(pod, tmp_path):
   stub_out = _fake_workers(pod, tmp_path, ["mm1-7b-0", "mm1-7b-1"], 2)
   workdir = tmp_path / "shared" / "runs" / "my run; rm -rf ~"
   note = "it's a \"quoted\" value with $HOME and `backticks`"
   gin_value = "\"'mm1 shapes' && echo pwned\""
-  proc = pod.run("launch.py", *V5P_2X, "--run_name=r-1", "--gin_file=gin/runs/quickstart.gin",
+  proc = pod.run("launch.py", *V5P_2X, "--run_name=r-1", "--gin_file=gin/experiments/quickstart.gin",
                  f"--gin.MIXTURE_OR_TASK_NAME={gin_value}", f"--workdir={workdir}", f"--env=MM1_NOTE={note}",
                  "--train_flag=--stop_after_steps=5", "--allow_dirty", "--skip_preflight")
   assert proc.returncode == 0, proc.stderr
@@ -248,7 +258,7 @@ def test_launch_passes_values_with_spaces_and_quotes_intact_to_every_worker(pod,
     time.sleep(0.1)
     records = [json.loads(p.read_text()) for p in sorted(stub_out.glob("*.json"))]
   assert len(records) == 4  # 2 slices x 2 workers
-  expected = ["--gin_file=gin/runs/quickstart.gin", f"--gin.MIXTURE_OR_TASK_NAME={gin_value}",
+  expected = ["--gin_file=gin/experiments/quickstart.gin", f"--gin.MIXTURE_OR_TASK_NAME={gin_value}",
               "--gin.NUM_SLICES=2", f"--workdir={workdir}", "--stop_after_steps=5"]
   for r in records:
     assert r["argv"] == expected
@@ -271,16 +281,17 @@ def test_launch_passes_values_with_spaces_and_quotes_intact_to_every_worker(pod,
   assert any("step 1 loss 9.9" in line for line in status["log_tail"])
 
 
+@pytest.mark.slow
 def test_watch_and_stop_a_running_run(pod, tmp_path):
   _fake_workers(pod, tmp_path, ["mm1-small"], 1)
   pod.env["STUB_SLEEP"] = "60"
-  proc = pod.run("launch.py", *V5E_VM, "--run_name=r2", "--gin_file=gin/runs/quickstart.gin",
+  proc = pod.run("launch.py", *V5E_VM, "--run_name=r2", "--gin_file=gin/experiments/quickstart.gin",
                  f"--workdir={tmp_path / 'shared' / 'r2'}", "--allow_dirty", "--skip_preflight")
   assert proc.returncode == 0, proc.stderr
   proc = pod.run("watch.py", *V5E_VM, "--run_name=r2")
   assert proc.returncode == 0 and "1/1 workers running" in proc.stdout, proc.stdout + proc.stderr
   # A second launch of a running run is refused by the worker, not started twice.
-  proc = pod.run("launch.py", *V5E_VM, "--run_name=r2", "--gin_file=gin/runs/quickstart.gin",
+  proc = pod.run("launch.py", *V5E_VM, "--run_name=r2", "--gin_file=gin/experiments/quickstart.gin",
                  f"--workdir={tmp_path / 'shared' / 'r2'}", "--allow_dirty", "--skip_preflight")
   assert proc.returncode == 1 and "already running" in proc.stderr
   proc = pod.run("stop.py", *V5E_VM, "--run_name=r2", "--grace_s=30")
@@ -300,6 +311,7 @@ def _status_lines(state, code=None, slices=2, workers=2):
                  for s in range(slices) for w in range(workers))
 
 
+@pytest.mark.slow
 def test_supervise_recreates_preempted_capacity_and_relaunches(pod):
   one_slice = _status_lines("running", slices=1)
   pod.set_rules([
@@ -310,8 +322,8 @@ def test_supervise_recreates_preempted_capacity_and_relaunches(pod):
       {"when": ["describe"], "stdout": "ACTIVE\n", "times": 2},
       {"when": ["worker.py status"], "stdout": _status_lines("exited", 0, slices=1), "times": 2},
   ])
-  proc = pod.run("supervise.py", *V5P_2X, "--capacity=spot", "--run_name=r3", "--gin_file=gin/runs/quickstart.gin",
-                 "--skip_preflight", "--allow_dirty", "--poll_s=0")
+  proc = pod.run("supervise.py", *V5P_2X, "--capacity=spot", "--run_name=r3",
+                 "--gin_file=gin/experiments/quickstart.gin", "--skip_preflight", "--allow_dirty", "--poll_s=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   kinds = [_kind(c) for c in pod.calls()]
   assert kinds[:7] == ["describe", "ssh:status", "ssh:status", "describe", "delete", "describe", "create"]
@@ -322,12 +334,13 @@ def test_supervise_recreates_preempted_capacity_and_relaunches(pod):
   assert "finished on all 4 workers" in proc.stderr
   # The relaunch is launch.py's command to the letter: the same workdir, so mm1-train resumes.
   relaunched = sorted(c for c in pod.calls() if _kind(c) == "ssh:start")
-  dry = pod.run("launch.py", *V5P_2X, "--run_name=r3", "--gin_file=gin/runs/quickstart.gin", "--skip_preflight",
+  dry = pod.run("launch.py", *V5P_2X, "--run_name=r3", "--gin_file=gin/experiments/quickstart.gin", "--skip_preflight",
                 "--allow_dirty", "--dry_run")
   planned = sorted(shlex.split(ln)[1:] for ln in dry.stdout.splitlines() if "worker.py start" in ln)
   assert relaunched == planned and len(planned) == 2
 
 
+@pytest.mark.slow
 def test_supervise_relaunches_a_crashed_run_but_not_a_config_error(pod):
   mixed = _status_lines("running", slices=1, workers=1) + "MM1_WORKER " + json.dumps(
       {"slice": 0, "worker": 1, "state": "lost", "exit_code": None}) + "\n"
@@ -337,7 +350,7 @@ def test_supervise_relaunches_a_crashed_run_but_not_a_config_error(pod):
       {"when": ["worker.py status", "mm1-7b-1"], "stdout": _status_lines("running", slices=1)},
       {"when": ["worker.py status"], "stdout": _status_lines("exited", 2, slices=1), "times": 2},
   ])
-  proc = pod.run("supervise.py", *V5P_2X, "--run_name=r4", "--gin_file=gin/runs/quickstart.gin",
+  proc = pod.run("supervise.py", *V5P_2X, "--run_name=r4", "--gin_file=gin/experiments/quickstart.gin",
                  "--skip_preflight", "--allow_dirty", "--poll_s=0")
   assert proc.returncode == 2, proc.stderr[-3000:]
   kinds = [_kind(c) for c in pod.calls()]
@@ -348,6 +361,7 @@ def test_supervise_relaunches_a_crashed_run_but_not_a_config_error(pod):
   assert "restart 1/20" in proc.stderr and "exited 2 (bad config)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_supervise_rides_out_a_failed_gcloud_call_and_silent_workers(pod):
   pod.set_rules([
       {"when": ["describe"], "rc": 1, "stderr": "ERROR: (gcloud.compute.tpus) connection reset\n"},
@@ -355,7 +369,7 @@ def test_supervise_rides_out_a_failed_gcloud_call_and_silent_workers(pod):
       {"when": ["worker.py status"], "stdout": "", "times": 2},  # ssh answered nothing
       {"when": ["worker.py status"], "stdout": _status_lines("exited", 0, slices=1), "times": 2},
   ])
-  proc = pod.run("supervise.py", *V5P_2X, "--run_name=r6", "--gin_file=gin/runs/quickstart.gin",
+  proc = pod.run("supervise.py", *V5P_2X, "--run_name=r6", "--gin_file=gin/experiments/quickstart.gin",
                  "--skip_preflight", "--allow_dirty", "--poll_s=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   kinds = [_kind(c) for c in pod.calls()]
@@ -363,6 +377,7 @@ def test_supervise_rides_out_a_failed_gcloud_call_and_silent_workers(pod):
   assert "connection reset" in proc.stderr and "0 of 4 workers answered" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--name=My Pod"], "--name='My Pod' is not a valid value"),
     (["--accelerator_type=v5p-7"], "--accelerator_type"),
@@ -375,7 +390,7 @@ def test_supervise_rides_out_a_failed_gcloud_call_and_silent_workers(pod):
 ])
 def test_bad_values_are_refused_before_anything_runs(pod, flags, message):
   base = {"--name": "mm1-x", "--project": "my-project", "--zone": "us-east5-a", "--accelerator_type": "v5p-8",
-          "--run_name": "ok", "--gin_file": "gin/runs/quickstart.gin"}
+          "--run_name": "ok", "--gin_file": "gin/experiments/quickstart.gin"}
   for flag in flags:
     base.pop(flag.split("=", 1)[0], None)
   args = [f"{k}={v}" for k, v in base.items()] + flags + ["--allow_dirty", "--skip_preflight"]
@@ -385,6 +400,7 @@ def test_bad_values_are_refused_before_anything_runs(pod, flags, message):
   assert pod.calls() == []
 
 
+@pytest.mark.slow
 def test_delete_asks_for_yes_and_stops_the_run_first(pod):
   proc = pod.run("delete.py", *V5P_2X)
   assert proc.returncode == 2 and "pass --yes" in proc.stderr and pod.calls() == []
@@ -397,15 +413,17 @@ def test_delete_asks_for_yes_and_stops_the_run_first(pod):
                        "--zone=us-east5-a", "--force", "--quiet"]
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 def test_launch_refuses_a_working_tree_that_differs_from_the_commit(tmp_path):
   clone = tmp_path / "clone"
   subprocess.run(["git", "clone", "--quiet", "--shared", str(REPO), str(clone)], check=True)
-  with (clone / "gin" / "runs" / "quickstart.gin").open("a") as f:
+  with (clone / "gin" / "experiments" / "quickstart.gin").open("a") as f:
     f.write("\n# changed\n")
   p = Pod(tmp_path)
   proc = subprocess.run([sys.executable, str(clone / "tpu_scripts" / "launch.py"), "--name=mm1-x",
                          "--project=my-project", "--zone=us-east5-a", "--accelerator_type=v5p-8", "--run_name=r",
-                         "--gin_file=gin/runs/quickstart.gin"], cwd=clone, env=p.env, capture_output=True,
+                         "--gin_file=gin/experiments/quickstart.gin"], cwd=clone, env=p.env, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2 and "working tree differs" in proc.stderr and "--allow_dirty" in proc.stderr
   assert p.calls() == []
@@ -436,6 +454,7 @@ def _trainer_pids(marker: str) -> list[int]:
   return pids
 
 
+@pytest.mark.slow
 def test_supervise_resumes_a_killed_training_run(pod, tmp_path):
   """The real mm1-train on one (fake) worker: killed after a checkpoint, relaunched, finished."""
   import shutil
@@ -454,8 +473,8 @@ def test_supervise_resumes_a_killed_training_run(pod, tmp_path):
                  {"when": ["remote_setup.sh"], "stdout": "MM1_SETUP done\n", "times": None}])
   workdir = tmp_path / "shared" / "runs" / "e2e"
   sup = subprocess.Popen(
-      [sys.executable, str(SCRIPTS / "supervise.py"), *V5E_VM, "--run_name=e2e", "--gin_file=gin/runs/quickstart.gin",
-       "--gin.TRAIN_STEPS=20", "--gin.CHECKPOINT_EVERY=5", "--gin.BATCH_SIZE=4", "--gin.LOG_EVERY=1",
+      [sys.executable, str(SCRIPTS / "supervise.py"), *V5E_VM, "--run_name=e2e",
+       "--gin_file=gin/experiments/quickstart.gin", "--gin.TRAIN_STEPS=20", "--gin.CHECKPOINT_EVERY=5", "--gin.BATCH_SIZE=4", "--gin.LOG_EVERY=1",
        "--gin.EVALUATION=None", f"--workdir={workdir}", "--skip_preflight", "--allow_dirty", "--poll_s=2"],
       cwd=REPO, env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   killed, deadline = [], time.time() + 400

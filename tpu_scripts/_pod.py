@@ -25,11 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # mm1_jax from this checkout, installed or not
   sys.path.insert(1, str(REPO))
+
+from mm1_jax import aot, gin_cli  # noqa: E402  (after the checkout is on the path)
 
 # Exit codes of every tpu_scripts command.
 OK, FAILED, USAGE, REFUSED = 0, 1, 2, 3
@@ -82,8 +85,6 @@ class Pod:
   @property
   def num_chips(self) -> int:
     """Chips in one slice (v4 and v5p names count TensorCores, two a chip)."""
-    from mm1_jax import aot  # noqa: PLC0415
-
     return aot.parse_topology(self.accelerator_type).num_chips
 
   @property
@@ -132,8 +133,6 @@ def add_pod_flags(p: argparse.ArgumentParser) -> None:
 
 
 def pod_from_args(args: argparse.Namespace) -> Pod:
-  from mm1_jax import aot  # noqa: PLC0415
-
   for flag, value, pattern in (("--name", args.name, _NAME), ("--project", args.project, _PROJECT),
                                ("--zone", args.zone, _ZONE)):
     if not pattern.fullmatch(value):
@@ -387,20 +386,11 @@ def worker_command(sha: str, action: str, args: list[str], python: str = ".venv/
 
 
 def split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
-  """Takes --gin.NAME=VALUE (or --gin.NAME VALUE) out of argv, returned as single flags."""
-  rest, gin = [], []
-  it = iter(argv)
-  for arg in it:
-    if arg.startswith("--gin."):
-      if "=" not in arg:
-        try:
-          arg = f"{arg}={next(it)}"
-        except StopIteration:
-          raise UsageError(f"{arg} needs a value (--gin.NAME=VALUE)") from None
-      gin.append(arg)
-    else:
-      rest.append(arg)
-  return rest, gin
+  """Takes --gin.NAME=VALUE (or --gin.NAME VALUE) out of argv, as mm1-train will read them."""
+  try:
+    return gin_cli.split_flags(argv)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -413,7 +403,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument("--shared_dir", default=DEFAULT_SHARED_DIR,
                  help="the folder mounted on every worker by setup_workers.py (default %(default)s)")
   g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                 help="environment for mm1-train on the workers (repeatable), e.g. MM1_PRETRAIN_DIR=/mnt/mm1/data")
+                 help="environment for mm1-train on the workers (repeatable), e.g. MM1_EVAL_DATA=/mnt/mm1/eval")
   g.add_argument("--train_flag", action="append", default=[], metavar="FLAG",
                  help="another mm1-train flag, passed as given (repeatable), e.g. --train_flag=--allow_config_change")
   g.add_argument("--commit", default="HEAD", help="the commit the workers run (set up by setup_workers.py)")
@@ -497,8 +487,6 @@ def preflight(pod: Pod, sha: str, gin_files: list[str], gin_flags: list[str], ru
     return None
   diff = subprocess.run(["git", "-C", str(REPO), "diff", sha], capture_output=True, text=True).stdout
   try:
-    from importlib import metadata  # noqa: PLC0415
-
     libtpu = metadata.version("libtpu")
   except Exception:  # noqa: BLE001
     libtpu = "none"

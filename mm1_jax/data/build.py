@@ -27,32 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mm1_jax.data import formats
+from tqdm import tqdm
 
-
-class ShardWriter:
-  """Round-robin ArrayRecord writers for one kind and split, created on first write."""
-
-  def __init__(self, folder: Path, prefix: str, num_shards: int):
-    self.folder, self.prefix, self.num_shards = folder, prefix, num_shards
-    self._writers = None
-    self.count = 0
-
-  def write(self, record: bytes) -> None:
-    if self._writers is None:
-      from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
-
-      self.folder.mkdir(parents=True, exist_ok=True)
-      n = self.num_shards
-      # group_size:1 keeps every record individually addressable (random access).
-      self._writers = [ArrayRecordWriter(str(self.folder / f"{self.prefix}-{i:05d}-of-{n:05d}.array_record"),
-                                         "group_size:1") for i in range(n)]
-    self._writers[self.count % self.num_shards].write(record)
-    self.count += 1
-
-  def close(self) -> None:
-    for w in self._writers or ():
-      w.close()
+from mm1_jax.data import formats, inspect_data
+from mm1_jax.data.corpus import ShardWriter, tf_example  # noqa: F401  (ShardWriter: re-exported)
 
 
 def _features(ex: formats.Example) -> dict:
@@ -77,10 +55,6 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   Several sources of one kind (CC3M and COYO captions, say) share a corpus under
   different tags (default: the format's name); a task reads all tags of its split.
   """
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from mm1_jax.data.corpus import tf_example  # noqa: PLC0415
-
   out = Path(out)
   prefix = f"{split}-{tag or fmt}"
   existing = sorted(out.glob(f"{KIND_OF[fmt]}/{prefix}-*-of-*.array_record"))
@@ -175,7 +149,7 @@ def main(argv=None) -> int:
 
 
 def _inspect(args) -> int:
-  from mm1_jax.data import inspect_data, pipeline  # noqa: PLC0415
+  from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
   cfg = pipeline.DataConfig(mixture_or_task_name=args.mixture, seq_len=args.seq_len, max_images=args.max_images,
                             seed=args.seed, module_imports=tuple(args.module_import))
@@ -185,9 +159,7 @@ def _inspect(args) -> int:
   return 0
 
 
-def entry():
-  sys.exit(main())
-
-
 if __name__ == "__main__":
-  entry()
+  from mm1_jax import console
+
+  sys.exit(console.run("data"))

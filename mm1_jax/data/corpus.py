@@ -66,9 +66,32 @@ def tf_example(features: dict) -> bytes:
   )).SerializeToString()
 
 
-def _train_writer(folder: Path, num_shards: int):
-  from mm1_jax.data.build import ShardWriter  # noqa: PLC0415
+class ShardWriter:
+  """Round-robin ArrayRecord writers for one kind and split, created on first write."""
 
+  def __init__(self, folder: Path, prefix: str, num_shards: int):
+    self.folder, self.prefix, self.num_shards = folder, prefix, num_shards
+    self._writers = None
+    self.count = 0
+
+  def write(self, record: bytes) -> None:
+    if self._writers is None:
+      from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415  (array_record: only when writing shards)
+
+      self.folder.mkdir(parents=True, exist_ok=True)
+      n = self.num_shards
+      # group_size:1 keeps every record individually addressable (random access).
+      self._writers = [ArrayRecordWriter(str(self.folder / f"{self.prefix}-{i:05d}-of-{n:05d}.array_record"),
+                                         "group_size:1") for i in range(n)]
+    self._writers[self.count % self.num_shards].write(record)
+    self.count += 1
+
+  def close(self) -> None:
+    for w in self._writers or ():
+      w.close()
+
+
+def _train_writer(folder: Path, num_shards: int):
   return ShardWriter(folder, "train", num_shards)
 
 

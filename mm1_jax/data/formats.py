@@ -29,6 +29,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from mm1_jax.data import chat
 from mm1_jax.data.tokenizer import IMAGE_TOKEN
 
 FORMATS = ("webdataset", "coco", "obelics", "mmc4", "text", "llava")
@@ -182,7 +183,7 @@ def _read_local(root: Path, ref: str, rec_id: str) -> bytes | Skip:
 def _rows(path: Path) -> Iterator[tuple[str, dict | Skip]]:
   """(row id, row) from JSONL or Parquet; malformed rows become Skips."""
   if path.suffix == ".parquet":
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415  (pyarrow: only for Parquet files)
 
     offset = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
@@ -315,8 +316,6 @@ def read_llava(path: Path, image_root: Path) -> Iterator[Record]:
   """LLaVA instruction data: a JSON list (or JSONL) of {"id", "image": path | [paths] (optional),
   "conversations": [{"from", "value"}, ...]}. The turns are checked here (roles, an
   assistant reply, one `<image>` marker per image); images are read from image_root."""
-  from mm1_jax.data import chat  # noqa: PLC0415
-
   if path.suffix == ".json":
     try:
       rows = json.loads(path.read_text())
@@ -373,7 +372,7 @@ def normalize_image(data: bytes, checks: Checks) -> bytes | str:
   CMYK, alpha, palette, too large) is converted to RGB, downscaled and re-encoded as
   JPEG, so the training pipeline only ever decodes JPEG/PNG.
   """
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415  (PIL: only when checking images)
 
   try:
     with Image.open(io.BytesIO(data)) as im:

@@ -46,7 +46,7 @@ def per_image(subimages: SubImages | None) -> int:
 
 def pad_to_aspect(image, rows: int, cols: int, fill: tuple[int, int, int]):
   """PIL image -> PIL image padded (centred) to aspect ratio cols:rows."""
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415  (PIL: only when images are split)
 
   w, h = image.size
   if w * rows == h * cols:
@@ -62,7 +62,7 @@ def pad_to_aspect(image, rows: int, cols: int, fill: tuple[int, int, int]):
 
 def split(image, size: int, subimages: SubImages) -> np.ndarray:
   """PIL image (RGB) -> uint8[K, size, size, 3]: the overview, then the crops row by row."""
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415  (PIL: only when images are split)
 
   rows, cols = subimages.grid
   padded = pad_to_aspect(image, rows, cols, subimages.pad_value)

@@ -19,12 +19,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from mm1_jax.data import loader
 from mm1_jax.data.tokenizer import IMAGE_ID
 
 
 def _png_data_uri(image: np.ndarray) -> str:
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415  (PIL: only for the preview)
 
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
@@ -50,9 +52,7 @@ def _text(ids: np.ndarray, vocab) -> str:
 
 def inspect(config, *, n: int, out: Path, tokens_per_image: int, image_size: int,
             preview: int = 24, progress: bool = True) -> dict:
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from mm1_jax.data import loader, pipeline  # noqa: PLC0415
+  from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
   mixed, names = loader.mixed_examples(config, tokens_per_image=tokens_per_image, image_size=image_size)
   mixture = pipeline.get_mixture_or_task(config)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from mm1_jax.data import chat, highres
 from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID
 
 SKIP_REASONS = ("corrupt_image", "empty_text", "image_count_mismatch", "too_short", "bad_conversation")
@@ -38,7 +39,7 @@ class Skipped:
 
 
 def _features(record: bytes) -> dict[str, list[bytes]]:
-  from tensorflow.core.example import example_pb2  # noqa: PLC0415  (protobuf only; no TF runtime)
+  from tensorflow.core.example import example_pb2  # noqa: PLC0415  (tensorflow: only when reading records)
 
   ex = example_pb2.Example.FromString(record)
   return {k: list(v.bytes_list.value) for k, v in ex.features.feature.items()}
@@ -50,13 +51,11 @@ def decode_image(data: bytes, image_size: int, subimages=None) -> np.ndarray:
   With `subimages` (`highres.SubImages`): uint8[K, image_size, image_size, 3], the
   overview and the crops of the whole image, padded to the grid's aspect ratio.
   """
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415  (PIL: only when decoding images)
 
   with Image.open(io.BytesIO(data)) as im:
     im = im.convert("RGB")
     if subimages is not None:
-      from mm1_jax.data import highres  # noqa: PLC0415
-
       return highres.split(im, image_size, subimages)
     w, h = im.size
     if (w, h) != (image_size, image_size):
@@ -92,8 +91,6 @@ class _Prepare:
 
   def __init__(self, kind: str, vocabulary, image_size: int, seq_len: int, tokens_per_image: int,
                max_images: int, task_index: int = 0, subimages=None, chat_template=None):
-    from mm1_jax.data import chat, highres  # noqa: PLC0415
-
     self.kind, self.vocab, self.image_size, self.task_index = kind, vocabulary, image_size, task_index
     self.max_len, self.max_images = seq_len + 1, max_images
     self.subimages, self.k = subimages, highres.per_image(subimages)
@@ -102,8 +99,6 @@ class _Prepare:
 
   def _text(self, f: dict) -> tuple[np.ndarray, np.ndarray | None, list[bytes]] | Skipped:
     if self.kind == "chat":
-      from mm1_jax.data import chat  # noqa: PLC0415
-
       try:
         turns = chat.parse(f["conversations"][0])
         ids, weights = chat.tokenize(self.vocab, turns, self.template)
@@ -150,9 +145,9 @@ class _Prepare:
 def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, pack: bool,
                        skipped: collections.Counter):
   """An IterDataset of packed rows (see `pipeline.pack_examples`) with exact, JSON-able state."""
-  import grain  # noqa: PLC0415
+  import grain  # noqa: PLC0415  (grain: only when loading data)
 
-  from mm1_jax.data.pipeline import PackedRow  # noqa: PLC0415
+  from mm1_jax.data.pipeline import PackedRow  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
   class PackIterator(grain.DatasetIterator):
     def __init__(self, parent_it):
@@ -227,9 +222,9 @@ def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_inde
 
   Each example carries "task", the index of its task in the returned names.
   """
-  import grain  # noqa: PLC0415
+  import grain  # noqa: PLC0415  (grain: only when loading data)
 
-  from mm1_jax.data import pipeline, sources  # noqa: PLC0415
+  from mm1_jax.data import pipeline, sources  # noqa: PLC0415  (they load tensorflow, seqio)
 
   mixture = pipeline.get_mixture_or_task(config)
   tasks = [(t, mixture.get_rate(t)) for t in mixture.tasks] if hasattr(mixture, "tasks") else [(mixture, 1.0)]
@@ -267,7 +262,7 @@ def make_loader(config, *, tokens_per_image: int, image_size: int, shard_index: 
     shard_index, num_shards: this host's share of every task's records.
     num_epochs: None repeats forever (each epoch reshuffled).
   """
-  import grain  # noqa: PLC0415
+  import grain  # noqa: PLC0415  (grain: only when loading data)
 
   if config.batch_size % num_shards:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by {num_shards} hosts")

@@ -18,6 +18,7 @@ import functools
 import seqio
 import tensorflow as tf
 
+from mm1_jax.data import chat
 from mm1_jax.data.tokenizer import IMAGE_ID, IMAGE_TOKEN
 
 OUTPUT_IMAGE_KEY = "images"
@@ -88,8 +89,6 @@ def chat_to_ids(ex, vocabulary, image_size: int = 64, template=None):
   Tokenized here rather than by seqio's `tokenize`: the loss mask comes from where each
   token falls in the rendered chat (`mm1_jax.data.chat.tokenize`).
   """
-  from mm1_jax.data import chat  # noqa: PLC0415
-
   template = template or chat.ChatTemplate()
 
   def tok(conversations):

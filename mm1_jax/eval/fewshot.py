@@ -37,12 +37,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mm1_jax import decoder as decoder_lib
 from mm1_jax import sharding as sharding_lib
-from mm1_jax.data import highres
-from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, NEWLINE_ID, PAD_ID
-from mm1_jax.eval import benchmarks as benchmarks_lib
+from mm1_jax.data import highres, tokenizer
+from mm1_jax.data.loader import decode_image
+from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, NEWLINE_ID, PAD_ID, SHAPES
+from mm1_jax.eval import readers as readers_lib
+from mm1_jax.eval import overlap
 from mm1_jax.model import MM1
 
 TEMPLATES = {
@@ -60,7 +63,7 @@ CHAT_TEMPLATES = {
 @dataclasses.dataclass(frozen=True)
 class FewShotConfig:
   """Attributes:
-    benchmarks: names in `mm1_jax.eval.benchmarks.BENCHMARKS` (coco, nocaps, textcaps,
+    benchmarks: names in `mm1_jax.eval.readers.BENCHMARKS` (coco, nocaps, textcaps,
       vqav2, textvqa, vizwiz, okvqa, gqa; shapes_caption, shapes_vqa for the bundled corpus).
     shots: numbers of demonstrations.
     num_queries: test examples scored per benchmark (None: the whole test split).
@@ -72,6 +75,10 @@ class FewShotConfig:
       $MM1_EVAL_DATA, else ~/data/mm1_eval).
     files: {"<benchmark>.<split>.<role>": path} for files outside that layout.
     module_imports: modules that register the benchmarks' seqio tasks.
+    corpora: built corpora (`mm1_jax.data.sources.Corpus`) registered as tasks too, so
+      that `train_mixture` can name one.
+    tokenizer: the model's SentencePiece model (a path, or a bundled model's name) that
+      prompts are encoded and answers decoded with.
     train_mixture: the training mixture; when set, eval images are checked against its
       images by content hash and overlaps are reported.
     drop_train_overlap: also leave overlapping queries out of the scores.
@@ -91,6 +98,8 @@ class FewShotConfig:
   data_root: str | None = None
   files: Mapping[str, str] | None = None
   module_imports: tuple[str, ...] = ("tasks",)
+  corpora: tuple[Any, ...] = ()
+  tokenizer: str = SHAPES
   train_mixture: str | None = None
   drop_train_overlap: bool = False
   image_cache: int = 4096
@@ -101,7 +110,7 @@ class FewShotConfig:
 def load_split(task_name: str, split: str, module_imports=("tasks",)) -> list[dict]:
   """Records of a registered eval task as Python dicts: strings, lists of strings, and
   "image" (encoded bytes) or "image_path". Images are decoded later, when used."""
-  import seqio  # noqa: PLC0415
+  import seqio  # noqa: PLC0415  (seqio: only when reading eval tasks)
 
   for m in module_imports:
     importlib.import_module(m)
@@ -209,8 +218,6 @@ class _ImageCache:
     self.failed: dict[str, str] = {}
 
   def __call__(self, rec: dict) -> np.ndarray | None:
-    from mm1_jax.data.loader import decode_image  # noqa: PLC0415
-
     key = rec.get("image_path") or image_key(rec)
     if key in self._cache:
       self._cache.move_to_end(key)
@@ -231,7 +238,7 @@ class _ImageCache:
 
 @dataclasses.dataclass
 class _Benchmark:
-  spec: benchmarks_lib.Benchmark
+  spec: readers_lib.Benchmark
   template: tuple[str, str]
   support: list[dict]
   test: list[dict]
@@ -244,7 +251,7 @@ def benchmark_specs(config: FewShotConfig) -> list:
   """The configured benchmarks' specs; ValueError naming the known ones for an unknown name."""
   for m in config.module_imports:  # they register the benchmarks' tasks
     importlib.import_module(m)
-  return [benchmarks_lib.get(n) for n in config.benchmarks]
+  return [readers_lib.get(n) for n in config.benchmarks]
 
 
 def score(metric_fns, key: str, targets: list, preds: list[str], answer_types: list[str | None]
@@ -270,18 +277,16 @@ class Evaluator:
   """Runs the configured few-shot benchmarks on a set of parameters."""
 
   def __init__(self, config: FewShotConfig, model: MM1, mesh: jax.sharding.Mesh, rules):
-    import seqio  # noqa: PLC0415
-
-    from mm1_jax.data import tokenizer  # noqa: PLC0415
+    import seqio  # noqa: PLC0415  (seqio: only when reading eval tasks)
 
     self.config = config
     self.model = model
     self.mesh = mesh
     self.rules = rules
-    self.sp = tokenizer.load()
+    self.sp = tokenizer.load(config.tokenizer)
     if config.batch_size % sharding_lib.batch_divisor(mesh, rules):
       raise ValueError(f"eval batch_size {config.batch_size} does not split over mesh {mesh.shape}")
-    benchmarks_lib.configure(config.data_root, config.files)
+    readers_lib.configure(config.data_root, config.files)
     specs = benchmark_specs(config)  # fails early on unknown names
     defaults = CHAT_TEMPLATES if config.chat_template is not None else TEMPLATES
     templates = {**defaults, **(config.templates or {})}
@@ -294,19 +299,20 @@ class Evaluator:
       test = load_split(spec.task, "test", config.module_imports)
       support = []
       if any(config.shots):
-        support_task = benchmarks_lib.get(spec.support_from).task if spec.support_from else spec.task
+        support_task = readers_lib.get(spec.support_from).task if spec.support_from else spec.task
         support = load_split(support_task, "support", config.module_imports)
       task = seqio.get_mixture_or_task(spec.task)
       self.benchmarks[spec.name] = _Benchmark(
           spec, tuple(templates.get(spec.name, templates[spec.kind])), support, test,
           list(task.predict_metric_fns))
     if config.train_mixture:
+      from mm1_jax.data import sources  # noqa: PLC0415  (sources loads tensorflow, seqio)
+
+      sources.register_all(config.corpora)
       self._check_train_overlap(config.train_mixture)
     self._generate = jax.jit(functools.partial(_generate, model=model, max_new=config.max_new_tokens))
 
   def _check_train_overlap(self, mixture: str) -> None:
-    from mm1_jax.eval import overlap  # noqa: PLC0415
-
     train = overlap.train_image_digests(mixture)
     for name, b in self.benchmarks.items():
       b.overlap = [q["id"] for q in b.test if overlap.record_digest(q) in train]
@@ -364,8 +370,6 @@ class Evaluator:
     return out
 
   def evaluate(self, params, progress: bool = True) -> tuple[dict[str, float], dict[str, list]]:
-    from tqdm import tqdm  # noqa: PLC0415
-
     c = self.config
     results, samples = {}, {}
     queries = {name: self._queries(b) for name, b in self.benchmarks.items()}

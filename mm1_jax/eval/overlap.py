@@ -17,6 +17,10 @@ import json
 import os
 from pathlib import Path
 
+from tqdm import tqdm
+
+from mm1_jax.data.loader import _features
+
 IMAGE_FEATURES = ("image", "images")
 
 
@@ -39,9 +43,8 @@ def _cache_dir() -> Path:
 
 def _shard_digests(path: str) -> list[str]:
   """Digests of every image in one ArrayRecord shard of tf.train.Examples (cached)."""
-  from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415
-
-  from mm1_jax.data.loader import _features  # noqa: PLC0415
+  from array_record.python.array_record_data_source import (  # noqa: PLC0415  (array_record: only to hash shards)
+      ArrayRecordDataSource)
 
   st = os.stat(path)
   key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
@@ -71,10 +74,9 @@ def train_image_digests(mixture_or_task: str, split: str = "train", progress: bo
   ArrayRecord sources (this package's corpora) are read shard by shard with a cache;
   any other source is read through its tf.data dataset, looking at the "image" and
   "images" features."""
-  import seqio  # noqa: PLC0415
-  from tqdm import tqdm  # noqa: PLC0415
+  import seqio  # noqa: PLC0415  (seqio: only when reading a training mixture)
 
-  from mm1_jax.data.sources import ArrayRecordExampleSource  # noqa: PLC0415
+  from mm1_jax.data.sources import ArrayRecordExampleSource  # noqa: PLC0415  (sources loads tensorflow, seqio)
 
   target = seqio.get_mixture_or_task(mixture_or_task)
   tasks = target.tasks if isinstance(target, seqio.Mixture) else [target]

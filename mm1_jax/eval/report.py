@@ -69,7 +69,7 @@ def find_regressions(eval_dir: str | Path, max_regression: float, steps: list[in
 
 def write_tensorboard(eval_dir: str | Path, logged: list[int]) -> list[int]:
   """Adds eval/<metric> scalars for steps not yet logged; returns all logged steps."""
-  from tensorboardX import SummaryWriter  # noqa: PLC0415
+  from tensorboardX import SummaryWriter  # noqa: PLC0415  (tensorboardX: only for eval scalars)
 
   runs = load_results(eval_dir)
   new = [s for s in runs if s not in set(logged)]
@@ -84,10 +84,10 @@ def write_tensorboard(eval_dir: str | Path, logged: list[int]) -> list[int]:
 
 def plot_metrics(eval_dir: str | Path) -> dict[str, Path]:
   """One PNG per score across steps, in eval/plots/; returns {metric: path}."""
-  import matplotlib  # noqa: PLC0415
+  import matplotlib  # noqa: PLC0415  (matplotlib: only for plots)
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt  # noqa: PLC0415  (matplotlib: only for plots; after use("Agg"))
 
   runs = load_results(eval_dir)
   metrics = sorted({m for r in runs.values() for m in r if _is_score(m)})

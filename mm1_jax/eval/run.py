@@ -17,9 +17,11 @@ from pathlib import Path
 import jax
 
 from mm1_jax import sharding as sharding_lib
-from mm1_jax.eval import fewshot, report
 from mm1_jax.aim import ImageObjectiveConfig
+from mm1_jax.checkpoint import Checkpointer
+from mm1_jax.eval import fewshot, report
 from mm1_jax.model import MM1, MM1Config
+from mm1_jax.train import dummy_batch, init_param_shardings
 
 EXIT_NOTHING, EXIT_REGRESSION, EXIT_FAILED = 2, 3, 4
 
@@ -78,9 +80,6 @@ def evaluate(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Confi
   Returns:
     an exit code (module docstring).
   """
-  from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
-  from mm1_jax.train import dummy_batch, init_param_shardings  # noqa: PLC0415
-
   if not isinstance(model, MM1Config):
     raise SystemExit(f"error: mm1-eval scores MM1 models; this run trains an image encoder "
                      f"({type(model).__name__}): judge its trunk with mm1-probe")

@@ -25,7 +25,12 @@ import json
 import sys
 from pathlib import Path
 
-from mm1_jax.hf import convert
+import gin
+import jax
+
+from mm1_jax import decoder, gin_cli
+from mm1_jax.checkpoint import load_checkpoint_params, load_params, save_params  # noqa: F401  (re-exported)
+from mm1_jax.hf import convert, verify
 
 _GIN_MODULES = {"ViTConfig": "vit", "DecoderConfig": "decoder", "MoEConfig": "moe"}
 
@@ -54,43 +59,6 @@ def config_to_gin(cfg, header: str) -> str:
   return "\n".join(lines)
 
 
-def save_params(tree: dict, directory: Path) -> None:
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  ckptr = ocp.PyTreeCheckpointer()
-  ckptr.save(directory.absolute(), tree, force=True)
-
-
-def load_params(directory: str | Path) -> dict:
-  """An imported DIR (DIR/params) or a run's checkpoints/ folder (newest step) -> params numpy tree."""
-  directory = Path(directory).absolute()
-  if (directory / "params").is_dir():
-    return _restore_numpy(directory / "params")
-  from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
-
-  steps = Checkpointer(directory).all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{directory} has neither params/ (mm1-convert import) nor checkpoints")
-  return load_checkpoint_params(directory, steps[-1])
-
-
-def load_checkpoint_params(directory: Path, step: int) -> dict:
-  return _restore_numpy(Path(directory).absolute() / str(step) / "state")["params"]
-
-
-def _restore_numpy(path: Path) -> dict:
-  """Restores an orbax PyTree as host numpy arrays: no devices or saved topology needed."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(path)
-  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(path, restore_args=args)
-
-
 def cmd_import(args) -> int:
   out = Path(args.out)
   conv = convert.to_params(args.kind, args.src, image_size=args.image_size, scan_layers=not args.no_scan,
@@ -99,8 +67,6 @@ def cmd_import(args) -> int:
   save_params({conv.component: conv.params}, out / "params")
   (out / "model.gin").write_text(config_to_gin(conv.config, f"{conv.component} imported by mm1-convert "
                                                             f"from {args.src} (kind={args.kind})"))
-  import jax  # noqa: PLC0415
-
   n = sum(int(x.size) for x in jax.tree.leaves(conv.params))
   summary = {"kind": args.kind, "component": conv.component, "src": str(args.src), "out": str(out),
              "parameters": n, "unused_tensors": conv.unused}
@@ -110,18 +76,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-  import gin  # noqa: PLC0415
-
-  from mm1_jax.cli import REPO_ROOT  # noqa: PLC0415
-
-  from mm1_jax import decoder, gin_checks  # noqa: PLC0415
-
   gin.clear_config(clear_constants=True)
   try:
-    try:
-      gin_checks.parse(args.gin_file, args.gin, [str(REPO_ROOT)])
-    except gin_checks.ConfigError as e:
-      raise SystemExit(f"error: {e}") from None
+    gin_cli.parse(args, args.bindings, read_by_command=("MODEL",))
     try:  # a model file defines MODEL; an imported DIR/model.gin binds the decoder only
       dec_cfg = gin.query_parameter("%MODEL").scoped_configurable_fn().decoder
     except ValueError:
@@ -141,8 +98,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-  from mm1_jax.hf import verify  # noqa: PLC0415
-
   result = verify.verify(args.kind, args.src, batch=args.batch, seq_len=args.seq_len,
                          tolerance=args.tolerance)
   print(json.dumps(result))
@@ -163,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", help="compute dtype written to model.gin")
   p.set_defaults(fn=cmd_import)
   p = sub.add_parser("export", help="a trained decoder -> Hugging Face Llama directory")
-  p.add_argument("--gin_file", action="append", required=True, help="model gin file (defines MODEL)")
-  p.add_argument("--gin", action="append", default=[], help="extra gin binding")
+  gin_cli.add_gin_flags(p, example="gin/models/mm1_3b.gin or DIR/model.gin (defines MODEL or the decoder)")
   p.add_argument("--params", required=True, help="checkpoints/ folder of a run, or an imported directory")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--out", required=True, help="output Hugging Face directory")
@@ -180,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  rest, bindings = gin_cli.split_bindings(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(rest)
+  if bindings and args.command != "export":
+    raise SystemExit(f"error: mm1-convert {args.command} takes no --gin.NAME=VALUE flags")
+  args.bindings = bindings
   try:
     return args.fn(args)
   except convert.ConversionError as e:
@@ -188,9 +146,7 @@ def main(argv=None) -> int:
     return 2
 
 
-def entry():
-  sys.exit(main())
-
-
 if __name__ == "__main__":
-  entry()
+  from mm1_jax import console
+
+  sys.exit(console.run("convert"))

@@ -24,7 +24,14 @@ import struct
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from mm1_jax import decoder as decoder_lib
 from mm1_jax import moe as moe_lib
@@ -117,14 +124,10 @@ def _header(path: Path) -> dict[str, dict]:
 
 
 def _read(path: Path, name: str) -> np.ndarray:
-  from safetensors import safe_open  # noqa: PLC0415
-
   with safe_open(str(path), framework="np") as f:
     if f.get_slice(name).get_dtype() not in ("BF16", "F8_E4M3", "F8_E5M2"):
       return f.get_tensor(name)
   # numpy has no bfloat16: read the raw bytes and view them with ml_dtypes (shipped with jax).
-  import ml_dtypes  # noqa: PLC0415
-
   dtypes = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
   info = _header(path)[name]
   with open(path, "rb") as f:
@@ -247,16 +250,12 @@ def _norm(ckpt: HFCheckpoint, name: str, d: int, bias: bool) -> dict:
 def stack_layers(per_layer: list[dict], scan: bool) -> dict:
   """Per-layer trees -> a BlockStack's params: {'layers': stacked} or {'block_i': tree}."""
   if scan:
-    import jax  # noqa: PLC0415
-
     return {"layers": jax.tree.map(lambda *a: np.stack(a), *per_layer)}
   return {f"block_{i}": p for i, p in enumerate(per_layer)}
 
 
 def unstack_layers(blocks: dict) -> list[dict]:
   """Inverse of `stack_layers`."""
-  import jax  # noqa: PLC0415
-
   if "layers" in blocks:
     n = jax.tree.leaves(blocks["layers"])[0].shape[0]
     return [jax.tree.map(lambda a: np.asarray(a[i]), blocks["layers"]) for i in range(n)]  # noqa: B023
@@ -266,8 +265,6 @@ def unstack_layers(blocks: dict) -> list[dict]:
 def _progress(items, desc: str, show: bool):
   if not show:
     return items
-  from tqdm import tqdm  # noqa: PLC0415
-
   return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
@@ -421,25 +418,16 @@ def compare_tree(expected, got, path="") -> None:
 
 def abstract_params(module, *args, **kwargs) -> dict:
   """The module's parameter shapes (jax.eval_shape: nothing is allocated)."""
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-
   init = lambda *a: module.init(jax.random.PRNGKey(0), *a, **kwargs)  # noqa: E731
   return nn.meta.unbox(jax.eval_shape(init, *args))["params"]
 
 
 def check_encoder(cfg: vit_lib.ViTConfig, params: dict) -> None:
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
   images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.uint8)
   compare_tree(abstract_params(vit_lib.ViT(cfg), images), params, "encoder")
 
 
 def check_decoder(cfg: decoder_lib.DecoderConfig, params: dict) -> None:
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
   tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
   mask = jax.ShapeDtypeStruct((1, 1, 4, 4), jnp.bool_)
   expected = abstract_params(decoder_lib.Decoder(cfg), tokens, mask, tokens,
@@ -453,8 +441,6 @@ def check_decoder(cfg: decoder_lib.DecoderConfig, params: dict) -> None:
 def decoder_to_llama(cfg: decoder_lib.DecoderConfig, params: dict, out: str | Path,
                      log: Callable[[str], None] = print) -> Path:
   """Writes a dense decoder as a Llama (or, with a sliding window, Mistral) HF directory."""
-  from safetensors.numpy import save_file  # noqa: PLC0415
-
   if cfg.moe is not None:
     raise ConversionError("export covers dense decoders; this one has sparse (MoE) layers")
   out = Path(out)

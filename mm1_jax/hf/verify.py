@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
+from mm1_jax import decoder, model, vit
 from mm1_jax.hf import convert
 
 DEFAULT_TOLERANCE = 1e-4  # float32
 
 
 def _hf_model(kind: str, src: Path):
-  import transformers as T  # noqa: PLC0415
+  import transformers as T  # noqa: PLC0415  (transformers: only to verify a conversion)
 
   classes = {"clip": T.CLIPVisionModel, "siglip": T.SiglipVisionModel, "aimv2": T.Aimv2VisionModel}
   cls = classes.get(kind, T.AutoModelForCausalLM)
@@ -28,8 +30,7 @@ def _hf_model(kind: str, src: Path):
 def verify(kind: str, src: str | Path, *, batch: int = 2, seq_len: int = 16, seed: int = 0,
            tolerance: float = DEFAULT_TOLERANCE) -> dict:
   """Returns {'kind', 'max_abs_diff_hidden', ['max_abs_diff_logits'], 'tolerance', 'ok', ...}."""
-  import jax.numpy as jnp  # noqa: PLC0415
-  import torch  # noqa: PLC0415
+  import torch  # noqa: PLC0415  (torch: only to verify a conversion)
 
   src = Path(src)
   conv = convert.to_params(kind, src, scan_layers=True)
@@ -38,8 +39,6 @@ def verify(kind: str, src: str | Path, *, batch: int = 2, seq_len: int = 16, see
   result = {"kind": kind, "src": str(src), "tolerance": tolerance, "unused_tensors": len(conv.unused)}
 
   if conv.component == "encoder":
-    from mm1_jax import vit  # noqa: PLC0415
-
     cfg = conv.config
     images = rng.integers(0, 256, (batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     ours = vit.ViT(cfg).apply({"params": conv.params}, jnp.asarray(images))
@@ -54,8 +53,6 @@ def verify(kind: str, src: str | Path, *, batch: int = 2, seq_len: int = 16, see
     result["max_abs_diff_hidden"] = float(np.abs(np.asarray(ours) - theirs.numpy()).max())
     result["shape"] = list(np.shape(ours))
   else:
-    from mm1_jax import decoder, model  # noqa: PLC0415
-
     cfg = conv.config
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len), dtype=np.int64)
     dec = decoder.Decoder(cfg)

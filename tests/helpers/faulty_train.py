@@ -57,15 +57,17 @@ def _kill_before_commit(step: int) -> None:
 def main() -> int:
   fault, argv = sys.argv[1], sys.argv[2:]
   kind, _, value = fault.partition("=")
-  from mm1_jax import cli
+  from mm1_jax import console
 
-  cli._setup_jax()  # before the fault hooks import jax
+  console.prepare_platform("train")  # before the fault hooks import jax
   if kind == "nan_steps":
     _inject_nan(_steps(value))
   elif kind == "kill_before_commit":
     _kill_before_commit(int(value))
   else:
     raise SystemExit(f"unknown fault {fault!r}")
+  from mm1_jax import cli
+
   return cli.main_train(argv)
 
 

@@ -1,14 +1,21 @@
 """Vision-language connectors: patch features [B, L, D_enc] -> image tokens [B, Q, d_llm].
 
 MM1 compares three (Sec. 3.2 of the paper) and picks the C-Abstractor; all are here,
-plus the two usual baselines. Each config's `build(out_dim)` gives its module, so gin
-chooses the connector by binding `model.MM1Config.connector`:
+plus the usual baselines. Every connector is a `ConnectorConfig`: a frozen dataclass
+that builds its module (`build(out_dim)`), says how many image tokens it gives
+(`tokens(num_patches)`) and counts its forward FLOPs (`forward_flops`, used for MFU).
+gin chooses one by binding `model.MM1Config.connector` (gin/connectors/<name>.gin):
 
-  CAbstractorConfig    convolutional abstractor (Honeybee), Q = any square
-  AvgPoolConfig        adaptive n x n average pool + Linear, Q = n * n
-  AttentionPoolConfig  Q learnable queries cross-attending to the patches + Linear
-  LinearConfig         one Linear per patch, Q = L (no reduction)
-  MLPConfig            Linear, GELU, Linear per patch (LLaVA-1.5), Q = L
+  c_abstractor    CAbstractorConfig    convolutional abstractor (Honeybee), Q = any square
+  avg_pool        AvgPoolConfig        adaptive n x n average pool + Linear, Q = n * n
+  attention_pool  AttentionPoolConfig  Q learnable queries cross-attending to the patches + Linear
+  linear          LinearConfig         one Linear per patch, Q = L (no reduction)
+  mlp             MLPConfig            Linear, GELU, Linear per patch (LLaVA-1.5), Q = L
+  pixel_shuffle   PixelShuffleConfig   r x r neighbours concatenated, LayerNorm + MLP, Q = L / r^2
+
+A new connector is one `ConnectorConfig` subclass (with its module), one gin file
+gin/connectors/<name>.gin binding it, and one entry in `CONNECTORS`; the tests run every
+entry (shapes, FLOPs against XLA, a train step, its gin file).
 
 C-Abstractor:
   patch features [B, L, D_enc] (+ learned position embedding)
@@ -32,15 +39,38 @@ from mm1_jax import layers
 from mm1_jax import sharding
 
 
-class _Buildable:
-  """Connector configs build their module: `config.build(out_dim)` (see `_MODULES`)."""
+class ConnectorConfig:
+  """Base of every connector config (subclasses are frozen dataclasses)."""
+
+  num_tokens: int | None  # image tokens Q; None: one per patch
 
   def build(self, out_dim: int, name: str | None = None) -> nn.Module:
-    return _MODULES[type(self)](self, out_dim, name=name)
+    """The connector module: float[B, L, D_enc] -> float[B, Q, out_dim]."""
+    raise NotImplementedError
+
+  def tokens(self, num_patches: int) -> int:
+    """Q for an encoder of `num_patches` patches."""
+    return self.num_tokens or num_patches
+
+  def forward_flops(self, num_patches: int, in_dim: int, out_dim: int) -> float:
+    """Matmul and convolution FLOPs (2 per multiply-add) of one image's forward pass."""
+    raise NotImplementedError
+
+
+def _pool_flops(num_patches: int, side: int, channels: int) -> float:
+  """`adaptive_avg_pool2d` from a sqrt(num_patches)-square grid to side x side: two
+  matmuls with the pooling matrices (rows, then columns)."""
+  n = math.isqrt(num_patches)
+  return 2.0 * channels * (side * n * n + side * side * n)
+
+
+def _linear_flops(tokens: int, *dims: int) -> float:
+  """A chain of Linear layers dims[0] -> dims[1] -> ... applied to `tokens` tokens."""
+  return 2.0 * tokens * sum(a * b for a, b in zip(dims, dims[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
-class CAbstractorConfig(_Buildable):
+class CAbstractorConfig(ConnectorConfig):
   num_tokens: int = 16  # Q; MM1 uses 144 (12 x 12)
   hidden: int = 128  # MM1 / Honeybee: 1024
   depth: int = 1  # blocks per stage; MM1 / Honeybee: 3
@@ -50,6 +80,19 @@ class CAbstractorConfig(_Buildable):
   @property
   def pooled_grid(self) -> int:
     return _square_side(self.num_tokens)
+
+  def build(self, out_dim: int, name: str | None = None) -> nn.Module:
+    return CAbstractor(self, out_dim, name=name)
+
+  def forward_flops(self, num_patches: int, in_dim: int, out_dim: int) -> float:
+    def block(cells: int, cin: int) -> float:  # a RegNetBlock (squeeze-excite left out: per image)
+      c = self.hidden
+      macs = cin * c + 9 * c + c * c + (cin * c if cin != c else 0)
+      return 2.0 * cells * macs
+    stage1 = sum(block(num_patches, in_dim if i == 0 else self.hidden) for i in range(self.depth))
+    stage2 = self.depth * block(self.num_tokens, self.hidden)
+    pool = _pool_flops(num_patches, self.pooled_grid, self.hidden)
+    return stage1 + pool + stage2 + _linear_flops(self.num_tokens, self.hidden, out_dim, out_dim)
 
 
 def _square_side(num_tokens: int) -> int:
@@ -149,9 +192,16 @@ class CAbstractor(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class AvgPoolConfig(_Buildable):
+class AvgPoolConfig(ConnectorConfig):
   num_tokens: int = 16  # n * n
   dtype: str = "float32"
+
+  def build(self, out_dim: int, name: str | None = None) -> nn.Module:
+    return AvgPoolProjector(self, out_dim, name=name)
+
+  def forward_flops(self, num_patches: int, in_dim: int, out_dim: int) -> float:
+    pool = _pool_flops(num_patches, _square_side(self.num_tokens), in_dim)
+    return pool + _linear_flops(self.num_tokens, in_dim, out_dim)
 
 
 class AvgPoolProjector(nn.Module):
@@ -171,10 +221,19 @@ class AvgPoolProjector(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionPoolConfig(_Buildable):
+class AttentionPoolConfig(ConnectorConfig):
   num_tokens: int = 16  # k learnable queries (MM1 tried 64 and 144)
   num_heads: int = 8
   dtype: str = "float32"
+
+  def build(self, out_dim: int, name: str | None = None) -> nn.Module:
+    return AttentionPool(self, out_dim, name=name)
+
+  def forward_flops(self, num_patches: int, in_dim: int, out_dim: int) -> float:
+    q, n, d = self.num_tokens, num_patches, in_dim
+    projections = _linear_flops(q, d, d) * 2 + _linear_flops(n, d, d) * 2  # query, out; key, value
+    attention = 2.0 * 2 * q * n * d  # scores and the weighted sum
+    return projections + attention + _linear_flops(q, d, out_dim)
 
 
 class AttentionPool(nn.Module):
@@ -209,16 +268,19 @@ class AttentionPool(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearConfig:
+class LinearConfig(ConnectorConfig):
   num_tokens: int | None = None  # None: one per patch (no reduction); if set, must equal the patches
   dtype: str = "float32"
 
   def build(self, out_dim: int, name: str | None = None) -> nn.Module:
     return PatchProjector(self.num_tokens, out_dim, hidden_layers=0, dtype=self.dtype, name=name)
 
+  def forward_flops(self, num_patches: int, in_dim: int, out_dim: int) -> float:
+    return _linear_flops(num_patches, in_dim, out_dim)
+
 
 @dataclasses.dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(ConnectorConfig):
   num_tokens: int | None = None  # None: one per patch (no reduction); if set, must equal the patches
   act: str = "gelu_exact"
   dtype: str = "float32"
@@ -226,6 +288,9 @@ class MLPConfig:
   def build(self, out_dim: int, name: str | None = None) -> nn.Module:
     return PatchProjector(self.num_tokens, out_dim, hidden_layers=1, act=self.act, dtype=self.dtype,
                           name=name)
+
+  def forward_flops(self, num_patches: int, in_dim: int, out_dim: int) -> float:
+    return _linear_flops(num_patches, in_dim, out_dim, out_dim)
 
 
 class PatchProjector(nn.Module):
@@ -251,5 +316,58 @@ class PatchProjector(nn.Module):
     return sharding.constrain(x, ("batch", "length", "embed"))
 
 
-_MODULES = {CAbstractorConfig: CAbstractor, AvgPoolConfig: AvgPoolProjector, AttentionPoolConfig: AttentionPool}
-ConnectorConfig = CAbstractorConfig | AvgPoolConfig | AttentionPoolConfig | LinearConfig | MLPConfig
+@dataclasses.dataclass(frozen=True)
+class PixelShuffleConfig(ConnectorConfig):
+  """Space-to-depth (InternVL, Idefics3): each factor x factor block of neighbouring patches
+  becomes one token of factor^2 x D_enc channels, then LayerNorm, Linear, GELU, Linear.
+  Q = L / factor^2: a 24 x 24 grid (ViT-L/14 at 336 px) gives 144 tokens at factor 2."""
+  factor: int = 2
+  num_tokens: int | None = None  # None: L / factor^2; if set, must equal it
+  act: str = "gelu_exact"
+  dtype: str = "float32"
+
+  def tokens(self, num_patches: int) -> int:
+    return num_patches // self.factor ** 2
+
+  def build(self, out_dim: int, name: str | None = None) -> nn.Module:
+    return PixelShuffle(self, out_dim, name=name)
+
+  def forward_flops(self, num_patches: int, in_dim: int, out_dim: int) -> float:
+    return _linear_flops(self.tokens(num_patches), self.factor ** 2 * in_dim, out_dim, out_dim)
+
+
+class PixelShuffle(nn.Module):
+  """features: float[B, L, D_enc] (L a square) -> float[B, L / r^2, d_llm], r = factor."""
+
+  config: PixelShuffleConfig
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    c, r = self.config, self.config.factor
+    x = to_grid(features, "pixel shuffle")
+    b, n, _, d = x.shape
+    if n % r:
+      raise ValueError(f"pixel shuffle: the {n} x {n} patch grid does not divide by factor {r}")
+    if c.num_tokens is not None and c.num_tokens != (n // r) ** 2:
+      raise ValueError(f"pixel shuffle gives (grid / factor)^2 = {(n // r) ** 2} tokens, "
+                       f"num_tokens is {c.num_tokens}")
+    # [B, n/r, r, n/r, r, D] -> [B, n/r, n/r, r, r, D]: neighbours side by side in channels.
+    x = x.reshape(b, n // r, r, n // r, r, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, (n // r) ** 2, r * r * d)
+    dtype = jnp.dtype(c.dtype)
+    x = layers.LayerNorm(1e-6, dtype=dtype, axis_name="mlp", name="ln")(x)
+    x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name="hidden")(x)
+    x = layers.activation(c.act)(x)
+    x = layers.Linear((self.out_dim,), ("mlp", "embed"), use_bias=True, dtype=dtype, name="proj")(x)
+    return sharding.constrain(x, ("batch", "length", "embed"))
+
+
+# name (its gin file: gin/connectors/<name>.gin) -> config class
+CONNECTORS: dict[str, type[ConnectorConfig]] = {
+    "c_abstractor": CAbstractorConfig,
+    "avg_pool": AvgPoolConfig,
+    "attention_pool": AttentionPoolConfig,
+    "linear": LinearConfig,
+    "mlp": MLPConfig,
+    "pixel_shuffle": PixelShuffleConfig,
+}

@@ -140,22 +140,6 @@ def useful_flops_counter(params, config):
   return count
 
 
-def _connector_per_image(params, config) -> float:
-  enc, image_tokens = config.encoder, config.tokens_per_image
-  conn = 0.0
-  for name, sub in params["connector"].items():
-    if name.startswith("stage1") or name in ("key", "value"):  # applied per patch
-      cells = enc.num_patches
-    elif name in ("pos_embed", "queries") or name.startswith(("ln_", "se_")):
-      continue
-    else:  # applied per image token
-      cells = image_tokens
-    conn += 2 * _matmul_params(sub, skip=("se_reduce", "se_expand")) * cells
-  if "queries" in params["connector"]:  # attention pooling: Q queries over the patches
-    conn += 4 * image_tokens * enc.num_patches * enc.width
-  return conn
-
-
 def _mm1_forward(params, config, work: Work, vit: float, executed_moe: bool) -> float:
   dec = config.decoder
   attn_width = dec.num_heads * dec.head_dim
@@ -163,7 +147,8 @@ def _mm1_forward(params, config, work: Work, vit: float, executed_moe: bool) -> 
   dense = _matmul_params(params["decoder"]) + lm_head
   decoder = 2 * dense * work.tokens + 4 * dec.depth * work.attention_pairs * attn_width
   decoder += _moe_flops(params["decoder"], config, work, executed_moe)
-  return work.images * (vit + _connector_per_image(params, config)) + decoder
+  connector = config.connector.forward_flops(config.encoder.num_patches, config.encoder.width, dec.width)
+  return work.images * (vit + connector) + decoder
 
 
 def _moe_flops(tree, config: MM1Config, work: Work, executed: bool) -> float:

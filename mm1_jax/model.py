@@ -39,7 +39,7 @@ class MM1Config:
   @property
   def tokens_per_image(self) -> int:
     # Per-patch projectors may leave num_tokens unset: one token per patch.
-    return self.connector.num_tokens or self.encoder.num_patches
+    return self.connector.tokens(self.encoder.num_patches)
 
   def build(self) -> "MM1":
     return MM1(self)

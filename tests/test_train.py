@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from mm1_jax import flops, optim, sharding, train
+from mm1_jax import connector, flops, optim, sharding, train
 from mm1_jax.checkpoint import Checkpointer
 from mm1_jax.model import MM1
 
@@ -56,6 +56,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_config):
   assert float(metrics["learning_rate"]) > 0 and float(metrics["grad_norm"]) > 0
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(tiny_config, tmp_path):
   mesh, mesh_cfg, state, shardings, bsh, step = _setup(tiny_config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
@@ -76,7 +77,7 @@ def test_checkpoint_round_trip(tiny_config, tmp_path):
   ckpt.close()
 
 
-@pytest.mark.parametrize("conn", ["c_abstractor", "avg_pool", "attention_pool", "mlp"])
+@pytest.mark.parametrize("conn", sorted(connector.CONNECTORS))
 def test_flop_count_matches_xla_for_the_forward_pass(tiny_config, conn):
   """The MFU numerator against XLA's own count of the compiled forward pass.
 
@@ -84,13 +85,9 @@ def test_flop_count_matches_xla_for_the_forward_pass(tiny_config, conn):
   """
   import dataclasses
 
-  from mm1_jax import connector
-  connectors = {"c_abstractor": tiny_config.connector, "avg_pool": connector.AvgPoolConfig(num_tokens=4),
-                "attention_pool": connector.AttentionPoolConfig(num_tokens=4, num_heads=2),
-                "mlp": connector.MLPConfig(num_tokens=16)}
   tiny_config = dataclasses.replace(
       tiny_config, encoder=dataclasses.replace(tiny_config.encoder, scan_layers=False),
-      decoder=dataclasses.replace(tiny_config.decoder, scan_layers=False), connector=connectors[conn])
+      decoder=dataclasses.replace(tiny_config.decoder, scan_layers=False), connector=connector.CONNECTORS[conn]())
   m = MM1(tiny_config)
   batch = train.dummy_batch(2, 32, 2, tiny_config)
   args = (batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])
@@ -118,11 +115,12 @@ def _env():
 
 
 def _mm1_train(workdir, *extra, timeout=600):
-  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/quickstart.gin",
          f"--workdir={workdir}", *SMALL, *extra]
   return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_help():
   for name in ("train", "eval"):
     out = subprocess.run([sys.executable, "-m", "mm1_jax.cli", name, "--help"], capture_output=True,
@@ -130,6 +128,7 @@ def test_help():
     assert out.returncode == 0 and "--gin_file" in out.stdout and "--gin.NAME=VALUE" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end_and_resume(tmp_path):
   # A 5-step run, sliced: it stops (with a checkpoint) after 3 steps.
   out = _mm1_train(tmp_path, "--gin.TRAIN_STEPS=5", "--stop_after_steps=3")
@@ -191,8 +190,9 @@ def test_each_host_keeps_its_loader_state_beside_the_checkpoint(tmp_path, tiny_c
   assert not (tmp_path / "loader_state" / "step_3").exists()
 
 
+@pytest.mark.slow
 def test_cli_trains_on_a_mixture_registered_in_a_user_module(tmp_path):
-  """The README's tutorial, as a user runs it: --module_import and MIXTURE_OR_TASK_NAME."""
+  """The tutorial in docs/data.md, as a user runs it: --module_import and MIXTURE_OR_TASK_NAME."""
   mods = tmp_path / "mods"
   mods.mkdir()
   (mods / "my_mixtures.py").write_text(
@@ -201,7 +201,7 @@ def test_cli_trains_on_a_mixture_registered_in_a_user_module(tmp_path):
       "[('mm1_shapes_caption', 3.0), ('mm1_shapes_text', 1.0)])\n")
   env = _env()
   env["PYTHONPATH"] = os.pathsep.join([str(mods), env.get("PYTHONPATH", "")])
-  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/runs/quickstart.gin",
+  cmd = [sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/quickstart.gin",
          f"--workdir={tmp_path / 'run'}", *SMALL, "--gin.TRAIN_STEPS=2", "--gin.EVALUATION=None",
          "--module_import=my_mixtures", "--gin.MIXTURE_OR_TASK_NAME='my_captions_and_text'",
          "--gin.MIXTURE_RATES=None"]

@@ -26,7 +26,7 @@ from mm1_jax.data import corpus
 from mm1_jax.data import preprocessors as prep
 from mm1_jax.data import sources
 from mm1_jax.data.tokenizer import DEFAULT_SPM_PATH
-from mm1_jax.eval import benchmarks, metrics
+from mm1_jax.eval import metrics, readers
 
 VOCABULARY = seqio.SentencePieceVocabulary(str(DEFAULT_SPM_PATH))
 CORPUS_SPEC = corpus.CorpusSpec()
@@ -104,5 +104,5 @@ def _register_all():
 
 if "mm1_shapes_pretrain" not in seqio.MixtureRegistry.names():
   _register_all()
-benchmarks.register(benchmarks.Benchmark("shapes_caption", "caption", "cider", "mm1_shapes_caption_eval"))
-benchmarks.register(benchmarks.Benchmark("shapes_vqa", "vqa", "accuracy", "mm1_shapes_vqa_eval"))
+readers.register(readers.Benchmark("shapes_caption", "caption", "cider", "mm1_shapes_caption_eval"))
+readers.register(readers.Benchmark("shapes_vqa", "vqa", "accuracy", "mm1_shapes_vqa_eval"))

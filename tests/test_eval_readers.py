@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from mm1_jax import sharding
-from mm1_jax.eval import benchmarks, fewshot
+from mm1_jax.eval import fewshot
+from mm1_jax.eval import readers
 from mm1_jax.model import MM1
 
 N = 6  # usable entries per split
@@ -144,9 +145,9 @@ def eval_root(tmp_path_factory):
   _gqa(root)
   # One test image (two questions) missing on disk: skipped and counted, not fatal.
   (root / "vqav2" / "images" / "val2014" / "COCO_val2014_000000000500.jpg").unlink()
-  benchmarks.configure(str(root))
+  readers.configure(str(root))
   yield root
-  benchmarks.configure(None)
+  readers.configure(None)
 
 
 OFFICIAL = ("coco", "nocaps", "textcaps", "vqav2", "textvqa", "vizwiz", "okvqa", "gqa")
@@ -155,9 +156,9 @@ SKIPPED = {"coco": 1, "nocaps": 1, "textcaps": 1, "vqav2": 1, "textvqa": 1, "viz
 
 @pytest.mark.parametrize("name", OFFICIAL)
 def test_readers_parse_the_official_files(eval_root, name):
-  test, skipped = benchmarks.read(name, "test")
+  test, skipped = readers.read(name, "test")
   assert len(test) == N and skipped == SKIPPED[name]
-  kind = benchmarks.get(name).kind
+  kind = readers.get(name).kind
   for rec in test:
     assert rec["image_path"].startswith(str(eval_root / name))
     if kind == "caption":
@@ -165,47 +166,47 @@ def test_readers_parse_the_official_files(eval_root, name):
     else:
       assert rec["question"] and rec["answers"]
   assert len({r["id"] for r in test}) == N
-  if "support" in benchmarks.LAYOUTS[name]:
-    support, _ = benchmarks.read(name, "support")
+  if "support" in readers.LAYOUTS[name]:
+    support, _ = readers.read(name, "support")
     assert len(support) == N and not {r["image_id"] for r in support} & {r["image_id"] for r in test}
 
 
 def test_reader_details(eval_root):
-  coco, _ = benchmarks.read("coco", "test")
+  coco, _ = readers.read("coco", "test")
   assert coco[0]["id"] == "1006" and len(coco[0]["references"]) == 5
   assert coco[0]["image_path"].endswith("images/val2014/COCO_val2014_000000000006.jpg")
-  textcaps, _ = benchmarks.read("textcaps", "test")  # 5 entries per image grouped into one
+  textcaps, _ = readers.read("textcaps", "test")  # 5 entries per image grouped into one
   assert len(textcaps[0]["references"]) == 5
-  vqa, _ = benchmarks.read("vqav2", "test")
+  vqa, _ = readers.read("vqav2", "test")
   assert vqa[0]["answers"] == ["2"] * 10 and vqa[0]["image_id"] == "500" == vqa[1]["image_id"]
   assert vqa[0]["answer_type"] == "number"  # from the annotation, for the per-type breakdown
-  gqa, _ = benchmarks.read("gqa", "test")
+  gqa, _ = readers.read("gqa", "test")
   assert gqa[0]["answers"] == ["yes"] and gqa[0]["image_path"].endswith("images/n1100.jpg")
 
 
 def test_missing_files_and_names_are_clear_errors(eval_root, tmp_path):
   with pytest.raises(ValueError, match="unknown benchmark 'cocoo'"):
-    benchmarks.get("cocoo")
-  benchmarks.configure(str(tmp_path))
+    readers.get("cocoo")
+  readers.configure(str(tmp_path))
   try:
     with pytest.raises(FileNotFoundError, match=r"coco test annotations: .*--data_root.*coco.test.annotations"):
-      benchmarks.read("coco", "test")
+      readers.read("coco", "test")
     # One file pointed elsewhere by its override key.
-    benchmarks.configure(str(tmp_path), {"coco.test.annotations": str(eval_root / "coco" / "dataset_coco.json"),
+    readers.configure(str(tmp_path), {"coco.test.annotations": str(eval_root / "coco" / "dataset_coco.json"),
                                          "coco.test.images": str(eval_root / "coco" / "images")})
-    assert len(benchmarks.read("coco", "test")[0]) == N
+    assert len(readers.read("coco", "test")[0]) == N
   finally:
-    benchmarks.configure(str(eval_root))
+    readers.configure(str(eval_root))
   bad = tmp_path / "gqa" / "testdev_balanced_questions.json"
   bad.parent.mkdir()
   bad.write_text("{not json")
   (tmp_path / "gqa" / "images").mkdir()
-  benchmarks.configure(str(tmp_path))
+  readers.configure(str(tmp_path))
   try:
     with pytest.raises(ValueError, match="not valid JSON"):
-      benchmarks.read("gqa", "test")
+      readers.read("gqa", "test")
   finally:
-    benchmarks.configure(str(eval_root))
+    readers.configure(str(eval_root))
 
 
 def test_seqio_tasks_serve_the_benchmarks(eval_root):
@@ -244,9 +245,10 @@ def _train_corpus_with(tmp_path, image_bytes):
   return "leaky_pretrain"
 
 
+@pytest.mark.slow
 def test_evaluator_runs_every_benchmark_and_reports_train_overlap(eval_root, tmp_path, tiny_config, monkeypatch):
   monkeypatch.setenv("MM1_DIGEST_CACHE", str(tmp_path / "digests"))
-  coco_test, _ = benchmarks.read("coco", "test")
+  coco_test, _ = readers.read("coco", "test")
   leaked = coco_test[2]
   mixture = _train_corpus_with(tmp_path, open(leaked["image_path"], "rb").read())
   mesh_cfg = sharding.MeshConfig()

@@ -38,9 +38,6 @@ def tiny_config() -> model.MM1Config:
   return tiny_model_config()
 
 
-LIBTPU_FILES = ("test_aot.py", "test_tpu_scripts.py")  # every test there may start mm1-aot
-
-
 def pytest_configure(config):
   """Generates the shared corpus once, before any xdist worker starts, so that workers
   never race to write it."""
@@ -52,9 +49,11 @@ def pytest_configure(config):
   corpus.ensure_corpus(Path(os.environ["MM1_DATA_DIR"]), progress=False)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
-  # libtpu serves one process at a time: every test that compiles for a TPU topology runs
-  # on the same xdist worker (--dist loadgroup), one after another.
+  # libtpu serves one process at a time: every test marked `libtpu` (it compiles for a TPU
+  # topology, in this process or through mm1-aot) runs on the same xdist worker
+  # (--dist loadgroup), one after another.
   for item in items:
-    if item.path.name in LIBTPU_FILES or "preflight" in item.name:
+    if item.get_closest_marker("libtpu"):
       item.add_marker(pytest.mark.xdist_group("libtpu"))

@@ -26,6 +26,7 @@ def short_suite(tmp_path_factory):
   return tmp, json.loads(out.read_text())
 
 
+@pytest.mark.libtpu
 def test_every_benchmark_writes_a_record_of_this_checkout(short_suite):
   """Catches records stamped with another commit or machine, or a benchmark that reports
   figures it did not write a record for."""
@@ -44,6 +45,7 @@ def test_every_benchmark_writes_a_record_of_this_checkout(short_suite):
   assert 0 < figures["preflight"]["quickstart_v5p-8.per_chip_gib"] < 1
 
 
+@pytest.mark.libtpu
 def test_moe_benchmark_runs_the_shipped_capacity_factor_and_records_drops(short_suite):
   """Catches a benchmark measured at a factor no preset ships, or one that hides drops."""
   from mm1_jax import moe
@@ -57,6 +59,7 @@ def test_moe_benchmark_runs_the_shipped_capacity_factor_and_records_drops(short_
   assert m["ratio"] == min(m["ratio_capacity"], m["ratio_dropless"])
 
 
+@pytest.mark.libtpu
 def test_results_md_is_rendered_from_the_records(short_suite):
   """Catches RESULTS.md figures that differ from the records (a stale or hand-edited table)."""
   tmp, figures = short_suite

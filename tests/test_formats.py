@@ -186,6 +186,7 @@ def test_cli_prints_one_json_line_and_refuses_to_overwrite(tmp_path, capsys):
   assert build.main(args + ["--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_built_corpus_trains_through_seqio(tmp_path):
   """A built folder registered as tasks + mixture gives packed MM1 batches."""
   import seqio

@@ -58,6 +58,7 @@ def test_regnet_block_shapes_and_shortcut():
   assert variables["params"]["se_reduce"]["kernel"].shape == (8, 2)  # se ratio 0.25 of input
 
 
+@pytest.mark.slow
 def test_c_abstractor_output_tokens(tiny_config):
   cfg = connector.CAbstractorConfig(num_tokens=9, hidden=32, depth=2)
   variables, y = _init_apply(connector.CAbstractor(cfg, out_dim=48), jnp.ones((2, 36, 24)))
@@ -120,6 +121,7 @@ def _mm1_inputs(cfg, b=2, t=24, n=2, seed=0):
   return tokens, images, seg, pos
 
 
+@pytest.mark.slow
 def test_mm1_forward_shape_and_image_dependence(tiny_config):
   m = model.MM1(tiny_config)
   tokens, images, seg, pos = _mm1_inputs(tiny_config)
@@ -141,6 +143,7 @@ def _unrolled(cfg):
       decoder=dataclasses.replace(cfg.decoder, scan_layers=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [True, False])
 def test_kv_cache_decoding_matches_full_forward(tiny_config, scan):
   tiny_config = tiny_config if scan else _unrolled(tiny_config)
@@ -161,6 +164,7 @@ def test_kv_cache_decoding_matches_full_forward(tiny_config, scan):
     np.testing.assert_allclose(logits, full[:, i], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_left_padded_prefill_matches_unpadded(tiny_config):
   m = model.MM1(tiny_config)
   tokens, images, seg, pos = _mm1_inputs(tiny_config, b=1, t=12)
@@ -182,6 +186,7 @@ def test_cross_entropy_ignores_zero_weights():
   assert float(loss_all) > 0.5
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights(tiny_config):
   import dataclasses
   cfg = dataclasses.replace(
@@ -198,6 +203,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_config):
   assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_stacks_compute_the_same_function(tiny_config):
   """Same weights, laid out stacked or per block, give the same logits."""
   tokens, images, seg, pos = _mm1_inputs(tiny_config)
@@ -211,6 +217,7 @@ def test_scanned_and_unrolled_stacks_compute_the_same_function(tiny_config):
   np.testing.assert_allclose(logits, unrolled, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_policies_keep_gradients(tiny_config, policy):
   import dataclasses

@@ -81,6 +81,7 @@ def _config(dispatch, capacity_factor=2.0):
   return moe.MoEConfig(num_experts=E, top_k=K, every=1, dispatch=dispatch, capacity_factor=capacity_factor)
 
 
+@pytest.mark.slow
 def test_dropless_matches_the_per_token_reference():
   """Every assignment computed: catches the grouped matmul scattering an expert's output
   back to the wrong token or choice (the sort/unsort of `_dropless`), a missing

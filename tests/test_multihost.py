@@ -41,6 +41,7 @@ def _run(num_processes: int, tmp_path: Path, name: str, restore_from: Path | Non
   return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_share_checkpoints(tmp_path):
   one = _run(1, tmp_path, "one")
   two = _run(2, tmp_path, "two", restore_from=tmp_path / "one")

@@ -1,6 +1,7 @@
 """Every measured figure in the project's Markdown comes from a committed record.
 
-  python -m benchmarks.check_figures README.md benchmarks/README.md
+  python -m benchmarks.check_figures              # README.md, benchmarks/README.md, docs/*.md
+  python -m benchmarks.check_figures docs/results.md
 
 A figure is a number with a unit of measurement (%, s, ms, min, GiB, GFLOP/s, TFLOP/s,
 tokens/s, images/s, sequences/s, an x right after it for a ratio: 1.2x) or a bare decimal of two or more
@@ -31,6 +32,12 @@ FIGURE = re.compile(rf"(?<![\w.\-/])(\d{{1,3}}(?:,\d{{3}})+|\d+(?:\.\d+)?)({UNIT
                     rf"|(?<![\w.\-/])(?<!Python )(\d+\.\d{{2,}})(?![\w.])")
 CITATION = re.compile(r"results/[\w./\-]+?\.json")
 SCALES = (1.0, 100.0, 1 / 2**30, 1e-3, 1e-6, 1e-9, 1e-12, 1e3)
+
+
+def pages() -> list[Path]:
+  """The documentation the rule covers: the two READMEs and every page under docs/."""
+  return [REPO / "README.md", REPO / "benchmarks" / "README.md",
+          *sorted((REPO / "docs").glob("*.md"))]
 
 
 def _blocks(text: str) -> list[tuple[int, str, bool]]:
@@ -117,9 +124,11 @@ def main(argv=None) -> int:
   import argparse
 
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("files", nargs="*", default=["README.md", "benchmarks/README.md"])
+  p.add_argument("files", nargs="*", help="Markdown files (default: README.md, "
+                 "benchmarks/README.md and docs/*.md)")
   args = p.parse_args(argv)
-  problems = [x for f in args.files for x in check(REPO / f if not Path(f).is_absolute() else Path(f))]
+  files = [REPO / f if not Path(f).is_absolute() else Path(f) for f in args.files] or pages()
+  problems = [x for f in files for x in check(f)]
   print("\n".join(problems) if problems else "every figure traces to a record")
   return 1 if problems else 0
 

@@ -1,4 +1,4 @@
-"""Preset parameter counts (jax.eval_shape only) against the README's table."""
+"""Preset parameter counts (jax.eval_shape only) against the tables in docs/models.md."""
 
 import re
 from pathlib import Path
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _readme_rows():
   rows = {}
-  for line in (REPO / "README.md").read_text().splitlines():
+  for line in (REPO / "docs" / "models.md").read_text().splitlines():
     m = re.match(r"\| (MM1-\S+) \| `(gin/models/\S+\.gin)` \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \| "
                  r"([\d,]+) \| ([\d,]+) \|", line)
     if m:
@@ -23,7 +23,7 @@ def _readme_rows():
 
 def _readme_encoders():
   rows = {}
-  for line in (REPO / "README.md").read_text().splitlines():
+  for line in (REPO / "docs" / "models.md").read_text().splitlines():
     m = re.match(r"\| ([^|]+?) \| `(gin/encoders/\S+\.gin)` \| ([\d,]+) \|", line)
     if m:
       rows[m.group(1)] = (m.group(2), int(m.group(3).replace(",", "")))
@@ -79,7 +79,7 @@ def test_preset_counts_match_readme(name, capsys):
 
 def _readme_encoder_pretraining():
   rows = {}
-  for line in (REPO / "README.md").read_text().splitlines():
+  for line in (REPO / "docs" / "models.md").read_text().splitlines():
     m = re.match(r"\| (AIM\S*) \| `(gin/models/\S+\.gin)` \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|$", line)
     if m:
       rows[m.group(1)] = (m.group(2), *(int(g.replace(",", "")) for g in m.groups()[2:]))

@@ -1,21 +1,32 @@
-"""Figures in the project's Markdown trace to committed records, and RESULTS.md is the
-rendering of those records."""
+"""Figures in the project's Markdown (the READMEs and docs/) trace to committed records, and
+RESULTS.md is the rendering of those records."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import check_figures, record
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_readme_figures_come_from_records():
-  """Catches a figure typed into README.md or benchmarks/README.md that no record holds
-  (or one left behind when its record was re-measured)."""
-  problems = [p for f in ("README.md", "benchmarks/README.md") for p in check_figures.check(REPO / f)]
+def test_documented_figures_come_from_records():
+  """Catches a figure typed into README.md, benchmarks/README.md or a docs/ page that no
+  record holds (or one left behind when its record was re-measured)."""
+  problems = [p for f in check_figures.pages() for p in check_figures.check(f)]
   assert not problems, "\n".join(problems)
+
+
+def test_the_figure_rule_covers_every_docs_page():
+  """Catches a docs/ page (or a README) that the figure check, and so this suite, skips."""
+  checked = {f.relative_to(REPO).as_posix() for f in check_figures.pages()}
+  docs = {f.relative_to(REPO).as_posix() for f in (REPO / "docs").glob("*.md")}
+  assert docs and docs <= checked
+  assert {"README.md", "benchmarks/README.md"} <= checked
+  assert all((REPO / f).is_file() for f in checked)
 
 
 def test_the_checker_refuses_unrecorded_and_mismatched_figures(tmp_path):
@@ -33,6 +44,7 @@ def test_the_checker_refuses_unrecorded_and_mismatched_figures(tmp_path):
   assert "does not exist" in problems[2] and "4.2 is in none" in problems[3]
 
 
+@pytest.mark.slow
 def test_results_md_is_rendered_from_the_committed_records(tmp_path):
   """Catches a RESULTS.md edited by hand or left stale after a record changed."""
   subprocess.run([sys.executable, "-m", "benchmarks.run", "--render",

@@ -38,6 +38,20 @@ def tiny_config() -> model.MM1Config:
   return tiny_model_config()
 
 
+@pytest.fixture
+def clean_gin():
+  """gin's global configuration empty before and after the test, with the checkout's gin
+  files findable as gin/..."""
+  import gin
+
+  from mm1_jax import gin_files
+
+  gin.clear_config(clear_constants=True)
+  gin.add_config_file_search_path(str(gin_files.root()))
+  yield
+  gin.clear_config(clear_constants=True)
+
+
 def pytest_configure(config):
   """Generates the shared corpus once, before any xdist worker starts, so that workers
   never race to write it."""

@@ -18,12 +18,7 @@ RUNS = {str(p) for p in GIN_FILES if p.parts[1] == "runs"}
 RUN_MACROS = ["TRAIN_STEPS = 1", "BATCH_SIZE = 8", "MIXTURE_OR_TASK_NAME = 'x'", "INIT_FROM = '/tmp/x'"]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  gin.clear_config(clear_constants=True)
-  gin.add_config_file_search_path(str(REPO))
-  yield
-  gin.clear_config(clear_constants=True)
+pytestmark = pytest.mark.usefixtures("clean_gin")  # conftest.py
 
 
 def test_there_are_gin_files():

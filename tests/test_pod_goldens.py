@@ -21,12 +21,7 @@ GOLDEN_DIR = REPO / "tests" / "golden" / "pods"
 UPDATE = bool(os.environ.get("MM1_UPDATE_GOLDEN"))
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  gin.clear_config(clear_constants=True)
-  gin.add_config_file_search_path(str(REPO))
-  yield
-  gin.clear_config(clear_constants=True)
+pytestmark = pytest.mark.usefixtures("clean_gin")  # conftest.py
 
 
 def test_every_golden_has_its_pod():

@@ -230,14 +230,6 @@ def test_a_workdir_refuses_a_run_with_another_config(tmp_path):
 
 # --- bad input at the command line ------------------------------------------------------
 
-@pytest.fixture
-def clean_gin():
-  import gin
-  gin.clear_config(clear_constants=True)
-  yield
-  gin.clear_config(clear_constants=True)
-
-
 def _run_cli(main, argv, capsys) -> tuple[int, str]:
   try:
     code = main(argv)

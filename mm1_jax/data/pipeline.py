@@ -20,6 +20,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mm1_jax.data import highres
 from mm1_jax.data import preprocessors as prep
 from mm1_jax.data import sources
 from mm1_jax.data.tokenizer import IMAGE_ID, PAD_ID
@@ -80,8 +81,6 @@ class DataConfig:
   @property
   def image_slots(self) -> int:
     """Image slots per sequence: max_images x the sub-images each image takes."""
-    from mm1_jax.data import highres  # noqa: PLC0415
-
     return self.max_images * highres.per_image(self.subimages)
 
 

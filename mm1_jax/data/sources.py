@@ -28,6 +28,7 @@ import seqio
 import tensorflow as tf
 
 from mm1_jax.data import preprocessors as prep
+from mm1_jax.data import tokenizer
 
 KINDS = ("caption", "interleaved", "text")  # pre-training kinds
 SFT_KINDS = ("chat",)  # instruction conversations (`mm1_jax.data.chat`)
@@ -69,7 +70,7 @@ class ArrayRecordExampleSource(seqio.DataSource):
 
   def random_access(self, split: str):
     """The split's records by index (a grain / array_record random-access source)."""
-    from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415
+    from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415  (grain readers only)
 
     return ArrayRecordDataSource(self.list_shards(split))
 
@@ -171,8 +172,6 @@ class Corpus:
     return self.mixture or f"{self.prefix}_pretrain"
 
   def output_features(self) -> dict[str, seqio.Feature]:
-    from mm1_jax.data import tokenizer  # noqa: PLC0415
-
     vocabulary = seqio.SentencePieceVocabulary(str(tokenizer.resolve(self.tokenizer)))
     features = {"text": seqio.Feature(vocabulary, add_eos=True),
                 prep.OUTPUT_IMAGE_KEY: seqio.ContinuousFeature(dtype=tf.uint8, rank=4, required=False)}

@@ -327,6 +327,10 @@ class PixelShuffleConfig(ConnectorConfig):
   dtype: str = "float32"
 
   def tokens(self, num_patches: int) -> int:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches or side % self.factor:
+      raise ValueError(f"pixel shuffle needs a square patch grid whose side divides by factor {self.factor}, "
+                       f"got {num_patches} patches (ViT-H/14 at 378 px: 27 x 27, use factor 3)")
     return num_patches // self.factor ** 2
 
   def build(self, out_dim: int, name: str | None = None) -> nn.Module:

@@ -6,8 +6,8 @@
 `machine` names the CPU (model, vendor, the vector ISA flags, cores this process may use,
 memory), the CPU peak derived from that ISA (`mm1_jax.hardware`), and the accelerator where
 one is present. `packages` holds the installed versions (read from package metadata, so
-nothing heavy is imported). Only the standard library and mm1_jax.hardware are needed: a
-GPU machine without TensorFlow writes records too.
+nothing heavy is imported). Only the standard library and mm1_jax.hardware (which loads
+jax) are needed: a GPU machine without TensorFlow writes records too.
 
 A figure quoted in README.md, benchmarks/README.md or docs/*.md names its record; `check_figures`
 (tests/test_records.py) fails when it does not, or when the record does not hold it.

@@ -19,7 +19,7 @@ _PACKAGE = Path(__file__).resolve().parent
 def root() -> Path:
   """The folder that contains the shipped `gin/` tree."""
   for candidate in (_PACKAGE.parent, _PACKAGE):  # a checkout (or editable install), a wheel
-    if (candidate / "gin" / "runs").is_dir():
+    if (candidate / "gin" / "runs" / "pretrain.gin").is_file():  # not gin-config's own `gin` package
       return candidate
   raise FileNotFoundError(f"no gin/ folder beside or inside {_PACKAGE}: the package was installed "
                           "without its gin files")

@@ -43,7 +43,6 @@ GOLDEN = (
 
 def layout(model_config, mesh_shape: dict[str, int], rules) -> list[tuple[str, tuple, str, str]]:
   """[(parameter path, shape, PartitionSpec, note)] in path order."""
-
   s = model_config.encoder.image_size
   tok = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   img = jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.uint8)

@@ -58,7 +58,6 @@ class ProbeConfig:
 
 def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
   """{task: (class names, scene -> class index)}."""
-
   colours = tuple(sw.COLOURS)
   return {
       "count": (("1", "2", "3", "4"), lambda scene: len(scene) - 1),
@@ -69,7 +68,6 @@ def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
 
 def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
   """(uint8[n, S, S, 3] images, {task: int32[n] labels}) of generated scenes."""
-
   stream = {"train": "probe_train", "test": "probe_test"}[split]
   labels_of = task_labels()
   images = np.zeros((n, image_size, image_size, 3), np.uint8)
@@ -85,7 +83,6 @@ def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
 
 def trunk_params(model_config, init_from: str | None, seed: int = 0):
   """The `encoder` parameters of MODEL: loaded from `init_from`, else freshly initialised."""
-
   c = model_config.encoder
   images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.uint8)
   params = {"encoder": nn.meta.unbox(vit.ViT(c).init(jax.random.PRNGKey(seed), images)["params"])}
@@ -101,7 +98,6 @@ def trunk_params(model_config, init_from: str | None, seed: int = 0):
 
 def features(encoder_config, params, images, batch_size: int = 64, progress: bool = False):
   """Frozen trunk features float32[n, L, D] (bidirectional attention, final norm)."""
-
   apply = jax.jit(lambda p, x: vit.ViT(encoder_config).apply({"params": p}, x))
   out = []
   for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):

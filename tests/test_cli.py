@@ -189,3 +189,23 @@ def test_a_required_macro_left_unset_says_what_to_give(capsys):
   assert code == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert "macro %MODEL is required by the run file" in err and "after the run file" in err, err
+
+
+@pytest.mark.parametrize("files, flags", [
+    (["gin/experiments/quickstart.gin"], ["--gin.DATA_DIR='/data/mm1'", "--gin.TOKENIZER='shapes_sp'",
+                                          "--gin.TRAIN_STEPS=3", "--gin.EVALUATION=None", "--gin.NUM_SLICES=2"]),
+    (["gin/experiments/quickstart.gin", "gin/connectors/avg_pool.gin"], ["--gin.IMAGE_TOKENS=16"]),
+    (["gin/experiments/sft.gin"], ["--gin.INIT_FROM='/runs/pre/checkpoints'"]),
+    (["gin/pods/mm1_3b_v5p-128.gin"], ["--gin.TOPOLOGY='v5p-256'", "--gin.MESH_SHAPE=(-1, 8, 1, 1)"]),
+])
+def test_macros_the_shipped_files_read_are_accepted(files, flags):
+  """The other side of the typo check: macros that some binding reads, directly or through
+  another macro, pass (TOPOLOGY is read by mm1-aot's binding, DATA_DIR through CORPORA)."""
+  import argparse
+
+  args = argparse.Namespace(gin_file=files, gin_search_paths=[], module_import=[])
+  gin.clear_config(clear_constants=True)
+  try:
+    gin_cli.parse(args, gin_cli.split_bindings(flags)[1])
+  finally:
+    gin.clear_config(clear_constants=True)

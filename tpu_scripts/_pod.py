@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # mm1_jax from this checkout, installed or not
   sys.path.insert(1, str(REPO))
 
-from mm1_jax import aot, gin_cli  # noqa: E402  (after the checkout is on the path)
+from mm1_jax import gin_cli  # noqa: E402  (after the checkout is on the path)
 
 # Exit codes of every tpu_scripts command.
 OK, FAILED, USAGE, REFUSED = 0, 1, 2, 3
@@ -85,6 +85,8 @@ class Pod:
   @property
   def num_chips(self) -> int:
     """Chips in one slice (v4 and v5p names count TensorCores, two a chip)."""
+    from mm1_jax import aot  # noqa: PLC0415  (jax and the train step: only where a slice is sized)
+
     return aot.parse_topology(self.accelerator_type).num_chips
 
   @property
@@ -133,6 +135,8 @@ def add_pod_flags(p: argparse.ArgumentParser) -> None:
 
 
 def pod_from_args(args: argparse.Namespace) -> Pod:
+  from mm1_jax import aot  # noqa: PLC0415  (jax and the train step: only where a slice is sized)
+
   for flag, value, pattern in (("--name", args.name, _NAME), ("--project", args.project, _PROJECT),
                                ("--zone", args.zone, _ZONE)):
     if not pattern.fullmatch(value):

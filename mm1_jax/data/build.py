@@ -128,6 +128,11 @@ def main(argv=None) -> int:
   i.add_argument("--n", type=int, default=100, help="examples to read")
   i.add_argument("--out", default="mm1_data_inspect", help="folder for report.json and preview.html")
   i.add_argument("--module_import", action="append", default=["tasks"], help="module registering tasks")
+  i.add_argument("--data_dir", default=None, help="a folder `mm1-data build` wrote: registers its tasks "
+                 "<prefix>_caption/_interleaved/_text and the mixture <prefix>_pretrain, as a run's DATA_DIR does")
+  i.add_argument("--tokenizer", default="shapes_sp", help="with --data_dir: its SentencePiece model (a path, or "
+                 "the bundled 'shapes_sp'), as a run's TOKENIZER")
+  i.add_argument("--prefix", default="mm1", help="with --data_dir: the task name prefix")
   i.add_argument("--seq_len", type=int, default=128)
   i.add_argument("--max_images", type=int, default=4)
   i.add_argument("--tokens_per_image", type=int, default=16)
@@ -151,8 +156,13 @@ def main(argv=None) -> int:
 def _inspect(args) -> int:
   from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
+  corpora = ()
+  if args.data_dir:
+    from mm1_jax.data import sources  # noqa: PLC0415  (sources loads tensorflow, seqio)
+
+    corpora = (sources.Corpus(data_dir=args.data_dir, tokenizer=args.tokenizer, prefix=args.prefix),)
   cfg = pipeline.DataConfig(mixture_or_task_name=args.mixture, seq_len=args.seq_len, max_images=args.max_images,
-                            seed=args.seed, module_imports=tuple(args.module_import))
+                            seed=args.seed, module_imports=tuple(args.module_import), corpora=corpora)
   report = inspect_data.inspect(cfg, n=args.n, out=Path(args.out), tokens_per_image=args.tokens_per_image,
                                 image_size=args.image_size)
   print(json.dumps(report))

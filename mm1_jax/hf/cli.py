@@ -137,7 +137,8 @@ def main(argv=None) -> int:
   rest, bindings = gin_cli.split_bindings(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)
   if bindings and args.command != "export":
-    raise SystemExit(f"error: mm1-convert {args.command} takes no --gin.NAME=VALUE flags")
+    print(f"mm1-convert: error: {args.command} takes no --gin.NAME=VALUE flags", file=sys.stderr)
+    return 2
   args.bindings = bindings
   try:
     return args.fn(args)

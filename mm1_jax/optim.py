@@ -1,17 +1,22 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping (MM1's recipe)."""
+"""AdamW with linear warmup, cosine decay and global-norm clipping (MM1's recipe), and
+MM1's peak-learning-rate law (`mm1_peak_lr`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import optax
+
+from mm1_jax.decoder import DecoderConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Attributes:
-    peak_lr: learning rate after warmup. MM1: 6e-5 (3B), 4e-5 (7B), 2e-5 (30B).
+    peak_lr: learning rate after warmup. The MM1 pods take it from `mm1_peak_lr`; MM1
+      published 6e-5 (3B), 4e-5 (7B), 2e-5 (30B).
     warmup_steps: linear warmup from 0. MM1: 2000.
     end_lr_ratio: cosine decays to peak_lr * end_lr_ratio at the last step. MM1: 0.1.
     weight_decay: decoupled; optax scales it by the current LR, so 0.1 gives MM1's
@@ -28,6 +33,50 @@ class OptimizerConfig:
   b2: float = 0.95
   eps: float = 1e-8
   clip_norm: float = 1.0
+
+
+# MM1's peak learning rate as a function of the decoder's parameter count N (MM1, section
+# 3.3 and appendix): a line in log-log space, fit on the LRs that did best for small dense
+# decoders, eta = exp(-0.4214 ln N - 0.5535). At N = 3B, 7B, 30B it gives 5.8e-5, 4.1e-5,
+# 2.2e-5, the paper's 6e-5, 4e-5, 2e-5 to one significant digit.
+MM1_LR_SLOPE = -0.4214
+MM1_LR_INTERCEPT = -0.5535
+
+
+def mm1_lr_law(num_params: float) -> float:
+  """MM1's peak learning rate for a decoder of `num_params` parameters."""
+  if num_params <= 0:
+    raise ValueError(f"the LR law needs a positive parameter count, got {num_params}")
+  return math.exp(MM1_LR_SLOPE * math.log(num_params) + MM1_LR_INTERCEPT)
+
+
+def lr_law_parameters(decoder: DecoderConfig) -> int:
+  """N of the LR law: the decoder's parameters (embedding, blocks and head), counted by
+  `mm1_jax.params.count_parameters` from the config alone (jax.eval_shape: nothing is
+  allocated).
+
+  Dense: all of them. Sparse (MoE): the active ones, what one token runs (top_k of the
+  experts, plus everything dense). The law is fit on dense decoders, where N also measures
+  the network each token passes through; that is what an MoE's active count keeps, while its
+  total grows with experts that widen no layer a token sees and that each see only a share
+  of the tokens. Applied to the total, the law would put MM1-3B-MoE (63B in all) far below
+  the rate of the dense 3B it is built on, extrapolated beyond the sizes it was fit on.
+  """
+  from mm1_jax import model as model_lib  # noqa: PLC0415  (model and params import much of the package)
+  from mm1_jax import params as params_lib  # noqa: PLC0415
+
+  # Only the decoder is read: the default encoder and connector are tiny, and the decoder's
+  # parameters do not depend on them.
+  counts = params_lib.count_parameters(model_lib.MM1Config(decoder=decoder))
+  return counts["decoder.active"]
+
+
+def mm1_peak_lr(decoder: DecoderConfig) -> float:
+  """MM1's peak learning rate for `decoder` (`mm1_lr_law` of `lr_law_parameters`).
+
+  A gin callable: the MM1 pods bind `PEAK_LR = @optim.mm1_peak_lr()` with
+  `optim.mm1_peak_lr.decoder = @decoder.DecoderConfig()`, the model's decoder."""
+  return mm1_lr_law(lr_law_parameters(decoder))
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -239,6 +239,10 @@ class _DataStream:
   def skipped(self) -> dict[str, int]:
     return self.batches.skipped() if self.grain else {}
 
+  def stats(self) -> dict[str, int]:
+    """Long documents split into several sequences, and the pieces they gave."""
+    return self.batches.stats() if self.grain else {}
+
   def record(self) -> dict:
     """The loader's part of the checkpoint's data record."""
     return {"loader": self.batches.get_state()} if self.grain and self.host[1] == 1 else {}
@@ -335,9 +339,12 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     0 when train_steps were reached (or stop_after_steps); 3 when stopped by
     non-finite steps; 128 + signal number when stopped by a signal.
   """
-  from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
+  from mm1_jax.data import pipeline, vocabulary  # noqa: PLC0415  (they load tensorflow, seqio)
 
   data = data or pipeline.DataConfig()
+  if isinstance(model, MM1Config):  # before compiling anything: the data's ids must fit the model
+    source = pipeline.get_mixture_or_task(data)
+    vocabulary.check_model(pipeline.special_ids_of(source), model, f"the vocabulary of {source.name!r}")
   workdir_path = Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   device_mesh = sharding_lib.make_mesh(mesh)
@@ -424,6 +431,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
           metrics = jax.device_get(metrics)
           # Records skipped so far, by reason (grain loader).
           metrics.update({f"data_skipped_{k}": v for k, v in batches.skipped().items()})
+          metrics.update({f"data_{k}": v for k, v in batches.stats().items()})
           dt = time.perf_counter() - t_last
           steps_done = seqs / data.batch_size
           metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,

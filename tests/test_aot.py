@@ -123,3 +123,19 @@ def test_unknown_topology_is_a_clear_error(tmp_path):
   proc, _ = _aot(tmp_path, "--topology=v5p-7")
   assert proc.returncode == 2 and "no v5p slice of that size" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+MM1_PODS = sorted(str(p.relative_to(REPO)) for p in (REPO / "gin" / "pods").glob("mm1_*.gin"))
+
+
+@pytest.mark.slow
+@pytest.mark.libtpu
+@pytest.mark.parametrize("pod", MM1_PODS)
+def test_mm1_pods_reach_the_compile_without_init_flags(pod, clean_gin, capsys):
+  """mm1-aot on an MM1 pod as it ships, with none of the --gin.INIT_* flags a training
+  launch passes: the pod parses, its init_from macros have values, and every argument of
+  the preflight (the optimizer's peak LR, computed from the decoder, among them) is built.
+  No topology is given, so it stops right there, before libtpu compiles anything."""
+  code = aot.main([f"--gin_file={pod}", "--gin.TOPOLOGY=None"])
+  err = capsys.readouterr().err
+  assert code == 2 and "mm1-aot: no topology" in err, err[-2000:]

@@ -1,4 +1,4 @@
-"""A built corpus's folder and tokenizer come from gin (DATA_DIR, TOKENIZER), not from code."""
+"""A built corpus's folder and vocabulary come from gin (DATA_DIR, TOKENIZER -> VOCABULARY), not from code."""
 
 from pathlib import Path
 
@@ -21,7 +21,7 @@ def test_tokenizer_resolves_a_bundled_name_or_a_path(tmp_path):
 
 
 def test_corpus_registers_its_folder_and_tokenizer(tmp_path):
-  corpus = sources.Corpus(data_dir=str(tmp_path / "c"), tokenizer="shapes_sp", prefix="cfgtest", image_size=64)
+  corpus = sources.Corpus(data_dir=str(tmp_path / "c"), vocabulary="shapes_sp", prefix="cfgtest", image_size=64)
   names = corpus.register()
   assert names == ["cfgtest_caption", "cfgtest_interleaved", "cfgtest_text"]
   task = seqio.get_mixture_or_task("cfgtest_caption")
@@ -32,23 +32,29 @@ def test_corpus_registers_its_folder_and_tokenizer(tmp_path):
       "cfgtest_caption": 45.0, "cfgtest_interleaved": 45.0, "cfgtest_text": 10.0}
   corpus.register()  # the same corpus again: left as registered
   assert seqio.get_mixture_or_task("cfgtest_caption") is task
-  moved = sources.Corpus(data_dir=str(tmp_path / "d"), tokenizer="shapes_sp", prefix="cfgtest", image_size=64)
+  moved = sources.Corpus(data_dir=str(tmp_path / "d"), vocabulary="shapes_sp", prefix="cfgtest", image_size=64)
   config = pipeline.DataConfig(mixture_or_task_name="cfgtest_pretrain", module_imports=(), corpora=(moved,))
   assert pipeline.get_mixture_or_task(config).name == "cfgtest_pretrain"
   assert seqio.get_mixture_or_task("cfgtest_caption").source._patterns["train"].startswith(str(tmp_path / "d"))
 
 
-def test_run_files_set_data_dir_and_tokenizer():
+def test_run_files_set_data_dir_and_one_vocabulary(tmp_path):
+  model_file = tmp_path / "sp.model"
+  model_file.write_bytes(tokenizer.DEFAULT_SPM_PATH.read_bytes())
   gin.clear_config(clear_constants=True)
   gin.add_config_file_search_path(str(REPO))
   try:
     gin.parse_config_files_and_bindings(["gin/pods/mm1_3b_v5p-128.gin"],
-                                        ["DATA_DIR = '/mnt/corpus'", "TOKENIZER = '/mnt/sp.model'"])
+                                        ["DATA_DIR = '/mnt/corpus'", f"TOKENIZER = '{model_file}'"])
     data = gin.query_parameter("train.train.data").scoped_configurable_fn()
-    tokenizer_macro = gin.query_parameter("fewshot.FewShotConfig.tokenizer")  # %TOKENIZER
-    evaluation_tokenizer = tokenizer_macro.scoped_configurable_fn()
+    vocabulary_ref = gin.query_parameter("fewshot.FewShotConfig.vocabulary")  # %VOCABULARY
+    evaluation_vocabulary = vocabulary_ref.scoped_configurable_fn()
+    operative = gin.config_str()
   finally:
     gin.clear_config(clear_constants=True)
-  assert data.corpora == (sources.Corpus(data_dir="/mnt/corpus", tokenizer="/mnt/sp.model"),)
-  assert data.mixture_or_task_name == "mm1_pretrain" == data.corpora[0].mixture_name
-  assert evaluation_tokenizer == "/mnt/sp.model"  # prompts are encoded with the same one
+  (corpus,) = data.corpora
+  assert corpus.data_dir == "/mnt/corpus"
+  assert corpus.vocabulary.sentencepiece_model_file == str(model_file)
+  assert data.mixture_or_task_name == "mm1_pretrain" == corpus.mixture_name
+  assert evaluation_vocabulary == corpus.vocabulary  # prompts are encoded with the same one
+  assert str(model_file) in operative  # the config a run writes names it

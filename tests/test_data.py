@@ -125,7 +125,7 @@ def test_mixture_rates_registered():
 def _truncate(tokens, max_len, q, max_images):
   n = int((np.asarray(tokens) == IMAGE_ID).sum())
   ex = {"text": tf.constant(tokens, tf.int32), "images": tf.zeros([n, 8, 8, 3], tf.uint8)}
-  out = preprocessors.truncate_and_expand_images(ex, max_len, q, max_images, image_size=8)
+  out = preprocessors.truncate_and_expand_images(ex, max_len, q, max_images, image_size=8, image_id=IMAGE_ID)
   return out["text"].numpy().tolist(), out["images"].shape[0]
 
 
@@ -149,9 +149,11 @@ def test_pipeline_batches(data_dir, kind):
   batch = next(_batches(cfg, tokens_per_image=4, image_size=32))
   assert batch["tokens"].shape == (4, 64) and batch["images"].shape == (4, 2, 32, 32, 3)
   for i in range(4):
-    n = int(batch["segment_ids"][i].sum())
-    # Targets are inputs shifted by one; no loss on image placeholders or padding.
-    np.testing.assert_array_equal(batch["targets"][i, :n - 1], batch["tokens"][i, 1:n])
+    seg = batch["segment_ids"][i]
+    # Targets are inputs shifted by one within each example; no loss on image placeholders or padding.
+    for s in range(1, seg.max() + 1):
+      at = np.flatnonzero(seg == s)
+      np.testing.assert_array_equal(batch["targets"][i, at[:-1]], batch["tokens"][i, at[1:]])
     w = batch["loss_weights"][i]
     assert not w[batch["targets"][i] == IMAGE_ID].any() and not w[batch["targets"][i] == PAD_ID].any()
     assert w.sum() > 0
@@ -242,7 +244,7 @@ def test_packing_keeps_examples_apart():
       {"text": np.array([11, 12, EOS_ID]), "images": none},
       {"text": np.array([I, I, 13, 14, EOS_ID]), "images": img(2)},  # 4 pairs: does not fit in 8
   ]
-  rows = list(pipeline.pack_examples(examples, seq_len=8, max_images=2, image_size=8))
+  rows = list(pipeline.pack_examples(examples, seq_len=8, max_images=2, image_size=8, image_id=I, pad_id=PAD_ID))
   assert len(rows) == 2
   r = rows[0]
   np.testing.assert_array_equal(r["tokens"], [I, I, 10, 11, 12, PAD_ID, PAD_ID, PAD_ID])
@@ -252,7 +254,8 @@ def test_packing_keeps_examples_apart():
   np.testing.assert_array_equal(r["loss_weights"], [0, 1, 1, 1, 1, 0, 0, 0])
   assert r["images"][0].max() == 1 and r["images"][1].max() == 0
   assert rows[1]["images"][0].max() == 2 and rows[1]["segment_ids"].max() == 1
-  unpacked = list(pipeline.pack_examples(examples, seq_len=8, max_images=2, image_size=8, pack=False))
+  unpacked = list(pipeline.pack_examples(examples, seq_len=8, max_images=2, image_size=8, pack=False, image_id=I,
+                                       pad_id=PAD_ID))
   assert len(unpacked) == 3
 
 
@@ -315,5 +318,11 @@ def test_mm1_data_inspect_reports_rates_lengths_and_a_preview(data_dir, tmp_path
     assert report["rates"][task]["configured"] == pytest.approx(rate)
     assert abs(report["rates"][task]["sampled"] - rate) < 0.05
   assert 0 < report["padding_fraction"] < 1 and report["images_per_sequence"] > 0
+  # Token shares by kind: interleaved documents (2-3 images) are longer than caption pairs
+  # (1 image), so at equal record rates they fill more of the sequences.
+  shares = report["token_shares_by_kind"]
+  assert set(shares) == {"caption", "interleaved", "text"} and sum(shares.values()) == pytest.approx(1.0)
+  assert shares["interleaved"] > shares["caption"] > 0
+  assert report["token_shares"]["mm1_shapes_text"]["kind"] == "text"
   page = (tmp_path / "preview.html").read_text()
   assert page.count("<img") >= 10 and "&lt;image&gt;" in page

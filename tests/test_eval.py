@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mm1_jax import sharding
-from mm1_jax.data.tokenizer import IMAGE_ID, NEWLINE_ID, PAD_ID
+from mm1_jax.data import vocabulary
 from mm1_jax.data import shapes_world
 from mm1_jax.eval import fewshot, metrics, report
 from mm1_jax.model import MM1
@@ -58,9 +58,10 @@ def test_demos_are_seeded_and_never_the_query_image():
 @pytest.mark.slow
 def test_greedy_decoding_matches_step_by_step_full_forward(tiny_config):
   m = MM1(tiny_config)
+  ids = vocabulary.special_ids(vocabulary.load("shapes_sp"))
   rng = np.random.default_rng(0)
   q = tiny_config.tokens_per_image
-  prompt = np.concatenate([[IMAGE_ID] * q, rng.integers(5, 200, 6)]).astype(np.int32)
+  prompt = np.concatenate([[ids.image] * q, rng.integers(5, 200, 6)]).astype(np.int32)
   images = rng.integers(0, 256, (1, 1, 64, 64, 3)).astype(np.uint8)
   seq = jnp.asarray(prompt)[None]
   params = nn.meta.unbox(m.init(jax.random.PRNGKey(1), seq, images, jnp.ones_like(seq),
@@ -70,16 +71,16 @@ def test_greedy_decoding_matches_step_by_step_full_forward(tiny_config):
   for _ in range(5):
     t = seq.shape[1]
     logits = m.apply({"params": params}, seq, images, jnp.ones_like(seq), jnp.arange(t)[None])
-    tok = int(jnp.argmax(logits[0, -1].at[jnp.asarray([PAD_ID, IMAGE_ID])].set(-jnp.inf)))
+    tok = int(jnp.argmax(logits[0, -1].at[jnp.asarray(ids.banned)].set(-jnp.inf)))
     ref.append(tok)
-    if tok in (1, NEWLINE_ID):
+    if tok in ids.stops:
       break
     seq = jnp.concatenate([seq, jnp.asarray([[tok]], jnp.int32)], axis=1)
   # Batched, left-padded, with a KV cache.
   pad = 3
   tokens = np.concatenate([np.zeros(pad, np.int32), prompt])[None].repeat(2, 0)
   valid = np.concatenate([np.zeros(pad, bool), np.ones(len(prompt), bool)])[None].repeat(2, 0)
-  out = fewshot._generate(params, tokens, valid, images.repeat(2, 0), model=m, max_new=5)
+  out = fewshot._generate(params, tokens, valid, images.repeat(2, 0), model=m, max_new=5, ids=ids)
   assert np.asarray(out[0, :len(ref)]).tolist() == ref
   assert np.array_equal(out[0], out[1])
 

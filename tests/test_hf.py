@@ -110,7 +110,7 @@ def test_import_writes_params_gin_and_summary(tmp_path, capsys):
 
   src = _save(_build("mixtral", num_key_value_heads=2), tmp_path / "hf")
   out = tmp_path / "imported"
-  assert cli.main(["import", "--kind=mixtral", f"--src={src}", f"--out={out}"]) == 0
+  assert cli.main(["import", "--kind=mixtral", f"--src={src}", f"--out={out}", "--tokenizer=none"]) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["component"] == "decoder" and summary["parameters"] > 0
   params = cli.load_params(out)
@@ -178,7 +178,7 @@ def test_init_from_imported_parts(tmp_path, tiny_config):
   dec_src = _save(_build("llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16), tmp_path / "llama")
   for kind, src in (("clip", enc_src), ("llama", dec_src)):
-    assert cli.main(["import", f"--kind={kind}", f"--src={src}", f"--out={tmp_path / kind}-mm1",
+    assert cli.main(["import", f"--kind={kind}", f"--src={src}", f"--out={tmp_path / kind}-mm1", "--tokenizer=none",
                      "--no_scan"]) == 0
   enc = dataclasses.replace(tiny_config.encoder, act="quick_gelu", use_cls=True, pre_norm=True)
   dec = dataclasses.replace(tiny_config.decoder, tie_embeddings=False)
@@ -207,7 +207,7 @@ def test_import_then_export_gives_back_the_same_tensors(tmp_path, capsys):
 
   src = _save(_build("mistral", num_key_value_heads=2, sliding_window=5), tmp_path / "hf")
   out = tmp_path / "mm1"
-  assert cli.main(["import", "--kind=mistral", f"--src={src}", f"--out={out}"]) == 0
+  assert cli.main(["import", "--kind=mistral", f"--src={src}", f"--out={out}", "--tokenizer=none"]) == 0
   assert cli.main(["export", f"--gin_file={out / 'model.gin'}", f"--params={out}",
                    f"--out={tmp_path / 'back'}"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kind"] == "mistral"

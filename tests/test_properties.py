@@ -128,7 +128,8 @@ def test_truncate_and_expand_images_never_splits_an_image(tokens, max_len, q, ma
   n_img = tokens.count(IMAGE_ID)
   images = np.arange(max(n_img, 0) * 4 * 4 * 3, dtype=np.uint8).reshape(n_img, 4, 4, 3) % 251
   out = truncate_and_expand_images({"text": tf.constant(tokens, tf.int32), "images": tf.constant(images)},
-                                   max_len=max_len, tokens_per_image=q, max_images=max_images, image_size=4)
+                                   max_len=max_len, tokens_per_image=q, max_images=max_images, image_size=4,
+                                   image_id=IMAGE_ID)
   text, imgs = out["text"].numpy().tolist(), out["images"].numpy()
   assert len(text) <= max_len
   kept = len(imgs)
@@ -144,6 +145,43 @@ def test_truncate_and_expand_images_never_splits_an_image(tokens, max_len, q, ma
     n += t == IMAGE_ID
   assert text == expansion
   np.testing.assert_array_equal(imgs, images[:kept])
+  # The grain loader's cut (`split_document` with split=False) is the same prefix.
+  from mm1_jax.data.loader import split_document
+  cut = split_document(np.asarray(tokens, np.int32), max_len, q, max_images, image_id=IMAGE_ID, split=False)
+  assert [c[0].tolist() for c in cut] == ([expansion] if n_prefix_ids(tokens, expansion, q) >= 2 else [])
+
+
+def n_prefix_ids(tokens, expansion, q):
+  """How many of the document's ids an expanded prefix holds."""
+  n, length = 0, 0
+  while length < len(expansion):
+    length += q if tokens[n] == IMAGE_ID else 1
+    n += 1
+  return n
+
+
+@SETTINGS
+@given(st.lists(st.integers(5, 40) | st.just(IMAGE_ID), max_size=60), st.integers(1, 40),
+       st.integers(1, 5), st.integers(0, 4))
+def test_split_document_cuts_a_document_into_pieces_that_fit(tokens, max_len, q, max_images):
+  """Each example fits both budgets, holds whole images and is a run of the document's ids;
+  the examples follow one another, and leave nothing out when two images and text fit a
+  sequence and the document ends in text (as every document ends in EOS)."""
+  from mm1_jax.data.loader import chunk_bounds, split_document
+  ids = np.asarray(tokens, np.int32)
+  chunks = split_document(ids, max_len, q, max_images, image_id=IMAGE_ID)
+  bounds = chunk_bounds(ids == IMAGE_ID, max_len, q, max_images)
+  assert len(bounds) == len(chunks)
+  for (text, (first, end), _), (a, b) in zip(chunks, bounds):
+    assert 2 <= b - a and len(text) <= max_len and end - first <= max_images
+    assert text.tolist() == [t for t in tokens[a:b] for _ in range(q if t == IMAGE_ID else 1)]
+    assert first == tokens[:a].count(IMAGE_ID) and end == tokens[:b].count(IMAGE_ID)
+  ends = [0] + [b for _, b in bounds]
+  starts = [a for a, _ in bounds] + [len(tokens)]
+  gaps = [s - e for e, s in zip(ends, starts)]
+  assert all(g >= 0 for g in gaps)  # in order, never overlapping
+  if max_images >= 2 and max_len >= 2 * q + 2 and len(tokens) >= 2 and tokens[-1] != IMAGE_ID:
+    assert not any(gaps), (bounds, gaps)  # documents end in EOS: nothing is dropped
 
 
 # --- metrics -----------------------------------------------------------------------------

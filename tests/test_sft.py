@@ -58,7 +58,7 @@ def test_loss_mask_without_offsets_agrees(sp):
     def encode(self, s):
       return sp.encode(s)
 
-  ids, weights = chat.tokenize(PlainVocab(), TURNS)
+  ids, weights = chat.tokenize(PlainVocab(), TURNS, eos_id=EOS_ID)  # no eos_id of its own: passed
   ref_ids, ref_weights = chat.tokenize(sp, TURNS)
   assert ids.tolist() == ref_ids.tolist() and weights.tolist() == ref_weights.tolist()
 

@@ -239,6 +239,29 @@ def _fake_workers(pod, tmp_path, nodes, workers_per_node):
   return stub_out
 
 
+
+@pytest.mark.slow
+def test_mm1_pod_init_flags_reach_the_preflight_and_every_worker(pod):
+  """An MM1 pod's pre-trained parts (INIT_ENCODER, INIT_DECODER: its train.init_from) given
+  as --gin flags go both to the gate's mm1-aot, which parses the same pod, and to mm1-train
+  on every worker of every slice."""
+  init = ["--gin.INIT_ENCODER='/mnt/mm1/pretrained/clip_vit_h14_378:encoder'",
+          "--gin.INIT_DECODER='/mnt/mm1/runs/llm-3b/checkpoints:decoder'"]
+  proc = pod.run("launch.py", *V5P_2X, "--run_name=r1", "--gin_file=gin/pods/mm1_3b_v5p-128.gin", *init,
+                 "--allow_dirty", "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  lines = [shlex.split(ln.split("    # ")[0]) for ln in proc.stdout.splitlines() if ln and not ln.startswith("#")]
+  gate = lines[0]
+  assert "--gin_file=gin/pods/mm1_3b_v5p-128.gin" in gate and "--no_cost" in gate
+  assert [f for f in gate if f.startswith("--gin.INIT_")] == init
+  starts = [ln for ln in lines if any("worker.py start" in a for a in ln)]
+  assert len(starts) == 2  # one ssh per slice, every worker of it
+  for ln in starts:
+    (remote,) = [a[len("--command="):] for a in ln if a.startswith("--command=")]
+    train_argv = shlex.split(remote)
+    train_argv = train_argv[train_argv.index(".venv/bin/mm1-train"):]
+    assert [f for f in train_argv if f.startswith("--gin.INIT_")] == init
+
 @pytest.mark.slow
 def test_launch_passes_values_with_spaces_and_quotes_intact_to_every_worker(pod, tmp_path):
   stub_out = _fake_workers(pod, tmp_path, ["mm1-7b-0", "mm1-7b-1"], 2)

@@ -3,7 +3,7 @@
   mm1-data inspect --mixture=NAME [--n=100] [--out=DIR]   (see mm1_jax.data.inspect_data)
 
   mm1-data build --format=webdataset|coco|obelics|mmc4|text|llava --src=PATH --out=DIR
-                 [--image_root=DIR] [--split=train] [--tag=NAME] [--num_shards=8]
+                 [--image_root=DIR] [--split=train] [--tag=NAME] [--num_shards=8] [--tokenizer=SPEC]
 
 reads every record of PATH (`mm1_jax.data.formats`), checks it, and writes the usable
 ones as ArrayRecord shards of tf.train.Examples under DIR/<kind>/ (the layout
@@ -11,10 +11,19 @@ ones as ArrayRecord shards of tf.train.Examples under DIR/<kind>/ (the layout
 It prints one JSON line:
 
   {"written": {"caption": n, ...}, "images_written": n, "skipped": {reason: n},
-   "images_dropped": {reason: n}, "truncated_documents": n, "out": DIR}
+   "images_dropped": {reason: n}, "truncated_documents": n,
+   "interleaved_over_16_images": n, "out": DIR}
 
 and keeps the same report in DIR/build.json (per split and tag). Records are never fatal:
 each unusable one is counted under its reason (`formats.REASONS`).
+
+Long documents are kept whole up to `--max_images` (default `DOCUMENT_MAX_IMAGES`): the
+loaders split a document that does not fit one sequence into several examples.
+"interleaved_over_16_images" counts the interleaved documents written with more images
+than one MM1 sequence holds (16), by images alone since the build knows no tokens; with
+`--tokenizer`, "interleaved_over_4096_tokens_or_16_images" counts those that exceed one
+MM1 sequence (4,096 tokens, 16 images, 144 tokens per image) either way, and
+"interleaved_examples_at_mm1_shapes" the examples all written documents become there.
 """
 
 from __future__ import annotations
@@ -27,9 +36,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from mm1_jax.data import formats, inspect_data
+from mm1_jax.data import documents, formats, inspect_data
 from mm1_jax.data.corpus import ShardWriter, tf_example  # noqa: F401  (ShardWriter: re-exported)
 
 
@@ -43,18 +53,63 @@ def _features(ex: formats.Example) -> dict:
   return {"id": ex.id, "text": ex.text}
 
 
+# One MM1 pre-training sequence (`pipeline.DataConfig` defaults; Q of the C-Abstractor).
+MM1_SEQ_LEN, MM1_MAX_IMAGES, MM1_TOKENS_PER_IMAGE = 4096, 16, 144
+# Images kept per interleaved document at build time (more are cut, as `truncated_documents`):
+# the loaders split long documents, so this only bounds the size of one record.
+DOCUMENT_MAX_IMAGES = 64
+BUILD_CHECKS = formats.Checks(max_images=DOCUMENT_MAX_IMAGES)
+
+
+class _Mm1Lengths:
+  """Counts interleaved documents longer than one MM1 sequence, in tokens when a vocabulary is given."""
+
+  def __init__(self, tokenizer: str | None):
+    self.over_images = self.over_sequence = self.examples = 0
+    self.vocab = self.image_id = None
+    if tokenizer:
+      from mm1_jax.data import vocabulary  # noqa: PLC0415  (loads seqio, tensorflow)
+
+      self.vocab = vocabulary.load(tokenizer)
+      ids = vocabulary.special_ids(self.vocab)
+      self.image_id, self.eos_id = ids.image, ids.eos
+
+  def add(self, rec: formats.Example) -> None:
+    if rec.kind != "interleaved":
+      return
+    self.over_images += len(rec.images) > MM1_MAX_IMAGES
+    if self.vocab is None:
+      return
+    ids = np.asarray(list(self.vocab.encode(rec.text)) + [self.eos_id], np.int32)
+    is_image = ids == self.image_id
+    expanded = len(ids) + (MM1_TOKENS_PER_IMAGE - 1) * int(is_image.sum())
+    self.over_sequence += expanded > MM1_SEQ_LEN + 1 or len(rec.images) > MM1_MAX_IMAGES
+    self.examples += len(documents.chunk_bounds(is_image, MM1_SEQ_LEN + 1, MM1_TOKENS_PER_IMAGE, MM1_MAX_IMAGES))
+
+  def report(self) -> dict:
+    out = {"interleaved_over_16_images": self.over_images}
+    if self.vocab is not None:
+      out.update(interleaved_over_4096_tokens_or_16_images=self.over_sequence,
+                 interleaved_examples_at_mm1_shapes=self.examples)
+    return out
+
+
 KIND_OF = {"webdataset": "caption", "coco": "caption", "obelics": "interleaved", "mmc4": "interleaved",
            "text": "text", "llava": "chat"}
 
 
 def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path | None = None,
           split: str = "train", tag: str | None = None, num_shards: int = 8,
-          checks: formats.Checks = formats.Checks(), progress: bool = True, overwrite: bool = False) -> dict:
+          checks: formats.Checks = BUILD_CHECKS, progress: bool = True, overwrite: bool = False,
+          tokenizer: str | None = None) -> dict:
   """Converts one source into DIR/<kind>/<split>-<tag>-*.array_record; returns the report.
 
   Several sources of one kind (CC3M and COYO captions, say) share a corpus under
   different tags (default: the format's name); a task reads all tags of its split.
+  tokenizer: a vocabulary (`vocabulary.load`) to count the interleaved documents longer
+  than one MM1 sequence in tokens too (see the module doc).
   """
+  lengths = _Mm1Lengths(tokenizer)
   out = Path(out)
   prefix = f"{split}-{tag or fmt}"
   existing = sorted(out.glob(f"{KIND_OF[fmt]}/{prefix}-*-of-*.array_record"))
@@ -79,6 +134,7 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
         continue
       shards[rec.kind].write(tf_example(_features(rec)))
       images += len(rec.images)
+      lengths.add(rec)
   finally:
     for s in shards.values():
       s.close()
@@ -94,7 +150,7 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   report = {"format": fmt, "src": str(src), "split": split, "tag": tag or fmt,
             "written": {k: s.count for k, s in shards.items() if s.count}, "images_written": images,
             "skipped": dict(sorted(skipped.items())), "images_dropped": dict(sorted(dropped.items())),
-            "truncated_documents": truncated, "out": str(out)}
+            "truncated_documents": truncated, **lengths.report(), "out": str(out)}
   log = out / "build.json"
   history = json.loads(log.read_text()) if log.exists() else {}
   history[prefix] = report
@@ -118,8 +174,12 @@ def main(argv=None) -> int:
                  "sources of one kind with different tags add up")
   b.add_argument("--num_shards", type=int, default=8)
   b.add_argument("--min_image_size", type=int, default=formats.Checks.min_image_size)
-  b.add_argument("--max_images", type=int, default=formats.Checks.max_images,
-                 help="images per interleaved document; the rest of the document is cut")
+  b.add_argument("--max_images", type=int, default=DOCUMENT_MAX_IMAGES,
+                 help="images per interleaved document; the rest of the document is cut (the loaders split "
+                 "documents longer than one sequence into several examples)")
+  b.add_argument("--tokenizer", default=None, help="a vocabulary (mm1_jax.data.vocabulary.load: shapes_sp, a "
+                 ".model or tokenizer.json path, a folder): also count interleaved documents over one MM1 "
+                 "sequence in tokens")
   b.add_argument("--max_image_side", type=int, default=formats.Checks.max_image_side)
   b.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
   b.add_argument("--no_progress", action="store_true")
@@ -138,6 +198,8 @@ def main(argv=None) -> int:
   i.add_argument("--tokens_per_image", type=int, default=16)
   i.add_argument("--image_size", type=int, default=64)
   i.add_argument("--seed", type=int, default=0)
+  i.add_argument("--rate_unit", default="records", choices=("records", "tokens"),
+                 help="what the mixture rates divide (pipeline.DataConfig.rate_unit)")
   args = parser.parse_args(argv)
   if args.command == "inspect":
     return _inspect(args)
@@ -145,7 +207,7 @@ def main(argv=None) -> int:
   try:
     report = build(args.format, args.src, args.out, image_root=args.image_root, split=args.split, tag=args.tag,
                    num_shards=args.num_shards, checks=checks, progress=not args.no_progress,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, tokenizer=args.tokenizer)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"mm1-data: error: {e}", file=sys.stderr)
     return 2
@@ -160,9 +222,10 @@ def _inspect(args) -> int:
   if args.data_dir:
     from mm1_jax.data import sources  # noqa: PLC0415  (sources loads tensorflow, seqio)
 
-    corpora = (sources.Corpus(data_dir=args.data_dir, tokenizer=args.tokenizer, prefix=args.prefix),)
+    corpora = (sources.Corpus(data_dir=args.data_dir, vocabulary=args.tokenizer, prefix=args.prefix),)
   cfg = pipeline.DataConfig(mixture_or_task_name=args.mixture, seq_len=args.seq_len, max_images=args.max_images,
-                            seed=args.seed, module_imports=tuple(args.module_import), corpora=corpora)
+                            seed=args.seed, module_imports=tuple(args.module_import), corpora=corpora,
+                            rate_unit=args.rate_unit)
   report = inspect_data.inspect(cfg, n=args.n, out=Path(args.out), tokens_per_image=args.tokens_per_image,
                                 image_size=args.image_size)
   print(json.dumps(report))

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mm1_jax.data.tokenizer import EOS_ID, IMAGE_TOKEN
+from mm1_jax.data.tokenizer import IMAGE_TOKEN  # the marker text, the same in every vocabulary
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -114,14 +114,26 @@ def _piece_offsets(vocab, text: str) -> tuple[np.ndarray, np.ndarray] | None:
   return ids, starts
 
 
-def tokenize(vocab, turns: Sequence[dict], template: ChatTemplate = ChatTemplate()
-             ) -> tuple[np.ndarray, np.ndarray]:
+def eos_id_of(vocab) -> int:
+  """The EOS id of a seqio Vocabulary (`eos_id` property) or a SentencePiece processor
+  (`eos_id()`); TypeError for anything else (pass `eos_id` to `tokenize` then)."""
+  eos = getattr(vocab, "eos_id", None)
+  eos = eos() if callable(eos) else eos
+  if eos is None or int(eos) < 0:
+    raise TypeError(f"{vocab!r} names no EOS id: pass eos_id")
+  return int(eos)
+
+
+def tokenize(vocab, turns: Sequence[dict], template: ChatTemplate = ChatTemplate(), *,
+             eos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Turns -> (ids int32[L] ending in EOS, loss weights float32[L]: 1 on the assistant's tokens).
 
   weights[i] is the loss weight of predicting ids[i]. `vocab` is a SentencePiece processor,
-  a seqio SentencePieceVocabulary, or anything with `encode(str) -> ids` (then each part
-  is tokenized on its own and the pieces concatenated).
+  a seqio Vocabulary, or anything with `encode(str) -> ids` (then each part is tokenized
+  on its own and the pieces concatenated, and `eos_id` must be given). eos_id: default the
+  vocabulary's (`eos_id_of`).
   """
+  eos_id = eos_id_of(vocab) if eos_id is None else int(eos_id)
   text, spans = template.render(turns)
   found = _piece_offsets(vocab, text)
   if found is not None:
@@ -137,7 +149,7 @@ def tokenize(vocab, turns: Sequence[dict], template: ChatTemplate = ChatTemplate
       ids_list += part
       trained_list += [i % 2 == 1] * len(part)
     ids, trained = np.asarray(ids_list, np.int32), np.asarray(trained_list, bool)
-  ids = np.concatenate([ids, [EOS_ID]]).astype(np.int32)
+  ids = np.concatenate([ids, [eos_id]]).astype(np.int32)
   weights = np.concatenate([trained, [True]]).astype(np.float32)
   return ids, weights
 

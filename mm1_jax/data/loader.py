@@ -1,9 +1,10 @@
 """The training loader: grain over ArrayRecord sources, deterministic and checkpointable.
 
   per task: records (random access) -> this host's share (every n-th record)
-            -> seeded shuffle, reshuffled every epoch -> decode + tokenize (threads)
-  mix the tasks by their mixture rates -> expand/cut to the model's budgets
-  -> pack into rows (segment ids) -> batch
+            -> seeded shuffle, reshuffled every epoch -> decode + tokenize, expand each
+               `<image>` and split a record longer than one sequence into examples (threads)
+  mix the tasks by their mixture rates (per record, or per token: `DataConfig.rate_unit`)
+  -> pack the examples into rows (segment ids) -> batch
 
 Why grain: a grain iterator's position is a small JSON-able state (record indices,
 not buffered data), so the trainer stores it in every checkpoint and a resumed run
@@ -15,7 +16,10 @@ selects the tf.data pipeline in `pipeline.py`.
 
 Bad records never stop training: a record that does not decode, has no text, or whose
 `<image>` markers and images disagree is skipped and counted by reason; the counts are
-part of the loader state and of the training metrics (`data_skipped_<reason>`).
+part of the loader state and of the training metrics (`data_skipped_<reason>`). Long
+documents split into several examples are counted too (`Loader.stats()`, in the state).
+
+Ids (`<image>`, EOS, padding) come from each task's vocabulary (`vocabulary.special_ids`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mm1_jax.data import chat, highres
-from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID
+from mm1_jax.data.documents import chunk_bounds, record_tokens, split_document  # noqa: F401  (re-exported)
 
 SKIP_REASONS = ("corrupt_image", "empty_text", "image_count_mismatch", "too_short", "bad_conversation")
 
@@ -67,84 +71,108 @@ def decode_image(data: bytes, image_size: int, subimages=None) -> np.ndarray:
     return np.asarray(im, np.uint8)
 
 
-def expand_and_cut(ids: np.ndarray, images: np.ndarray, max_len: int, tokens_per_image: int,
-                   max_images: int, weights: np.ndarray | None = None):
-  """Each `<image>` id becomes Q ids; the longest prefix within max_len ids and max_images
-  images that never splits an image is kept (numpy twin of
-  `preprocessors.truncate_and_expand_images`). Returns (ids, kept images, weights or None)."""
-  is_img = ids == IMAGE_ID
-  repeats = np.where(is_img, tokens_per_image, 1)
-  keep = (np.cumsum(repeats) <= max_len) & (np.cumsum(is_img) <= max_images)
-  n_keep = int(np.argmin(keep)) if not keep.all() else len(ids)
-  out_weights = None if weights is None else np.repeat(weights[:n_keep], repeats[:n_keep]).astype(np.float32)
-  kept = ids[:n_keep]
-  return (np.repeat(kept, repeats[:n_keep]).astype(np.int32), images[:int(is_img[:n_keep].sum())],
-          out_weights)
-
-
 class _Prepare:
-  """record bytes -> {"text": int32[L], "images": uint8[n, S, S, 3], ("weights")} or Skipped.
+  """record bytes -> a list of examples {"text": int32[L], "images": uint8[n, S, S, 3],
+  "task", ("weights")}, or Skipped.
 
   Runs in grain threads. Kinds: caption, interleaved, text (pre-training; every text id
-  trained) and chat (LLaVA conversations; only the assistant's ids trained).
+  trained) and chat (LLaVA conversations; only the assistant's ids trained). A pre-training
+  document longer than one sequence (split_documents) becomes several examples, in order
+  (`chunk_bounds`); a conversation is cut to its first sequence.
   """
 
   def __init__(self, kind: str, vocabulary, image_size: int, seq_len: int, tokens_per_image: int,
-               max_images: int, task_index: int = 0, subimages=None, chat_template=None):
+               max_images: int, task_index: int = 0, subimages=None, chat_template=None,
+               split_documents: bool = True):
+    from mm1_jax.data import vocabulary as vocab_lib  # noqa: PLC0415  (loads seqio, tensorflow)
+
     self.kind, self.vocab, self.image_size, self.task_index = kind, vocabulary, image_size, task_index
+    self.ids = vocab_lib.special_ids(vocabulary)  # here, not in the threads: computed once
     self.max_len, self.max_images = seq_len + 1, max_images
     self.subimages, self.k = subimages, highres.per_image(subimages)
     self.q = tokens_per_image * self.k  # placeholders per source image
     self.template = chat_template or chat.ChatTemplate()
+    self.split = split_documents and kind != "chat"
 
   def _text(self, f: dict) -> tuple[np.ndarray, np.ndarray | None, list[bytes]] | Skipped:
     if self.kind == "chat":
       try:
         turns = chat.parse(f["conversations"][0])
-        ids, weights = chat.tokenize(self.vocab, turns, self.template)
+        ids, weights = chat.tokenize(self.vocab, turns, self.template, eos_id=self.ids.eos)
       except (chat.BadConversation, KeyError, IndexError):
         return Skipped("bad_conversation")
       return ids, weights, f.get("images", [])
-    if self.kind == "caption":
-      text = "<image>" + f["caption"][0].decode("utf-8", "replace") + "\n"
-      encoded = f["image"][:1]
-    elif self.kind == "interleaved":
-      text, encoded = f["text"][0].decode("utf-8", "replace"), f.get("images", [])
-    else:
-      text, encoded = f["text"][0].decode("utf-8", "replace"), []
+    try:
+      if self.kind == "caption":
+        text = "<image>" + f["caption"][0].decode("utf-8", "replace") + "\n"
+        encoded = f["image"][:1]
+      elif self.kind == "interleaved":
+        text, encoded = f["text"][0].decode("utf-8", "replace"), f.get("images", [])
+      else:
+        text, encoded = f["text"][0].decode("utf-8", "replace"), []
+    except (KeyError, IndexError):
+      return Skipped("empty_text")
     if not text.replace("<image>", "").strip():
       return Skipped("empty_text")
-    return np.asarray(list(self.vocab.encode(text)) + [EOS_ID], np.int32), None, encoded
+    return np.asarray(list(self.vocab.encode(text)) + [self.ids.eos], np.int32), None, encoded
 
-  def __call__(self, record: bytes) -> dict | Skipped:
+  def plan(self, record: bytes):
+    """record -> (the `split_document` examples, encoded images) or Skipped; decodes no image."""
     parsed = self._text(_features(record))
     if isinstance(parsed, Skipped):
       return parsed
     ids, weights, encoded = parsed
-    if int((ids == IMAGE_ID).sum()) != len(encoded):
+    if int((ids == self.ids.image).sum()) != len(encoded):
       return Skipped("image_count_mismatch")
-    # Cut before decoding: pass image indices, so only the images that stay get decoded.
-    ids, encoded_kept, weights = expand_and_cut(ids, np.arange(len(encoded)), self.max_len, self.q,
-                                                self.max_images, weights)
-    if len(ids) < 2 or (weights is not None and not weights[1:].any()):
-      return Skipped("too_short")
+    chunks = split_document(ids, self.max_len, self.q, self.max_images, image_id=self.ids.image,
+                            weights=weights, split=self.split)
+    chunks = [c for c in chunks if c[2] is None or c[2][1:].any()]  # something to learn
+    return chunks if chunks else Skipped("too_short"), encoded
+
+  def tokens(self, record: bytes) -> int | None:
+    """The tokens a record feeds the model (`record_tokens`); None if it is skipped."""
+    planned = self.plan(record)
+    if isinstance(planned, Skipped) or isinstance(planned[0], Skipped):
+      return None
+    return record_tokens([c[0] for c in planned[0]])
+
+  def __call__(self, record: bytes) -> list[dict] | Skipped:
+    planned = self.plan(record)
+    if isinstance(planned, Skipped):
+      return planned
+    chunks, encoded = planned
+    if isinstance(chunks, Skipped):
+      return chunks
+    # Only the images the examples hold are decoded (a dropped remainder's are not).
+    needed = range(chunks[0][1][0], chunks[-1][1][1])
     try:
-      images = [decode_image(encoded[i], self.image_size, self.subimages) for i in encoded_kept]
+      decoded = {i: decode_image(encoded[i], self.image_size, self.subimages) for i in needed}
     except (OSError, SyntaxError, ValueError):
       return Skipped("corrupt_image")
     shape = (0, self.image_size, self.image_size, 3)
-    if self.subimages is not None:
-      images = [sub for image in images for sub in image]  # K slots per image, in order
-    out = {"text": ids, "images": np.stack(images) if images else np.zeros(shape, np.uint8),
-           "task": self.task_index}
-    if weights is not None:
-      out["weights"] = weights
+    out = []
+    for ids, (first, end), weights in chunks:
+      images = [decoded[i] for i in range(first, end)]
+      if self.subimages is not None:
+        images = [sub for image in images for sub in image]  # K slots per image, in order
+      ex = {"text": ids, "images": np.stack(images) if images else np.zeros(shape, np.uint8),
+            "task": self.task_index}
+      if weights is not None:
+        ex["weights"] = weights
+      out.append(ex)
     return out
 
 
 def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, pack: bool,
-                       skipped: collections.Counter):
-  """An IterDataset of packed rows (see `pipeline.pack_examples`) with exact, JSON-able state."""
+                       skipped: collections.Counter, stats: collections.Counter, *, image_id: int,
+                       pad_id: int):
+  """An IterDataset of packed rows (see `pipeline.pack_examples`) with exact, JSON-able state.
+
+  `parent` yields, per record, the list of its examples (several for a long document) or
+  Skipped. The state is the parent's position before the document being packed and the
+  index of its next example, so a loader restored in the middle of a long document
+  continues with that document's next example.
+  """
   import grain  # noqa: PLC0415  (grain: only when loading data)
 
   from mm1_jax.data.pipeline import PackedRow  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
@@ -152,39 +180,56 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
   class PackIterator(grain.DatasetIterator):
     def __init__(self, parent_it):
       super().__init__(parent_it)
-      self._pending, self._pending_state = None, None
+      self._doc, self._doc_state, self._next = None, None, 0
 
-    def __next__(self) -> dict[str, np.ndarray]:
-      row = PackedRow(seq_len, max_images, image_size)
-      if self._pending is not None:
-        row.add(self._pending["text"], self._pending["images"], self._pending.get("weights"))
-        self._pending = None
+    def _read(self, count: bool = True) -> None:
+      """The next document's examples (raises StopIteration at the end of the data)."""
       while True:
         before = self._parent.get_state()
-        try:
-          ex = next(self._parent)
-        except StopIteration:
-          if row.num_segments:
-            return row.features()
-          raise
+        ex = next(self._parent)
         if isinstance(ex, Skipped):
           skipped[ex.reason] += 1
           continue
+        self._doc, self._doc_state, self._next = ex, before, 0
+        if count and len(ex) > 1:
+          stats["documents_split"] += 1
+          stats["chunks"] += len(ex)
+        return
+
+    def __next__(self) -> dict[str, np.ndarray]:
+      row = PackedRow(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id)
+      while True:
+        if self._doc is None or self._next >= len(self._doc):
+          try:
+            self._read()
+          except StopIteration:
+            self._doc = None
+            if row.num_segments:
+              return row.features()
+            raise
+          continue
+        ex = self._doc[self._next]
         if row.num_segments and (not pack or not row.fits(ex["text"], ex["images"])):
-          # The next row starts with this example: remember where it was read from.
-          self._pending, self._pending_state = ex, before
-          return row.features()
+          return row.features()  # the next row starts with this example
         row.add(ex["text"], ex["images"], ex.get("weights"))
+        self._next += 1
 
     def get_state(self) -> dict[str, Any]:
-      parent = self._pending_state if self._pending is not None else self._parent.get_state()
-      return {"parent": parent, "skipped": dict(skipped)}
+      state = {"skipped": dict(skipped), "stats": dict(stats)}
+      if self._doc is not None and self._next < len(self._doc):  # inside a document
+        return {"parent": self._doc_state, "chunk": self._next, **state}
+      return {"parent": self._parent.get_state(), **state}
 
     def set_state(self, state: dict[str, Any]) -> None:
       self._parent.set_state(state["parent"])
-      self._pending, self._pending_state = None, None
+      self._doc, self._doc_state, self._next = None, None, 0
       skipped.clear()
       skipped.update(state.get("skipped", {}))
+      stats.clear()
+      stats.update(state.get("stats", {}))
+      if state.get("chunk") is not None:  # read that document again; it is already counted
+        self._read(count=False)
+        self._next = int(state["chunk"])
 
   class PackIterDataset(grain.IterDataset):
     def __iter__(self):
@@ -196,8 +241,11 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
 class Loader:
   """Iterator of host-local numpy batches with `get_state` / `set_state` (JSON-able)."""
 
-  def __init__(self, iterator, skipped: collections.Counter):
+  def __init__(self, iterator, skipped: collections.Counter, stats: collections.Counter | None = None,
+               mixing: dict | None = None):
     self._it, self._skipped = iterator, skipped
+    self._stats = stats if stats is not None else collections.Counter()
+    self._mixing = mixing or {}
 
   def __iter__(self):
     return self
@@ -215,12 +263,43 @@ class Loader:
     """Records skipped so far (this run and the runs it resumed), by reason."""
     return dict(self._skipped)
 
+  def stats(self) -> dict[str, int]:
+    """Long documents so far (this run and the runs it resumed): "documents_split", the
+    records that did not fit one sequence, and "chunks", the examples they became."""
+    return {k: int(self._stats.get(k, 0)) for k in STAT_KEYS}
+
+  def mixing(self) -> dict[str, dict]:
+    """Per task: its configured rate, the sampling weight used and, with rate_unit
+    "tokens", the estimated tokens per record (`mixed_examples`)."""
+    return self._mixing
+
+
+STAT_KEYS = ("documents_split", "chunks")
+
+
+def estimate_tokens(records, prepare: _Prepare, n: int, seed: int) -> tuple[float, int]:
+  """(mean tokens per record, records it is over) from up to n records of a task: the first
+  of a seeded permutation of all its records (the same on every host). Each record counts
+  the tokens it feeds the model (`record_tokens`: text and tokens_per_image per image, over
+  all the examples a long document is split into). Skipped records are left out."""
+  order = np.random.default_rng([seed, 20240]).permutation(len(records))[:n]
+  lengths = []
+  for start in range(0, len(order), 64):
+    batch = [int(i) for i in order[start:start + 64]]
+    got = records.__getitems__(batch) if hasattr(records, "__getitems__") else [records[i] for i in batch]
+    lengths += [t for t in map(prepare.tokens, got) if t is not None]
+  return (float(np.mean(lengths)) if lengths else float("nan")), len(lengths)
+
 
 def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_index: int = 0,
                    num_shards: int = 1, num_epochs: int | None = None):
-  """(grain MapDataset of prepared examples or Skipped, mixed by rate; the task names).
+  """(grain MapDataset of prepared records, mixed by rate; the task names; the mixing report).
 
-  Each example carries "task", the index of its task in the returned names.
+  Each element is Skipped or the list of a record's examples (see `_Prepare`); each
+  example carries "task", the index of its task in the returned names. The mixing report
+  (`Loader.mixing`) names, per task, the configured rate, the sampling weight and, with
+  `DataConfig.rate_unit = "tokens"`, the estimated tokens per record that the rate was
+  divided by, so that the tasks' shares of tokens (not of records) follow the rates.
   """
   import grain  # noqa: PLC0415  (grain: only when loading data)
 
@@ -228,7 +307,8 @@ def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_inde
 
   mixture = pipeline.get_mixture_or_task(config)
   tasks = [(t, mixture.get_rate(t)) for t in mixture.tasks] if hasattr(mixture, "tasks") else [(mixture, 1.0)]
-  datasets, weights, names = [], [], []
+  datasets, weights, names, report = [], [], [], {}
+  by_tokens = config.rate_unit == "tokens" and len(tasks) > 1
   for i, (task, rate) in enumerate(tasks):
     if rate <= 0:
       continue
@@ -236,19 +316,40 @@ def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_inde
     if not isinstance(src, sources.ArrayRecordExampleSource) or src.kind is None:
       raise ValueError(f"task {task.name!r} has a {type(src).__name__}; the grain loader reads "
                        "ArrayRecordExampleSource tasks (mm1-data build). Set DataConfig.loader='tfdata'.")
-    ds = grain.MapDataset.source(src.random_access(config.split))[shard_index::num_shards]
+    records = src.random_access(config.split)
+    prepare = _Prepare(src.kind, task.output_features["text"].vocabulary, image_size, config.seq_len,
+                       tokens_per_image, config.max_images, task_index=len(names),
+                       subimages=config.subimages, chat_template=config.chat_template,
+                       split_documents=config.split_documents)
+    entry = {"kind": src.kind, "rate": float(rate)}
+    weight = float(rate)
+    if by_tokens:
+      mean, counted = estimate_tokens(records, prepare, config.rate_sample, config.seed)
+      if not counted:
+        raise ValueError(f"rate_unit='tokens': none of the first {config.rate_sample} records of task "
+                         f"{task.name!r} is usable, so its tokens per record cannot be estimated")
+      weight = rate / mean
+      entry.update(mean_tokens_per_record=mean, records_sampled=counted)
+    ds = grain.MapDataset.source(records)[shard_index::num_shards]
     if config.shuffle:
       ds = ds.shuffle(seed=config.seed * 1000 + i)
     ds = ds.repeat(num_epochs)  # reshuffled every epoch
-    ds = ds.map(_Prepare(src.kind, task.output_features["text"].vocabulary, image_size, config.seq_len,
-                         tokens_per_image, config.max_images, task_index=len(names),
-                         subimages=config.subimages, chat_template=config.chat_template))
-    datasets.append(ds)
-    weights.append(rate)
+    datasets.append(ds.map(prepare))
+    weights.append(weight)
     names.append(task.name)
+    report[task.name] = {**entry, "weight": weight}
   if not datasets:
     raise ValueError(f"{config.mixture_or_task_name!r}: every task has rate 0")
-  return (grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]), names
+  total_rate, total_weight = sum(r["rate"] for r in report.values()), sum(weights)
+  for r in report.values():
+    r["rate"] /= total_rate
+    r["weight"] /= total_weight  # the share of records drawn from the task
+  if by_tokens:
+    for name, r in report.items():
+      print(f"data: rate_unit=tokens: {name}: {r['mean_tokens_per_record']:.1f} tokens per record "
+            f"(over {r['records_sampled']} records), token rate {r['rate']:.3f} -> record rate "
+            f"{r['weight']:.3f}", flush=True)
+  return (grain.MapDataset.mix(datasets, weights) if len(datasets) > 1 else datasets[0]), names, report
 
 
 def make_loader(config, *, tokens_per_image: int, image_size: int, shard_index: int = 0,
@@ -262,15 +363,19 @@ def make_loader(config, *, tokens_per_image: int, image_size: int, shard_index: 
     shard_index, num_shards: this host's share of every task's records.
     num_epochs: None repeats forever (each epoch reshuffled).
   """
-  import grain  # noqa: PLC0415  (grain: only when loading data)
+  from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
   if config.batch_size % num_shards:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by {num_shards} hosts")
-  mixed, _ = mixed_examples(config, tokens_per_image=tokens_per_image, image_size=image_size,
-                            shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs)
+  import grain  # noqa: PLC0415  (grain: only when loading data)
+
+  mixed, _, mixing = mixed_examples(config, tokens_per_image=tokens_per_image, image_size=image_size,
+                                    shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs)
+  ids = pipeline.special_ids_of(pipeline.get_mixture_or_task(config))
   read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=4 * config.batch_size)
   skipped: collections.Counter = collections.Counter()
+  stats: collections.Counter = collections.Counter()
   packed = _pack_iter_dataset(mixed.to_iter_dataset(read), config.seq_len, config.image_slots, image_size,
-                              config.pack, skipped)
+                              config.pack, skipped, stats, image_id=ids.image, pad_id=ids.pad)
   batched = packed.batch(config.batch_size // num_shards, drop_remainder=True)
-  return Loader(iter(batched), skipped)
+  return Loader(iter(batched), skipped, stats, mixing)

@@ -12,6 +12,7 @@ where only jax is installed.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 from typing import Any, Iterable, Iterator, Mapping
@@ -20,13 +21,16 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from mm1_jax.data import highres
+from mm1_jax.data import documents, highres
 from mm1_jax.data import preprocessors as prep
 from mm1_jax.data import sources
-from mm1_jax.data.tokenizer import IMAGE_ID, PAD_ID
+from mm1_jax.data import vocabulary as vocab_lib
 
 # tf.data only runs input pipelines here; keep it off any accelerator jax uses.
 tf.config.set_visible_devices([], "GPU")
+
+
+RATE_UNITS = ("records", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,15 @@ class DataConfig:
       loader only). max_images still counts source images.
     chat_template: how conversation tasks are rendered (`mm1_jax.data.chat.ChatTemplate`;
       None: its defaults). The evaluator takes the same one for chat prompts.
+    split_documents: a pre-training record longer than one sequence (more ids, once each
+      `<image>` is tokens_per_image ids, than seq_len + 1, or more than max_images
+      images) continues into further examples instead of being cut (both loaders; see
+      `documents.chunk_bounds`). Conversations are always cut to their first sequence.
+    rate_unit: what the mixture rates divide: "records" (each task's share of the records
+      drawn) or "tokens" (its share of the ids fed to the model: each task's rate is
+      divided by its mean ids per record, estimated from `rate_sample` records of the
+      task, seeded, before training; printed, and in `mm1-data inspect`'s report).
+    rate_sample: records read per task for the rate_unit="tokens" estimate.
   """
 
   mixture_or_task_name: str = "mm1_shapes_pretrain"
@@ -71,8 +84,15 @@ class DataConfig:
   num_threads: int = 4
   subimages: Any = None
   chat_template: Any = None
+  split_documents: bool = True
+  rate_unit: str = "records"
+  rate_sample: int = 256
 
   def __post_init__(self):
+    if self.rate_unit not in RATE_UNITS:
+      raise ValueError(f"DataConfig.rate_unit must be one of {RATE_UNITS}, got {self.rate_unit!r}")
+    if self.rate_sample < 1:
+      raise ValueError(f"DataConfig.rate_sample must be >= 1, got {self.rate_sample}")
     if self.loader not in ("grain", "tfdata"):
       raise ValueError(f"DataConfig.loader must be 'grain' or 'tfdata', got {self.loader!r}")
     if self.subimages is not None and self.loader != "grain":
@@ -101,12 +121,31 @@ def get_mixture_or_task(config: DataConfig) -> seqio.Task | seqio.Mixture:
   return seqio.Mixture(f"{config.mixture_or_task_name}_rates_override", list(rates.items()))
 
 
-class PackedRow:
-  """One packed sequence being filled: (input, target) pairs and image slots."""
+def special_ids_of(source: seqio.Task | seqio.Mixture) -> vocab_lib.SpecialIds:
+  """The image / EOS / pad ids of a task's vocabulary (`vocabulary.special_ids`); the tasks
+  of a mixture must agree on them (they are packed into the same rows)."""
+  tasks = list(getattr(source, "tasks", [source]))
+  found = {}
+  for task in tasks:
+    ids = vocab_lib.special_ids(task.output_features["text"].vocabulary)
+    found.setdefault((ids.image, ids.eos, ids.pad), (task.name, ids))
+  if len(found) > 1:
+    raise ValueError(f"the tasks of {source.name!r} use vocabularies with different special ids "
+                     f"(image, eos, pad): {', '.join(f'{n}: {k}' for k, (n, _) in found.items())}")
+  return next(iter(found.values()))[1]
 
-  def __init__(self, seq_len: int, max_images: int, image_size: int):
-    self.tokens = np.full(seq_len, PAD_ID, np.int32)
-    self.targets = np.full(seq_len, PAD_ID, np.int32)
+
+class PackedRow:
+  """One packed sequence being filled: (input, target) pairs and image slots.
+
+  image_id: the vocabulary's `<image>` id (no loss on predicting it); pad_id: the value
+  written at padding positions (always masked).
+  """
+
+  def __init__(self, seq_len: int, max_images: int, image_size: int, *, image_id: int, pad_id: int):
+    self.image_id = image_id
+    self.tokens = np.full(seq_len, pad_id, np.int32)
+    self.targets = np.full(seq_len, pad_id, np.int32)
     self.loss_weights = np.zeros(seq_len, np.float32)
     self.segment_ids = np.zeros(seq_len, np.int32)
     self.positions = np.zeros(seq_len, np.int32)
@@ -123,7 +162,7 @@ class PackedRow:
     span = slice(self.used, self.used + n)
     self.num_segments += 1
     self.tokens[span], self.targets[span] = text[:-1], text[1:]
-    self.loss_weights[span] = (text[1:] != IMAGE_ID) * (1.0 if weights is None else weights[1:])
+    self.loss_weights[span] = (text[1:] != self.image_id) * (1.0 if weights is None else weights[1:])
     self.segment_ids[span] = self.num_segments
     self.positions[span] = np.arange(n)
     self.images[self.num_images:self.num_images + len(images)] = images
@@ -136,30 +175,72 @@ class PackedRow:
 
 
 def pack_examples(examples: Iterable[dict], seq_len: int, max_images: int, image_size: int,
-                  pack: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                  pack: bool = True, *, image_id: int, pad_id: int,
+                  stats: collections.Counter | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Examples (already cut to seq_len + 1 ids and max_images) -> fixed-shape rows.
 
   Next-fit packing: examples go into the current row while its (input, target) pairs
   and image slots last, then the row is emitted. Every example keeps its own segment
   id and positions from 0, so attention never crosses examples (see
   `model.segment_causal_mask`). With pack=False each row holds one example.
+  image_id, pad_id: the vocabulary's (`special_ids_of`). stats: counts "documents_split"
+  and "chunks" from the examples' "chunk" / "chunks" (`preprocessors.split_and_expand_images`).
   """
-  row = PackedRow(seq_len, max_images, image_size)
+  row = PackedRow(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id)
   for ex in examples:
+    if stats is not None and int(ex.get("chunk", 0)) == 0 and int(ex.get("chunks", 1)) > 1:
+      stats["documents_split"] += 1
+      stats["chunks"] += int(ex["chunks"])
     text, images = ex["text"], ex[prep.OUTPUT_IMAGE_KEY]
     if len(text) < 2:  # nothing to predict
       continue
     if row.num_segments and (not pack or not row.fits(text, images)):
       yield row.features()
-      row = PackedRow(seq_len, max_images, image_size)
+      row = PackedRow(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id)
     row.add(text, images, ex.get("weights"))
   if row.num_segments:
     yield row.features()
 
 
+def token_estimate(source: seqio.Mixture, config: DataConfig, *, tokens_per_image: int) -> dict[str, dict]:
+  """Per task of a mixture (tf.data path): its rate, its mean tokens per record
+  (`documents.record_tokens`) over up to config.rate_sample records (the first of a seeded
+  shuffle, all hosts alike), and the record rate ("weight") that makes its share of
+  tokens follow its rate. Printed."""
+  report = {}
+  for task in source.tasks:
+    rate = float(source.get_rate(task))
+    if rate <= 0:
+      continue
+    image_id = vocab_lib.special_ids(task.output_features["text"].vocabulary).image
+    ds = task.get_dataset(sequence_length=None, split=config.split, shuffle=True, seed=config.seed,
+                          num_epochs=1, trim_output_features=False, use_cached=False)
+    lengths = []
+    for ex in ds.take(config.rate_sample).as_numpy_iterator():
+      split = config.split_documents and "weights" not in ex
+      chunks = documents.split_document(ex["text"], config.seq_len + 1, tokens_per_image, config.max_images,
+                                         image_id=image_id, split=split)
+      lengths.append(documents.record_tokens([c[0] for c in chunks]))
+    lengths = [n for n in lengths if n]
+    if not lengths:
+      raise ValueError(f"rate_unit='tokens': none of the first {config.rate_sample} records of task "
+                       f"{task.name!r} is usable, so its tokens per record cannot be estimated")
+    mean = float(np.mean(lengths))
+    report[task.name] = {"rate": rate, "mean_tokens_per_record": mean, "records_sampled": len(lengths),
+                         "weight": rate / mean}
+  total_rate, total_weight = (sum(r[k] for r in report.values()) for k in ("rate", "weight"))
+  for name, r in report.items():
+    r["rate"] /= total_rate
+    r["weight"] /= total_weight
+    print(f"data: rate_unit=tokens: {name}: {r['mean_tokens_per_record']:.1f} tokens per record "
+          f"(over {r['records_sampled']} records), token rate {r['rate']:.3f} -> record rate "
+          f"{r['weight']:.3f}", flush=True)
+  return report
+
+
 def make_dataset(config: DataConfig, *, tokens_per_image: int, image_size: int,
                  shard_index: int = 0, num_shards: int = 1, start_batch: int = 0,
-                 num_epochs: int | None = None) -> tf.data.Dataset:
+                 num_epochs: int | None = None, stats: collections.Counter | None = None) -> tf.data.Dataset:
   """Batches for one host: batch_size / num_shards sequences each.
 
   Args:
@@ -169,23 +250,32 @@ def make_dataset(config: DataConfig, *, tokens_per_image: int, image_size: int,
     shard_index, num_shards: this host's share of the data.
     start_batch: batches to skip, to resume where a checkpoint left off.
     num_epochs: None repeats forever.
+    stats: if given, counts "documents_split" (records longer than one sequence) and
+      "chunks" (the examples they became) as the rows are packed (ahead of the batches
+      consumed by the prefetch).
   """
   if config.batch_size % num_shards:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by {num_shards} hosts")
   source = get_mixture_or_task(config)
+  ids = special_ids_of(source)
+  if config.rate_unit == "tokens" and len(getattr(source, "tasks", ())) > 1:
+    estimate = token_estimate(source, config, tokens_per_image=tokens_per_image)
+    source = seqio.Mixture(f"{source.name}_per_token", [(n, r["weight"]) for n, r in estimate.items()])
   shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
   ds = source.get_dataset(sequence_length=None, split=config.split, shuffle=config.shuffle,
                           seed=config.seed, shard_info=shard_info, num_epochs=num_epochs,
                           trim_output_features=False, use_cached=False)
-  examples = ds.map(lambda ex: prep.truncate_and_expand_images(
-      ex, config.seq_len + 1, tokens_per_image, config.max_images, image_size),
-                     num_parallel_calls=tf.data.AUTOTUNE).prefetch(64)
+  examples = ds.map(lambda ex: prep.plan_chunks(
+      ex, config.seq_len + 1, tokens_per_image, config.max_images, image_size, image_id=ids.image,
+      split=config.split_documents and "weights" not in ex), num_parallel_calls=tf.data.AUTOTUNE)
+  examples = examples.flat_map(lambda ex: prep.chunks_of(ex, tokens_per_image, image_id=ids.image)).prefetch(64)
   t, n = config.seq_len, config.max_images
   signature = {k: tf.TensorSpec([t], tf.float32 if k == "loss_weights" else tf.int32)
                for k in ("tokens", "targets", "loss_weights", "segment_ids", "positions")}
   signature["images"] = tf.TensorSpec([n, image_size, image_size, 3], tf.uint8)
   ds = tf.data.Dataset.from_generator(
-      lambda: pack_examples(examples.as_numpy_iterator(), t, n, image_size, config.pack),
+      lambda: pack_examples(examples.as_numpy_iterator(), t, n, image_size, config.pack, image_id=ids.image,
+                            pad_id=ids.pad, stats=stats),
       output_signature=signature)
   ds = ds.batch(config.batch_size // num_shards, drop_remainder=True)
   if start_batch:

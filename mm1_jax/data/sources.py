@@ -21,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from mm1_jax.data import preprocessors as prep
-from mm1_jax.data import tokenizer
+from mm1_jax.data import vocabulary as vocabulary_lib
 
 KINDS = ("caption", "interleaved", "text")  # pre-training kinds
 SFT_KINDS = ("chat",)  # instruction conversations (`mm1_jax.data.chat`)
@@ -149,8 +149,10 @@ class Corpus:
 
   Attributes:
     data_dir: the folder `mm1-data build` wrote (`~` expanded).
-    tokenizer: its SentencePiece model: a path, or the name of one bundled with the
-      package (`mm1_jax.data.tokenizer.resolve`). `<image>` must be one piece, id 3.
+    vocabulary: the seqio Vocabulary of its text (the run's VOCABULARY), or what
+      `mm1_jax.data.vocabulary.load` takes: a bundled model's name, a SentencePiece
+      model, a Hugging Face tokenizer.json or a folder holding one. `<image>` must be
+      one piece (`mm1-convert import` adds it to an LLM's tokenizer).
     prefix: tasks are named `<prefix>_<kind>`.
     image_size: resolution images are decoded at (the pipeline resizes them to the
       model's if it differs); MM1's is 378.
@@ -160,7 +162,7 @@ class Corpus:
   """
 
   data_dir: str
-  tokenizer: str
+  vocabulary: Any
   prefix: str = "mm1"
   image_size: int = 378
   kinds: tuple[str, ...] = KINDS
@@ -172,7 +174,7 @@ class Corpus:
     return self.mixture or f"{self.prefix}_pretrain"
 
   def output_features(self) -> dict[str, seqio.Feature]:
-    vocabulary = seqio.SentencePieceVocabulary(str(tokenizer.resolve(self.tokenizer)))
+    vocabulary = vocabulary_lib.load(self.vocabulary)
     features = {"text": seqio.Feature(vocabulary, add_eos=True),
                 prep.OUTPUT_IMAGE_KEY: seqio.ContinuousFeature(dtype=tf.uint8, rank=4, required=False)}
     if "chat" in self.kinds:

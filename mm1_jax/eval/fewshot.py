@@ -36,14 +36,15 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
 from mm1_jax import decoder as decoder_lib
 from mm1_jax import sharding as sharding_lib
-from mm1_jax.data import highres, tokenizer
+from mm1_jax.data import highres
 from mm1_jax.data.loader import decode_image
-from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, NEWLINE_ID, PAD_ID, SHAPES
+from mm1_jax.data.tokenizer import SHAPES
 from mm1_jax.eval import readers as readers_lib
 from mm1_jax.eval import overlap
 from mm1_jax.model import MM1
@@ -77,8 +78,10 @@ class FewShotConfig:
     module_imports: modules that register the benchmarks' seqio tasks.
     corpora: built corpora (`mm1_jax.data.sources.Corpus`) registered as tasks too, so
       that `train_mixture` can name one.
-    tokenizer: the model's SentencePiece model (a path, or a bundled model's name) that
-      prompts are encoded and answers decoded with.
+    vocabulary: the run's seqio Vocabulary (its VOCABULARY), or what
+      `mm1_jax.data.vocabulary.load` takes (a bundled model's name, a SentencePiece
+      model, a tokenizer.json, a folder): prompts are encoded and answers decoded with
+      it, and its ids place the images and end the answers.
     train_mixture: the training mixture; when set, eval images are checked against its
       images by content hash and overlaps are reported.
     drop_train_overlap: also leave overlapping queries out of the scores.
@@ -99,7 +102,7 @@ class FewShotConfig:
   files: Mapping[str, str] | None = None
   module_imports: tuple[str, ...] = ("tasks",)
   corpora: tuple[Any, ...] = ()
-  tokenizer: str = SHAPES
+  vocabulary: Any = SHAPES
   train_mixture: str | None = None
   drop_train_overlap: bool = False
   image_cache: int = 4096
@@ -182,21 +185,26 @@ def choose_demos(support: list[dict], query: dict, k: int, seed: int, index: int
   raise ValueError(f"{k} shots requested but the support split has {len(picked)} usable examples")
 
 
-def _generate(params, tokens, valid, images, *, model: MM1, max_new: int):
-  """Greedy decoding. tokens int32[B, P] left-padded, valid bool[B, P] -> int32[B, max_new]."""
+def _generate(params, tokens, valid, images, *, model: MM1, max_new: int, ids):
+  """Greedy decoding. tokens int32[B, P] left-padded, valid bool[B, P] -> int32[B, max_new].
+
+  `ids` (`vocabulary.SpecialIds`): answers end at a stop id, the banned ids and the
+  embedding rows past the vocabulary are never generated; finished rows repeat EOS."""
   b, p = tokens.shape
   cache = decoder_lib.init_cache(model.config.decoder, b, p + max_new)
   logits, cache = model.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill)
   kv_valid = jnp.pad(valid, ((0, 0), (0, max_new)))
   next_pos = valid.sum(axis=1).astype(jnp.int32)
-  banned = jnp.asarray([PAD_ID, IMAGE_ID])
+  rows = model.config.decoder.vocab_size
+  allowed = (jnp.arange(rows) < ids.size).at[jnp.asarray(ids.banned, jnp.int32)].set(False)
+  stops = jnp.asarray(ids.stops, jnp.int32)
 
   def body(i, carry):
     logits, cache, kv_valid, out, done = carry
-    tok = jnp.argmax(logits.at[:, banned].set(-jnp.inf), axis=-1).astype(jnp.int32)
-    tok = jnp.where(done, PAD_ID, tok)
+    tok = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
+    tok = jnp.where(done, ids.eos, tok)
     out = out.at[:, i].set(tok)
-    done = done | (tok == EOS_ID) | (tok == NEWLINE_ID)
+    done = done | jnp.isin(tok, stops)
     kv_valid = kv_valid.at[:, p + i].set(True)
     logits, cache = model.apply({"params": params}, tok, next_pos + i, kv_valid, cache, p + i,
                                 method=MM1.decode_step)
@@ -283,7 +291,11 @@ class Evaluator:
     self.model = model
     self.mesh = mesh
     self.rules = rules
-    self.sp = tokenizer.load(config.tokenizer)
+    from mm1_jax.data import vocabulary  # noqa: PLC0415  (seqio, tensorflow: only when evaluating)
+
+    self.vocab = vocabulary.load(config.vocabulary)
+    self.ids = vocabulary.special_ids(self.vocab)
+    vocabulary.check_model(self.ids, model.config, f"the evaluation vocabulary {self.vocab!r}")
     if config.batch_size % sharding_lib.batch_divisor(mesh, rules):
       raise ValueError(f"eval batch_size {config.batch_size} does not split over mesh {mesh.shape}")
     readers_lib.configure(config.data_root, config.files)
@@ -310,7 +322,8 @@ class Evaluator:
 
       sources.register_all(config.corpora)
       self._check_train_overlap(config.train_mixture)
-    self._generate = jax.jit(functools.partial(_generate, model=model, max_new=config.max_new_tokens))
+    self._generate = jax.jit(functools.partial(_generate, model=model, max_new=config.max_new_tokens,
+                                               ids=self.ids))
 
   def _check_train_overlap(self, mixture: str) -> None:
     train = overlap.train_image_digests(mixture)
@@ -325,9 +338,9 @@ class Evaluator:
         b.test = [q for q in b.test if q["id"] not in dropped]
 
   def _encode(self, text: str) -> np.ndarray:
-    ids = np.asarray(self.sp.encode(text), np.int32)
+    ids = np.asarray(self.vocab.encode(text), np.int32)
     q = self.model.config.tokens_per_image * self.k
-    return np.repeat(ids, np.where(ids == IMAGE_ID, q, 1))
+    return np.repeat(ids, np.where(ids == self.ids.image, q, 1))
 
   def _decode_batch(self, params, prompts: list[tuple[str, list[np.ndarray]]], n_images: int
                     ) -> tuple[list[str], int]:
@@ -335,7 +348,7 @@ class Evaluator:
     size = self.model.config.encoder.image_size
     encoded = [self._encode(t) for t, _ in prompts]
     p = -(-max(len(e) for e in encoded) // 32) * 32  # bucket lengths to limit recompiles
-    tokens = np.full((bs, p), PAD_ID, np.int32)
+    tokens = np.full((bs, p), self.ids.pad, np.int32)
     valid = np.zeros((bs, p), bool)
     images = np.zeros((bs, n_images * self.k, size, size, 3), np.uint8)
     for i in range(bs):
@@ -347,13 +360,19 @@ class Evaluator:
       images[i, :len(pixels)] = pixels
     put = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, self.rules, x.ndim))  # noqa: E731
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      out = np.asarray(self._generate(params, put(tokens), put(valid), put(images)))
+      out = self._generate(params, put(tokens), put(valid), put(images))
+    # The rows are sharded over the batch axes, across processes on a pod: every process
+    # gathers all of them (each then scores the same predictions).
+    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
     texts, generated = [], 0
     for row in out[:len(prompts)]:
-      stop = np.flatnonzero((row == EOS_ID) | (row == NEWLINE_ID) | (row == PAD_ID))
-      row = row[:stop[0]] if stop.size else row
-      generated += len(row)
-      texts.append(self.sp.decode(row.tolist()).strip())
+      stop = np.flatnonzero(np.isin(row, self.ids.stops))
+      answer = row[:stop[0]] if stop.size else row
+      generated += len(answer)
+      text = self.vocab.decode(answer.tolist())
+      if stop.size and row[stop[0]] != self.ids.eos:  # a newline piece may start with text ("." + "\n")
+        text += self.vocab.decode([int(row[stop[0]])]).split("\n", 1)[0]
+      texts.append(text.strip())
     return texts, generated
 
   def _queries(self, b: _Benchmark) -> list[dict]:

@@ -1,10 +1,16 @@
 """`mm1-convert`: Hugging Face checkpoints in and out of mm1_jax.
 
   mm1-convert import --kind=clip --src=HF_DIR --out=DIR [--image_size=378]
+  mm1-convert import --kind=llama --src=HF_DIR --out=DIR [--tokenizer=auto]
       Converts a Hugging Face directory (safetensors, read with numpy) into DIR/params
       (an orbax PyTree of {"encoder": ...} or {"decoder": ...}), DIR/model.gin (the
       component's config as gin bindings) and DIR/conversion.json. Start training from
       it with --gin.train.init_from="['DIR']" plus --gin_file=DIR/model.gin.
+      A decoder's tokenizer comes too (HF_DIR's tokenizer.model, else tokenizer.json):
+      DIR/tokenizer/ holds it with `<image>` added as a special piece where it lacks
+      one, the embedding and LM-head rows grow to match (new rows at the mean of the
+      others, rounded up to a multiple of 128), and DIR/model.gin sets TOKENIZER and
+      the model's image_token_id, so a run that includes it needs no other edit.
   mm1-convert export --gin_file=MODEL.gin --params=CKPT --out=HF_DIR
       Writes the decoder of a trained model in the Llama layout (Mistral with a
       sliding window). CKPT is a run's checkpoints/ folder (newest step, or --step) or
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,10 +42,12 @@ from mm1_jax.hf import convert, verify
 _GIN_MODULES = {"ViTConfig": "vit", "DecoderConfig": "decoder", "MoEConfig": "moe"}
 
 
-def config_to_gin(cfg, header: str) -> str:
-  """A dataclass config (and nested ones) as dynamic-registration gin bindings."""
+def config_to_gin(cfg, header: str, extra: tuple[str, ...] = ()) -> str:
+  """A dataclass config (and nested ones) as dynamic-registration gin bindings, then the
+  `extra` lines (which may bind mm1_jax.model's configurables)."""
+  modules = set(_GIN_MODULES.values()) | ({"model"} if extra else set())
   lines = [f"# {header}", "from __gin__ import dynamic_registration",
-           *sorted({f"from mm1_jax import {m}" for m in _GIN_MODULES.values()}), ""]
+           *sorted(f"from mm1_jax import {m}" for m in modules), ""]
 
   def emit(obj):
     name = type(obj).__name__
@@ -56,7 +65,29 @@ def config_to_gin(cfg, header: str) -> str:
       emit(n)
 
   emit(cfg)
-  return "\n".join(lines)
+  return "\n".join(lines + list(extra) + ([""] if extra else []))
+
+
+def import_tokenizer(spec: str, src: Path, out: Path, conv: convert.Converted) -> tuple[dict, tuple[str, ...]]:
+  """Brings the decoder's tokenizer to out/tokenizer/ with `<image>` in it and grows
+  `conv`'s embedding rows to cover it. Returns (a summary, the gin lines a run needs)."""
+  from mm1_jax.data import vocabulary  # noqa: PLC0415  (seqio, tensorflow: decoders only)
+
+  found = vocabulary.find_tokenizer_file(src) if spec == "auto" else Path(spec).expanduser()
+  if found is None or not found.is_file():
+    raise convert.ConversionError(
+        f"no tokenizer: {src} holds neither {vocabulary.SENTENCEPIECE_FILE} nor {vocabulary.HF_FILE} "
+        "(name one with --tokenizer=FILE, or --tokenizer=none to import the weights alone)")
+  written, image_id, added = vocabulary.add_image_token(found, out / "tokenizer")
+  vocab = vocabulary.load(written)
+  ids = vocabulary.special_ids(vocab)
+  conv.config, conv.params, grown = convert.grow_vocabulary(conv.config, conv.params, ids.size)
+  summary = {"source": str(found), "file": str(written.absolute()), "pieces": ids.size, "image_id": image_id,
+             "image_token_added": added, "eos_id": ids.eos, "embedding_rows_added": grown}
+  lines = (f"# The tokenizer imported with it; {vocabulary.IMAGE_TOKEN} is piece {image_id}.",
+           f"TOKENIZER = {str(written.parent.absolute())!r}",
+           f"model.MM1Config.image_token_id = {image_id}")
+  return summary, lines
 
 
 def cmd_import(args) -> int:
@@ -64,12 +95,15 @@ def cmd_import(args) -> int:
   conv = convert.to_params(args.kind, args.src, image_size=args.image_size, scan_layers=not args.no_scan,
                            dtype=args.dtype, progress=True)
   out.mkdir(parents=True, exist_ok=True)
+  tokenizer, extra = None, ()
+  if conv.component == "decoder" and args.tokenizer != "none":
+    tokenizer, extra = import_tokenizer(args.tokenizer, Path(args.src), out, conv)
   save_params({conv.component: conv.params}, out / "params")
   (out / "model.gin").write_text(config_to_gin(conv.config, f"{conv.component} imported by mm1-convert "
-                                                            f"from {args.src} (kind={args.kind})"))
+                                                            f"from {args.src} (kind={args.kind})", extra))
   n = sum(int(x.size) for x in jax.tree.leaves(conv.params))
   summary = {"kind": args.kind, "component": conv.component, "src": str(args.src), "out": str(out),
-             "parameters": n, "unused_tensors": conv.unused}
+             "parameters": n, "unused_tensors": conv.unused, "tokenizer": tokenizer}
   (out / "conversion.json").write_text(json.dumps(summary, indent=2) + "\n")
   print(json.dumps(summary))
   return 0
@@ -83,6 +117,10 @@ def cmd_export(args) -> int:
       dec_cfg = gin.query_parameter("%MODEL").scoped_configurable_fn().decoder
     except ValueError:
       dec_cfg = gin.get_configurable(decoder.DecoderConfig)()
+    try:  # the run's (or the import's) tokenizer goes with the weights
+      tokenizer = gin.query_parameter("%TOKENIZER")
+    except ValueError:
+      tokenizer = None
   finally:
     gin.clear_config(clear_constants=True)
   if args.step is not None:
@@ -93,8 +131,19 @@ def cmd_export(args) -> int:
     raise convert.ConversionError(f"{args.params} holds no decoder parameters")
   convert.check_decoder(dec_cfg, params["decoder"])
   convert.decoder_to_llama(dec_cfg, params["decoder"], args.out, log=lambda m: None)
-  print(json.dumps({"out": str(args.out), "kind": "mistral" if dec_cfg.sliding_window else "llama"}))
+  copied = _copy_tokenizer(tokenizer, Path(args.out)) if isinstance(tokenizer, str) else []
+  print(json.dumps({"out": str(args.out), "kind": "mistral" if dec_cfg.sliding_window else "llama",
+                    "tokenizer_files": copied}))
   return 0
+
+
+def _copy_tokenizer(spec: str, out: Path) -> list[str]:
+  """Copies a tokenizer file or folder (not a bundled model's name) into an export."""
+  path = Path(spec).expanduser()
+  files = [path] if path.is_file() else sorted(path.glob("tokenizer*")) if path.is_dir() else []
+  for f in files:
+    shutil.copyfile(f, out / f.name)
+  return [f.name for f in files]
 
 
 def cmd_verify(args) -> int:
@@ -116,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="encoders: target resolution; position embeddings are resized bicubically")
   p.add_argument("--no_scan", action="store_true", help="unrolled layer layout (scan_layers=False)")
   p.add_argument("--dtype", default="float32", help="compute dtype written to model.gin")
+  p.add_argument("--tokenizer", default="auto",
+                 help="decoders: 'auto' (the source's tokenizer.model, else tokenizer.json), a tokenizer file, "
+                 "or 'none' (weights only)")
   p.set_defaults(fn=cmd_import)
   p = sub.add_parser("export", help="a trained decoder -> Hugging Face Llama directory")
   gin_cli.add_gin_flags(p, example="gin/models/mm1_3b.gin or DIR/model.gin (defines MODEL or the decoder)")

@@ -401,6 +401,25 @@ def to_params(kind: str, src: str | Path, *, image_size: int | None = None, scan
   return Converted(kind, part, cfg, params, sorted(set(ckpt.keys()) - ckpt.used))
 
 
+def grow_vocabulary(cfg: decoder_lib.DecoderConfig, params: dict, rows: int, multiple: int = 128
+                    ) -> tuple[decoder_lib.DecoderConfig, dict, int]:
+  """A decoder with at least `rows` embedding (and LM-head) rows, rounded up to `multiple`
+  so that the vocabulary axis still splits over tensor-parallel devices. New rows are the
+  mean of the existing ones (as LLaVA initialises added tokens), so a new piece starts
+  where the model's average token is. Returns (config, params, rows added); nothing
+  changes when the decoder already has `rows`."""
+  have = cfg.vocab_size
+  if rows <= have:
+    return cfg, params, 0
+  new = -(-rows // multiple) * multiple
+  grow = lambda x, axis: np.concatenate(  # noqa: E731
+      [x, np.repeat(np.asarray(x).mean(axis=axis, keepdims=True), new - have, axis=axis).astype(x.dtype)], axis)
+  params = dict(params, embedding={"embedding": grow(params["embedding"]["embedding"], 0)})
+  if "lm_head" in params:  # [D, V]
+    params["lm_head"] = dict(params["lm_head"], kernel=grow(params["lm_head"]["kernel"], 1))
+  return dataclasses.replace(cfg, vocab_size=new), params, new - have
+
+
 def compare_tree(expected, got, path="") -> None:
   if isinstance(expected, dict) or isinstance(got, dict):
     if not (isinstance(expected, dict) and isinstance(got, dict)):

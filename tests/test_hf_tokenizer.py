@@ -124,6 +124,10 @@ def test_import_adds_image_piece_and_grows_the_embedding(tmp_path, capsys, kind)
   tokenizer, mm1, dec = _gin_bindings(out / "model.gin")
   assert tokenizer == str((out / "tokenizer").absolute())
   assert mm1["image_token_id"] == pieces and dec["vocab_size"] == emb.shape[0]
+  # vocabulary.gin: the same three, nothing else of the decoder (a pod keeps its dtype, remat).
+  tokenizer, mm1, dec = _gin_bindings(out / "vocabulary.gin")
+  assert (tokenizer, mm1["image_token_id"], dec) == (str((out / "tokenizer").absolute()), pieces,
+                                                      {"vocab_size": emb.shape[0]})
 
 
 def test_a_tokenizer_that_has_image_keeps_its_ids(tmp_path, capsys):
@@ -166,3 +170,22 @@ def test_a_model_that_does_not_fit_the_vocabulary_is_refused(tmp_path, capsys, t
     vocabulary.check_model(ids, dataclasses.replace(fits, decoder=dataclasses.replace(fits.decoder, vocab_size=128)),
                            "the imported vocabulary")
   vocabulary.check_model(ids, fits, "the imported vocabulary")
+
+
+def test_hf_vocabulary_in_tf_data_and_grain_workers(tmp_path):
+  """The tf.data path encodes as Python does, decoding stops at EOS (no EOS or padding text),
+  and the vocabulary survives pickling (grain worker processes rebuild it)."""
+  import pickle
+
+  import tensorflow as tf
+
+  make_bpe_tokenizer(tmp_path, extra_special=("<image>",))
+  vocab = vocabulary.load(tmp_path / "tokenizer.json")
+  encoded = list(tf.data.Dataset.from_tensor_slices(TEXT).map(vocab.encode_tf).as_numpy_iterator())
+  assert [list(e) for e in encoded] == [list(vocab.encode(t)) for t in TEXT]
+  ids = list(vocab.encode(TEXT[0]))
+  assert vocab.decode(ids + [vocab.eos_id, ids[0], ids[1]]) == TEXT[0]
+  rows = tf.constant([ids + [vocab.eos_id, 0, 0], ids[:3] + [vocab.eos_id] + [0] * (len(ids) - 1)])
+  assert [t.decode() for t in vocab.decode_tf(rows).numpy()] == [TEXT[0], vocab.decode(ids[:3])]
+  again = pickle.loads(pickle.dumps(vocab))
+  assert again == vocab and list(again.encode(TEXT[2])) == list(vocab.encode(TEXT[2]))

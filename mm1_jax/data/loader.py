@@ -281,14 +281,16 @@ def estimate_tokens(records, prepare: _Prepare, n: int, seed: int) -> tuple[floa
   """(mean tokens per record, records it is over) from up to n records of a task: the first
   of a seeded permutation of all its records (the same on every host). Each record counts
   the tokens it feeds the model (`record_tokens`: text and tokens_per_image per image, over
-  all the examples a long document is split into). Skipped records are left out."""
+  all the examples a long document is split into). A skipped record counts 0: the mixture
+  draws it like any other, and it feeds nothing. The count is of usable records."""
   order = np.random.default_rng([seed, 20240]).permutation(len(records))[:n]
   lengths = []
   for start in range(0, len(order), 64):
     batch = [int(i) for i in order[start:start + 64]]
     got = records.__getitems__(batch) if hasattr(records, "__getitems__") else [records[i] for i in batch]
-    lengths += [t for t in map(prepare.tokens, got) if t is not None]
-  return (float(np.mean(lengths)) if lengths else float("nan")), len(lengths)
+    lengths += [prepare.tokens(r) for r in got]
+  usable = sum(t is not None and t > 0 for t in lengths)
+  return (float(np.mean([t or 0 for t in lengths])) if usable else float("nan")), usable
 
 
 def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_index: int = 0,

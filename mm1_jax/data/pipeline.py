@@ -128,10 +128,10 @@ def special_ids_of(source: seqio.Task | seqio.Mixture) -> vocab_lib.SpecialIds:
   found = {}
   for task in tasks:
     ids = vocab_lib.special_ids(task.output_features["text"].vocabulary)
-    found.setdefault((ids.image, ids.eos, ids.pad), (task.name, ids))
+    found.setdefault((ids.image, ids.eos, ids.pad, ids.size, ids.stops), (task.name, ids))
   if len(found) > 1:
-    raise ValueError(f"the tasks of {source.name!r} use vocabularies with different special ids "
-                     f"(image, eos, pad): {', '.join(f'{n}: {k}' for k, (n, _) in found.items())}")
+    raise ValueError(f"the tasks of {source.name!r} use different vocabularies (image, eos, pad ids, size, "
+                     f"stops): {', '.join(f'{n}: {k[:4]}' for k, (n, _) in found.items())}")
   return next(iter(found.values()))[1]
 
 
@@ -221,8 +221,7 @@ def token_estimate(source: seqio.Mixture, config: DataConfig, *, tokens_per_imag
       chunks = documents.split_document(ex["text"], config.seq_len + 1, tokens_per_image, config.max_images,
                                          image_id=image_id, split=split)
       lengths.append(documents.record_tokens([c[0] for c in chunks]))
-    lengths = [n for n in lengths if n]
-    if not lengths:
+    if not any(lengths):  # an empty record counts 0 in the mean: the mixture draws it all the same
       raise ValueError(f"rate_unit='tokens': none of the first {config.rate_sample} records of task "
                        f"{task.name!r} is usable, so its tokens per record cannot be estimated")
     mean = float(np.mean(lengths))

@@ -103,13 +103,21 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
 
   @property
   def _base_vocab_size(self) -> int:
-    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+    # One past the largest id (a tokenizer may leave gaps between its ids and added tokens).
+    return max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
   def _encode(self, s: str) -> list[int]:
     return self._tokenizer.encode(s, add_special_tokens=False).ids
 
   def _decode(self, ids) -> str:
-    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    """Text up to the first EOS; EOS and a dedicated pad piece are not text (as SentencePiece
+    drops its control pieces); `<image>` and other special pieces are kept."""
+    ids = [int(i) for i in ids]
+    if self._eos in ids:
+      ids = ids[:ids.index(self._eos)]
+    if self._pad is not None:
+      ids = [i for i in ids if i != self._pad]
+    return self._tokenizer.decode(ids, skip_special_tokens=False)
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
     def encode(text) -> np.ndarray:  # a 0-d array of bytes
@@ -119,10 +127,15 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
     return tf.ensure_shape(ids, [None])
 
   def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-    def decode(row: np.ndarray) -> bytes:
-      return self._decode(row.tolist()).encode("utf-8")
+    """ids int[..., L] -> string[...]: each row decoded as `_decode` does (seqio has put
+    pad_id after the first EOS; `_decode` stops at the EOS itself)."""
+    def decode(rows: np.ndarray) -> np.ndarray:
+      flat = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows.reshape(1, 1)
+      texts = [self._decode(row.tolist()).encode("utf-8") for row in flat]
+      return np.asarray(texts, dtype=object).reshape(rows.shape[:-1])
 
-    return tf.ensure_shape(tf.numpy_function(decode, [ids], tf.string, stateful=False), [])
+    out = tf.numpy_function(decode, [ids], tf.string, stateful=False)
+    return tf.ensure_shape(out, ids.shape[:-1])
 
   def __eq__(self, other) -> bool:
     return (isinstance(other, HFTokenizerVocabulary)

@@ -11,6 +11,11 @@
       one, the embedding and LM-head rows grow to match (new rows at the mean of the
       others, rounded up to a multiple of 128), and DIR/model.gin sets TOKENIZER and
       the model's image_token_id, so a run that includes it needs no other edit.
+      model.gin holds what the checkpoint is (shapes, norms, activations); how a run
+      executes it (remat, attention chunks, and dtype / layer scan unless --dtype /
+      --no_scan are given) stays with the model file included before it.
+      DIR/vocabulary.gin holds TOKENIZER, the image id and the embedding rows only:
+      include it after a model file of the same shape (a pod's).
   mm1-convert export --gin_file=MODEL.gin --params=CKPT --out=HF_DIR
       Writes the decoder of a trained model in the Llama layout (Mistral with a
       sliding window). CKPT is a run's checkpoints/ folder (newest step, or --step) or
@@ -42,9 +47,15 @@ from mm1_jax.hf import convert, verify
 _GIN_MODULES = {"ViTConfig": "vit", "DecoderConfig": "decoder", "MoEConfig": "moe"}
 
 
-def config_to_gin(cfg, header: str, extra: tuple[str, ...] = ()) -> str:
-  """A dataclass config (and nested ones) as dynamic-registration gin bindings, then the
-  `extra` lines (which may bind mm1_jax.model's configurables)."""
+# How a run executes, not what the checkpoint is: left to the model file a run includes
+# before the imported model.gin (a pod's remat and compute dtype must survive it).
+EXECUTION_FIELDS = ("remat_policy", "attention_chunks")
+
+
+def config_to_gin(cfg, header: str, extra: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> str:
+  """A dataclass config (and nested ones) as dynamic-registration gin bindings, leaving out
+  the fields named in `skip`, then the `extra` lines (which may bind mm1_jax.model's
+  configurables)."""
   modules = set(_GIN_MODULES.values()) | ({"model"} if extra else set())
   lines = [f"# {header}", "from __gin__ import dynamic_registration",
            *sorted(f"from mm1_jax import {m}" for m in modules), ""]
@@ -54,6 +65,8 @@ def config_to_gin(cfg, header: str, extra: tuple[str, ...] = ()) -> str:
     scope = f"{_GIN_MODULES[name]}.{name}"
     body, nested = [], []
     for f in dataclasses.fields(obj):
+      if f.name in skip:
+        continue
       value = getattr(obj, f.name)
       if dataclasses.is_dataclass(value):
         body.append(f"  {f.name} = @{_GIN_MODULES[type(value).__name__]}.{type(value).__name__}()")
@@ -87,20 +100,26 @@ def import_tokenizer(spec: str, src: Path, out: Path, conv: convert.Converted) -
   lines = (f"# The tokenizer imported with it; {vocabulary.IMAGE_TOKEN} is piece {image_id}.",
            f"TOKENIZER = {str(written.parent.absolute())!r}",
            f"model.MM1Config.image_token_id = {image_id}")
+  (out / "vocabulary.gin").write_text("\n".join([
+      f"# The vocabulary of the decoder imported by mm1-convert from {src}: include after a model",
+      "# file of the same decoder shape.", "from __gin__ import dynamic_registration",
+      "from mm1_jax import decoder", "from mm1_jax import model", "", *lines,
+      f"decoder.DecoderConfig.vocab_size = {conv.config.vocab_size}", ""]))
   return summary, lines
 
 
 def cmd_import(args) -> int:
   out = Path(args.out)
   conv = convert.to_params(args.kind, args.src, image_size=args.image_size, scan_layers=not args.no_scan,
-                           dtype=args.dtype, progress=True)
+                           dtype=args.dtype or "float32", progress=True)
   out.mkdir(parents=True, exist_ok=True)
   tokenizer, extra = None, ()
   if conv.component == "decoder" and args.tokenizer != "none":
     tokenizer, extra = import_tokenizer(args.tokenizer, Path(args.src), out, conv)
   save_params({conv.component: conv.params}, out / "params")
+  skip = EXECUTION_FIELDS + (() if args.dtype else ("dtype",)) + (() if args.no_scan else ("scan_layers",))
   (out / "model.gin").write_text(config_to_gin(conv.config, f"{conv.component} imported by mm1-convert "
-                                                            f"from {args.src} (kind={args.kind})", extra))
+                                                            f"from {args.src} (kind={args.kind})", extra, skip))
   n = sum(int(x.size) for x in jax.tree.leaves(conv.params))
   summary = {"kind": args.kind, "component": conv.component, "src": str(args.src), "out": str(out),
              "parameters": n, "unused_tensors": conv.unused, "tokenizer": tokenizer}
@@ -163,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--image_size", type=int, default=None,
                  help="encoders: target resolution; position embeddings are resized bicubically")
-  p.add_argument("--no_scan", action="store_true", help="unrolled layer layout (scan_layers=False)")
-  p.add_argument("--dtype", default="float32", help="compute dtype written to model.gin")
+  p.add_argument("--no_scan", action="store_true", help="unrolled layer layout, written to model.gin as "
+                 "scan_layers=False (default: none written; init_from restacks layers to the model's layout)")
+  p.add_argument("--dtype", default=None, help="compute dtype written to model.gin (default: none written, "
+                 "the model file's own, else float32)")
   p.add_argument("--tokenizer", default="auto",
                  help="decoders: 'auto' (the source's tokenizer.model, else tokenizer.json), a tokenizer file, "
                  "or 'none' (weights only)")

@@ -165,6 +165,7 @@ def run_decode(s: dict, short: bool, results: dict) -> dict:
   import numpy as np
 
   from mm1_jax import train
+  from mm1_jax.data.ids import SpecialIds
   from mm1_jax.eval.fewshot import _generate
   from mm1_jax.model import MM1
 
@@ -181,7 +182,11 @@ def run_decode(s: dict, short: bool, results: dict) -> dict:
   tokens[:, 1:1 + q] = config.image_token_id  # one image after the first token, as the peer's prompt
   valid = np.ones((b, p), bool)
   images = rng.integers(0, 256, (b, 1, config.encoder.image_size, config.encoder.image_size, 3), np.uint8)
-  gen = jax.jit(functools.partial(_generate, model=model, max_new=s["new_tokens"]))
+  # A vocabulary of the model's size with the shapes-world special ids; decoding runs all
+  # new_tokens steps whatever is generated, so which ids stop an answer does not change the time.
+  ids = SpecialIds(image=config.image_token_id, eos=1, pad=0, stops=(1,), banned=(0, config.image_token_id),
+                   size=config.decoder.vocab_size)
+  gen = jax.jit(functools.partial(_generate, model=model, max_new=s["new_tokens"], ids=ids))
   t0 = time.perf_counter()
   gen(params, tokens, valid, images).block_until_ready()
   compile_s = time.perf_counter() - t0

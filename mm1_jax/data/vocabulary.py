@@ -21,7 +21,6 @@ generated.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shutil
@@ -32,6 +31,7 @@ import seqio
 import tensorflow as tf
 
 from mm1_jax.data import tokenizer as shapes_tokenizer
+from mm1_jax.data.ids import SpecialIds
 
 IMAGE_TOKEN = shapes_tokenizer.IMAGE_TOKEN
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -184,28 +184,6 @@ def load(spec: str | Path | seqio.Vocabulary = shapes_tokenizer.SHAPES) -> seqio
     path = find_tokenizer_file(path) or path
   stat = path.stat() if path.is_file() else None
   return _load(str(spec), (stat.st_mtime_ns, stat.st_size) if stat else None)
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-  """The ids the pipeline takes from a vocabulary.
-
-  Attributes:
-    image: the `<image>` placeholder piece.
-    eos: end of sequence (appended to every document).
-    pad: the value written at padding positions (always masked out).
-    stops: ids that end a generated answer: EOS and every piece whose text holds a newline.
-    banned: ids never generated: the image placeholder, and a dedicated pad piece.
-    size: the vocabulary's size; ids at or above it (embedding rows a model pads to a
-      multiple for sharding) are never generated either.
-  """
-
-  image: int
-  eos: int
-  pad: int
-  stops: tuple[int, ...]
-  banned: tuple[int, ...]
-  size: int
 
 
 def _dedicated_pad(vocab: seqio.Vocabulary) -> int | None:

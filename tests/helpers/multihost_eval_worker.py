@@ -5,35 +5,17 @@ that answers are not all alike) on the bundled shapes benchmarks with one global
 each process writes the results and predictions it scored to --out.<process>.
 """
 
-import argparse
 import json
-import os
-import sys
 
-p = argparse.ArgumentParser()
-p.add_argument("--process_id", type=int, default=0)
-p.add_argument("--num_processes", type=int, default=1)
-p.add_argument("--port", type=int, default=0)
-p.add_argument("--out", required=True)
-args = p.parse_args()
+from multihost_setup import parser, start
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // args.num_processes}"
-os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mm1_jax import distributed  # noqa: E402
-
-jax.config.update("jax_threefry_partitionable", True)
-if args.num_processes > 1:
-  assert distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
-assert jax.device_count() == 8 and jax.local_device_count() == 8 // args.num_processes
+args = parser().parse_args()
+mesh_cfg, mesh = start(args)
 
 import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from conftest import tiny_model_config  # noqa: E402
 from mm1_jax import sharding  # noqa: E402
@@ -41,13 +23,6 @@ from mm1_jax.eval import fewshot  # noqa: E402
 from mm1_jax.model import MM1  # noqa: E402
 
 cfg = tiny_model_config()
-if args.num_processes == 1:
-  mesh_cfg = sharding.MeshConfig(shape=(2, 2, 2, 1))
-else:
-  mesh_cfg = sharding.MeshConfig(shape=(1, 2, 2, 1), dcn_shape=(args.num_processes, 1, 1, 1))
-mesh = sharding.make_mesh(mesh_cfg)
-assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
-
 # The same parameters in every process and run: initialised on the host, scaled so that the
 # random decoder's answers differ between queries, then placed replicated on the global mesh.
 model = MM1(cfg)

@@ -5,35 +5,20 @@ only its own rows, then saves a checkpoint and restores it (or restores another 
 Process 0 writes {"losses": [...], "checksum": ..., "restored_checksum": ...} to --out.
 """
 
-import argparse
 import json
-import os
-import sys
 
-p = argparse.ArgumentParser()
-p.add_argument("--process_id", type=int, default=0)
-p.add_argument("--num_processes", type=int, default=1)
-p.add_argument("--port", type=int, default=0)
+from multihost_setup import parser, start
+
+p = parser()
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--ckpt_dir", required=True)
 p.add_argument("--restore_from", default=None, help="another run's checkpoint folder to restore")
-p.add_argument("--out", required=True)
 args = p.parse_args()
-
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // args.num_processes}"
-os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+mesh_cfg, mesh = start(args)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-from mm1_jax import distributed  # noqa: E402
-
-jax.config.update("jax_threefry_partitionable", True)
-if args.num_processes > 1:
-  assert distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
-assert jax.device_count() == 8 and jax.local_device_count() == 8 // args.num_processes
 
 from conftest import tiny_model_config  # noqa: E402
 from mm1_jax import optim, sharding, train  # noqa: E402
@@ -41,14 +26,6 @@ from mm1_jax.checkpoint import Checkpointer  # noqa: E402
 from mm1_jax.model import MM1  # noqa: E402
 
 cfg = tiny_model_config()
-# One process: a plain 2x2x2 mesh. Two: each process a slice, data parallelism across
-# them (the multi-slice layout), the same 2x2x2 mesh in all.
-if args.num_processes == 1:
-  mesh_cfg = sharding.MeshConfig(shape=(2, 2, 2, 1))
-else:
-  mesh_cfg = sharding.MeshConfig(shape=(1, 2, 2, 1), dcn_shape=(args.num_processes, 1, 1, 1))
-mesh = sharding.make_mesh(mesh_cfg)
-assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
 rules = mesh_cfg.rules
 
 # The same global batch in every run; each process keeps only the rows it owns.

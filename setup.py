@@ -27,6 +27,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.7",  # eval report plots
         "safetensors>=0.4",  # mm1-convert reads Hugging Face checkpoints with numpy
+        "tokenizers>=0.20,<1",  # Hugging Face tokenizer.json vocabularies (Llama 3, Qwen)
         # Data stack: seqio tasks over TFRecord shards (imported lazily by the trainer).
         "seqio>=0.0.20,<0.1",
         "tensorflow>=2.21,<2.22",
@@ -38,6 +39,8 @@ setup(
         # torch==2.13.0 is the CPU wheel; transformers is only needed by mm1-convert verify.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6",
                  "pycocoevalcap==1.2", "hypothesis>=6",
+                 # a Cloud Storage emulator on 127.0.0.1, and fsspec's GCS client that reaches it
+                 "gcp-storage-emulator>=2024.1", "gcsfs>=2024.2",
                  "jax[tpu]>=0.10.2,<0.11"],  # libtpu: the preflight tests compile for TPU topologies
         # libtpu: mm1-aot compiles for TPU topologies on any machine; on TPU VMs, the runtime.
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],

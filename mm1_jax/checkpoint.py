@@ -1,6 +1,7 @@
 """Checkpoints with orbax: the train state plus the data position, saved asynchronously.
 
-Layout: <workdir>/checkpoints/<step>/{state,data}. `data` is a small JSON record of
+Layout: <workdir>/checkpoints/<step>/{state,data}; the folder may be local or in a
+bucket (gs://..., `mm1_jax.paths`). `data` is a small JSON record of
 how many batches the run has consumed and the grain loader's state, so a resumed run
 continues the same data stream instead of starting it over.
 
@@ -12,13 +13,15 @@ it starts). A state holding NaN or Inf is refused before anything is written.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mm1_jax import paths
+from mm1_jax.paths import PathLike
 
 
 class NonfiniteStateError(FloatingPointError):
@@ -41,11 +44,11 @@ def nonfinite_paths(tree: Any) -> list[str]:
 class Checkpointer:
   """Saves every `save_every` steps (and on demand), keeps the newest `max_to_keep`."""
 
-  def __init__(self, directory: str | Path, *, save_every: int = 100, max_to_keep: int = 3,
+  def __init__(self, directory: PathLike, *, save_every: int = 100, max_to_keep: int = 3,
                async_save: bool = True, remove_partial: bool = False):
     """remove_partial: delete temporary folders left by a save that never finished. Only
     the process that writes checkpoints may do so (a reader would delete a save in flight)."""
-    self.directory = Path(directory).absolute()
+    self.directory = paths.path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -113,15 +116,15 @@ class Checkpointer:
 
 # --- parameter trees outside a train state (imports, exports, init_from) ---------------
 
-def save_params(tree: dict, directory: Path) -> None:
+def save_params(tree: dict, directory: PathLike) -> None:
   """Writes a parameter tree as an orbax PyTree (what `mm1-convert import` makes)."""
   ckptr = ocp.PyTreeCheckpointer()
-  ckptr.save(directory.absolute(), tree, force=True)
+  ckptr.save(paths.path(directory), tree, force=True)
 
 
-def load_params(directory: str | Path) -> dict:
+def load_params(directory: PathLike) -> dict:
   """An imported DIR (DIR/params) or a run's checkpoints/ folder (newest step) -> params numpy tree."""
-  directory = Path(directory).absolute()
+  directory = paths.path(directory)
   if (directory / "params").is_dir():
     return _restore_numpy(directory / "params")
   steps = Checkpointer(directory).all_steps()
@@ -130,11 +133,11 @@ def load_params(directory: str | Path) -> dict:
   return load_checkpoint_params(directory, steps[-1])
 
 
-def load_checkpoint_params(directory: Path, step: int) -> dict:
-  return _restore_numpy(Path(directory).absolute() / str(step) / "state")["params"]
+def load_checkpoint_params(directory: PathLike, step: int) -> dict:
+  return _restore_numpy(paths.path(directory) / str(step) / "state")["params"]
 
 
-def _restore_numpy(path: Path) -> dict:
+def _restore_numpy(path) -> dict:
   """Restores an orbax PyTree as host numpy arrays: no devices or saved topology needed."""
   ckptr = ocp.PyTreeCheckpointer()
   meta = ckptr.metadata(path)

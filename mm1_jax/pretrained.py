@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from mm1_jax import paths
 from mm1_jax import vit as vit_lib
 from mm1_jax.checkpoint import load_params
 from mm1_jax.hf import convert
@@ -54,9 +55,16 @@ def _resize_grids(part: str, tree: dict, target: dict, config: MM1Config) -> dic
 def parse_source(entry: str) -> tuple[str, tuple[str, ...] | None]:
   """'DIR' -> (DIR, None: every part); 'DIR:a,b' -> (DIR, ('a', 'b')). A DIR that exists
   as written is taken whole, colons included."""
-  if Path(entry).exists() or ":" not in entry:
+  if paths.is_remote(entry):  # gs://bucket/DIR[:parts]: the scheme's colon is not a part list
+    scheme, rest = entry.split("://", 1)
+    if ":" not in rest:
+      return entry, None
+    directory, parts = rest.rsplit(":", 1)
+    directory = f"{scheme}://{directory}"
+  elif Path(entry).exists() or ":" not in entry:
     return entry, None
-  directory, parts = entry.rsplit(":", 1)
+  else:
+    directory, parts = entry.rsplit(":", 1)
   names = tuple(p.strip() for p in parts.split(",") if p.strip())
   if not names:
     raise ValueError(f"init_from entry {entry!r}: no part names after ':'")

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mm1_jax import decoder as decoder_lib
+from mm1_jax import paths
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.data import highres
 from mm1_jax.data.loader import decode_image
@@ -429,15 +430,14 @@ class Evaluator:
                    "train_overlap": len(b.overlap), "train_overlap_ids": b.overlap[:20]}
             for name, b in self.benchmarks.items()}
 
-  def evaluate_and_write(self, params, step: int, workdir: str | Path) -> dict[str, float]:
+  def evaluate_and_write(self, params, step: int, workdir: paths.PathLike) -> dict[str, float]:
+    """Evaluates and writes <workdir>/eval/step_<N>.json (a local folder or a bucket) after
+    its samples file: a step's results appear whole, and last."""
     results, samples = self.evaluate(params)
-    out = Path(workdir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"step_{step}_samples.json").write_text(json.dumps(samples, indent=1))
-    tmp = out / f".step_{step}.json.tmp"
-    tmp.write_text(json.dumps({"step": int(step), "results": results, "info": self.info()},
-                              indent=1, sort_keys=True))
-    tmp.rename(out / f"step_{step}.json")
+    out = paths.path(workdir) / "eval"
+    paths.write_text_atomic(out / f"step_{step}_samples.json", json.dumps(samples, indent=1))
+    paths.write_text_atomic(out / f"step_{step}.json", json.dumps(
+        {"step": int(step), "results": results, "info": self.info()}, indent=1, sort_keys=True))
     print(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(results.items())
                                            if not k.endswith("tokens_per_s")))
     return results

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import io
+
+from mm1_jax import paths
 
 
-def load_results(eval_dir: str | Path) -> dict[int, dict[str, float]]:
+def load_results(eval_dir: paths.PathLike) -> dict[int, dict[str, float]]:
   """{step: results} for every eval/step_<N>.json, steps ascending."""
   found = {}
-  for path in Path(eval_dir).glob("step_*.json"):
+  for path in paths.path(eval_dir).glob("step_*.json"):
     if path.stem.endswith("_samples"):
       continue
     record = json.loads(path.read_text())
@@ -17,7 +19,7 @@ def load_results(eval_dir: str | Path) -> dict[int, dict[str, float]]:
   return dict(sorted(found.items()))
 
 
-def comparison_table(eval_dir: str | Path, include_throughput: bool = False) -> str:
+def comparison_table(eval_dir: paths.PathLike, include_throughput: bool = False) -> str:
   """A markdown table: one row per metric, one column per evaluated step, then the change."""
   runs = load_results(eval_dir)
   if not runs:
@@ -44,7 +46,7 @@ def _is_score(metric: str) -> bool:
   return not metric.endswith("tokens_per_s") and metric.count("/") <= 2
 
 
-def find_regressions(eval_dir: str | Path, max_regression: float, steps: list[int] | None = None
+def find_regressions(eval_dir: paths.PathLike, max_regression: float, steps: list[int] | None = None
                      ) -> list[dict]:
   """Scores of `steps` (None: the newest) more than max_regression (relative) below the
   best earlier checkpoint's. Every score is higher-is-better."""
@@ -67,14 +69,14 @@ def find_regressions(eval_dir: str | Path, max_regression: float, steps: list[in
   return found
 
 
-def write_tensorboard(eval_dir: str | Path, logged: list[int]) -> list[int]:
+def write_tensorboard(eval_dir: paths.PathLike, logged: list[int]) -> list[int]:
   """Adds eval/<metric> scalars for steps not yet logged; returns all logged steps."""
   from tensorboardX import SummaryWriter  # noqa: PLC0415  (tensorboardX: only for eval scalars)
 
   runs = load_results(eval_dir)
   new = [s for s in runs if s not in set(logged)]
   if new:
-    writer = SummaryWriter(str(Path(eval_dir) / "tensorboard"))
+    writer = SummaryWriter(str(paths.path(eval_dir) / "tensorboard"))
     for step in new:
       for metric, value in runs[step].items():
         writer.add_scalar(f"eval/{metric}", value, step)
@@ -82,7 +84,7 @@ def write_tensorboard(eval_dir: str | Path, logged: list[int]) -> list[int]:
   return sorted(set(logged) | set(new))
 
 
-def plot_metrics(eval_dir: str | Path) -> dict[str, Path]:
+def plot_metrics(eval_dir) -> dict:
   """One PNG per score across steps, in eval/plots/; returns {metric: path}."""
   import matplotlib  # noqa: PLC0415  (matplotlib: only for plots)
 
@@ -91,9 +93,9 @@ def plot_metrics(eval_dir: str | Path) -> dict[str, Path]:
 
   runs = load_results(eval_dir)
   metrics = sorted({m for r in runs.values() for m in r if _is_score(m)})
-  folder = Path(eval_dir) / "plots"
+  folder = paths.path(eval_dir) / "plots"
   folder.mkdir(parents=True, exist_ok=True)
-  paths = {}
+  written = {}
   for metric in metrics:
     points = [(s, r[metric]) for s, r in runs.items() if metric in r]
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
@@ -103,16 +105,18 @@ def plot_metrics(eval_dir: str | Path) -> dict[str, Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = folder / (metric.replace("/", "__") + ".png")
-    fig.savefig(path)
+    png = io.BytesIO()  # through memory: the folder may be a bucket
+    fig.savefig(png, format="png")
+    path.write_bytes(png.getvalue())
     plt.close(fig)
-    paths[metric] = path
-  return paths
+    written[metric] = path
+  return written
 
 
-def write_report(eval_dir: str | Path, regressions: list[dict], max_regression: float,
-                 failed: dict[str, str] | None = None) -> Path:
+def write_report(eval_dir: paths.PathLike, regressions: list[dict], max_regression: float,
+                 failed: dict[str, str] | None = None):
   """eval/report.md: the comparison table, regressions, failed checkpoints, plots."""
-  eval_dir = Path(eval_dir)
+  eval_dir = paths.path(eval_dir)
   plots = plot_metrics(eval_dir)
   lines = ["# Few-shot evaluation", "", comparison_table(eval_dir), ""]
   if regressions:
@@ -129,5 +133,5 @@ def write_report(eval_dir: str | Path, regressions: list[dict], max_regression: 
   lines += ["## Plots", ""]
   lines += [f"![{m}](plots/{p.name})" for m, p in plots.items()]
   path = eval_dir / "report.md"
-  path.write_text("\n".join(lines) + "\n")
+  paths.write_text_atomic(path, "\n".join(lines) + "\n")
   return path

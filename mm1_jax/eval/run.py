@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 
+from mm1_jax import paths
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.aim import ImageObjectiveConfig
 from mm1_jax.checkpoint import Checkpointer
@@ -32,17 +32,15 @@ class _WatchState:
   Which steps are evaluated is the set of eval/step_<N>.json files (each written
   atomically), so a restarted watcher carries on where it stopped."""
 
-  def __init__(self, eval_dir: Path):
+  def __init__(self, eval_dir):
     self.path = eval_dir / "watch_state.json"
     state = json.loads(self.path.read_text()) if self.path.exists() else {}
     self.failed: dict[str, str] = state.get("failed", {})
     self.logged: list[int] = state.get("tensorboard_steps", [])
 
   def save(self) -> None:
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"failed": self.failed, "tensorboard_steps": sorted(self.logged)}, indent=1))
-    tmp.replace(self.path)
+    paths.write_text_atomic(self.path, json.dumps(
+        {"failed": self.failed, "tensorboard_steps": sorted(self.logged)}, indent=1))
 
 
 def _wanted_steps(steps: str, available: list[int], directory) -> list[int]:
@@ -92,8 +90,8 @@ def evaluate(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Confi
     print(f"error: {e}", file=sys.stderr)
     return EXIT_NOTHING
 
-  ckpt = Checkpointer(checkpoint_dir or Path(workdir) / "checkpoints")
-  out = Path(workdir) / "eval"
+  ckpt = Checkpointer(checkpoint_dir or paths.path(workdir) / "checkpoints")
+  out = paths.path(workdir) / "eval"
   state = _WatchState(out)
   evaluator = target = None
   last_new = time.monotonic()

@@ -1,0 +1,128 @@
+"""Checkpoints, imported parts, init_from sources and eval reports in a Cloud Storage
+bucket: a gcp-storage-emulator (PyPI) serves the JSON API on 127.0.0.1 for the test.
+
+The emulator's variables: fsspec/gcsfs (what etils.epath uses with EPATH_USE_TF=false)
+reads STORAGE_EMULATOR_HOST; tensorstore (orbax's array writer) reads
+TENSORSTORE_GCS_HTTP_URL and takes any token from GOOGLE_AUTH_TOKEN_FOR_TESTING."""
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+from mm1_jax import paths, pretrained
+from mm1_jax.checkpoint import Checkpointer, load_params, save_params
+from mm1_jax.eval import report
+
+BUCKET = "mm1-test"
+EMULATOR = shutil.which("gcp-storage-emulator")
+pytestmark = pytest.mark.skipif(EMULATOR is None, reason="gcp-storage-emulator is not installed (test extra)")
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([EMULATOR, "start", "--host=127.0.0.1", f"--port={port}", f"--default-bucket={BUCKET}",
+                           "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  for _ in range(100):
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=1)
+      break
+    except OSError:
+      time.sleep(0.1)
+  else:
+    proc.kill()
+    pytest.fail("the storage emulator did not start")
+  yield url
+  proc.kill()
+  proc.wait()
+
+
+def objects(emulator: str, prefix: str) -> list[str]:
+  """Object names under `prefix` as the emulator's JSON API lists them: what really reached
+  the bucket (a path mistaken for a local one would write a local "gs:" folder instead)."""
+  names, token = [], ""
+  while True:
+    query = f"prefix={prefix}" + (f"&pageToken={token}" if token else "")
+    page = json.load(urllib.request.urlopen(f"{emulator}/storage/v1/b/{BUCKET}/o?{query}", timeout=10))
+    names += [o["name"] for o in page.get("items", [])]
+    token = page.get("nextPageToken")
+    if not token:
+      return names
+
+
+@pytest.fixture
+def bucket(emulator, monkeypatch, request, tmp_path):
+  monkeypatch.chdir(tmp_path)  # a relative "gs:" folder, were one made, lands here and is checked
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", emulator)
+  monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "test")
+  yield f"gs://{BUCKET}/{request.node.name}"
+  assert not (tmp_path / "gs:").exists()
+
+
+def test_paths_keep_buckets_and_make_local_paths_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert str(paths.path("gs://b/run/x")) == "gs://b/run/x" and paths.is_remote("gs://b/run")
+  assert str(paths.path("run/x")) == str(tmp_path / "run" / "x") and not paths.is_remote("run/x")
+
+
+def test_text_written_to_a_bucket_reads_back(bucket, emulator):
+  target = paths.path(bucket) / "eval" / "step_3.json"
+  paths.write_text_atomic(target, json.dumps({"step": 3}))
+  paths.write_text_atomic(target, json.dumps({"step": 4}))  # replaced whole
+  assert json.loads(target.read_text()) == {"step": 4}
+  assert [p.name for p in (paths.path(bucket) / "eval").glob("step_*.json")] == ["step_3.json"]
+  assert objects(emulator, "test_text_written_to_a_bucket_reads_back/") == [
+      "test_text_written_to_a_bucket_reads_back/eval/step_3.json"]  # no temporary object left
+
+
+def test_checkpoints_save_and_restore_in_a_bucket(bucket, emulator):
+  state = {"w": jax.numpy.arange(6.0).reshape(2, 3), "step": jax.numpy.int32(7)}
+  ckpt = Checkpointer(f"{bucket}/checkpoints", save_every=1)
+  assert ckpt.save(5, state, {"batches_consumed": 5}, force=True)
+  ckpt.close()
+  assert any(n.startswith("test_checkpoints_save_and_restore_in_a_bucket/checkpoints/5/state/")
+             for n in objects(emulator, "test_checkpoints_save_and_restore_in_a_bucket/"))
+  again = Checkpointer(f"{bucket}/checkpoints")
+  assert again.all_steps() == [5]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  restored, data = again.restore(5, abstract)
+  again.close()
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert int(restored["step"]) == 7 and data == {"batches_consumed": 5}
+
+
+def test_imported_parts_load_from_a_bucket_as_init_from_sources(bucket, emulator):
+  tree = {"decoder": {"embedding": {"embedding": np.arange(12.0, dtype=np.float32).reshape(4, 3)}}}
+  save_params(tree, paths.path(bucket) / "llm" / "params")
+  assert objects(emulator, "test_imported_parts_load_from_a_bucket_as_init_from_sources/llm/params/")
+  np.testing.assert_array_equal(load_params(f"{bucket}/llm")["decoder"]["embedding"]["embedding"],
+                                tree["decoder"]["embedding"]["embedding"])
+  # The scheme's colon is not a part list; a part list after the folder still is.
+  assert pretrained.parse_source(f"{bucket}/llm") == (f"{bucket}/llm", None)
+  assert pretrained.parse_source(f"{bucket}/llm:decoder") == (f"{bucket}/llm", ("decoder",))
+
+
+def test_eval_report_is_written_to_a_bucket(bucket, emulator):
+  out = paths.path(bucket) / "eval"
+  for step, score in ((10, 0.5), (20, 0.3)):
+    paths.write_text_atomic(out / f"step_{step}.json", json.dumps(
+        {"step": step, "results": {"shapes_vqa/0shot/accuracy": score}}))
+  regressions = report.find_regressions(out, 0.05)
+  written = report.write_report(out, regressions, 0.05)
+  text = written.read_text()
+  assert "shapes_vqa/0shot/accuracy" in text and "step 20" in text and "Regressions" in text
+  assert (out / "plots" / "shapes_vqa__0shot__accuracy.png").read_bytes()[:4] == b"\x89PNG"
+  prefix = "test_eval_report_is_written_to_a_bucket/eval/"
+  assert {prefix + "report.md", prefix + "plots/shapes_vqa__0shot__accuracy.png"} <= set(objects(emulator, prefix))

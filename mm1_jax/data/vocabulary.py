@@ -22,6 +22,7 @@ generated.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from mm1_jax import paths
 from mm1_jax.data import tokenizer as shapes_tokenizer
 from mm1_jax.data.ids import SpecialIds
 
@@ -158,6 +160,29 @@ def find_tokenizer_file(directory: str | Path) -> Path | None:
   return None
 
 
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_FILE, HF_CONFIG_FILE)
+
+
+def local_copy(spec: str) -> Path:
+  """A tokenizer in a bucket (a file, or a folder holding the files of TOKENIZER_FILES) copied
+  to ~/.cache/mm1_jax/tokenizers/<hash of its location and contents>/: SentencePiece and
+  the tokenizers package read local files only."""
+  source = paths.path(spec)
+  files = [source] if not source.is_dir() else [source / n for n in TOKENIZER_FILES if (source / n).exists()]
+  blobs = {f.name: f.read_bytes() for f in files}
+  if not blobs:
+    raise FileNotFoundError(f"tokenizer {spec}: no such file, nor a folder holding {' or '.join(TOKENIZER_FILES[:2])}")
+  digest = hashlib.sha1(spec.encode() + b"".join(blobs[n] for n in sorted(blobs))).hexdigest()[:16]
+  folder = Path.home() / ".cache" / "mm1_jax" / "tokenizers" / digest
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, data in blobs.items():
+    if not (folder / name).is_file():
+      tmp = folder / f".{name}.tmp"
+      tmp.write_bytes(data)
+      tmp.replace(folder / name)
+  return folder / source.name if not source.is_dir() else folder
+
+
 @functools.lru_cache(maxsize=16)
 def _load(spec: str, stamp: tuple[int, int] | None) -> seqio.Vocabulary:
   del stamp  # part of the cache key only: a rewritten file is read again
@@ -179,6 +204,8 @@ def load(spec: str | Path | seqio.Vocabulary = shapes_tokenizer.SHAPES) -> seqio
   """The vocabulary `spec` names (see the module docstring); a Vocabulary is returned as is."""
   if isinstance(spec, seqio.Vocabulary):
     return spec
+  if paths.is_remote(spec):
+    spec = local_copy(spec)
   path = Path(str(spec)).expanduser()
   if path.is_dir():
     path = find_tokenizer_file(path) or path

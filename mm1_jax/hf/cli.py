@@ -35,12 +35,13 @@ import dataclasses
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import gin
 import jax
 
-from mm1_jax import decoder, gin_cli
+from mm1_jax import decoder, gin_cli, paths
 from mm1_jax.checkpoint import load_checkpoint_params, load_params, save_params  # noqa: F401  (re-exported)
 from mm1_jax.hf import convert, verify
 
@@ -81,9 +82,10 @@ def config_to_gin(cfg, header: str, extra: tuple[str, ...] = (), skip: tuple[str
   return "\n".join(lines + list(extra) + ([""] if extra else []))
 
 
-def import_tokenizer(spec: str, src: Path, out: Path, conv: convert.Converted) -> tuple[dict, tuple[str, ...]]:
-  """Brings the decoder's tokenizer to out/tokenizer/ with `<image>` in it and grows
-  `conv`'s embedding rows to cover it. Returns (a summary, the gin lines a run needs)."""
+def import_tokenizer(spec: str, src: Path, out, conv: convert.Converted) -> tuple[dict, tuple[str, ...]]:
+  """Brings the decoder's tokenizer to out/tokenizer/ (a local folder or a bucket) with
+  `<image>` in it and grows `conv`'s embedding rows to cover it. Returns (a summary, the gin
+  lines a run needs)."""
   from mm1_jax.data import vocabulary  # noqa: PLC0415  (seqio, tensorflow: decoders only)
 
   found = vocabulary.find_tokenizer_file(src) if spec == "auto" else Path(spec).expanduser()
@@ -91,14 +93,19 @@ def import_tokenizer(spec: str, src: Path, out: Path, conv: convert.Converted) -
     raise convert.ConversionError(
         f"no tokenizer: {src} holds neither {vocabulary.SENTENCEPIECE_FILE} nor {vocabulary.HF_FILE} "
         "(name one with --tokenizer=FILE, or --tokenizer=none to import the weights alone)")
-  written, image_id, added = vocabulary.add_image_token(found, out / "tokenizer")
-  vocab = vocabulary.load(written)
-  ids = vocabulary.special_ids(vocab)
+  with tempfile.TemporaryDirectory() as staging:  # tokenizer libraries write local files only
+    local, image_id, added = vocabulary.add_image_token(found, Path(staging))
+    ids = vocabulary.special_ids(vocabulary.load(local))
+    folder = out / "tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(staging).iterdir()):
+      (folder / f.name).write_bytes(f.read_bytes())
+  written = folder / local.name
   conv.config, conv.params, grown = convert.grow_vocabulary(conv.config, conv.params, ids.size)
-  summary = {"source": str(found), "file": str(written.absolute()), "pieces": ids.size, "image_id": image_id,
+  summary = {"source": str(found), "file": str(written), "pieces": ids.size, "image_id": image_id,
              "image_token_added": added, "eos_id": ids.eos, "embedding_rows_added": grown}
   lines = (f"# The tokenizer imported with it; {vocabulary.IMAGE_TOKEN} is piece {image_id}.",
-           f"TOKENIZER = {str(written.parent.absolute())!r}",
+           f"TOKENIZER = {str(folder)!r}",
            f"model.MM1Config.image_token_id = {image_id}")
   (out / "vocabulary.gin").write_text("\n".join([
       f"# The vocabulary of the decoder imported by mm1-convert from {src}: include after a model",
@@ -109,7 +116,7 @@ def import_tokenizer(spec: str, src: Path, out: Path, conv: convert.Converted) -
 
 
 def cmd_import(args) -> int:
-  out = Path(args.out)
+  out = paths.path(args.out)
   conv = convert.to_params(args.kind, args.src, image_size=args.image_size, scan_layers=not args.no_scan,
                            dtype=args.dtype or "float32", progress=True)
   out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,47 @@ Dispatch, chosen by `MoEConfig.dispatch`:
               choices before second choices, earlier tokens first; the rest are
               dropped (their share of the output is zero) and the drop rate is logged.
               Dispatch and combine are one-hot einsums: static shapes, batch-parallel.
-  "dropless"  every assignment is computed: assignments are sorted by expert and run
-              as one grouped matmul (jax.lax.ragged_dot).
+  "dropless"  every assignment of a real token is computed: assignments are sorted by
+              expert and run as one grouped matmul (jax.lax.ragged_dot). Padding
+              tokens get the sentinel expert E: they are in no group, so no matmul row
+              is theirs (ragged_dot leaves rows past the last group out; their output
+              is zero), and nothing of theirs is exchanged.
+
+Expert parallelism. With an ambient mesh (`jax.set_mesh`, as train.py and aot.py do) the
+layer runs inside one `jax.shard_map` over all mesh axes, laid out by the logical-axis
+rules (`_plan`): tokens split over the "batch" rule's axes (data, fsdp, expert), experts
+over the "expert" axes (device s of M holds the E_l = E / M experts [s E_l, (s+1) E_l)),
+each expert's hidden width over the "mlp" axes (tensor; the down projection is psum-ed
+over them), the embed dimension gathered (FSDP) on the way in. The router and the
+auxiliary statistics stay outside, on the batch-sharded arrays, as without a mesh.
+  dropless  each device sorts its own assignments by expert and scatters their token rows
+            into a send buffer [M, S, D], block j for device j's experts; one
+            jax.lax.all_to_all over the expert axis delivers block j to device j (with
+            the local expert id of every row, E_l in empty slots); that device runs its
+            E_l experts as one ragged_dot over the M * S received rows grouped by local
+            expert, and a second all_to_all returns the results to the same slots,
+            where the sender combines them with the routing weights. XLA:CPU does not
+            implement jax.lax.ragged_all_to_all, so the exchange is a fixed-size
+            all_to_all whose per-destination block is the worst case,
+            S = n * min(k, E_l) rows for a device's n tokens (a token's k experts are
+            distinct, so at most min(k, E_l) of them live on one device): nothing is ever
+            dropped, at the price of exchanging and holding M * S rows per device for
+            at most n * k real ones (M * min(k, E_l) / k times as many; the empty slots
+            are in no group of the ragged_dot). A ragged all-to-all (TPU, GPU) would
+            exchange only the real rows; it is not used here.
+  capacity  each device builds its rows' capacity buffers [E, b, C, D] with the one-hot
+            einsums, an all_to_all over the expert axis (split experts, concatenate
+            rows) gives it [E_l, M b, C, D], its experts run as einsums, and the reverse
+            all_to_all brings [E, b, C, D] back for the combine einsum. Explicit rather
+            than the GSPMD einsum with a sharding constraint (the path without a mesh):
+            the exchange is then an all_to_all by construction, not whatever the
+            partitioner picks. The buffers are the capacity slots: nothing to bound.
+  With expert axis 1 (or E not divisible by it) the same shard_map runs with no exchange
+  (each device runs every expert on its own tokens, with no global sort). A batch whose tokens (dropless) or rows
+  (capacity) do not divide the token shards is padded with padding tokens / rows. Without
+  a mesh (or a one-device one) the layer is plain jax ops, as before. Every path computes
+  the same per-row products, so results agree with the one-device ones up to float
+  rounding (tests/test_moe_expert_parallel.py).
 
 Auxiliary terms, sown into the "moe" collection per sparse layer (the train step
 reads them with `mutable=["moe"]`; they are no-ops elsewhere):
@@ -28,12 +67,15 @@ capacity and stays out of the statistics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 from flax import traverse_util
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mm1_jax import layers
 from mm1_jax import sharding
@@ -136,12 +178,13 @@ class MoEMLP(nn.Module):
     z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
     self.sow(AUX_COLLECTION, "router_z", _masked_mean(z.reshape(-1), valid.reshape(-1)))
 
+    plan = _plan(e, f)
     if c.dispatch == "dropless":
-      y = _dropless(x.astype(self.dtype), weights, expert_ids, w_gate, w_up, w_down)
+      y = _dropless(x.astype(self.dtype), weights, expert_ids, valid, w_gate, w_up, w_down, plan)
       drop_rate = jnp.zeros((), jnp.float32)
     else:
       y, drop_rate = _capacity(x.astype(self.dtype), weights, expert_ids, valid, w_gate, w_up, w_down,
-                               c.capacity(t))
+                               c.capacity(t), plan)
     self.sow(AUX_COLLECTION, "drop_rate", drop_rate)
     return y.astype(self.dtype)
 
@@ -150,22 +193,183 @@ def _swiglu(h_in, w_gate, w_up, w_down, matmul):
   return matmul(nn.silu(matmul(h_in, w_gate)) * matmul(h_in, w_up), w_down)
 
 
-def _dropless(x, weights, expert_ids, w_gate, w_up, w_down):
+def _grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """lhs[R, X] rows grouped by expert (group g = the next group_sizes[g] rows), rhs[G, X, Y]:
+  rows after the last group belong to no expert and come out as zeros. (A module-level
+  name so that tests can observe the group sizes.)"""
+  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+# --- where the experts live ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How MoEMLP runs on the ambient mesh: inside one shard_map over all its axes.
+
+  token_axes: mesh axes the tokens (capacity: the rows) are split over, the "batch" rule's
+    axes plus the expert axes; expert_axes: the axes the experts are split over (the
+    all-to-all axes, () for none); mlp_axes: the axes each expert's hidden width is split
+    over (the down projection's partial sums are psum-ed over them).
+  """
+
+  mesh: Any
+  token_axes: tuple[str, ...]
+  expert_axes: tuple[str, ...]
+  mlp_axes: tuple[str, ...]
+
+  def size(self, axes: tuple[str, ...]) -> int:
+    return math.prod(self.mesh.shape[a] for a in axes)
+
+  def specs(self):
+    """PartitionSpecs of (token-major arrays, w_gate / w_up [E, D, F], w_down [E, F, D])."""
+    tok, exp, mlp = (a or None for a in (self.token_axes, self.expert_axes, self.mlp_axes))
+    return P(tok), P(exp, None, mlp), P(exp, mlp, None)
+
+
+def _plan(num_experts: int, expert_mlp_dim: int) -> _Plan | None:
+  """The layout for the ambient mesh (`jax.set_mesh`) and logical-axis rules; None without a
+  mesh (or a one-device one, or rules that split nothing), where the layer runs as plain
+  jax ops."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  sizes = dict(mesh.shape)
+
+  def rule(names, i):
+    spec = tuple(nn.logical_to_mesh_axes(sharding.axes(names)))
+    entry = spec[i] if i < len(spec) else None
+    return tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ()))
+                 if sizes.get(a, 1) > 1)
+
+  weight_names = ("expert", "embed", "mlp")
+  expert = rule(weight_names, 0)
+  if num_experts % math.prod(sizes[a] for a in expert):
+    expert = ()  # experts that do not divide stay whole on every device
+  tokens = rule(("batch",), 0)
+  tokens += tuple(a for a in expert if a not in tokens)
+  mlp = tuple(a for a in rule(weight_names, 2) if a not in tokens)
+  if expert_mlp_dim % math.prod(sizes[a] for a in mlp):
+    mlp = ()
+  if not tokens and not mlp:
+    return None
+  return _Plan(mesh, tokens, expert, mlp)
+
+
+def _pad_rows(arrays, multiple: int):
+  """Pads the leading axis of each array with zeros (False for `valid`: padding) to a multiple."""
+  pad = -arrays[0].shape[0] % multiple
+  if not pad:
+    return arrays
+  return tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays)
+
+
+# --- dropless ----------------------------------------------------------------------------
+
+
+def _dropless(x, weights, expert_ids, valid, w_gate, w_up, w_down, plan: _Plan | None):
   b, t, d = x.shape
-  k, e = expert_ids.shape[-1], w_gate.shape[0]
-  flat_ids = expert_ids.reshape(-1)  # [N * k], assignment a belongs to token a // k
-  order = jnp.argsort(flat_ids, stable=True)
-  tokens = jnp.take(x.reshape(-1, d), order // k, axis=0)  # [N * k, D], grouped by expert
-  group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
-  matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-  out_sorted = _swiglu(tokens, w_gate, w_up, w_down, matmul)
-  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(b, t, k, d)
-  return jnp.einsum("btkd,btk->btd", out, weights.astype(out.dtype))
+  k = expert_ids.shape[-1]
+  args = (x.reshape(b * t, d), weights.reshape(b * t, k), expert_ids.reshape(b * t, k), valid.reshape(b * t))
+  if plan is None:
+    y = _dropless_local(*args, w_gate, w_up, w_down, expert_axes=(), num_shards=1, mlp_axes=())
+    return y.reshape(b, t, d)
+  args = _pad_rows(args, plan.size(plan.token_axes))  # padded tokens are invalid: no work
+  tok, wio, wout = plan.specs()
+  body = functools.partial(_dropless_local, expert_axes=plan.expert_axes,
+                           num_shards=plan.size(plan.expert_axes), mlp_axes=plan.mlp_axes)
+  y = jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, tok, tok, wio, wio, wout),
+                    out_specs=tok)(*args, w_gate, w_up, w_down)
+  return y[:b * t].reshape(b, t, d)
 
 
-def _capacity(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity):
+def _local_experts(rows, group_ids, num_groups, w_gate, w_up, w_down, mlp_axes):
+  """SwiGLU of each row of rows[R, D] by expert group_ids[R] (num_groups: no expert, not
+  computed) as one grouped matmul; the result in the rows' order, zeros for ungrouped rows."""
+  order = jnp.argsort(group_ids, stable=True)
+  sizes = jnp.bincount(group_ids, length=num_groups + 1)[:num_groups].astype(jnp.int32)
+  matmul = lambda a, w: _grouped_matmul(a, w, sizes)
+  out = _swiglu(jnp.take(rows, order, axis=0), w_gate, w_up, w_down, matmul)
+  if mlp_axes:  # each device holds a slice of every expert's hidden width
+    out = jax.lax.psum(out, mlp_axes)
+  return jnp.zeros_like(out).at[order].set(out)
+
+
+def _dropless_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, expert_axes, num_shards,
+                    mlp_axes):
+  """One device's tokens x[n, D] (all of them without a mesh); it holds experts
+  [s * E_l, (s + 1) * E_l) of E = num_shards * E_l, s its index along expert_axes.
+
+  Assignment a = token a // k's (a % k)-th choice. Padding tokens' assignments get the
+  sentinel expert E: no group, no row of any matmul, nothing sent; their output is 0.
+  With num_shards > 1 each device scatters its assignments' token rows into a send buffer
+  [num_shards, S, D] (block j: the rows for device j's experts, in expert order), where
+  S = n * min(k, E_l) is the worst case (a token's k experts are distinct, so at most
+  min(k, E_l) of them sit on one device); an all-to-all delivers block j to device j,
+  which runs its E_l experts on what it received (empty slots carry the sentinel E_l),
+  and the reverse all-to-all brings the results back to the same slots.
+  """
+  n, d = x.shape
+  k, e_local = expert_ids.shape[-1], w_gate.shape[0]
+  num_experts = e_local * num_shards
+  assigned = jnp.repeat(valid, k)  # [n * k]
+  key = jnp.where(assigned, expert_ids.reshape(-1), num_experts)
+  if num_shards == 1:
+    out = _local_experts(jnp.repeat(x, k, axis=0), key, num_experts, w_gate, w_up, w_down, mlp_axes)
+  else:
+    slots = n * min(k, e_local)
+    dest = key // e_local  # num_shards for padding: out of range, dropped below
+    counts = jnp.bincount(dest, length=num_shards + 1)[:num_shards]
+    first = jnp.cumsum(counts) - counts  # where each destination's block starts in sorted order
+    rank = jnp.zeros_like(key).at[jnp.argsort(key, stable=True)].set(jnp.arange(key.shape[0]))
+    slot = jnp.where(assigned, rank - first[jnp.minimum(dest, num_shards - 1)], slots)
+    send = jnp.zeros((num_shards, slots, d), x.dtype).at[dest, slot].set(jnp.repeat(x, k, axis=0),
+                                                                             mode="drop")
+    send_ids = jnp.full((num_shards, slots), e_local, key.dtype).at[dest, slot].set(key % e_local,
+                                                                                   mode="drop")
+    recv = jax.lax.all_to_all(send, expert_axes, 0, 0)  # recv[i]: the rows device i sent here
+    recv_ids = jax.lax.all_to_all(send_ids, expert_axes, 0, 0)
+    done = _local_experts(recv.reshape(-1, d), recv_ids.reshape(-1), e_local, w_gate, w_up, w_down,
+                          mlp_axes)
+    back = jax.lax.all_to_all(done.reshape(num_shards, slots, d), expert_axes, 0, 0)
+    out = back.at[dest, slot].get(mode="fill", fill_value=0)
+  out = out.reshape(n, k, d)
+  return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))
+
+
+# --- capacity ----------------------------------------------------------------------------
+
+
+def _capacity(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity, plan: _Plan | None):
+  b = x.shape[0]
+  if plan is None:
+    y, kept = _capacity_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity=capacity,
+                              expert_axes=(), num_shards=1, mlp_axes=(), gspmd=True)
+  else:
+    # Groups are rows: a row never splits across devices (padded rows are all padding).
+    args = _pad_rows((x, weights, expert_ids, valid), plan.size(plan.token_axes))
+    tok, wio, wout = plan.specs()
+    body = functools.partial(_capacity_local, capacity=capacity, expert_axes=plan.expert_axes,
+                             num_shards=plan.size(plan.expert_axes), mlp_axes=plan.mlp_axes,
+                             gspmd=False)
+    y, kept = jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, tok, tok, wio, wio, wout),
+                            out_specs=(tok, tok))(*args, w_gate, w_up, w_down)
+    y, kept = y[:b], kept[:b]
+  real = jnp.broadcast_to(valid[:, None, :], kept.shape)
+  drop_rate = jnp.sum(~kept & real) / jnp.maximum(jnp.sum(real), 1)
+  return y, drop_rate
+
+
+def _capacity_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, capacity, expert_axes,
+                    num_shards, mlp_axes, gspmd):
+  """Rows x[b, T, D] (one device's, or all); returns (y [b, T, D], kept bool[b, k, T]).
+
+  With num_shards > 1 the capacity buffers [E, b, C, D] go through an all-to-all over
+  expert_axes (block j of the experts to device j, which receives [E_l, num_shards * b, C, D]:
+  its experts' slots of every device's rows), and back the same way.
+  """
   b, t, _ = x.shape
-  k, e = expert_ids.shape[-1], w_gate.shape[0]
+  k, e = expert_ids.shape[-1], w_gate.shape[0] * num_shards
   # Slot of each assignment in its expert's buffer: count earlier assignments to the same
   # expert in priority order (all first choices of the sequence, then all second choices).
   # Padding tokens are assigned nowhere, so they take no slot.
@@ -180,13 +384,18 @@ def _capacity(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity):
   w = (jnp.swapaxes(weights, 1, 2) * kept).astype(x.dtype)  # [B, k, T]
   combine = jnp.einsum("bkte,bktc,bkt->btec", onehot.astype(x.dtype), slot_onehot, w)
   expert_in = jnp.einsum("btec,btd->ebcd", dispatch, x)
-  expert_in = sharding.constrain(expert_in, ("expert", "batch", None, "embed"))
+  if gspmd:
+    expert_in = sharding.constrain(expert_in, ("expert", "batch", None, "embed"))
+  if num_shards > 1:
+    expert_in = jax.lax.all_to_all(expert_in, expert_axes, 0, 1, tiled=True)  # [E_l, S * b, C, D]
   matmul = lambda a, wt: jnp.einsum("ebcx,exy->ebcy", a, wt)
   expert_out = _swiglu(expert_in, w_gate, w_up, w_down, matmul)
+  if mlp_axes:
+    expert_out = jax.lax.psum(expert_out, mlp_axes)
+  if num_shards > 1:
+    expert_out = jax.lax.all_to_all(expert_out, expert_axes, 1, 0, tiled=True)  # [E, b, C, D]
   y = jnp.einsum("btec,ebcd->btd", combine, expert_out)
-  real = jnp.broadcast_to(valid[:, None, :], kept.shape)
-  drop_rate = jnp.sum(~kept & real) / jnp.maximum(jnp.sum(real), 1)
-  return y, drop_rate
+  return y, kept
 
 
 def summarize_aux(collection) -> dict[str, jax.Array]:

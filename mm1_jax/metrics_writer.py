@@ -1,4 +1,9 @@
-"""Training metrics to stdout, <workdir>/metrics.jsonl and TensorBoard event files."""
+"""Training metrics to stdout, <workdir>/metrics.jsonl and TensorBoard event files.
+
+Every metric goes to metrics.jsonl and TensorBoard; the printed line leaves out those
+whose name starts with one of QUIET_PREFIXES (the badput_* split of goodput: see
+mm1_jax/goodput.py), which would crowd it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import json
 import time
 from pathlib import Path
 from typing import Mapping
+
+QUIET_PREFIXES = ("badput_",)
 
 
 class MetricWriter:
@@ -28,7 +35,8 @@ class MetricWriter:
         self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
     if self._echo:
-      self._echo(f"step {step:>6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+      shown = {k: v for k, v in metrics.items() if not k.startswith(QUIET_PREFIXES)}
+      self._echo(f"step {step:>6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
 
   def close(self) -> None:
     if self._tb is not None:

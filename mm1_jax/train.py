@@ -28,6 +28,7 @@ import optax
 from tqdm import tqdm
 
 from mm1_jax import flops as flops_lib
+from mm1_jax import goodput as goodput_lib
 from mm1_jax import hardware
 from mm1_jax import moe as moe_lib
 from mm1_jax import optim
@@ -300,6 +301,19 @@ class _NonfiniteGuard:
       raise NonfiniteError(step, int(streak), float(loss), float(grad_norm))
 
 
+def _hang_watchdog(factor: float, min_seconds: float, warmup: int, workdir: Path,
+                   ledger: goodput_lib.Ledger) -> goodput_lib.HangWatchdog:
+  """The watchdog of the step loop: on a hang, stacks to stderr and <workdir>/hang_host<i>.txt,
+  a hang record in the goodput ledger, then exit code EXIT_HANG."""
+  index = jax.process_index()
+
+  def on_hang(info: dict) -> None:
+    goodput_lib.dump_stacks(info, workdir / f"hang_host{index}.txt", index)
+    ledger.finish(goodput_lib.EXIT_HANG, "hang", lock_timeout=10, **info)
+
+  return goodput_lib.HangWatchdog(factor, min_seconds, warmup=max(1, warmup), on_hang=on_hang)
+
+
 def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config(), data=None,
           optimizer: optim.OptimizerConfig = optim.OptimizerConfig(),
           mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig(),
@@ -307,7 +321,8 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
           keep_checkpoints: int = 3, evaluation=None, eval_every: int = 0, z_loss: float = 0.0,
           seed: int = 0, peak_flops_per_device: float | None = None, progress: bool = True,
           init_from: Sequence[str] = (), stop_after_steps: int = 0,
-          max_consecutive_nonfinite: int = 5, eval_at_start: bool = True) -> int:
+          max_consecutive_nonfinite: int = 5, eval_at_start: bool = True, hang_factor: float = 20.0,
+          hang_min_seconds: float = 600.0, hang_warmup_steps: int = 5) -> int:
   """Pre-trains MM1, or an image encoder with `model` an `mm1_jax.aim` objective config;
   resumes from the newest checkpoint in `<workdir>/checkpoints`.
 
@@ -335,9 +350,18 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
       code 0 (time-sliced jobs: the same command continues); 0 runs to train_steps.
     max_consecutive_nonfinite: a step whose loss or gradients are NaN/Inf is skipped
       and counted; this many in a row stop the run (exit code 3).
+    hang_factor: the hang watchdog: once `hang_warmup_steps` steps are done, a step that
+      runs longer than max(hang_min_seconds, hang_factor x the median of the last 50
+      steps) dumps every thread's stack (stderr and <workdir>/hang_host<i>.txt) and ends
+      the process with exit code 75 (`goodput.EXIT_HANG`); 0 disables it. Checkpoint
+      saves and evaluations are not timed by it.
+    hang_min_seconds: the shortest deadline the watchdog gives a step.
+    hang_warmup_steps: steps of each process before the watchdog arms (the first compiles).
   Returns:
     0 when train_steps were reached (or stop_after_steps); 3 when stopped by
-    non-finite steps; 128 + signal number when stopped by a signal.
+    non-finite steps; 128 + signal number when stopped by a signal. A hang ends the
+    process with 75 from the watchdog thread. Goodput is kept in <workdir>/goodput.json
+    (`mm1_jax.goodput`) and logged as goodput and badput_* with the metrics.
   """
   from mm1_jax.data import pipeline, vocabulary  # noqa: PLC0415  (they load tensorflow, seqio)
 
@@ -347,6 +371,9 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     vocabulary.check_model(pipeline.special_ids_of(source), model, f"the vocabulary of {source.name!r}")
   workdir_path = Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
+  # Process 0 keeps the run's goodput ledger; the others count their own attempt only.
+  ledger = goodput_lib.Ledger(workdir_path, write=jax.process_index() == 0,
+                              started=goodput_lib.process_start_time())
   device_mesh = sharding_lib.make_mesh(mesh)
   rules = mesh.rules
   if data.batch_size % sharding_lib.batch_divisor(device_mesh, rules):
@@ -372,6 +399,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     print(f"resumed from {ckpt.directory}/{start} ({batches_consumed} batches consumed)")
   elif init_from:
     state = state.replace(params=load_pretrained(state.params, state_shardings.params, init_from, model))
+  ledger.begin(start)
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   slot_flops = flops_lib.train_flops_per_step(state.params, model, data.batch_size, data.seq_len,
@@ -394,7 +422,8 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
 
   def run_eval(step):
     if evaluator is not None and not (workdir_path / "eval" / f"step_{step}.json").exists():
-      evaluator.evaluate_and_write(state.params, step, workdir_path)
+      with ledger.timed("eval"):
+        evaluator.evaluate_and_write(state.params, step, workdir_path)
 
   if start == 0 and eval_at_start:
     run_eval(0)
@@ -408,13 +437,20 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
   t_last, seqs, images, tokens, useful_flops = time.perf_counter(), 0, 0, 0, 0.0
   exit_code = 0
   guard = _NonfiniteGuard(max_consecutive_nonfinite, echo)
+  watchdog = _hang_watchdog(hang_factor, hang_min_seconds, hang_warmup_steps, workdir_path, ledger)
+  ledger.loop_started()
   try:
     with _StopRequest() as stop, jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
       bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress,
                  dynamic_ncols=True)
+      watchdog.start()
       while step < train_steps:
-        local = next(batches)
-        state, metrics = step_fn(state, global_batch(local, batch_shardings))
+        watchdog.begin(step + 1)
+        t_iteration = time.perf_counter()
+        with ledger.timed("data"):
+          local = next(batches)
+          inputs = global_batch(local, batch_shardings)
+        state, metrics = step_fn(state, inputs)
         step += 1
         # The previous step's fault counters, read while this step runs (no stall).
         guard.check_previous()
@@ -437,6 +473,9 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
           metrics.update({"tokens_per_s": tokens / dt, "images_per_s": images / dt,
                           "step_time_s": dt / steps_done, "mfu": useful_flops / dt / peak,
                           "mfu_slots": slot_flops * steps_done / dt / peak})
+          if host[0] == 0:
+            ledger.flush()
+            metrics.update(ledger.metrics())
           writer.write(step, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.3f}")
           t_last, seqs, images, tokens, useful_flops = time.perf_counter(), 0, 0, 0, 0.0
@@ -444,11 +483,21 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
         # Read the stop flag once: a signal that lands after the save below is acted on
         # after the next step's save, never by stopping without one.
         stopping = stop.signum
-        if ckpt.save(step, state, dict(batches_consumed=batches_consumed, **batches.record()),
-                     force=stopping is not None or sliced or step == train_steps):
-          batches.saved(step, ckpt.all_steps())
+        watchdog.end()  # checkpoints and evaluations are not timed by the watchdog
+        with ledger.timed("checkpoint"):
+          saved = ckpt.save(step, state, dict(batches_consumed=batches_consumed, **batches.record()),
+                            force=stopping is not None or sliced or step == train_steps)
+          if saved:
+            batches.saved(step, ckpt.all_steps())
+        if saved:
+          ledger.checkpoint(step)
+          ledger.flush()
         if eval_every and step % eval_every == 0 and step != train_steps:
           run_eval(step)
+        # Goodput: this iteration's time less its data, checkpoint and evaluation time (the
+        # host runs ahead of the device, so the step's time is wherever it waits for it);
+        # the first compiles.
+        ledger.step(step, time.perf_counter() - t_iteration, compile=step == start + 1)
         if stopping is not None:
           exit_code = 128 + stopping
           break
@@ -457,17 +506,29 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
       guard.check_previous()
       bar.close()
   except NonfiniteError as e:
-    ckpt.wait()
+    watchdog.stop()
+    with ledger.timed("checkpoint"):
+      ckpt.wait()
+    ledger.finish(3, "non-finite steps", step=e.step)
     newest = ckpt.latest_step()
     print(f"error: {e}\nUpdates at those steps were skipped, so parameters are those of step "
           f"{e.step - e.streak}. Newest checkpoint: step {newest}. Lower the learning rate or "
           f"inspect the data of those steps, then run the same command to resume from it.",
           file=sys.stderr, flush=True)
     return 3
+  except BaseException as e:  # a crash: say so in the ledger, then let it propagate
+    watchdog.stop()
+    ledger.finish(1, f"error: {type(e).__name__}", step=step)
+    raise
   finally:  # also on errors: let in-flight async saves finish so no checkpoint is half-written
-    ckpt.close()
+    watchdog.stop()
+    with ledger.timed("checkpoint"):
+      ckpt.close()
     writer.close()
   if exit_code or step < train_steps:
+    ledger.finish(exit_code, f"stopped by {signal.Signals(exit_code - 128).name}" if exit_code else
+                  "stop_after_steps reached", step=step)
+    print(goodput_lib.describe(ledger.summary()))
     newest = Checkpointer(ckpt.directory).latest_step()  # read back from disk
     if newest != step:  # the forced save above did not land: say so rather than claim it did
       print(f"warning: stopped at step {step} but the newest checkpoint is step {newest} "
@@ -477,5 +538,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
   run_eval(step)
   if evaluator is not None:
     print(report.comparison_table(workdir_path / "eval"))
+  ledger.finish(0, "done", step=step)
+  print(goodput_lib.describe(ledger.summary()))
   (workdir_path / "train_done.json").write_text(json.dumps({"step": step}))
   return 0

@@ -155,6 +155,49 @@ def test_a_kill_during_an_async_save_falls_back_to_the_last_complete_checkpoint(
   assert Checkpointer(tmp_path / "checkpoints").all_steps()[-1] == 6
 
 
+# --- a hung step -----------------------------------------------------------------------
+
+HANG_FLAGS = ["--gin.TRAIN_STEPS=8", "--gin.EVALUATION=None", "--gin.train.train.hang_factor=5",
+              "--gin.train.train.hang_min_seconds=20", "--gin.train.train.hang_warmup_steps=2"]
+
+
+@pytest.mark.slow
+def test_a_hung_step_dumps_every_stack_and_exits_for_a_restart(tmp_path):
+  # Step 6 never finishes (steps take well under a second here; the deadline is at least
+  # 20 s): the watchdog dumps the stacks, records the hang and exits 75.
+  out = _faulty_train(tmp_path, "stall_step=6", *HANG_FLAGS)
+  assert out.returncode == 75, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "stalling step 6" in out.stdout
+  for text in (out.stderr, (tmp_path / "hang_host0.txt").read_text()):
+    assert "hang: step 6 has run" in text and "exits 75" in text, text[-3000:]
+    # Every thread's stack, the stalled main thread's down to the sleeping frame.
+    assert "Thread 0x" in text and 'faulty_train.py", line' in text and "in global_batch" in text, text[-3000:]
+  ledger = json.loads((tmp_path / "goodput.json").read_text())
+  (hung,) = ledger["attempts"]
+  assert hung["exit"]["reason"] == "hang" and hung["exit"]["code"] == 75 and hung["exit"]["step"] == 6
+  assert hung["step"] == 5 and ledger["summary"]["hangs"] == 1
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+  # Logged mid-step: a record counts the steps before its own (step 1 only compiled).
+  assert all(0 < r["goodput"] < 1 and "badput_compile" in r for r in records[2:])
+  # The same command resumes from the newest checkpoint; step 5, done after it, is lost.
+  out = _mm1_train(tmp_path, *HANG_FLAGS)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  restored = int(out.stdout.split(f"resumed from {tmp_path / 'checkpoints'}/")[1].split()[0])
+  assert restored in (2, 4), out.stdout[-3000:]  # 4, unless its async save had not committed
+  ledger = json.loads((tmp_path / "goodput.json").read_text())
+  first, second = ledger["attempts"]
+  assert first["lost_steps"] == 5 - restored and first["buckets"]["lost"] > 0
+  assert second["exit"]["reason"] == "done" and second["start_step"] == restored
+  s = ledger["summary"]
+  assert s["attempts"] == 2 and s["hangs"] == 1 and s["lost_steps"] == 5 - restored
+  assert s["badput"]["lost"] > 0 and s["badput"]["startup"] > 0 and s["badput"]["compile"] > 0
+  assert s["goodput"] + sum(s["badput"].values()) == pytest.approx(1)
+  last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["step"] == 8 and last["badput_lost"] > 0
+  assert "over 2 attempts" in out.stdout and "1 hang" in out.stdout
+
+
 # --- a different device count --------------------------------------------------------
 
 @pytest.mark.slow

@@ -313,6 +313,17 @@ def test_watch_and_stop_a_running_run(pod, tmp_path):
   assert proc.returncode == 0, proc.stderr
   proc = pod.run("watch.py", *V5E_VM, "--run_name=r2")
   assert proc.returncode == 0 and "1/1 workers running" in proc.stdout, proc.stdout + proc.stderr
+  assert "goodput" not in proc.stdout  # no ledger yet
+  # The run's goodput ledger, as mm1-train's process 0 keeps it in the workdir: watch shows it.
+  from mm1_jax import goodput
+  summary = goodput.summarize([{"started": 0.0, "updated": 100.0, "lost_steps": 3,
+                                "buckets": {"productive": 60.0, "startup": 30.0}}])
+  (tmp_path / "shared" / "r2" / "goodput.json").write_text(json.dumps({"summary": summary, "attempts": []}))
+  proc = pod.run("watch.py", *V5E_VM, "--run_name=r2")
+  assert "  goodput 60.0 % of 100 s over 1 attempt (badput: startup 30.0 %, other 10.0 %); 3 steps redone, " \
+         "as of " in proc.stdout, proc.stdout
+  proc = pod.run("watch.py", *V5E_VM, "--run_name=r2", "--json")
+  assert json.loads(proc.stdout.splitlines()[-1])["goodput"]["goodput"] == pytest.approx(0.6)
   # A second launch of a running run is refused by the worker, not started twice.
   proc = pod.run("launch.py", *V5E_VM, "--run_name=r2", "--gin_file=gin/experiments/quickstart.gin",
                  f"--workdir={tmp_path / 'shared' / 'r2'}", "--allow_dirty", "--skip_preflight")
@@ -382,6 +393,31 @@ def test_supervise_relaunches_a_crashed_run_but_not_a_config_error(pod):
   assert sorted(kinds[3:11]) == sorted(["ssh:stop"] * 2 + ["scp", "ssh:setup"] * 2 + ["ssh:start"] * 2)
   assert kinds[11:] == ["describe", "ssh:status", "ssh:status", "ssh:stop", "ssh:stop"]
   assert "restart 1/20" in proc.stderr and "exited 2 (bad config)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_supervise_relaunches_a_hung_run_and_logs_its_goodput(pod):
+  """mm1-train's hang watchdog exits 75 on every worker: a restart, not a stop."""
+  import time
+  summary = {"goodput": 0.5, "badput": {"lost": 0.3, "downtime": 0.2}, "wall_s": 7200.0, "attempts": 2,
+             "lost_steps": 40, "hangs": 1, "step": 900, "updated": time.time()}
+  done = "".join(ln[:-2] + f', "goodput": {json.dumps(summary)}}}\n'
+                 for ln in _status_lines("exited", 0, slices=1).splitlines(keepends=True))
+  pod.set_rules([
+      {"when": ["describe"], "stdout": "ACTIVE\n", "times": None},
+      {"when": ["worker.py status"], "stdout": _status_lines("exited", 75, slices=1), "times": 2},
+      {"when": ["worker.py status"], "stdout": done, "times": 2},
+  ])
+  proc = pod.run("supervise.py", *V5P_2X, "--run_name=r7", "--gin_file=gin/experiments/quickstart.gin",
+                 "--skip_preflight", "--allow_dirty", "--poll_s=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kinds = [_kind(c) for c in pod.calls()]
+  assert kinds[:3] == ["describe", "ssh:status", "ssh:status"]
+  assert sorted(kinds[3:11]) == sorted(["ssh:stop"] * 2 + ["scp", "ssh:setup"] * 2 + ["ssh:start"] * 2)
+  assert kinds[11:] == ["describe", "ssh:status", "ssh:status"]
+  assert "restart 1/20: hang: 4 worker(s) exited 75" in proc.stderr
+  assert "goodput 50.0 % of 2.00 h over 2 attempts (badput: lost 30.0 %, downtime 20.0 %); 40 steps " \
+         "redone; 1 hang, as of " in proc.stderr
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:  # mm1_jax from this checkout, installed or not
   sys.path.insert(1, str(REPO))
 
 from mm1_jax import gin_cli  # noqa: E402  (after the checkout is on the path)
+from mm1_jax import goodput as goodput_lib  # noqa: E402  (standard library only)
 
 # Exit codes of every tpu_scripts command.
 OK, FAILED, USAGE, REFUSED = 0, 1, 2, 3
@@ -676,6 +677,25 @@ def summarize(pod: Pod, statuses: list[dict]) -> dict:
   codes = sorted({s["exit_code"] for s in statuses if s.get("exit_code") is not None})
   return {"expected": expected, "answered": len(seen), "running": by_state.get("running", 0),
           "by_state": by_state, "exit_codes": codes}
+
+
+def goodput_summary(statuses: list[dict]) -> dict | None:
+  """The newest goodput summary any worker read from the run's <workdir>/goodput.json."""
+  found = [s["goodput"] for s in statuses if isinstance(s.get("goodput"), dict)]
+  found.sort(key=lambda g: g.get("updated") if isinstance(g.get("updated"), (int, float)) else 0)
+  return found[-1] if found else None
+
+
+def goodput_line(statuses: list[dict]) -> str | None:
+  """'goodput 81.3 % of 5.20 h over 3 attempts (...), as of 40 s ago', or None."""
+  summary = goodput_summary(statuses)
+  if summary is None:
+    return None
+  line = goodput_lib.describe(summary)
+  updated = summary.get("updated")
+  if isinstance(updated, (int, float)):
+    line += f", as of {max(0, time.time() - updated):.0f} s ago"
+  return line
 
 
 def stop_run(pod: Pod, run_name: str, grace_s: float, runner: Runner) -> list[dict]:

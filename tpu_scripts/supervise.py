@@ -10,8 +10,12 @@ The preflight gate runs once, first. Then, every --poll_s:
 - the run failed on some worker (crash, killed, a worker replaced, a log silent for
   --stall_s): stop the others (SIGTERM: they checkpoint if they can), set up, launch again;
 - every worker finished with exit code 0: done (exit 0);
+- a worker exited 75 (mm1-train's hang watchdog: a step ran far past the recent median,
+  every thread's stack is in <workdir>/hang_host<i>.txt): stop the others, relaunch;
 - a worker exited 2 (bad config) or 3 (NaN/Inf loss, see docs/pods.md): stop, exit with
   that code; relaunching would fail the same way.
+The run's goodput (<workdir>/goodput.json) is logged at each restart, at the end, and
+every --goodput_every_s in between.
 Every relaunch resumes from the newest checkpoint in the workdir (which must be on the
 shared folder, so that it outlives the workers). Gives up after --max_restarts.
 """
@@ -20,6 +24,9 @@ import sys
 import time
 
 import _pod
+from _pod import goodput_lib
+
+EXIT_HANG = goodput_lib.EXIT_HANG
 
 
 def build_parser():
@@ -38,6 +45,8 @@ def build_parser():
   g.add_argument("--stall_s", type=float, default=0,
                  help="treat a worker whose log has not changed for this long as hung (0: never)")
   g.add_argument("--delete_when_done", action="store_true", help="delete the capacity after a clean finish")
+  g.add_argument("--goodput_every_s", type=float, default=3600,
+                 help="log the run's goodput this often while it runs (0: only at restarts and the end)")
   return p
 
 
@@ -60,6 +69,10 @@ def verdict(pod, statuses, stall_s):
   for fatal in (2, 3):
     if fatal in codes:
       return f"fatal:{fatal}"
+  if EXIT_HANG in codes:
+    hung = sum(1 for x in statuses if x.get("exit_code") == EXIT_HANG)
+    return (f"failed:hang: {hung} worker(s) exited {EXIT_HANG} (a step ran past the hang deadline; "
+            "stacks in <workdir>/hang_host*.txt)")
   if s["running"] == s["expected"]:
     stalled = [x for x in statuses if stall_s and (x.get("log_age_s") or 0) > stall_s]
     if stalled:
@@ -101,17 +114,28 @@ def run(args, gin_flags):
 
   restarts = 0
   silent_polls = 0
+  last_statuses: list[dict] = []
+  goodput_logged = time.time()
+
+  def log_goodput():
+    nonlocal goodput_logged
+    goodput_logged = time.time()
+    line = _pod.goodput_line(last_statuses)
+    if line:
+      log(line)
 
   def restart(why):
     nonlocal restarts
     if restarts >= args.max_restarts:
+      log_goodput()
       raise GiveUp(f"giving up after {restarts} restarts; last: {why}")
     restarts += 1
     log(f"restart {restarts}/{args.max_restarts}: {why}")
+    log_goodput()
 
   def step():
     """One look at the capacity and the run; returns an exit code when the run is over."""
-    nonlocal silent_polls
+    nonlocal silent_polls, last_statuses
     state = _pod.resource_state(pod, runner)
     if state == "MISSING":
       log(f"{pod.name} does not exist: creating {pod.describe()}")
@@ -125,10 +149,13 @@ def run(args, gin_flags):
       bring_up()
     elif state in _pod.READY_STATES:
       statuses, _ = _pod.worker_statuses(pod, args.run_name, runner)
+      if _pod.goodput_summary(statuses) is not None:
+        last_statuses = statuses
       v = verdict(pod, statuses, args.stall_s)
       silent_polls = silent_polls + 1 if v.startswith("no answer") else 0
       if v == "done":
         log(f"{args.run_name} finished on all {pod.hosts_per_slice * pod.num_slices} workers")
+        log_goodput()
         if args.delete_when_done:
           runner.run(_pod.delete_command(pod))
         return 0
@@ -137,6 +164,7 @@ def run(args, gin_flags):
         log(f"a worker exited {code} ({'bad config' if code == 2 else 'non-finite loss'}); stopping the run, "
             "no relaunch: see the worker logs (watch.py)")
         _pod.stop_run(pod, args.run_name, args.stop_grace_s, runner)
+        log_goodput()
         return code
       if v == "not started":
         log(f"starting {args.run_name} on {pod.describe()}")
@@ -152,6 +180,8 @@ def run(args, gin_flags):
         restart(v[len("failed:"):])
         _pod.stop_run(pod, args.run_name, args.stop_grace_s, runner)
         start_run()
+      elif args.goodput_every_s and time.time() - goodput_logged >= args.goodput_every_s:
+        log_goodput()
     else:
       log(f"{pod.name} is {state}; waiting")
     return None

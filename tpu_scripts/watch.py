@@ -5,8 +5,9 @@
 
 Each worker reports running / exited (with its exit code) / lost (gone without an exit
 code: killed, or its VM restarted) / not started, how long ago its log last changed
-(a hung collective shows as a log that stops moving) and its last line. --json prints
-one JSON object per poll for scripts. Exit code without --follow: 0 when every worker
+(a hung collective shows as a log that stops moving) and its last line, then the run's
+goodput as its <workdir>/goodput.json last recorded it (docs/pods.md, "Goodput and
+hangs"). --json prints one JSON object per poll for scripts. Exit code without --follow: 0 when every worker
 is running or all finished with 0, 1 otherwise.
 """
 
@@ -42,7 +43,8 @@ def poll(pod, args, runner):
     return True
   if args.json:
     print(json.dumps({"time": time.time(), "resource": pod.name, "resource_state": state,
-                      "run_name": args.run_name, **summary, "workers": statuses, "log_tail": lines}), flush=True)
+                      "run_name": args.run_name, **summary, "goodput": _pod.goodput_summary(statuses),
+                      "workers": statuses, "log_tail": lines}), flush=True)
     return healthy(summary)
   print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {pod.name}: {state}  run {args.run_name}: "
         f"{summary['running']}/{summary['expected']} workers running"
@@ -53,6 +55,9 @@ def poll(pod, args, runner):
     age = f"log {s['log_age_s']:.0f} s ago" if s.get("log_age_s") is not None else "no log"
     print(f"  slice {s.get('slice')} worker {s.get('worker', '?')}  {s.get('host', '?')}  "
           f"{s['state']}{code}  {age}  | {s.get('last_line', '')[:120]}")
+  goodput = _pod.goodput_line(statuses)
+  if goodput:
+    print(f"  {goodput}")
   for line in lines:
     print(line)
   sys.stdout.flush()

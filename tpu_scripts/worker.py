@@ -13,6 +13,8 @@ it needs only the Python standard library.
 <workdir>/logs/slice<S>-worker<W>.log and records its pid and, when it ends, its exit
 code under ~/.mm1_jax/runs/<run_name>/ (this host's processes, so local). SIGTERM and
 SIGINT are passed on to the command: mm1-train then saves a checkpoint and exits 143.
+`status` also reports the run's goodput, the "summary" of <workdir>/goodput.json
+(mm1_jax/goodput.py), when there is one.
 The worker number comes from the TPU metadata (agent-worker-number), or $MM1_WORKER_ID.
 """
 
@@ -62,6 +64,7 @@ class Paths:
       self.log = Path(args.workdir) / "logs" / f"{tag}.log"
     else:  # status, tail and stop find the log through the start record
       self.log = Path((_read(self.state) or {}).get("log") or "/nonexistent")
+    self.workdir = self.log.parent.parent  # <workdir>/logs/<tag>.log
 
 
 def _alive(pid: int) -> bool:
@@ -112,6 +115,9 @@ def status(args: argparse.Namespace, paths: Paths | None = None) -> dict:
     info["last_line"] = lines[-1][-300:] if lines else ""
   except OSError:
     info["log_age_s"], info["last_line"] = None, ""
+  goodput = _read(paths.workdir / "goodput.json")
+  if isinstance(goodput, dict) and isinstance(goodput.get("summary"), dict):
+    info["goodput"] = goodput["summary"]
   return info
 
 

@@ -6,6 +6,8 @@ FAULT:
   nan_steps=3,6-100        the batches of those (1-based) steps get a NaN loss weight
   kill_before_commit=4     SIGKILL the process once checkpoint 4 is written but not yet
                            committed (its temporary folder not yet renamed)
+  stall_step=6             step 6 never finishes: its batch takes an hour to arrive, as a
+                           step waiting on a dead host would (the hang watchdog's case)
 """
 
 import os
@@ -40,6 +42,23 @@ def _inject_nan(steps: set[int]) -> None:
   train.global_batch = global_batch
 
 
+def _stall(step: int) -> None:
+  import time
+
+  from mm1_jax import train
+
+  real, calls = train.global_batch, [0]
+
+  def global_batch(local, shardings):
+    calls[0] += 1
+    if calls[0] == step:
+      print(f"stalling step {step}", flush=True)
+      time.sleep(3600)
+    return real(local, shardings)
+
+  train.global_batch = global_batch
+
+
 def _kill_before_commit(step: int) -> None:
   from orbax.checkpoint._src.path import atomicity
 
@@ -64,6 +83,8 @@ def main() -> int:
     _inject_nan(_steps(value))
   elif kind == "kill_before_commit":
     _kill_before_commit(int(value))
+  elif kind == "stall_step":
+    _stall(int(value))
   else:
     raise SystemExit(f"unknown fault {fault!r}")
   from mm1_jax import cli

@@ -267,7 +267,7 @@ def _pad_rows(arrays, multiple: int):
 # --- dropless ----------------------------------------------------------------------------
 
 
-def _dropless(x, weights, expert_ids, valid, w_gate, w_up, w_down, plan: _Plan | None):
+def _dropless(x, weights, expert_ids, valid, w_gate, w_up, w_down, plan: _Plan | None = None):
   b, t, d = x.shape
   k = expert_ids.shape[-1]
   args = (x.reshape(b * t, d), weights.reshape(b * t, k), expert_ids.reshape(b * t, k), valid.reshape(b * t))
@@ -340,7 +340,7 @@ def _dropless_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, expe
 # --- capacity ----------------------------------------------------------------------------
 
 
-def _capacity(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity, plan: _Plan | None):
+def _capacity(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity, plan: _Plan | None = None):
   b = x.shape[0]
   if plan is None:
     y, kept = _capacity_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, capacity=capacity,

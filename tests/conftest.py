@@ -15,6 +15,10 @@ os.environ.setdefault("MM1_DATA_DIR", os.path.join(tempfile.gettempdir(), "mm1_j
 # compilation cache lets every process after the first skip compiling the same programs
 # (about 12 s of a 28 s run). Keyed by the program, flags and devices, so it cannot
 # change a result.
+# etils.epath decides once per process whether gs:// goes through TensorFlow's gfile (which
+# cannot reach the Cloud Storage emulator of tests/test_buckets.py) or fsspec/gcsfs (which
+# can): the whole test process takes fsspec. Local paths are unaffected.
+os.environ.setdefault("EPATH_USE_TF", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mm1_jax_test_jax_cache"))
 
 import pytest  # noqa: E402

@@ -22,7 +22,8 @@ from mm1_jax.eval import report
 
 BUCKET = "mm1-test"
 EMULATOR = shutil.which("gcp-storage-emulator")
-pytestmark = pytest.mark.skipif(EMULATOR is None, reason="gcp-storage-emulator is not installed (test extra)")
+pytestmark = [pytest.mark.slow,  # each worker starts an emulator process
+              pytest.mark.skipif(EMULATOR is None, reason="gcp-storage-emulator is not installed (test extra)")]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ so this module and the train step import with jax alone.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import shutil
@@ -224,7 +225,9 @@ class _DataStream:
               shard_index=host[0], num_shards=host[1])
     self.grain = data.loader == "grain"
     if not self.grain:
-      self.batches = pipeline.iterate(pipeline.make_dataset(data, start_batch=batches_consumed, **kw))
+      self._tf_stats = collections.Counter()  # counted as the tf.data pipeline reads (restarts anew on resume)
+      self.batches = pipeline.iterate(pipeline.make_dataset(data, start_batch=batches_consumed,
+                                                            stats=self._tf_stats, **kw))
       return
     self.batches = loader.make_loader(data, **kw)
     state = data_state.get("loader") if host[1] == 1 else self._read(start)
@@ -242,7 +245,7 @@ class _DataStream:
 
   def stats(self) -> dict[str, int]:
     """Long documents split into several sequences, and the pieces they gave."""
-    return self.batches.stats() if self.grain else {}
+    return self.batches.stats() if self.grain else dict(self._tf_stats)
 
   def record(self) -> dict:
     """The loader's part of the checkpoint's data record."""

@@ -207,3 +207,27 @@ def test_build_keeps_long_documents_and_counts_those_over_one_mm1_sequence(tmp_p
   assert report["interleaved_over_16_images"] == 1
   assert report["interleaved_over_4096_tokens_or_16_images"] == 2
   assert report["interleaved_examples_at_mm1_shapes"] >= 5
+
+
+@pytest.mark.parametrize("kind", ["grain", "tfdata"])
+def test_training_reports_split_documents_on_either_loader(tmp_path, kind, tiny_config):
+  """The trainer's data stream (what becomes data_documents_split / data_chunks in the
+  metrics) counts split documents on the tf.data loader as well as on grain."""
+  import dataclasses
+
+  from mm1_jax import train
+
+  vocab = seqio.SentencePieceVocabulary(str(tokenizer.DEFAULT_SPM_PATH))
+  rng = np.random.default_rng(2)
+  task = _register(tmp_path, f"stream_{kind}", vocab, [(_document(rng, 3 * MAX_IMAGES, 30),
+                                                         [20 + 30 * i for i in range(3 * MAX_IMAGES)])])
+  model = dataclasses.replace(tiny_config, encoder=dataclasses.replace(tiny_config.encoder, image_size=SIZE,
+                                                                       patch_size=8))
+  assert model.tokens_per_image == Q
+  cfg = pipeline.DataConfig(mixture_or_task_name=task, batch_size=1, seq_len=SEQ_LEN, max_images=MAX_IMAGES,
+                            pack=False, shuffle=False, module_imports=(), loader=kind)
+  stream = train._DataStream(cfg, model, (0, 1), tmp_path / "run", 0, 0, {})
+  for _ in range(3):
+    next(stream)
+  stats = stream.stats()
+  assert stats["documents_split"] >= 1 and stats["chunks"] >= 3, stats

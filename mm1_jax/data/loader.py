@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mm1_jax.data import chat, highres
-from mm1_jax.data.documents import chunk_bounds, record_tokens, split_document  # noqa: F401  (re-exported)
+from mm1_jax.data.documents import record_tokens, split_document
 
 SKIP_REASONS = ("corrupt_image", "empty_text", "image_count_mismatch", "too_short", "bad_conversation")
 

@@ -183,19 +183,21 @@ def local_copy(spec: str) -> Path:
   return folder / source.name if not source.is_dir() else folder
 
 
-@functools.lru_cache(maxsize=16)
-def _load(spec: str, stamp: tuple[int, int] | None) -> seqio.Vocabulary:
-  del stamp  # part of the cache key only: a rewritten file is read again
+def _tokenizer_file(spec: str) -> Path:
+  """The file `spec` names: a tokenizer file, a folder's tokenizer, or a bundled model."""
   path = Path(spec).expanduser()
   if path.is_dir():
     found = find_tokenizer_file(path)
     if found is None:
       raise FileNotFoundError(f"tokenizer folder {spec}: holds neither {SENTENCEPIECE_FILE} nor {HF_FILE}")
-    path = found
-  if path.suffix == ".json":
-    vocab = HFTokenizerVocabulary(path)
-  else:
-    vocab = seqio.SentencePieceVocabulary(str(shapes_tokenizer.resolve(spec if not path.is_file() else path)))
+    return found
+  return path if path.is_file() else shapes_tokenizer.resolve(spec)  # a bundled name, or a clear error
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path: str, stamp: tuple[int, int]) -> seqio.Vocabulary:
+  del stamp  # part of the cache key only: a rewritten file is read again
+  vocab = HFTokenizerVocabulary(path) if path.endswith(".json") else seqio.SentencePieceVocabulary(path)
   special_ids(vocab)  # fails now, naming the file, if <image> is not one piece
   return vocab
 
@@ -205,12 +207,10 @@ def load(spec: str | Path | seqio.Vocabulary = shapes_tokenizer.SHAPES) -> seqio
   if isinstance(spec, seqio.Vocabulary):
     return spec
   if paths.is_remote(spec):
-    spec = local_copy(spec)
-  path = Path(str(spec)).expanduser()
-  if path.is_dir():
-    path = find_tokenizer_file(path) or path
-  stat = path.stat() if path.is_file() else None
-  return _load(str(spec), (stat.st_mtime_ns, stat.st_size) if stat else None)
+    spec = local_copy(str(spec))
+  path = _tokenizer_file(str(spec))
+  stat = path.stat()
+  return _load(str(path), (stat.st_mtime_ns, stat.st_size))
 
 
 def _dedicated_pad(vocab: seqio.Vocabulary) -> int | None:

@@ -146,7 +146,7 @@ def test_truncate_and_expand_images_never_splits_an_image(tokens, max_len, q, ma
   assert text == expansion
   np.testing.assert_array_equal(imgs, images[:kept])
   # The grain loader's cut (`split_document` with split=False) is the same prefix.
-  from mm1_jax.data.loader import split_document
+  from mm1_jax.data.documents import split_document
   cut = split_document(np.asarray(tokens, np.int32), max_len, q, max_images, image_id=IMAGE_ID, split=False)
   assert [c[0].tolist() for c in cut] == ([expansion] if n_prefix_ids(tokens, expansion, q) >= 2 else [])
 
@@ -167,7 +167,7 @@ def test_split_document_cuts_a_document_into_pieces_that_fit(tokens, max_len, q,
   """Each example fits both budgets, holds whole images and is a run of the document's ids;
   the examples follow one another, and leave nothing out when two images and text fit a
   sequence and the document ends in text (as every document ends in EOS)."""
-  from mm1_jax.data.loader import chunk_bounds, split_document
+  from mm1_jax.data.documents import chunk_bounds, split_document
   ids = np.asarray(tokens, np.int32)
   chunks = split_document(ids, max_len, q, max_images, image_id=IMAGE_ID)
   bounds = chunk_bounds(ids == IMAGE_ID, max_len, q, max_images)

@@ -14,7 +14,7 @@ from pathlib import Path
 import gin
 import jax
 
-from mm1_jax import distributed, gin_checks, gin_cli
+from mm1_jax import distributed, gin_checks, gin_cli, paths
 from mm1_jax import train as train_lib
 from mm1_jax.eval import run as run_lib
 
@@ -55,7 +55,7 @@ def main_train(argv: list[str] | None = None) -> int:
   args = parser.parse_args(rest)
   _start_runtime(args)
   gin_cli.parse(args, bindings)
-  workdir = Path(args.workdir)
+  workdir = paths.path(args.workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -66,10 +66,10 @@ def main_train(argv: list[str] | None = None) -> int:
   except gin_checks.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  (workdir / "config.gin").write_text(config)
+  paths.write_text_atomic(workdir / "config.gin", config)
   kwargs = {"stop_after_steps": args.stop_after_steps} if args.stop_after_steps else {}
   code = gin.get_configurable(train_lib.train)(workdir=str(workdir), **kwargs)
-  (workdir / "operative_config.gin").write_text(gin.operative_config_str())
+  paths.write_text_atomic(workdir / "operative_config.gin", gin.operative_config_str())
   return code
 
 
@@ -110,13 +110,13 @@ def main_eval(argv: list[str] | None = None) -> int:
   if args.workdir is None:
     if args.checkpoint_dir is None:
       parser.error("give --workdir, or --checkpoint_dir (the workdir is then its parent)")
-    args.workdir = str(Path(args.checkpoint_dir).absolute().parent)
-  ckpt_dir = Path(args.checkpoint_dir or Path(args.workdir) / "checkpoints")
+    args.workdir = str(paths.path(args.checkpoint_dir).parent)
+  ckpt_dir = paths.path(args.checkpoint_dir or paths.path(args.workdir) / "checkpoints")
   if not ckpt_dir.is_dir():
     parser.error(f"no checkpoint folder at {ckpt_dir}")
-  run_config = Path(args.workdir) / "config.gin"
-  if run_config.exists() and not args.no_run_config:
-    args.gin_file = [str(run_config), *args.gin_file]  # the run's model; later files override
+  run_config = paths.path(args.workdir) / "config.gin"
+  if run_config.exists() and not args.no_run_config:  # the run's model; later files override
+    args.gin_file = [paths.local_file(run_config, suffix=".gin"), *args.gin_file]
   cfg = "fewshot.FewShotConfig"
   if args.benchmarks:
     names = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())

@@ -37,11 +37,14 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
+
+from mm1_jax import paths  # standard library only until a path is used
 
 # mm1-train's exit code after the hang watchdog fired (EX_TEMPFAIL: try again).
 EXIT_HANG = 75
@@ -121,7 +124,7 @@ def describe(summary: dict) -> str:
 def read_summary(workdir: str | Path) -> dict | None:
   """The summary a run's ledger holds, or None (no ledger, or unreadable)."""
   try:
-    summary = json.loads((Path(workdir) / LEDGER).read_text()).get("summary")
+    summary = json.loads((paths.path(workdir) / LEDGER).read_text()).get("summary")
   except (OSError, ValueError, AttributeError):
     return None
   return summary if isinstance(summary, dict) else None
@@ -136,7 +139,7 @@ class Ledger:
 
   def __init__(self, workdir: str | Path, *, write: bool = True, clock: Callable[[], float] = time.time,
                started: float | None = None, echo: Callable[[str], None] = print):
-    self.path = Path(workdir) / LEDGER
+    self.path = paths.path(workdir) / LEDGER
     self.write, self.clock, self.echo = write, clock, echo
     self._lock = threading.Lock()
     self._warned: set[str] = set()
@@ -279,10 +282,8 @@ class Ledger:
       return
     attempts = self.previous + [self.attempt]
     data = {"version": 1, "summary": summarize(attempts), "attempts": attempts}
-    tmp = self.path.with_name(f".{LEDGER}.{os.getpid()}.tmp")
     try:
-      tmp.write_text(json.dumps(data, indent=1))
-      os.replace(tmp, self.path)
+      paths.write_text_atomic(self.path, json.dumps(data, indent=1))
     except OSError as e:
       self._warn(f"cannot write {self.path} ({e}); goodput is still logged to metrics")
 
@@ -375,10 +376,12 @@ def dump_stacks(info: dict, path: str | Path, process_index: int = 0) -> None:
          f"{EXIT_HANG} so that the run is restarted from its newest checkpoint")
   print(f"\n{msg}", file=sys.stderr, flush=True)
   _dump(sys.stderr)
-  try:
-    with open(path, "w") as f:
+  try:  # to a local file first (faulthandler writes to a file descriptor), then where asked
+    with tempfile.TemporaryFile("w+") as f:
       f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n\n")
       _dump(f)
+      f.seek(0)
+      paths.write_text_atomic(path, f.read())
   except OSError as e:
     print(f"warning: could not write {path}: {e}", file=sys.stderr, flush=True)
 

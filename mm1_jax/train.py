@@ -13,11 +13,9 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -33,6 +31,7 @@ from mm1_jax import goodput as goodput_lib
 from mm1_jax import hardware
 from mm1_jax import moe as moe_lib
 from mm1_jax import optim
+from mm1_jax import paths
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.aim import ImageObjectiveConfig
 from mm1_jax.checkpoint import Checkpointer
@@ -216,7 +215,7 @@ class _DataStream:
   deterministic, only slower.
   """
 
-  def __init__(self, data, model: MM1Config, host: tuple[int, int], workdir: Path, start: int,
+  def __init__(self, data, model: MM1Config, host: tuple[int, int], workdir: paths.PathLike, start: int,
                batches_consumed: int, data_state: dict):
     from mm1_jax.data import pipeline  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
 
@@ -255,15 +254,12 @@ class _DataStream:
     """Called when checkpoint `step` was started: keeps this host's state beside it."""
     if not self.grain or self.host[1] == 1:
       return
-    folder = self.dir / f"step_{step}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".host_{self.host[0]}.json.tmp"
-    tmp.write_text(json.dumps(self.batches.get_state()))
-    tmp.rename(folder / f"host_{self.host[0]}.json")
+    paths.write_text_atomic(self.dir / f"step_{step}" / f"host_{self.host[0]}.json",
+                            json.dumps(self.batches.get_state()))
     for old in self.dir.glob("step_*"):  # states of checkpoints that are gone
       n = int(old.name.split("_")[1])
       if n < step and n not in kept:
-        shutil.rmtree(old, ignore_errors=True)
+        old.rmtree(missing_ok=True)  # another host may have removed it first
 
   def _read(self, step: int) -> dict | None:
     path = self.dir / f"step_{step}" / f"host_{self.host[0]}.json"
@@ -304,7 +300,7 @@ class _NonfiniteGuard:
       raise NonfiniteError(step, int(streak), float(loss), float(grad_norm))
 
 
-def _hang_watchdog(factor: float, min_seconds: float, warmup: int, workdir: Path,
+def _hang_watchdog(factor: float, min_seconds: float, warmup: int, workdir: paths.PathLike,
                    ledger: goodput_lib.Ledger) -> goodput_lib.HangWatchdog:
   """The watchdog of the step loop: on a hang, stacks to stderr and <workdir>/hang_host<i>.txt,
   a hang record in the goodput ledger, then exit code EXIT_HANG."""
@@ -372,7 +368,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
   if isinstance(model, MM1Config):  # before compiling anything: the data's ids must fit the model
     source = pipeline.get_mixture_or_task(data)
     vocabulary.check_model(pipeline.special_ids_of(source), model, f"the vocabulary of {source.name!r}")
-  workdir_path = Path(workdir)
+  workdir_path = paths.path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   # Process 0 keeps the run's goodput ledger; the others count their own attempt only.
   ledger = goodput_lib.Ledger(workdir_path, write=jax.process_index() == 0,
@@ -495,6 +491,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
         if saved:
           ledger.checkpoint(step)
           ledger.flush()
+          writer.sync()  # a bucket workdir: its metrics reach the checkpoint just started
         if eval_every and step % eval_every == 0 and step != train_steps:
           run_eval(step)
         # Goodput: this iteration's time less its data, checkpoint and evaluation time (the
@@ -543,5 +540,5 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     print(report.comparison_table(workdir_path / "eval"))
   ledger.finish(0, "done", step=step)
   print(goodput_lib.describe(ledger.summary()))
-  (workdir_path / "train_done.json").write_text(json.dumps({"step": step}))
+  paths.write_text_atomic(workdir_path / "train_done.json", json.dumps({"step": step}))
   return 0

@@ -76,11 +76,17 @@ def write_tensorboard(eval_dir: paths.PathLike, logged: list[int]) -> list[int]:
   runs = load_results(eval_dir)
   new = [s for s in runs if s not in set(logged)]
   if new:
-    writer = SummaryWriter(str(paths.path(eval_dir) / "tensorboard"))
+    # A bucket takes whole objects only: events are written locally, then uploaded.
+    mirror = paths.Mirror(eval_dir) if paths.is_remote(eval_dir) else None
+    folder = (mirror.local if mirror else paths.path(eval_dir)) / "tensorboard"
+    writer = SummaryWriter(str(folder))
     for step in new:
       for metric, value in runs[step].items():
         writer.add_scalar(f"eval/{metric}", value, step)
     writer.close()
+    failed = mirror.close() if mirror else []
+    if failed:
+      raise OSError(f"could not upload TensorBoard events to {eval_dir}: {'; '.join(failed)}")
   return sorted(set(logged) | set(new))
 
 

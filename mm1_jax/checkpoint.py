@@ -5,10 +5,23 @@ bucket (gs://..., `mm1_jax.paths`). `data` is a small JSON record of
 how many batches the run has consumed and the grain loader's state, so a resumed run
 continues the same data stream instead of starting it over.
 
-A step folder appears only once it is complete: orbax writes into a temporary folder
-and renames it when every item is written, so a process killed mid-save leaves a
-temporary folder that readers never list (the training run deletes such leftovers when
-it starts). A state holding NaN or Inf is refused before anything is written.
+A step folder appears only once it is complete: in a local folder orbax writes into a
+temporary folder and renames it when every item is written, so a process killed mid-save
+leaves a temporary folder that readers never list (the training run deletes such
+leftovers when it starts). A state holding NaN or Inf is refused before anything is written.
+
+On a bucket (gs://) nothing can be renamed: orbax writes the step folder under its final
+name and uploads `<step>/commit_success.txt` last, after every item (each with its own
+marker) and the step's metadata; a step is listed (`all_steps`, `latest_step`) only when
+that object exists. A save whose uploads fail past the clients' retries (the async write
+raises on `wait`, `close` or the next `save`) therefore leaves a step folder without the
+marker: no reader lists it, the previous checkpoints stay (old steps are deleted only after
+a save completes), and this object re-reads the bucket so that its own `latest_step` names
+the newest complete step again. A run started with `remove_partial=True` deletes such
+unmarked folders before its first save (a saving run that resumes from the step before
+writes the failed step afresh, none of the failed attempt's objects kept).
+Transient errors (503s, dropped connections, delays) that the clients' retries cover leave
+a checkpoint that restores bit for bit.
 """
 
 from __future__ import annotations
@@ -68,10 +81,22 @@ class Checkpointer:
     """Re-reads the directory: steps another process (a training run) wrote since."""
     self._manager.reload()
 
+  def _surfacing_failed_save(self, call, *args, **kwargs):
+    """Runs a manager call that may raise the error of an async save that failed. The
+    manager then drops the failed step from its list, but it already dropped the steps
+    that save was to delete once complete (kept on storage, since it never completed):
+    re-reading the directory lists the complete steps again before the error goes on."""
+    try:
+      return call(*args, **kwargs)
+    except Exception:
+      self._manager.reload()
+      raise
+
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
     """Starts a save (async) if one is due at `step` or `force`; returns whether it was.
 
-    Raises NonfiniteStateError, writing nothing, when the state holds NaN or Inf.
+    Raises NonfiniteStateError, writing nothing, when the state holds NaN or Inf; raises
+    the error of a previous async save that failed (this save is then not started).
     """
     if not force and not self._manager.should_save(step):
       return False
@@ -79,9 +104,9 @@ class Checkpointer:
     if bad:
       raise NonfiniteStateError(f"not saving checkpoint {step}: NaN/Inf in {', '.join(bad[:5])}"
                                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data_state)), force=force)
+    return self._surfacing_failed_save(
+        self._manager.save, step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """abstract_state: jax.ShapeDtypeStruct leaves carrying the target shardings."""
@@ -107,11 +132,14 @@ class Checkpointer:
     return restored["state"]["params"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is written; raises its error if it failed."""
+    self._surfacing_failed_save(self._manager.wait_until_finished)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 # --- parameter trees outside a train state (imports, exports, init_from) ---------------

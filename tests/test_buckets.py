@@ -3,7 +3,8 @@ bucket: a gcp-storage-emulator (PyPI) serves the JSON API on 127.0.0.1 for the t
 
 The emulator's variables: fsspec/gcsfs (what etils.epath uses with EPATH_USE_TF=false)
 reads STORAGE_EMULATOR_HOST; tensorstore (orbax's array writer) reads
-TENSORSTORE_GCS_HTTP_URL and takes any token from GOOGLE_AUTH_TOKEN_FOR_TESTING."""
+TENSORSTORE_GCS_HTTP_URL and takes any token from GOOGLE_AUTH_TOKEN_FOR_TESTING;
+array_record's reader (google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT."""
 
 import json
 import shutil
@@ -72,6 +73,7 @@ def bucket(emulator, monkeypatch, request, tmp_path):
   monkeypatch.setenv("EPATH_USE_TF", "false")
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", emulator)
   monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "test")
+  monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", emulator)  # google-cloud-cpp (array_record's reader)
   yield f"gs://{BUCKET}/{request.node.name}"
   assert not (tmp_path / "gs:").exists()
 
@@ -215,3 +217,44 @@ def test_a_run_in_a_bucket_stops_on_sigterm_resumes_bitwise_and_is_evaluated_the
   assert result["step"] == step and "shapes_vqa/0shot/accuracy" in result["results"]
   assert f"step {step}" in (paths.path(run) / "eval" / "report.md").read_text()
   assert not (REPO / "gs:").exists()  # nothing went to a local folder named after the bucket
+
+
+def test_a_corpus_built_into_a_bucket_feeds_the_loader_the_same_batches_as_a_local_one(bucket, emulator, tmp_path):
+  """mm1-data build --out=gs://...: shards and build.json land in the bucket, and the
+  grain loader reads them from there (array_record opens gs:// itself), batch for batch
+  what the same build gives from a local folder."""
+  from test_formats import _image, _tar
+
+  from mm1_jax.data import build, loader, pipeline, sources
+
+  wds = tmp_path / "wds"
+  wds.mkdir()
+  members = {}
+  for i in range(10):
+    members[f"{i:04d}.jpg"] = _image((80, 60), (i * 20, 100, 50))
+    members[f"{i:04d}.txt"] = f"a red box number {i}".encode()
+  _tar(wds / "s.tar", members)
+  (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": f"plain text {i}"}) for i in range(5)))
+  batches = {}
+  for name, out in (("local", str(tmp_path / "corpus")), ("bucket", f"{bucket}/corpus")):
+    report = build.build("webdataset", wds, out, progress=False, num_shards=2)
+    assert report["written"] == {"caption": 10} and report["out"] == out
+    build.build("text", tmp_path / "t.jsonl", out, progress=False, num_shards=1)
+    sources.Corpus(data_dir=out, vocabulary="shapes_sp", prefix=f"bkt{name}", image_size=32,
+                   kinds=("caption", "text"), rates={"caption": 3.0, "text": 1.0}).register()
+    cfg = pipeline.DataConfig(mixture_or_task_name=f"bkt{name}_pretrain", batch_size=2, seq_len=64,
+                              max_images=2, module_imports=())
+    stream = loader.make_loader(cfg, tokens_per_image=4, image_size=32)
+    batches[name] = [next(stream) for _ in range(3)]
+  prefix = "test_a_corpus_built_into_a_bucket_feeds_the_loader_the_same_batches_as_a_local_one/corpus/"
+  names = set(objects(emulator, prefix))
+  assert {prefix + "build.json", prefix + "caption/train-webdataset-00000-of-00002.array_record",
+          prefix + "text/train-text-00000-of-00001.array_record"} <= names, sorted(names)
+  assert not [n for n in names if ".building-" in n]  # staging stays local
+  assert json.loads((paths.path(bucket) / "corpus" / "build.json").read_text()).keys() == {
+      "train-webdataset", "train-text"}
+  for got, want in zip(batches["bucket"], batches["local"]):
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert (batches["bucket"][0]["images"] > 0).any()

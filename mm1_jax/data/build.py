@@ -7,7 +7,9 @@
 
 reads every record of PATH (`mm1_jax.data.formats`), checks it, and writes the usable
 ones as ArrayRecord shards of tf.train.Examples under DIR/<kind>/ (the layout
-`mm1_jax.data.sources` reads; register the folder with `sources.register_corpus`).
+`mm1_jax.data.sources` reads; register the folder with `sources.register_corpus`). DIR
+may be a bucket (gs://...): the shards are written to a local temporary folder, then
+uploaded (the grain loader reads ArrayRecord from gs:// directly).
 It prints one JSON line:
 
   {"written": {"caption": n, ...}, "images_written": n, "skipped": {reason: n},
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mm1_jax import paths
 from mm1_jax.data import documents, formats, inspect_data
 from mm1_jax.data.corpus import ShardWriter, tf_example  # noqa: F401  (ShardWriter: re-exported)
 
@@ -110,14 +113,15 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   than one MM1 sequence in tokens too (see the module doc).
   """
   lengths = _Mm1Lengths(tokenizer)
-  out = Path(out)
+  target = paths.path(out)  # a local folder, or a bucket: shards are written locally, then uploaded
   prefix = f"{split}-{tag or fmt}"
-  existing = sorted(out.glob(f"{KIND_OF[fmt]}/{prefix}-*-of-*.array_record"))
+  existing = sorted(target.glob(f"{KIND_OF[fmt]}/{prefix}-*-of-*.array_record"))
   if existing and not overwrite:
-    raise FileExistsError(f"{out} already has {split} shards ({existing[0]}); pass --overwrite to replace them")
+    raise FileExistsError(f"{target} already has {split} shards ({existing[0]}); pass --overwrite to replace them")
   records = formats.read(fmt, Path(src), Path(image_root) if image_root else None)
-  out.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=out))
+  target.mkdir(parents=True, exist_ok=True)
+  remote = paths.is_remote(target)
+  tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=None if remote else target))
   shards = {k: ShardWriter(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text", "chat")}
   skipped, dropped = collections.Counter(), collections.Counter()
   truncated = images = 0
@@ -140,21 +144,25 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
       s.close()
   for old in existing:
     old.unlink()
-  for kind, s in shards.items():  # move the finished shards into place
+  for kind, s in shards.items():  # move (or upload) the finished shards into place
     if s.count:
-      (out / kind).mkdir(exist_ok=True)
+      (target / kind).mkdir(parents=True, exist_ok=True)
       for f in sorted((tmp / kind).glob("*.array_record")):
-        f.rename(out / kind / f.name)
+        if remote:
+          with f.open("rb") as src_file, (target / kind / f.name).open("wb") as dst:
+            shutil.copyfileobj(src_file, dst)
+        else:
+          f.rename(target / kind / f.name)
   shutil.rmtree(tmp, ignore_errors=True)
 
   report = {"format": fmt, "src": str(src), "split": split, "tag": tag or fmt,
             "written": {k: s.count for k, s in shards.items() if s.count}, "images_written": images,
             "skipped": dict(sorted(skipped.items())), "images_dropped": dict(sorted(dropped.items())),
-            "truncated_documents": truncated, **lengths.report(), "out": str(out)}
-  log = out / "build.json"
+            "truncated_documents": truncated, **lengths.report(), "out": str(target)}
+  log = target / "build.json"
   history = json.loads(log.read_text()) if log.exists() else {}
   history[prefix] = report
-  log.write_text(json.dumps(history, indent=2) + "\n")
+  paths.write_text_atomic(log, json.dumps(history, indent=2) + "\n")
   return report
 
 

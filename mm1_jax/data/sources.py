@@ -14,19 +14,22 @@ tf.train.Examples, plus the build report:
 ArrayRecord gives random access, so the source shards by record (any number of hosts,
 each reading only its share) and shuffles globally: every epoch is a fresh permutation
 of all records (seeded), not a window of a stream.
+
+<dir> may be a bucket (gs://...; `mm1_jax.paths`): shards are listed through epath and
+read by array_record, whose reader opens gs:// objects itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from mm1_jax import paths
 from mm1_jax.data import preprocessors as prep
 from mm1_jax.data import vocabulary as vocabulary_lib
 
@@ -62,7 +65,8 @@ class ArrayRecordExampleSource(seqio.DataSource):
     return True
 
   def list_shards(self, split: str) -> list[str]:
-    files = sorted(tf.io.gfile.glob(self._patterns[split]))
+    folder, _, name = self._patterns[split].rpartition("/")
+    files = sorted(str(f) for f in paths.path(folder).glob(name))
     if not files:
       raise FileNotFoundError(f"no ArrayRecord shards match {self._patterns[split]}; build the corpus "
                               "with `mm1-data build`")
@@ -127,7 +131,7 @@ def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: in
     name = f"{prefix}_{kind}"
     if name in seqio.TaskRegistry.names():
       seqio.TaskRegistry.remove(name)
-    pattern = str(Path(directory) / kind / f"{split}-*.array_record")
+    pattern = f"{paths.path(directory)}/{kind}/{split}-*.array_record"  # a local folder or a bucket
     seqio.TaskRegistry.add(
         name, source=ArrayRecordExampleSource({split: pattern}, FEATURES[kind], kind),
         preprocessors=preprocessors_for(kind, image_size, output_features),
@@ -189,7 +193,7 @@ class Corpus:
     if (_REGISTERED.get(self.mixture_name) == self and set(names) <= registered
         and self.mixture_name in seqio.MixtureRegistry.names()):
       return names
-    names = register_corpus(self.prefix, Path(self.data_dir).expanduser(), image_size=self.image_size,
+    names = register_corpus(self.prefix, self.data_dir, image_size=self.image_size,
                             output_features=self.output_features(), rates=self.rates or MM1_RATES,
                             kinds=self.kinds, mixture=self.mixture_name)
     _REGISTERED[self.mixture_name] = self

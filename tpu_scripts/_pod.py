@@ -5,10 +5,16 @@ workers travel as one string (gcloud's `--command`); it is assembled with shlex.
 around every value that came from the user, so nothing is pasted into a shell unquoted.
 With `--dry_run` the commands are printed (shlex-quoted, ready to copy) and nothing runs.
 
-Layout on every worker:
-  ~/mm1_jax/<commit[:12]>/        the package at that commit, its .venv (Python 3.11, [tpu])
-  <shared_dir>/runs/<run_name>/   the default workdir: checkpoints, metrics, config
-  <workdir>/logs/slice<S>-worker<W>.log   one log per worker, appended across relaunches
+Where a run lives:
+  gs://BUCKET/PREFIX/runs/<run_name>/   the workdir with --bucket=gs://BUCKET/PREFIX: checkpoints,
+                                        metrics, config, goodput, written by mm1-train directly
+  <shared_dir>/runs/<run_name>/         the workdir otherwise, on a mounted shared folder
+  ~/mm1_jax/<commit[:12]>/              on every worker: the package at that commit, its .venv
+Worker logs (one per worker, appended across relaunches on the same VM):
+  ~/mm1_runs/<run_name>/logs/slice<S>-worker<W>.log   with a bucket workdir, on the worker's disk;
+      each attempt's part is uploaded, whole and again every --log_upload_s, to
+      <workdir>/logs/slice<S>-worker<W>/<UTC start>-<pid>.log (objects cannot be appended to)
+  <workdir>/logs/slice<S>-worker<W>.log               with a mounted workdir
 """
 
 from __future__ import annotations
@@ -54,6 +60,13 @@ _PROJECT = re.compile(r"[a-z][-a-z0-9.:]{4,62}[a-z0-9]")
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Cloud Storage bucket names: lower-case letters, digits, '-', '_' and '.', starting and ending
+# with a letter or digit; 3-63 characters, or up to 222 with dots, 63 between two dots.
+_BUCKET_CHARS = re.compile(r"[a-z0-9][a-z0-9._-]*[a-z0-9]")
+_BUCKET_PART = re.compile(r"[a-z0-9]([a-z0-9_-]*[a-z0-9])?")
+_IPV4 = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")
+# Object-name folders under the bucket: plain characters only (no spaces, wildcards or '#').
+_PREFIX_PART = re.compile(r"[A-Za-z0-9._=+@,~-]+")
 
 
 class UsageError(Exception):
@@ -131,6 +144,7 @@ def add_pod_flags(p: argparse.ArgumentParser) -> None:
                       + ", ".join(f"{k} {v}" for k, v in RUNTIME_VERSIONS.items() if k != "v5e") + ")")
   g.add_argument("--internal_ip", action="store_true", help="ssh/scp to internal IPs (from inside the VPC)")
   g.add_argument("--iap", action="store_true", help="ssh/scp through Identity-Aware Proxy")
+  g.add_argument("--bucket", default=None, metavar="gs://BUCKET[/PREFIX]", help=BUCKET_HELP)
   p.add_argument("--dry_run", action="store_true",
                  help="print the exact commands, in order, and run nothing")
 
@@ -150,11 +164,152 @@ def pod_from_args(args: argparse.Namespace) -> Pod:
     raise UsageError("--num_slices must be at least 1")
   if args.num_slices > 1 and args.mode != "queued":
     raise UsageError("several slices need queued resources: use --mode=queued")
+  if args.bucket is not None:
+    args.bucket = parse_bucket_url(args.bucket)
   generation = args.accelerator_type.rsplit("-", 1)[0]
   return Pod(name=args.name, project=args.project, zone=args.zone, accelerator_type=args.accelerator_type,
              num_slices=args.num_slices, mode=args.mode,
              runtime_version=args.runtime_version or RUNTIME_VERSIONS[generation],
              internal_ip=args.internal_ip, iap=args.iap)
+
+
+# ---------------------------------------------------------------------------- the run folder
+
+
+def bucket_name_problem(name: str) -> str | None:
+  """Why `name` is not a valid Cloud Storage bucket name, or None when it is."""
+  if not 3 <= len(name) <= (222 if "." in name else 63):
+    return "a bucket name has 3 to 63 characters (up to 222 with dots)"
+  if not _BUCKET_CHARS.fullmatch(name):
+    return ("a bucket name holds lower-case letters, digits, '-', '_' and '.', and starts and ends with a "
+            "letter or digit")
+  if any(not _BUCKET_PART.fullmatch(part) or len(part) > 63 for part in name.split(".")):
+    return "each dot-separated part of a bucket name has 1 to 63 characters and starts and ends with a letter or digit"
+  if _IPV4.fullmatch(name):
+    return "a bucket name cannot be an IP address"
+  if name.startswith("goog") or re.search(r"g[o0]{2}g[l1]e", name):
+    return "a bucket name cannot start with 'goog' or contain 'google'"
+  return None
+
+
+def parse_bucket_url(value: str, flag: str = "--bucket") -> str:
+  """`gs://BUCKET[/PREFIX]` checked against Cloud Storage's naming rules; returned without a
+  trailing '/'. Raises UsageError on anything else."""
+  if not value.startswith("gs://"):
+    raise UsageError(f"{flag}={value!r}: expected a Cloud Storage URL, gs://BUCKET[/PREFIX]")
+  rest = value[len("gs://"):]
+  if rest.endswith("/"):
+    rest = rest[:-1]
+  bucket, _, prefix = rest.partition("/")
+  problem = bucket_name_problem(bucket)
+  if problem:
+    raise UsageError(f"{flag}={value!r}: {problem}")
+  for part in prefix.split("/") if prefix else []:
+    if not _PREFIX_PART.fullmatch(part) or part in (".", ".."):
+      raise UsageError(f"{flag}={value!r}: the folders after the bucket name are non-empty, neither '.' nor "
+                       f"'..', and hold letters, digits and . _ = + @ , ~ - only (not {part!r})")
+  return f"gs://{bucket}" + (f"/{prefix}" if prefix else "")
+
+
+def is_remote(path: str) -> bool:
+  """Whether a workdir is a bucket URL rather than a folder on the workers."""
+  return "://" in path
+
+
+def check_workdir(workdir: str) -> str:
+  """A workdir as the workers get it: a gs:// URL (checked) or an absolute path."""
+  if is_remote(workdir):
+    return parse_bucket_url(workdir, "--workdir")
+  if not workdir.startswith("/"):
+    raise UsageError(f"--workdir={workdir!r} must be an absolute path on the workers, or gs://BUCKET/...")
+  return workdir
+
+
+BUCKET_HELP = ("where runs live (the lead option): a Cloud Storage bucket, and a folder in it. A run's workdir "
+               "is then gs://BUCKET/PREFIX/runs/RUN_NAME, which mm1-train writes directly: nothing is mounted, "
+               "setup_workers.py checks each worker can write there, worker logs are uploaded there, watch.py "
+               "and supervise.py read metrics and goodput from there")
+
+
+def add_run_folder_flags(p: argparse.ArgumentParser) -> None:
+  """--workdir for the commands that read a run's folder from this machine (besides --bucket)."""
+  g = p.add_argument_group("the run folder (read from this machine: the goodput ledger, metrics.jsonl)")
+  g.add_argument("--workdir", default=None,
+                 help="the run folder itself: a gs:// URL, or a path where this machine sees it (by default "
+                      "the --bucket's run folder, else the bucket workdir the workers report)")
+
+
+def run_folder(args: argparse.Namespace, statuses: list[dict] | None = None) -> str | None:
+  """The run folder this machine can read: --workdir, --bucket's run folder, or a bucket
+  workdir the workers report (a mounted one is only seen by the workers); else None."""
+  if getattr(args, "workdir", None):
+    return args.workdir
+  if getattr(args, "bucket", None):
+    return f"{args.bucket}/runs/{args.run_name}"
+  reported = sorted({s["workdir"] for s in statuses or [] if isinstance(s.get("workdir"), str)
+                     and is_remote(s["workdir"])})
+  return reported[0] if len(reported) == 1 else None
+
+
+def check_run_folder_args(args: argparse.Namespace) -> None:
+  if getattr(args, "workdir", None):
+    args.workdir = parse_bucket_url(args.workdir, "--workdir") if is_remote(args.workdir) else args.workdir
+
+
+def _tail_bytes(path, size: int = 1 << 16) -> bytes:
+  """The last `size` bytes of a file or object (all of it where it cannot seek)."""
+  with path.open("rb") as f:
+    try:
+      f.seek(0, os.SEEK_END)
+      end = f.tell()
+      f.seek(max(0, end - size))
+      return f.read()
+    except (OSError, ValueError, AttributeError, NotImplementedError):
+      pass
+  return path.read_bytes()[-size:]
+
+
+def read_run_folder(workdir: str) -> dict:
+  """What a run folder says about the run, read with mm1_jax.paths (a bucket or a local
+  folder alike): {"goodput": the ledger's summary, "metrics": the last record of
+  metrics.jsonl, "errors": [...]}; a missing file is None, not an error."""
+  from mm1_jax import paths  # noqa: PLC0415  (etils, and for buckets gcsfs or TensorFlow: only when read)
+
+  out: dict = {"workdir": workdir, "goodput": None, "metrics": None, "errors": []}
+  root = paths.path(workdir)
+
+  def missing(e: Exception) -> bool:
+    return isinstance(e, FileNotFoundError) or type(e).__name__ == "NotFoundError"  # tf.errors.NotFoundError
+
+  try:
+    summary = json.loads((root / goodput_lib.LEDGER).read_text()).get("summary")
+    out["goodput"] = summary if isinstance(summary, dict) else None
+  except Exception as e:  # noqa: BLE001  (a bucket client's errors are its own classes)
+    if not missing(e):
+      out["errors"].append(f"{goodput_lib.LEDGER}: {type(e).__name__}: {str(e)[:200]}")
+  try:
+    data = _tail_bytes(root / "metrics.jsonl")
+    for line in reversed(data.decode("utf-8", "replace").splitlines()):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # the cut first line of the tail, or a line being written
+      if isinstance(record, dict) and isinstance(record.get("step"), int):
+        out["metrics"] = record
+        break
+  except Exception as e:  # noqa: BLE001
+    if not missing(e):
+      out["errors"].append(f"metrics.jsonl: {type(e).__name__}: {str(e)[:200]}")
+  return out
+
+
+def metrics_line(record: dict) -> str:
+  """'step 1200: loss 2.3456, as of 40 s ago' from a metrics.jsonl record."""
+  shown = [f"{k} {record[k]:.4g}" for k in ("loss", "goodput") if isinstance(record.get(k), (int, float))]
+  line = f"step {record['step']}" + (": " + ", ".join(shown) if shown else "")
+  if isinstance(record.get("time"), (int, float)):
+    line += f", as of {max(0, time.time() - record['time']):.0f} s ago"
+  return line
 
 
 # ---------------------------------------------------------------------------- gcloud commands
@@ -404,9 +559,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument("--gin_file", action="append", default=[],
                  help="gin file, relative to the repository (repeatable), e.g. gin/pods/mm1_7b_v5p-256.gin")
   g.add_argument("--workdir", default=None,
-                 help="run folder every worker sees (default: --shared_dir/runs/RUN_NAME)")
+                 help="run folder every worker reaches, a gs:// URL or a path on a mounted folder "
+                      "(default: --bucket's gs://BUCKET/PREFIX/runs/RUN_NAME, else --shared_dir/runs/RUN_NAME)")
   g.add_argument("--shared_dir", default=DEFAULT_SHARED_DIR,
-                 help="the folder mounted on every worker by setup_workers.py (default %(default)s)")
+                 help="without --bucket: the folder mounted on every worker by setup_workers.py --nfs or "
+                      "--gcs_bucket (default %(default)s)")
+  g.add_argument("--log_upload_s", type=float, default=300,
+                 help="with a bucket workdir: upload each worker's log this often, and when it ends (0: only "
+                      "when it ends)")
   g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment for mm1-train on the workers (repeatable), e.g. MM1_EVAL_DATA=/mnt/mm1/eval")
   g.add_argument("--train_flag", action="append", default=[], metavar="FLAG",
@@ -434,9 +594,11 @@ def check_run_args(args: argparse.Namespace) -> None:
   if not args.gin_file:
     raise UsageError("give the run's --gin_file (e.g. gin/pods/mm1_7b_v5p-256.gin)")
   if args.workdir is None:
-    args.workdir = f"{args.shared_dir.rstrip('/')}/runs/{args.run_name}"
-  if not args.workdir.startswith("/"):
-    raise UsageError(f"--workdir={args.workdir!r} must be an absolute path on the workers")
+    args.workdir = (f"{args.bucket}/runs/{args.run_name}" if args.bucket
+                    else f"{args.shared_dir.rstrip('/')}/runs/{args.run_name}")
+  args.workdir = check_workdir(args.workdir)
+  if args.log_upload_s < 0:
+    raise UsageError("--log_upload_s must be 0 or more")
   for item in args.env:
     key = item.split("=", 1)[0]
     if "=" not in item or not _ENV_KEY.fullmatch(key):
@@ -457,6 +619,8 @@ def train_argv(args: argparse.Namespace, gin_flags: list[str]) -> list[str]:
 def launch_remote(pod: Pod, sha: str, args: argparse.Namespace, gin_flags: list[str], slice_id: int) -> str:
   wargs = ["--run_name", args.run_name, "--workdir", args.workdir, "--slice_id", str(slice_id),
            "--num_slices", str(pod.num_slices), "--hosts_per_slice", str(pod.hosts_per_slice)]
+  if is_remote(args.workdir):
+    wargs += ["--log_upload_s", f"{args.log_upload_s:g}"]
   for item in args.env:
     wargs += ["--env", item]
   if getattr(args, "megascale_coordinator", None):
@@ -594,11 +758,14 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def add_setup_flags(p: argparse.ArgumentParser) -> None:
-  g = p.add_argument_group("worker setup")
+  g = p.add_argument_group("worker setup (with --bucket nothing is mounted: each worker checks it can write there)")
   m = g.add_mutually_exclusive_group()
   m.add_argument("--nfs", default=None, metavar="SERVER:/EXPORT",
-                 help="mount this NFS export (e.g. Filestore) at --shared_dir on every worker")
-  m.add_argument("--gcs_bucket", default=None, help="mount this bucket with gcsfuse at --shared_dir instead")
+                 help="instead of --bucket, or for data beside it: mount this NFS export (e.g. Filestore) at "
+                      "--shared_dir on every worker")
+  m.add_argument("--gcs_bucket", default=None, metavar="BUCKET_NAME",
+                 help="instead of --bucket: mount this bucket with gcsfuse at --shared_dir (its renames are not "
+                      "atomic; --bucket needs no mount)")
   g.add_argument("--python", default="3.11", help="Python for the workers' virtual environment (via uv)")
   g.add_argument("--reinstall", action="store_true", help="install again even where it is already set up")
 
@@ -608,6 +775,8 @@ def setup_plans(pod: Pod, sha: str, args: argparse.Namespace) -> dict[str, list[
   tarball = f"mm1_jax-{sha[:12]}.tar.gz"
   d = remote_dir(sha)
   setup_args = ["--python", args.python, "--shared_dir", args.shared_dir]
+  if getattr(args, "bucket", None):
+    setup_args += ["--bucket", args.bucket]
   if args.nfs:
     setup_args += ["--nfs", args.nfs]
   if args.gcs_bucket:
@@ -618,6 +787,17 @@ def setup_plans(pod: Pod, sha: str, args: argparse.Namespace) -> dict[str, list[
             f"bash {d}/tpu_scripts/remote_setup.sh " + shlex.join(setup_args))
   return {node: [scp_command(pod, node, archive_path(sha), tarball), ssh_command(pod, node, remote)]
           for node in pod.nodes}
+
+
+def check_setup_args(args: argparse.Namespace) -> None:
+  if args.gcs_bucket is not None:
+    name = args.gcs_bucket
+    if name.startswith("gs://"):
+      raise UsageError(f"--gcs_bucket={name!r}: gcsfuse takes a bucket name; to keep runs in the bucket without "
+                       f"a mount, pass --bucket={name}")
+    problem = bucket_name_problem(name)
+    if problem:
+      raise UsageError(f"--gcs_bucket={name!r}: {problem}")
 
 
 def setup_workers(pod: Pod, sha: str, args: argparse.Namespace, runner: Runner) -> None:
@@ -686,9 +866,10 @@ def goodput_summary(statuses: list[dict]) -> dict | None:
   return found[-1] if found else None
 
 
-def goodput_line(statuses: list[dict]) -> str | None:
-  """'goodput 81.3 % of 5.20 h over 3 attempts (...), as of 40 s ago', or None."""
-  summary = goodput_summary(statuses)
+def goodput_line(statuses: list[dict], summary: dict | None = None) -> str | None:
+  """'goodput 81.3 % of 5.20 h over 3 attempts (...), as of 40 s ago', or None: from
+  `summary` (read from the run folder) or else what the workers reported."""
+  summary = summary if summary is not None else goodput_summary(statuses)
   if summary is None:
     return None
   line = goodput_lib.describe(summary)
@@ -720,6 +901,8 @@ def prepare_run(pod: Pod, args: argparse.Namespace, gin_flags: list[str], runner
   """Checks the run's flags and commit, runs the preflight gate; returns the commit's sha and
   the gin flags every worker gets (NUM_SLICES from the pod added)."""
   check_run_args(args)
+  if hasattr(args, "gcs_bucket"):
+    check_setup_args(args)
   gin_flags = slice_flags(pod, gin_flags)
   sha = resolve_commit(args.commit)
   check_tracked(sha, args.gin_file)

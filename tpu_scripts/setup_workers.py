@@ -3,10 +3,15 @@
 
 The commit is packed here (git archive), copied to all workers, unpacked into
 ~/mm1_jax/<commit>/ and installed into a Python 3.11 virtual environment there
-(tpu_scripts/remote_setup.sh). With --nfs or --gcs_bucket the shared folder that
-holds workdirs (checkpoints, logs) is mounted at --shared_dir on every worker.
+(tpu_scripts/remote_setup.sh).
 
-  python tpu_scripts/setup_workers.py @pod.flags --nfs=10.0.0.2:/mm1 [--commit=HEAD] [--dry_run]
+With --bucket=gs://BUCKET/PREFIX (the runs go to gs://BUCKET/PREFIX/runs/RUN_NAME, as
+launch.py --bucket puts them) nothing is mounted: each worker checks that it can write
+there. Alternatively, --nfs (Filestore) or --gcs_bucket (gcsfuse) mounts a shared folder
+for workdirs at --shared_dir on every worker.
+
+  python tpu_scripts/setup_workers.py @pod.flags --bucket=gs://my-bucket/mm1 [--commit=HEAD] [--dry_run]
+  python tpu_scripts/setup_workers.py @pod.flags --nfs=10.0.0.2:/mm1
 """
 
 import _pod
@@ -16,13 +21,15 @@ def build_parser():
   p = _pod.parser("setup_workers.py", __doc__)
   _pod.add_pod_flags(p)
   p.add_argument("--commit", default="HEAD", help="the commit to install (default HEAD)")
-  p.add_argument("--shared_dir", default=_pod.DEFAULT_SHARED_DIR, help="mount point of the shared folder")
+  p.add_argument("--shared_dir", default=_pod.DEFAULT_SHARED_DIR,
+                 help="mount point of the --nfs / --gcs_bucket shared folder")
   _pod.add_setup_flags(p)
   return p
 
 
 def run(args, _gin_flags):
   pod = _pod.pod_from_args(args)
+  _pod.check_setup_args(args)
   sha = _pod.resolve_commit(args.commit)
   runner = _pod.Runner(args.dry_run)
   _pod.setup_workers(pod, sha, args, runner)

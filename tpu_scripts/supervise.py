@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One command from nothing to a finished run: create, set up, launch, watch, relaunch.
 
-  python tpu_scripts/supervise.py @pod.flags --capacity=spot --nfs=10.0.0.2:/mm1 \\
+  python tpu_scripts/supervise.py @pod.flags --capacity=spot --bucket=gs://my-bucket/mm1 \\
       --run_name=7b-a --gin_file=gin/pods/mm1_7b_v5p-256.gin [--dry_run]
 
 The preflight gate runs once, first. Then, every --poll_s:
@@ -14,10 +14,12 @@ The preflight gate runs once, first. Then, every --poll_s:
   every thread's stack is in <workdir>/hang_host<i>.txt): stop the others, relaunch;
 - a worker exited 2 (bad config) or 3 (NaN/Inf loss, see docs/pods.md): stop, exit with
   that code; relaunching would fail the same way.
-The run's goodput (<workdir>/goodput.json) is logged at each restart, at the end, and
-every --goodput_every_s in between.
-Every relaunch resumes from the newest checkpoint in the workdir (which must be on the
-shared folder, so that it outlives the workers). Gives up after --max_restarts.
+The run's goodput (<workdir>/goodput.json; a bucket workdir is read from this machine)
+is logged at each restart, at the end, and every --goodput_every_s in between.
+Every relaunch resumes from the newest checkpoint in the workdir, which must outlive the
+workers: a bucket (--bucket=gs://BUCKET/PREFIX, workdir gs://BUCKET/PREFIX/runs/RUN_NAME,
+no mount) or a shared folder mounted with --nfs / --gcs_bucket. Gives up after
+--max_restarts.
 """
 
 import sys
@@ -120,7 +122,13 @@ def run(args, gin_flags):
   def log_goodput():
     nonlocal goodput_logged
     goodput_logged = time.time()
-    line = _pod.goodput_line(last_statuses)
+    summary = None
+    if _pod.is_remote(args.workdir):  # the workers do not read a bucket's ledger; this machine does
+      folder = _pod.read_run_folder(args.workdir)
+      summary = folder["goodput"]
+      for error in folder["errors"]:
+        log(f"cannot read {args.workdir}: {error}")
+    line = _pod.goodput_line(last_statuses, summary)
     if line:
       log(line)
 

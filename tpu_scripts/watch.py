@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """Watch a run: the capacity's state, which workers are alive, and the tail of every worker's log.
 
-  python tpu_scripts/watch.py @pod.flags --run_name=7b-a [--lines=5] [--follow] [--json]
+  python tpu_scripts/watch.py @pod.flags --bucket=gs://my-bucket/mm1 --run_name=7b-a [--lines=5]
+      [--follow] [--json]
 
 Each worker reports running / exited (with its exit code) / lost (gone without an exit
 code: killed, or its VM restarted) / not started, how long ago its log last changed
-(a hung collective shows as a log that stops moving) and its last line, then the run's
-goodput as its <workdir>/goodput.json last recorded it (docs/pods.md, "Goodput and
-hangs"). --json prints one JSON object per poll for scripts. Exit code without --follow: 0 when every worker
-is running or all finished with 0, 1 otherwise.
+(a hung collective shows as a log that stops moving) and its last line; the tail of
+every worker's log comes over ssh from the worker's disk.
+
+With a bucket workdir (--bucket, --workdir=gs://..., or the one the workers report) this
+machine reads the run folder itself: the newest record of metrics.jsonl and the run's
+goodput as <workdir>/goodput.json last recorded it (docs/pods.md, "Goodput and hangs"),
+and names where the workers upload their logs (<workdir>/logs/; fetch them with
+`gcloud storage cp -r <workdir>/logs .`). With a mounted workdir the workers report the
+goodput. --json prints one JSON object per poll for scripts. Exit code without --follow:
+0 when every worker is running or all finished with 0, 1 otherwise.
 """
 
 import json
@@ -26,6 +33,7 @@ def build_parser():
   p.add_argument("--follow", action="store_true", help="poll until interrupted")
   p.add_argument("--interval_s", type=float, default=60)
   p.add_argument("--json", action="store_true", help="machine-readable: one JSON object per poll")
+  _pod.add_run_folder_flags(p)
   return p
 
 
@@ -41,9 +49,14 @@ def poll(pod, args, runner):
   summary = _pod.summarize(pod, statuses)
   if args.dry_run:
     return True
+  workdir = _pod.run_folder(args, statuses)
+  folder = _pod.read_run_folder(workdir) if workdir else {"goodput": None, "metrics": None, "errors": []}
+  goodput = folder["goodput"] if folder["goodput"] is not None else _pod.goodput_summary(statuses)
+  uploads = sorted({s["log_uploads"] for s in statuses if isinstance(s.get("log_uploads"), str)})
   if args.json:
     print(json.dumps({"time": time.time(), "resource": pod.name, "resource_state": state,
-                      "run_name": args.run_name, **summary, "goodput": _pod.goodput_summary(statuses),
+                      "run_name": args.run_name, **summary, "goodput": goodput, "workdir": workdir,
+                      "metrics": folder["metrics"], "run_folder_errors": folder["errors"], "log_uploads": uploads,
                       "workers": statuses, "log_tail": lines}), flush=True)
     return healthy(summary)
   print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {pod.name}: {state}  run {args.run_name}: "
@@ -55,9 +68,16 @@ def poll(pod, args, runner):
     age = f"log {s['log_age_s']:.0f} s ago" if s.get("log_age_s") is not None else "no log"
     print(f"  slice {s.get('slice')} worker {s.get('worker', '?')}  {s.get('host', '?')}  "
           f"{s['state']}{code}  {age}  | {s.get('last_line', '')[:120]}")
-  goodput = _pod.goodput_line(statuses)
-  if goodput:
-    print(f"  {goodput}")
+  if workdir:
+    print(f"  {workdir}: " + (_pod.metrics_line(folder["metrics"]) if folder["metrics"] else "no metrics yet"))
+  for error in folder["errors"]:
+    print(f"  cannot read {workdir}: {error}")
+  goodput_line = _pod.goodput_line(statuses, goodput)
+  if goodput_line:
+    print(f"  {goodput_line}")
+  if uploads:
+    logs = uploads[0].rsplit("/", 1)[0]
+    print(f"  logs uploaded to {logs}/ (fetch: gcloud storage cp -r {logs} .)")
   for line in lines:
     print(line)
   sys.stdout.flush()
@@ -66,6 +86,7 @@ def poll(pod, args, runner):
 
 def run(args, _gin_flags):
   pod = _pod.pod_from_args(args)
+  _pod.check_run_folder_args(args)
   runner = _pod.Runner(args.dry_run)
   while True:
     ok = poll(pod, args, runner)

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.faulty_gcs import FaultyGCS, Rule
-from test_buckets import BUCKET, EMULATOR, emulator, objects  # noqa: F401 (emulator: a fixture)
+from test_buckets import BUCKET, emulator, objects  # noqa: F401 (emulator: a fixture)
 
 from mm1_jax.checkpoint import Checkpointer
 
-pytestmark = [pytest.mark.slow,  # starts an emulator process
-              pytest.mark.skipif(EMULATOR is None, reason="gcp-storage-emulator is not installed (test extra)")]
+pytestmark = pytest.mark.slow  # starts an emulator process
 
 MARKER = "commit_success.txt"
 

@@ -7,50 +7,28 @@ TENSORSTORE_GCS_HTTP_URL and takes any token from GOOGLE_AUTH_TOKEN_FOR_TESTING;
 array_record's reader (google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT."""
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+
+from helpers import gcs_emulator
 
 from mm1_jax import paths, pretrained
 from mm1_jax.checkpoint import Checkpointer, load_params, save_params
 from mm1_jax.eval import report
 
 BUCKET = "mm1-test"
-EMULATOR = shutil.which("gcp-storage-emulator")
-EMULATOR_WRAPPER = Path(__file__).parent / "helpers" / "gcs_emulator.py"  # adds download generations
-pytestmark = [pytest.mark.slow,  # each worker starts an emulator process
-              pytest.mark.skipif(EMULATOR is None, reason="gcp-storage-emulator is not installed (test extra)")]
+pytestmark = pytest.mark.slow  # each worker starts an emulator process
 
 
 @pytest.fixture(scope="module")
 def emulator():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  proc = subprocess.Popen([sys.executable, str(EMULATOR_WRAPPER), "start", "--host=127.0.0.1", f"--port={port}",
-                           f"--default-bucket={BUCKET}", "--in-memory"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
-  for _ in range(100):
-    try:
-      urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=1)
-      break
-    except OSError:
-      time.sleep(0.1)
-  else:
-    proc.kill()
-    pytest.fail("the storage emulator did not start")
-  yield url
-  proc.kill()
-  proc.wait()
+  with gcs_emulator.running(BUCKET) as url:
+    yield url
 
 
 def objects(emulator: str, prefix: str) -> list[str]:

@@ -741,38 +741,16 @@ def test_run_folder_is_read_through_epath_from_a_local_folder(tmp_path):
   assert folder["metrics"]["step"] == 4999
 
 
-EMULATOR = __import__("shutil").which("gcp-storage-emulator")
 EMULATED_BUCKET = "mm1-pods"
 
 
 @pytest.fixture
-def emulator(tmp_path):
-  """A Cloud Storage emulator on 127.0.0.1 (as in tests/test_buckets.py); yields its URL."""
-  import socket
-  import time
-  import urllib.request
+def emulator():
+  """A Cloud Storage emulator on 127.0.0.1 (tests/helpers/gcs_emulator.py); yields its URL."""
+  from helpers import gcs_emulator
 
-  if EMULATOR is None:
-    pytest.skip("gcp-storage-emulator is not installed (test extra)")
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  proc = subprocess.Popen([EMULATOR, "start", "--host=127.0.0.1", f"--port={port}",
-                           f"--default-bucket={EMULATED_BUCKET}", "--in-memory"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
-  for _ in range(100):
-    try:
-      urllib.request.urlopen(f"{url}/storage/v1/b/{EMULATED_BUCKET}", timeout=1)
-      break
-    except OSError:
-      time.sleep(0.1)
-  else:
-    proc.kill()
-    pytest.fail("the storage emulator did not start")
-  yield url
-  proc.kill()
-  proc.wait()
+  with gcs_emulator.running(EMULATED_BUCKET) as url:
+    yield url
 
 
 def _objects(emulator, prefix):

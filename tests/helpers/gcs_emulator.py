@@ -2,34 +2,74 @@
 
   python gcs_emulator.py start --host=127.0.0.1 --port=PORT --default-bucket=NAME --in-memory
 
+or, in a test, `with running("my-bucket") as url:` (skips the test when the emulator is
+not installed).
+
 Cloud Storage answers every object download with `x-goog-generation` (and
 `x-goog-metageneration`); the emulator leaves them out. tensorstore keeps that
 generation as the read's stamp and sends it back in conditional reads (OCDBT's manifest,
 which orbax writes), so without it a second read of the same object fails with
-"Malformed StorageGeneration". This wrapper adds the headers and runs the emulator's own
-command line.
+"Malformed StorageGeneration". Run as a script, this adds the headers and runs the
+emulator's own command line.
 """
 
+import contextlib
+import importlib.util
+import socket
+import subprocess
 import sys
-
-from gcp_storage_emulator.handlers import objects
-
-_download = objects.download
+import time
+import urllib.request
 
 
-def download(request, response, storage, *args, **kwargs):
-  _download(request, response, storage, *args, **kwargs)
+@contextlib.contextmanager
+def running(bucket: str):
+  """Starts the emulator on a free 127.0.0.1 port with `bucket`; yields its URL."""
+  import pytest  # noqa: PLC0415  (only tests use this)
+
+  if importlib.util.find_spec("gcp_storage_emulator") is None:
+    pytest.skip("gcp-storage-emulator is not installed (test extra)")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, __file__, "start", "--host=127.0.0.1", f"--port={port}",
+                           f"--default-bucket={bucket}", "--in-memory"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
   try:
-    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-  except Exception:  # noqa: BLE001  (not found: the emulator's own answer stands)
-    return
-  response["x-goog-generation"] = str(obj.get("generation", ""))
-  response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    for _ in range(100):
+      try:
+        urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=1)
+        break
+      except OSError:
+        time.sleep(0.1)
+    else:
+      pytest.fail("the storage emulator did not start")
+    yield url
+  finally:
+    proc.kill()
+    proc.wait()
 
 
-objects.download = download  # before the server module builds its routes from it
+def _serve() -> int:
+  from gcp_storage_emulator.handlers import objects  # noqa: PLC0415  (the emulator's process only)
 
-from gcp_storage_emulator.__main__ import main  # noqa: E402  (after the patch above)
+  real_download = objects.download
+
+  def download(request, response, storage, *args, **kwargs):
+    real_download(request, response, storage, *args, **kwargs)
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:  # noqa: BLE001  (not found: the emulator's own answer stands)
+      return
+    response["x-goog-generation"] = str(obj.get("generation", ""))
+    response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+  objects.download = download  # before the server module builds its routes from it
+  from gcp_storage_emulator.__main__ import main  # noqa: PLC0415  (after the patch above)
+
+  return main()
+
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_serve())

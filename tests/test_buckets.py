@@ -201,17 +201,11 @@ def test_a_corpus_built_into_a_bucket_feeds_the_loader_the_same_batches_as_a_loc
   """mm1-data build --out=gs://...: shards and build.json land in the bucket, and the
   grain loader reads them from there (array_record opens gs:// itself), batch for batch
   what the same build gives from a local folder."""
-  from test_formats import _image, _tar
+  from test_formats import make_webdataset
 
   from mm1_jax.data import build, loader, pipeline, sources
 
-  wds = tmp_path / "wds"
-  wds.mkdir()
-  members = {}
-  for i in range(10):
-    members[f"{i:04d}.jpg"] = _image((80, 60), (i * 20, 100, 50))
-    members[f"{i:04d}.txt"] = f"a red box number {i}".encode()
-  _tar(wds / "s.tar", members)
+  wds = make_webdataset(tmp_path / "wds", 10)
   (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": f"plain text {i}"}) for i in range(5)))
   batches = {}
   for name, out in (("local", str(tmp_path / "corpus")), ("bucket", f"{bucket}/corpus")):

@@ -35,6 +35,17 @@ def _tar(path: Path, members: dict[str, bytes]):
       tar.addfile(info, io.BytesIO(data))
 
 
+def make_webdataset(folder: Path, n: int) -> Path:
+  """A webdataset folder of one tar: n JPEGs of distinct colours with numbered captions."""
+  folder.mkdir()
+  members = {}
+  for i in range(n):
+    members[f"{i:04d}.jpg"] = _image((80, 60), (i * 20, 100, 50))
+    members[f"{i:04d}.txt"] = f"a red box number {i}".encode()
+  _tar(folder / "s.tar", members)
+  return folder
+
+
 def _build(tmp_path, fmt, src, **kwargs):
   report = build.build(fmt, src, tmp_path / "out", progress=False, num_shards=2, **kwargs)
   return report, tmp_path / "out"
@@ -194,13 +205,7 @@ def test_built_corpus_trains_through_seqio(tmp_path):
   from mm1_jax.data import pipeline, sources
   from tasks import shapes
 
-  wds = tmp_path / "wds"
-  wds.mkdir()
-  members = {}
-  for i in range(12):
-    members[f"{i:04d}.jpg"] = _image((80, 60), (i * 20, 100, 50))
-    members[f"{i:04d}.txt"] = f"a red box number {i}".encode()
-  _tar(wds / "s.tar", members)
+  wds = make_webdataset(tmp_path / "wds", 12)
   out = tmp_path / "corpus"
   build.build("webdataset", wds, out, progress=False, num_shards=3)
   docs = tmp_path / "docs.jsonl"

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 from typing import Any
 
 import numpy as np
 
 from mm1_jax.data import chat, highres
 from mm1_jax.data.documents import record_tokens, split_document
+from mm1_jax.data.images import decode_image
 
 SKIP_REASONS = ("corrupt_image", "empty_text", "image_count_mismatch", "too_short", "bad_conversation")
 
@@ -47,28 +47,6 @@ def _features(record: bytes) -> dict[str, list[bytes]]:
 
   ex = example_pb2.Example.FromString(record)
   return {k: list(v.bytes_list.value) for k, v in ex.features.feature.items()}
-
-
-def decode_image(data: bytes, image_size: int, subimages=None) -> np.ndarray:
-  """Encoded bytes -> uint8[image_size, image_size, 3]: shorter side resized, centre crop.
-
-  With `subimages` (`highres.SubImages`): uint8[K, image_size, image_size, 3], the
-  overview and the crops of the whole image, padded to the grid's aspect ratio.
-  """
-  from PIL import Image  # noqa: PLC0415  (PIL: only when decoding images)
-
-  with Image.open(io.BytesIO(data)) as im:
-    im = im.convert("RGB")
-    if subimages is not None:
-      return highres.split(im, image_size, subimages)
-    w, h = im.size
-    if (w, h) != (image_size, image_size):
-      scale = image_size / min(w, h)
-      nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-      im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
-      left, top = (nw - image_size) // 2, (nh - image_size) // 2
-      im = im.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(im, np.uint8)
 
 
 class _Prepare:

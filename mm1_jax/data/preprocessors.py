@@ -23,6 +23,7 @@ import seqio
 import tensorflow as tf
 
 from mm1_jax.data import chat, documents
+from mm1_jax.data import images as images_lib
 from mm1_jax.data import vocabulary as vocab_lib
 from mm1_jax.data.vocabulary import IMAGE_TOKEN
 
@@ -35,28 +36,15 @@ def resize_uint8(images: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
-def decode_image(png: tf.Tensor, image_size: int) -> tf.Tensor:
-  """PNG/JPEG bytes -> uint8[image_size, image_size, 3].
+def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Encoded bytes -> uint8[image_size, image_size, 3] by `mm1_jax.data.images.decode_image`
+  (PIL: shorter side resized bicubic, centre crop), the grain loader's own function, so
+  both loaders give the same pixels for a record."""
+  def decode(b):  # a 0-d object array or numpy bytes, as tf hands a scalar string over
+    return images_lib.decode_image(b.item() if isinstance(b, np.ndarray) else bytes(b), image_size)
 
-  Images already at the size pass through; others are resized (antialiased) so the
-  shorter side is image_size, then centre-cropped to a square.
-  """
-  img = tf.io.decode_image(png, channels=3, expand_animations=False)
-  img.set_shape([None, None, 3])
-  shape = tf.shape(img)
-  same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-  img = tf.cond(same, lambda: img, lambda: resize_and_crop(img, image_size))
-  return tf.ensure_shape(img, [image_size, image_size, 3])
-
-
-def resize_and_crop(img: tf.Tensor, image_size: int) -> tf.Tensor:
-  """uint8[h, w, 3] -> uint8[image_size, image_size, 3]: shorter side to size, centre crop."""
-  hw = tf.cast(tf.shape(img)[:2], tf.float32)
-  scale = image_size / tf.reduce_min(hw)
-  new_hw = tf.maximum(tf.cast(tf.math.ceil(hw * scale), tf.int32), image_size)
-  resized = tf.image.resize(img, new_hw, antialias=True)
-  cropped = tf.image.resize_with_crop_or_pad(resized, image_size, image_size)
-  return tf.cast(tf.clip_by_value(tf.round(cropped), 0, 255), tf.uint8)
+  pixels = tf.numpy_function(decode, [data], tf.uint8, stateful=False)
+  return tf.ensure_shape(pixels, [image_size, image_size, 3])
 
 
 @seqio.map_over_dataset

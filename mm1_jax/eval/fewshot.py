@@ -44,7 +44,7 @@ from mm1_jax import decoder as decoder_lib
 from mm1_jax import paths
 from mm1_jax import sharding as sharding_lib
 from mm1_jax.data import highres
-from mm1_jax.data.loader import decode_image
+from mm1_jax.data.images import decode_image
 from mm1_jax.data.tokenizer import SHAPES
 from mm1_jax.eval import readers as readers_lib
 from mm1_jax.eval import overlap
@@ -432,12 +432,13 @@ class Evaluator:
 
   def evaluate_and_write(self, params, step: int, workdir: paths.PathLike) -> dict[str, float]:
     """Evaluates and writes <workdir>/eval/step_<N>.json (a local folder or a bucket) after
-    its samples file: a step's results appear whole, and last."""
+    its samples file: a step's results appear whole, and last. Process 0 writes them."""
     results, samples = self.evaluate(params)
     out = paths.path(workdir) / "eval"
-    paths.write_text_atomic(out / f"step_{step}_samples.json", json.dumps(samples, indent=1))
-    paths.write_text_atomic(out / f"step_{step}.json", json.dumps(
-        {"step": int(step), "results": results, "info": self.info()}, indent=1, sort_keys=True))
+    if jax.process_index() == 0:  # every process holds the same results; one writes them
+      paths.write_text_atomic(out / f"step_{step}_samples.json", json.dumps(samples, indent=1))
+      paths.write_text_atomic(out / f"step_{step}.json", json.dumps(
+          {"step": int(step), "results": results, "info": self.info()}, indent=1, sort_keys=True))
     print(f"eval step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(results.items())
                                            if not k.endswith("tokens_per_s")))
     return results

@@ -61,15 +61,18 @@ def main_train(argv: list[str] | None = None) -> int:
   except OSError as e:
     parser.error(f"cannot use --workdir={args.workdir}: {e.strerror}")
   config = gin.config_str()
+  first = jax.process_index() == 0  # the one process that writes the run's own files
   try:
-    gin_checks.check_workdir_config(workdir, config, allow_change=args.allow_config_change)
+    gin_checks.check_workdir_config(workdir, config, allow_change=args.allow_config_change, archive=first)
   except gin_checks.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  paths.write_text_atomic(workdir / "config.gin", config)
+  if first:
+    paths.write_text_atomic(workdir / "config.gin", config)
   kwargs = {"stop_after_steps": args.stop_after_steps} if args.stop_after_steps else {}
   code = gin.get_configurable(train_lib.train)(workdir=str(workdir), **kwargs)
-  paths.write_text_atomic(workdir / "operative_config.gin", gin.operative_config_str())
+  if first:
+    paths.write_text_atomic(workdir / "operative_config.gin", gin.operative_config_str())
   return code
 
 

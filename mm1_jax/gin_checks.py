@@ -299,11 +299,12 @@ def _comparable(text: str) -> list[str]:
   return [line for line in text.splitlines() if not line.startswith(tuple(f"{o} =" for o in OPERATIONAL))]
 
 
-def check_workdir_config(workdir: Path, config: str, *, allow_change: bool) -> str | None:
+def check_workdir_config(workdir: Path, config: str, *, allow_change: bool, archive: bool = True) -> str | None:
   """Compares `config` with <workdir>/config.gin when the workdir holds a run.
 
   Returns None when they agree (or the workdir is new); with allow_change, archives the
-  old config and returns its new name. Otherwise raises ConfigError with the diff.
+  old config (unless archive=False: another process of the run does) and returns its new
+  name. Otherwise raises ConfigError with the diff.
   """
   recorded = workdir / "config.gin"
   has_run = (workdir / "metrics.jsonl").exists() or any((workdir / "checkpoints").glob("[0-9]*"))
@@ -319,6 +320,7 @@ def check_workdir_config(workdir: Path, config: str, *, allow_change: bool) -> s
                       f"Use another --workdir, or pass --allow_config_change to continue this run "
                       f"with the new config (the recorded one is kept as config.gin.<time>).")
   archived = recorded.with_name(f"config.gin.{time.strftime('%Y%m%dT%H%M%S')}")
-  recorded.rename(archived)
+  if archive:
+    recorded.rename(archived)
   print(f"config changed (allowed); the previous one is kept as {archived}:\n{diff}")
   return str(archived)

@@ -29,24 +29,28 @@ TENSORBOARD_DIR = "tensorboard"
 
 class MetricWriter:
   def __init__(self, workdir: paths.PathLike, *, tensorboard: bool = True, echo=print,
-               sync_every_s: float = 60.0):
-    self._mirror = paths.Mirror(workdir, fetch=(METRICS_FILE,)) if paths.is_remote(workdir) else None
+               sync_every_s: float = 60.0, files: bool = True):
+    """files=False: print only (the processes of a multi-host run other than the first,
+    whose metrics would overwrite the same objects)."""
+    self._mirror = paths.Mirror(workdir, fetch=(METRICS_FILE,)) if files and paths.is_remote(workdir) else None
     local = self._mirror.local if self._mirror else Path(paths.path(workdir))
-    self.path = local / METRICS_FILE
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.path = local / METRICS_FILE if files else None
+    if self.path is not None:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
     self.sync_every_s = sync_every_s
     self._synced = time.monotonic()
     self._echo = echo
     self._tb = None
-    if tensorboard:
+    if tensorboard and files:
       from tensorboardX import SummaryWriter  # noqa: PLC0415  (no tensorflow needed)
       self._tb = SummaryWriter(str(local / TENSORBOARD_DIR))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     record = {"step": int(step), "time": round(time.time(), 3)}
     record.update({k: float(v) for k, v in metrics.items()})
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self.path is not None:
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), int(step))

@@ -60,6 +60,14 @@ def write_text_atomic(target: PathLike, text: str) -> None:
   tmp.replace(target)
 
 
+def upload(source: PathLike, target: PathLike) -> None:
+  """Copies the local file `source` to `target` (local or in a bucket) in one object write."""
+  target = path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with open(source, "rb") as src, target.open("wb") as dst:
+    shutil.copyfileobj(src, dst)
+
+
 def download(source: PathLike, target: PathLike) -> None:
   """Copies the file `source` (local or in a bucket) to the local file `target`."""
   with path(source).open("rb") as src, open(target, "wb") as dst:
@@ -103,17 +111,18 @@ class Mirror:
         if self._uploaded.get(key) == (stat.st_size, stat.st_mtime_ns):
           continue
         try:
-          target = self.remote / key
-          target.parent.mkdir(parents=True, exist_ok=True)
-          with local.open("rb") as src, target.open("wb") as dst:
-            shutil.copyfileobj(src, dst)
-        except OSError as e:
-          failed.append(f"{key} ({e})")
+          upload(local, self.remote / key)
+        except Exception as e:  # noqa: BLE001  (gcsfs and TF's gfile raise their own errors, not OSError)
+          failed.append(f"{key} ({type(e).__name__}: {e})")
           continue
         self._uploaded[key] = (stat.st_size, stat.st_mtime_ns)
     return failed
 
   def close(self) -> list[str]:
+    """A last sync; the local folder is removed only when everything reached the bucket
+    (otherwise it is kept, and the failures name it, so nothing is lost)."""
     failed = self.sync()
+    if failed:
+      return [*failed, f"the local copy stays in {self.local}"]
     shutil.rmtree(self.local, ignore_errors=True)
     return failed

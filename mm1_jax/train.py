@@ -11,6 +11,7 @@ so this module and the train step import with jax alone.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import signal
@@ -256,10 +257,12 @@ class _DataStream:
       return
     paths.write_text_atomic(self.dir / f"step_{step}" / f"host_{self.host[0]}.json",
                             json.dumps(self.batches.get_state()))
-    for old in self.dir.glob("step_*"):  # states of checkpoints that are gone
-      n = int(old.name.split("_")[1])
+    for old in self.dir.glob(f"step_*/host_{self.host[0]}.json"):  # this host's states of checkpoints gone
+      n = int(old.parent.name.split("_")[1])
       if n < step and n not in kept:
-        old.rmtree(missing_ok=True)  # another host may have removed it first
+        old.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):  # the last host out removes the (local) folder
+          old.parent.rmdir()
 
   def _read(self, step: int) -> dict | None:
     path = self.dir / f"step_{step}" / f"host_{self.host[0]}.json"
@@ -430,7 +433,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
   host = jax.process_index(), jax.process_count()
   batches = _DataStream(data, model, host, workdir_path, start, batches_consumed, data_state)
   echo = tqdm.write if progress else print
-  writer = MetricWriter(workdir_path, echo=echo)
+  writer = MetricWriter(workdir_path, echo=echo, files=host[0] == 0)  # one writer of the run's files
   q = model.tokens_per_image
   step = start
   t_last, seqs, images, tokens, useful_flops = time.perf_counter(), 0, 0, 0, 0.0
@@ -522,9 +525,11 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     raise
   finally:  # also on errors: let in-flight async saves finish so no checkpoint is half-written
     watchdog.stop()
-    with ledger.timed("checkpoint"):
-      ckpt.close()
-    writer.close()
+    try:
+      with ledger.timed("checkpoint"):
+        ckpt.close()  # raises the error of a save that failed
+    finally:
+      writer.close()  # the metrics reach the workdir either way
   if exit_code or step < train_steps:
     ledger.finish(exit_code, f"stopped by {signal.Signals(exit_code - 128).name}" if exit_code else
                   "stop_after_steps reached", step=step)
@@ -540,5 +545,6 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     print(report.comparison_table(workdir_path / "eval"))
   ledger.finish(0, "done", step=step)
   print(goodput_lib.describe(ledger.summary()))
-  paths.write_text_atomic(workdir_path / "train_done.json", json.dumps({"step": step}))
+  if host[0] == 0:
+    paths.write_text_atomic(workdir_path / "train_done.json", json.dumps({"step": step}))
   return 0

@@ -137,9 +137,12 @@ def test_an_llm_imported_into_a_bucket_gives_its_vocabulary_from_there(bucket, e
   assert load_params(f"{bucket}/llm")["decoder"]["embedding"]["embedding"].shape[0] % 128 == 0
 
 
-def _bucket_losses(workdir: str) -> dict[int, float]:
-  text = (paths.path(workdir) / "metrics.jsonl").read_text()
-  return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines())}
+def _losses(workdir) -> dict[int, float]:
+  """Loss by step from a run's metrics.jsonl, which must log each step once."""
+  records = [json.loads(line) for line in (paths.path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  losses = {r["step"]: r["loss"] for r in records}
+  assert len(losses) == len(records), [r["step"] for r in records]
+  return losses
 
 
 def test_a_run_in_a_bucket_stops_on_sigterm_resumes_bitwise_and_is_evaluated_there(bucket, emulator, tmp_path):
@@ -164,7 +167,9 @@ def test_a_run_in_a_bucket_stops_on_sigterm_resumes_bitwise_and_is_evaluated_the
   output = "".join(lines) + proc.stdout.read()
   proc.wait(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+  assert "received SIGTERM" in output
   stopped_at = Checkpointer(f"{run}/checkpoints").all_steps()[-1]
+  assert 2 <= stopped_at < 500
   assert f"stopped at step {stopped_at}; newest checkpoint: step {stopped_at}." in output, output[-3000:]
   names = set(objects(emulator, f"{bucket.split('/')[-1]}/run/"))
   prefix = f"{bucket.split('/')[-1]}/run/"
@@ -181,8 +186,7 @@ def test_a_run_in_a_bucket_stops_on_sigterm_resumes_bitwise_and_is_evaluated_the
   straight = tmp_path / "straight"
   out = _mm1_train(straight, *flags, f"--stop_after_steps={stopped_at + 2}")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  got = _bucket_losses(run)
-  want = {r["step"]: r["loss"] for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())}
+  got, want = _losses(run), _losses(straight)
   assert sorted(got) == sorted(want) == list(range(1, stopped_at + 3))
   assert got == want  # bit for bit: model, optimizer, step and loader position came back from the bucket
 

@@ -121,39 +121,46 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   records = formats.read(fmt, Path(src), Path(image_root) if image_root else None)
   target.mkdir(parents=True, exist_ok=True)
   remote = paths.is_remote(target)
+  # Shards are written to a staging folder (in the corpus folder, or local for a bucket),
+  # then moved or uploaded into place; old shards that no new one replaced are deleted
+  # last, so a failed build leaves the previous corpus readable.
   tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=None if remote else target))
-  shards = {k: ShardWriter(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text", "chat")}
-  skipped, dropped = collections.Counter(), collections.Counter()
-  truncated = images = 0
   try:
-    for rec in tqdm(records, desc=f"build {fmt}", unit="rec", disable=not progress):
-      if isinstance(rec, formats.Skip):
-        (dropped if rec.image_only else skipped)[rec.reason] += 1
-        continue
-      rec, lost, cut = formats.check(rec, checks)
-      dropped.update(s.reason for s in lost)
-      truncated += cut
-      if isinstance(rec, formats.Skip):
-        skipped[rec.reason] += 1
-        continue
-      shards[rec.kind].write(tf_example(_features(rec)))
-      images += len(rec.images)
-      lengths.add(rec)
+    shards = {k: ShardWriter(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text", "chat")}
+    skipped, dropped = collections.Counter(), collections.Counter()
+    truncated = images = 0
+    try:
+      for rec in tqdm(records, desc=f"build {fmt}", unit="rec", disable=not progress):
+        if isinstance(rec, formats.Skip):
+          (dropped if rec.image_only else skipped)[rec.reason] += 1
+          continue
+        rec, lost, cut = formats.check(rec, checks)
+        dropped.update(s.reason for s in lost)
+        truncated += cut
+        if isinstance(rec, formats.Skip):
+          skipped[rec.reason] += 1
+          continue
+        shards[rec.kind].write(tf_example(_features(rec)))
+        images += len(rec.images)
+        lengths.add(rec)
+    finally:
+      for s in shards.values():
+        s.close()
+    placed = set()
+    for kind, s in shards.items():
+      if s.count:
+        (target / kind).mkdir(parents=True, exist_ok=True)
+        for f in sorted((tmp / kind).glob("*.array_record")):
+          if remote:
+            paths.upload(f, target / kind / f.name)
+          else:
+            f.rename(target / kind / f.name)
+          placed.add(f"{kind}/{f.name}")
+    for old in existing:
+      if f"{old.parent.name}/{old.name}" not in placed:
+        old.unlink()
   finally:
-    for s in shards.values():
-      s.close()
-  for old in existing:
-    old.unlink()
-  for kind, s in shards.items():  # move (or upload) the finished shards into place
-    if s.count:
-      (target / kind).mkdir(parents=True, exist_ok=True)
-      for f in sorted((tmp / kind).glob("*.array_record")):
-        if remote:
-          with f.open("rb") as src_file, (target / kind / f.name).open("wb") as dst:
-            shutil.copyfileobj(src_file, dst)
-        else:
-          f.rename(target / kind / f.name)
-  shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
   report = {"format": fmt, "src": str(src), "split": split, "tag": tag or fmt,
             "written": {k: s.count for k, s in shards.items() if s.count}, "images_written": images,

@@ -85,8 +85,9 @@ def write_tensorboard(eval_dir: paths.PathLike, logged: list[int]) -> list[int]:
         writer.add_scalar(f"eval/{metric}", value, step)
     writer.close()
     failed = mirror.close() if mirror else []
-    if failed:
-      raise OSError(f"could not upload TensorBoard events to {eval_dir}: {'; '.join(failed)}")
+    if failed:  # not logged: these steps are written again on the next pass
+      print(f"warning: could not upload TensorBoard events to {eval_dir}: {'; '.join(failed)}", flush=True)
+      return sorted(logged)
   return sorted(set(logged) | set(new))
 
 

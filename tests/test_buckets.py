@@ -9,7 +9,6 @@ array_record's reader (google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT."
 import json
 import subprocess
 import sys
-import urllib.request
 
 import jax
 import numpy as np
@@ -32,16 +31,9 @@ def emulator():
 
 
 def objects(emulator: str, prefix: str) -> list[str]:
-  """Object names under `prefix` as the emulator's JSON API lists them: what really reached
-  the bucket (a path mistaken for a local one would write a local "gs:" folder instead)."""
-  names, token = [], ""
-  while True:
-    query = f"prefix={prefix}" + (f"&pageToken={token}" if token else "")
-    page = json.load(urllib.request.urlopen(f"{emulator}/storage/v1/b/{BUCKET}/o?{query}", timeout=10))
-    names += [o["name"] for o in page.get("items", [])]
-    token = page.get("nextPageToken")
-    if not token:
-      return names
+  """What really reached the bucket (a path mistaken for a local one would write a local
+  "gs:" folder instead)."""
+  return gcs_emulator.object_names(emulator, BUCKET, prefix)
 
 
 @pytest.fixture

@@ -755,14 +755,10 @@ def emulator():
 
 def _objects(emulator, prefix):
   """{name: bytes} of the objects under `prefix`, as the emulator's JSON API has them."""
-  import urllib.parse
-  import urllib.request
+  from helpers import gcs_emulator
 
-  page = json.load(urllib.request.urlopen(f"{emulator}/storage/v1/b/{EMULATED_BUCKET}/o?prefix={prefix}",
-                                          timeout=10))
-  return {o["name"]: urllib.request.urlopen(
-      f"{emulator}/storage/v1/b/{EMULATED_BUCKET}/o/{urllib.parse.quote(o['name'], safe='')}?alt=media",
-      timeout=10).read() for o in page.get("items", [])}
+  return {name: gcs_emulator.object_bytes(emulator, EMULATED_BUCKET, name)
+          for name in gcs_emulator.object_names(emulator, EMULATED_BUCKET, prefix)}
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:  # mm1_jax from this checkout, installed or not
 
 from mm1_jax import gin_cli  # noqa: E402  (after the checkout is on the path)
 from mm1_jax import goodput as goodput_lib  # noqa: E402  (standard library only)
+from mm1_jax.paths import is_remote  # noqa: E402,F401  (a bucket URL rather than a folder; used by the scripts)
 
 # Exit codes of every tpu_scripts command.
 OK, FAILED, USAGE, REFUSED = 0, 1, 2, 3
@@ -209,11 +210,6 @@ def parse_bucket_url(value: str, flag: str = "--bucket") -> str:
       raise UsageError(f"{flag}={value!r}: the folders after the bucket name are non-empty, neither '.' nor "
                        f"'..', and hold letters, digits and . _ = + @ , ~ - only (not {part!r})")
   return f"gs://{bucket}" + (f"/{prefix}" if prefix else "")
-
-
-def is_remote(path: str) -> bool:
-  """Whether a workdir is a bucket URL rather than a folder on the workers."""
-  return "://" in path
 
 
 def check_workdir(workdir: str) -> str:

@@ -15,10 +15,12 @@ emulator's own command line.
 
 import contextlib
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 
@@ -45,10 +47,45 @@ def running(bucket: str):
         time.sleep(0.1)
     else:
       pytest.fail("the storage emulator did not start")
+    _check_generation_header(url, bucket)
     yield url
   finally:
     proc.kill()
     proc.wait()
+
+
+def _check_generation_header(url: str, bucket: str) -> None:
+  """Fails at once, and clearly, if the download patch did not take (the emulator changed)."""
+  import pytest  # noqa: PLC0415
+
+  name = ".generation-probe"
+  urllib.request.urlopen(urllib.request.Request(
+      f"{url}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={name}", data=b"x", method="POST"), timeout=10)
+  with urllib.request.urlopen(f"{url}/download/storage/v1/b/{bucket}/o/{name}?alt=media", timeout=10) as r:
+    generation = r.headers.get("x-goog-generation")
+  urllib.request.urlopen(urllib.request.Request(f"{url}/storage/v1/b/{bucket}/o/{name}", method="DELETE"),
+                         timeout=10)
+  if not (generation or "").isdigit():
+    pytest.fail(f"the storage emulator sends no x-goog-generation on downloads ({generation!r}): "
+                "tests/helpers/gcs_emulator.py's patch no longer applies to this gcp-storage-emulator")
+
+
+def object_names(url: str, bucket: str, prefix: str) -> list[str]:
+  """Names of the objects under `prefix` as the emulator's JSON API lists them (every
+  page): what really reached the bucket."""
+  names, token = [], ""
+  while True:
+    query = urllib.parse.urlencode({"prefix": prefix, **({"pageToken": token} if token else {})})
+    page = json.load(urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}/o?{query}", timeout=10))
+    names += [o["name"] for o in page.get("items", [])]
+    token = page.get("nextPageToken")
+    if not token:
+      return names
+
+
+def object_bytes(url: str, bucket: str, name: str) -> bytes:
+  quoted = urllib.parse.quote(name, safe="")
+  return urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}/o/{quoted}?alt=media", timeout=10).read()
 
 
 def _serve() -> int:

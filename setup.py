@@ -13,7 +13,7 @@ setup(
     # an editable install maps it to the checkout's gin/): see mm1_jax/gin_files.py.
     packages=[*find_packages(include=["mm1_jax", "mm1_jax.*", "tasks", "tasks.*"]), "mm1_jax.gin"],
     package_dir={"mm1_jax.gin": "gin"},
-    package_data={"mm1_jax.data": ["assets/*.model"], "mm1_jax.gin": ["**/*.gin"]},
+    package_data={"mm1_jax.data": ["assets/*.model"], "mm1_jax.gin": ["**/*.gin", "**/*.sweep"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12,<0.13",
@@ -54,6 +54,7 @@ setup(
             "mm1-data=mm1_jax.console:data",
             "mm1-aot=mm1_jax.console:aot",
             "mm1-probe=mm1_jax.console:probe",
+            "mm1-sweep=mm1_jax.console:sweep",
         ],
     },
 )

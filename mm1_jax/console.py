@@ -31,6 +31,7 @@ COMMANDS = {
     "convert": ("mm1_jax.hf.cli", "main"),
     "data": ("mm1_jax.data.build", "main"),
     "layout": ("mm1_jax.layout", "main"),
+    "sweep": ("mm1_jax.sweep", "main"),
 }
 _COMPILE_ONLY = ("aot",)
 
@@ -75,6 +76,7 @@ probe = _entry("probe")
 params = _entry("params")
 convert = _entry("convert")
 data = _entry("data")
+sweep = _entry("sweep")
 
 
 def main(argv: list[str] | None = None) -> int:

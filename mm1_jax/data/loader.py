@@ -61,7 +61,9 @@ class _Prepare:
 
   def __init__(self, kind: str, vocabulary, image_size: int, seq_len: int, tokens_per_image: int,
                max_images: int, task_index: int = 0, subimages=None, chat_template=None,
-               split_documents: bool = True):
+               split_documents: bool = True, transforms=(), list_features=frozenset()):
+    """transforms: the task's record transforms (`mm1_jax.data.transforms`), run first;
+    list_features: the record's list-valued features (the others are single values)."""
     from mm1_jax.data import vocabulary as vocab_lib  # noqa: PLC0415  (loads seqio, tensorflow)
 
     self.kind, self.vocab, self.image_size, self.task_index = kind, vocabulary, image_size, task_index
@@ -71,6 +73,18 @@ class _Prepare:
     self.q = tokens_per_image * self.k  # placeholders per source image
     self.template = chat_template or chat.ChatTemplate()
     self.split = split_documents and kind != "chat"
+    self.transforms, self.list_features = tuple(transforms), frozenset(list_features)
+
+  def _transformed(self, f: dict) -> dict | Skipped:
+    """The record after the task's record transforms (features as lists again)."""
+    record = {k: (v if k in self.list_features else (v[0] if v else b"")) for k, v in f.items()}
+    for t in self.transforms:
+      record = t.apply(record)
+      if record is None:
+        return Skipped(f"filtered_{t.name}")
+      if isinstance(record, Exception):
+        return Skipped(f"transform_error_{t.name}")
+    return {k: (list(v) if k in self.list_features else [v]) for k, v in record.items()}
 
   def _text(self, f: dict) -> tuple[np.ndarray, np.ndarray | None, list[bytes]] | Skipped:
     if self.kind == "chat":
@@ -96,7 +110,12 @@ class _Prepare:
 
   def plan(self, record: bytes):
     """record -> (the `split_document` examples, encoded images) or Skipped; decodes no image."""
-    parsed = self._text(_features(record))
+    f = _features(record)
+    if self.transforms:
+      f = self._transformed(f)
+      if isinstance(f, Skipped):
+        return f
+    parsed = self._text(f)
     if isinstance(parsed, Skipped):
       return parsed
     ids, weights, encoded = parsed
@@ -296,11 +315,13 @@ def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_inde
     if not isinstance(src, sources.ArrayRecordExampleSource) or src.kind is None:
       raise ValueError(f"task {task.name!r} has a {type(src).__name__}; the grain loader reads "
                        "ArrayRecordExampleSource tasks (mm1-data build). Set DataConfig.loader='tfdata'.")
+    transforms = sources.grain_transforms(task)  # a preprocessor it cannot run stops here
     records = src.random_access(config.split)
+    lists = {k for k, v in src.features.items() if not hasattr(v, "shape")}  # VarLenFeatures
     prepare = _Prepare(src.kind, task.output_features["text"].vocabulary, image_size, config.seq_len,
                        tokens_per_image, config.max_images, task_index=len(names),
                        subimages=config.subimages, chat_template=config.chat_template,
-                       split_documents=config.split_documents)
+                       split_documents=config.split_documents, transforms=transforms, list_features=lists)
     entry = {"kind": src.kind, "rate": float(rate)}
     weight = float(rate)
     if by_tokens:

@@ -22,8 +22,9 @@ read by array_record, whose reader opens gs:// objects itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -32,6 +33,7 @@ import tensorflow as tf
 from mm1_jax import paths
 from mm1_jax.data import preprocessors as prep
 from mm1_jax.data import vocabulary as vocabulary_lib
+from mm1_jax.data.transforms import RecordTransform
 
 KINDS = ("caption", "interleaved", "text")  # pre-training kinds
 SFT_KINDS = ("chat",)  # instruction conversations (`mm1_jax.data.chat`)
@@ -59,6 +61,11 @@ class ArrayRecordExampleSource(seqio.DataSource):
     self._features = dict(features)
     self.kind = kind
     super().__init__(splits=tuple(self._patterns))
+
+  @property
+  def features(self) -> dict:
+    """The tf.train.Example features of a record (feature name -> tf.io spec)."""
+    return dict(self._features)
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -108,23 +115,56 @@ def densify(ex):
   return {k: tf.sparse.to_dense(v) if isinstance(v, tf.sparse.SparseTensor) else v for k, v in ex.items()}
 
 
-def preprocessors_for(kind: str, image_size: int, output_features: Mapping[str, seqio.Feature]) -> list:
-  """The seqio preprocessors that turn a `kind` record into (text ids, images[, weights])."""
+def preprocessors_for(kind: str, image_size: int, output_features: Mapping[str, seqio.Feature],
+                      transforms: Sequence[RecordTransform] = ()) -> list:
+  """The seqio preprocessors that turn a `kind` record into (text ids, images[, weights]),
+  with the task's own record `transforms` (`mm1_jax.data.transforms`) first."""
+  for t in transforms:
+    if not isinstance(t, RecordTransform):
+      raise TypeError(f"{t!r} is not a record transform: decorate it with "
+                      "@mm1_jax.data.transforms.record_transform")
   if kind == "chat":
-    return [densify] + prep.chat_task_preprocessors(output_features["text"].vocabulary, image_size)
-  return [densify] + prep.task_preprocessors(TO_TEXT[kind], image_size)
+    return [densify, *transforms] + prep.chat_task_preprocessors(output_features["text"].vocabulary, image_size)
+  return [densify, *transforms] + prep.task_preprocessors(TO_TEXT[kind], image_size)
+
+
+def _own_step(p) -> bool:
+  """Whether `p` is a step of the chain `preprocessors_for` builds (which the grain loader
+  implements itself)."""
+  if p in (densify, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos, prep.check_image_count):
+    return True
+  return isinstance(p, functools.partial) and p.func in (*TO_TEXT.values(), prep.chat_to_ids)
+
+
+def grain_transforms(task: seqio.Task) -> list[RecordTransform]:
+  """The record transforms among `task`'s preprocessors, in order, for the grain loader;
+  a ValueError naming any other preprocessor (a tf.data function the grain loader cannot
+  run) and the loader that can."""
+  out = []
+  for p in task.preprocessors:
+    if isinstance(p, RecordTransform):
+      out.append(p)
+    elif not _own_step(p):
+      name = getattr(p, "__name__", None) or getattr(getattr(p, "func", None), "__name__", None) or repr(p)
+      raise ValueError(f"task {task.name!r}: preprocessor {name} is a tf.data function the grain loader "
+                       "cannot run. Make it a record transform (@mm1_jax.data.transforms.record_transform: "
+                       "docs/data.md), or read this task with DataConfig.loader='tfdata'.")
+  return out
 
 
 def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: int,
                     output_features: Mapping[str, seqio.Feature], split: str = "train",
                     rates: Mapping[str, float] = MM1_RATES, kinds: tuple[str, ...] = KINDS,
-                    mixture: str | None = None) -> list[str]:
+                    mixture: str | None = None,
+                    transforms: Mapping[str, Sequence[RecordTransform]] | None = None) -> list[str]:
   """Registers `<prefix>_<kind>` tasks for a built corpus and a mixture of them by `rates`
   (named `mixture`, default `<prefix>_pretrain`).
 
   Nothing is read here: a missing folder fails when the task is first read, with a
   message that says how to build it. Returns the task names. An SFT corpus (`mm1-data
   build --format=llava`) is registered with kinds=("chat",) and rates naming it.
+  transforms: per kind, record transforms the kind's task runs first
+  (`mm1_jax.data.transforms`).
   """
   names = []
   for kind in kinds:
@@ -134,7 +174,7 @@ def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: in
     pattern = f"{paths.path(directory)}/{kind}/{split}-*.array_record"  # a local folder or a bucket
     seqio.TaskRegistry.add(
         name, source=ArrayRecordExampleSource({split: pattern}, FEATURES[kind], kind),
-        preprocessors=preprocessors_for(kind, image_size, output_features),
+        preprocessors=preprocessors_for(kind, image_size, output_features, (transforms or {}).get(kind, ())),
         output_features=output_features)
     names.append(name)
   mixture = mixture or f"{prefix}_pretrain"

@@ -7,6 +7,9 @@
 
 Each preset writes benchmarks/results/preflight/<preset>.json: a record (benchmarks/record.py:
 commit, date, command, machine, packages) whose figures are mm1-aot's report plus the wall time.
+A record compiled from a tree with uncommitted changes (`dirty`) also names the changed files
+and the sha256 of `git diff HEAD` (`uncommitted`). A step time that mm1-aot corrected for ops
+libtpu's cost model cannot cost (`cost_correction` in the figures) is marked in the table.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def run(preset: Path, cost: bool = True) -> dict:
   cmd = [sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
          f"--json_out={report_file}", *([] if cost else ["--no_cost"])]
   git = record.git_state()  # the code mm1-aot loads now
+  uncommitted = _uncommitted() if git[1] else None
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   print(proc.stdout)
@@ -48,7 +52,19 @@ def run(preset: Path, cost: bool = True) -> dict:
   report.update(preset=str(preset.relative_to(REPO)), wall_s=round(time.perf_counter() - t0, 1))
   command = f"JAX_PLATFORMS=cpu python -m mm1_jax.aot --gin_file={preset.relative_to(REPO)}" + (
       "" if cost else " --no_cost")
-  return record.write(out, "preflight", report, command=command, git=git)
+  extra = {"uncommitted": uncommitted} if uncommitted else {}
+  return record.write(out, "preflight", report, command=command, git=git, **extra)
+
+
+def _uncommitted() -> dict:
+  """What a dirty tree changes against its commit: the tracked files that differ and the
+  sha256 of `git diff HEAD` (the record's `commit` plus that diff is the code compiled)."""
+  import hashlib
+
+  diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+  files = subprocess.run(["git", "diff", "HEAD", "--name-only"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+  return {"files": files, "diff_sha256": hashlib.sha256(diff).hexdigest()}
 
 
 def table(folder: Path = OUT) -> str:
@@ -56,12 +72,16 @@ def table(folder: Path = OUT) -> str:
   rows = ["| preset | model | topology (chips) | mesh | per-chip memory | fits | projected MFU, useful (every slot) "
           "| tokens/s per chip, real (slots) | compile (scanned + costing) | commit |",
           "|---|---|---|---|---|---|---|---|---|---|"]
+  corrected = False
   for f in sorted(folder.glob("*.json")):
     rec = json.loads(f.read_text())
     r = rec["figures"]
     mesh = ", ".join(f"{k}={r['mesh'][k]}" for k in ("data", "fsdp", "tensor", "expert")
                      if r["mesh"].get(k, 1) > 1) or "1 device"
     mfu = "-" if r.get("projected_mfu") is None else f"{r['projected_mfu']:.1%} ({r['projected_mfu_slots']:.1%})"
+    if r.get("projected_mfu") is not None and r.get("cost_correction"):
+      mfu += f" \\* ({r['cost_correction']['sentinel_ops']:.0f} sentinels)"
+      corrected = True
     tps = ("-" if r.get("tokens_per_s_per_chip") is None else
            f"{r['useful_tokens_per_s_per_chip']:,.0f} ({r['tokens_per_s_per_chip']:,.0f})")
     mem = "-" if r.get("per_chip_bytes") is None else f"{r['per_chip_bytes'] / 2**30:.1f} of {r['hbm_bytes'] / 2**30:.0f} GiB"
@@ -71,6 +91,10 @@ def table(folder: Path = OUT) -> str:
     rows.append(f"| `{Path(r.get('preset', f.stem)).name}` | {params} | {r['topology']} ({r['num_chips']}) | {mesh} | "
                 f"{mem} | {'yes' if r['fits'] else 'no'} | {mfu} | {tps} | {r['compile_s']:.0f} s + {costing} | "
                 f"{record.short_commit(rec)} |")
+  if corrected:
+    rows += ["", "\\* Step time corrected for ops libtpu's cost model cannot cost (-1 s each): the record's "
+                 "`cost_correction` adds them back and prices the SparseCore calls they prepare "
+                 "(docs/pods.md, \"Reading the report\")."]
   return "\n".join(rows)
 
 

@@ -18,6 +18,11 @@ Reading the compiler's cost (see also docs/pods.md):
   loop hides work there either.
 - `optimal_seconds` is the compiler's roofline estimate per chip; it leaves out
   inter-chip communication, so the projected MFU is an upper bound.
+- Ops the cost model cannot cost add -1.0 s each to `optimal_seconds`: on v5p the two
+  custom calls that prepare a scatter offloaded to the SparseCores (an MoE router's top_k
+  gradient). Each costing point is corrected before the extrapolation: the sentinels are
+  added back and the offloaded calls priced at their bytes over HBM bandwidth
+  (`uncostable_ops`, `cost_correction`; the report's `cost_correction` says by how much).
 - v4 topologies are described per TensorCore (two devices a chip); the report counts
   chips and gives each core half a chip's HBM and peak.
 
@@ -58,14 +63,15 @@ class Chip:
   peak_flops: float  # bf16 dense, per chip
   name_counts_cores: bool  # v4-8 / v5p-8 count TensorCores (2 a chip); v5e / v6e count chips
   dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
+  hbm_bandwidth: float  # bytes/s per chip (Cloud TPU datasheets); prices ops the cost model cannot cost
 
 
 CHIPS = {
-    "v4": Chip("v4", "v4", 32 * GIB, TPU_PEAK["v4"], True, 3),
-    "v5p": Chip("v5p", "v5", 95 * GIB, TPU_PEAK["v5p"], True, 3),
-    "v5litepod": Chip("v5litepod", "v5e", 16 * GIB, TPU_PEAK["v5litepod"], False, 2),
-    "v5e": Chip("v5e", "v5e", 16 * GIB, TPU_PEAK["v5e"], False, 2),
-    "v6e": Chip("v6e", "v6e", 32 * GIB, TPU_PEAK["v6e"], False, 2),
+    "v4": Chip("v4", "v4", 32 * GIB, TPU_PEAK["v4"], True, 3, 1200e9),
+    "v5p": Chip("v5p", "v5", 95 * GIB, TPU_PEAK["v5p"], True, 3, 2765e9),
+    "v5litepod": Chip("v5litepod", "v5e", 16 * GIB, TPU_PEAK["v5litepod"], False, 2, 819e9),
+    "v5e": Chip("v5e", "v5e", 16 * GIB, TPU_PEAK["v5e"], False, 2, 819e9),
+    "v6e": Chip("v6e", "v6e", 32 * GIB, TPU_PEAK["v6e"], False, 2, 1640e9),
 }
 # Chips -> the physical topology Cloud TPU gives that slice size.
 TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -126,13 +132,82 @@ COSTING_OPTIONS = {  # no windowed-einsum loops in the costing compiles (their b
 }
 
 
+# --- ops libtpu's cost model cannot cost ---------------------------------------
+#
+# On v5p (libtpu 0.0.42) XLA offloads some scatters to the chip's SparseCores: the MoE
+# router's top_k has a scatter-add as its gradient. Each offloaded call appears in the
+# program as a `call-start` / `call-done` pair on async_execution_thread="sparsecore",
+# prepared by two custom calls, PrepareAsyncCallStart and PrepareAsyncCallDone, and the
+# cost model adds -1.0 s to `optimal_seconds` for each of those two (checked on tiny
+# compiles for v5:2x2x1 and v5:4x4x8: a jitted f32 scatter-add costs -2.0 s, two of them
+# -4.0 s, and the same scatter with xla_tpu_enable_offloading_scatter_to_sparsecore=false
+# a few microseconds). `cost_correction` adds 1.0 s back for each of them and then prices
+# each offloaded call explicitly, as if it ran serially on the chip's HBM bandwidth: its
+# operands read and its result written once (an upper bound for a scatter, which touches
+# only the indexed rows; SparseCore work may also overlap the TensorCore's).
+
+SENTINEL_SECONDS = 1.0  # what the cost model adds (negated) per op it cannot cost
+SENTINEL_TARGETS = ("PrepareAsyncCallStart", "PrepareAsyncCallDone")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def _type_bytes(hlo_type: str) -> int:
+  """Bytes of every array in an HLO type string (a shape or a tuple of them)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(hlo_type):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES[dtype]
+  return total
+
+
+def uncostable_ops(hlo: str) -> dict:
+  """The ops of a compiled program (`compiled.as_text()`) that libtpu's cost model counts
+  as -1.0 s each, and the SparseCore calls they prepare.
+
+  Returns {"sentinel_ops": the number of PrepareAsyncCallStart / PrepareAsyncCallDone
+  custom calls, "sparsecore_calls": the offloaded calls they prepare, "sparsecore_bytes":
+  those calls' operand and result bytes}.
+  """
+  targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
+  sentinels = sum(t in SENTINEL_TARGETS for t in targets)
+  prepared = set(re.findall(r'%([\w.\-]+) = \S+ custom-call\([^)]*\),[^\n]*custom_call_target="PrepareAsyncCallDone"',
+                            hlo))
+  calls, nbytes = 0, 0
+  for m in re.finditer(r'^\s*(?:ROOT )?%[\w.\-]+ = (.*?) call-start\(([^)]*)\)(.*)$', hlo, re.M):
+    operands = {o.strip().lstrip("%") for o in m.group(2).split(",")}
+    if 'async_execution_thread="sparsecore"' in m.group(3) and operands & prepared:
+      calls += 1
+      nbytes += _type_bytes(m.group(1))
+  return {"sentinel_ops": sentinels, "sparsecore_calls": calls, "sparsecore_bytes": nbytes}
+
+
+def cost_correction(ops: dict, hbm_bandwidth: float) -> dict:
+  """Seconds to add to a program's `optimal_seconds` for its uncostable ops (`uncostable_ops`):
+  the sentinels back, and the offloaded calls' bytes over the chip's HBM bandwidth."""
+  added_back = ops["sentinel_ops"] * SENTINEL_SECONDS
+  estimate = ops["sparsecore_bytes"] / hbm_bandwidth
+  return {**ops, "sentinel_seconds_added_back": added_back, "sparsecore_estimate_seconds": estimate,
+          "seconds": added_back + estimate}
+
+
 @dataclasses.dataclass
 class Compiled:
   memory: dict | None  # bytes per device
   flops: float | None  # per device
-  optimal_seconds: float | None
+  optimal_seconds: float | None  # as the cost model reports it
   error: str | None = None
   compile_s: float = 0.0
+  uncostable: dict | None = None  # uncostable_ops() of the program
+
+  def corrected_seconds(self, hbm_bandwidth: float) -> float | None:
+    """optimal_seconds with cost_correction() applied."""
+    if self.optimal_seconds is None or self.uncostable is None:
+      return self.optimal_seconds
+    return self.optimal_seconds + cost_correction(self.uncostable, hbm_bandwidth)["seconds"]
 
 
 def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len, max_images,
@@ -170,7 +245,8 @@ def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len,
                        + memory["generated_code"])
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-  return Compiled(memory, cost.get("flops"), cost.get("optimal_seconds"), compile_s=time.perf_counter() - t0)
+  return Compiled(memory, cost.get("flops"), cost.get("optimal_seconds"), compile_s=time.perf_counter() - t0,
+                  uncostable=uncostable_ops(compiled.as_text()))
 
 
 def _with_depths(config, enc_depth: int, dec_depth: int):
@@ -182,9 +258,13 @@ def _with_depths(config, enc_depth: int, dec_depth: int):
   return dataclasses.replace(config, encoder=enc, decoder=dec)
 
 
-def extrapolated_cost(model_config, compile_fn) -> dict:
+def extrapolated_cost(model_config, compile_fn, hbm_bandwidth: float | None = None) -> dict:
   """Per-device flops and optimal_seconds of the full-depth step, from unrolled compiles
-  at (a, b), (2a, b) and (a, 2b) encoder / decoder layers, linear per layer."""
+  at (a, b), (2a, b) and (a, 2b) encoder / decoder layers, linear per layer.
+
+  With `hbm_bandwidth` (bytes/s a chip) each point's optimal_seconds is first corrected for
+  the ops the cost model cannot cost (`cost_correction`); `correction` gives the terms of
+  that correction extrapolated the same way (None when no point needed one)."""
   decoder = getattr(model_config, "decoder", None)
   le, ld = model_config.encoder.depth, decoder.depth if decoder is not None else 0
   moe = decoder.moe if decoder is not None else None
@@ -194,18 +274,35 @@ def extrapolated_cost(model_config, compile_fn) -> dict:
   base = compile_fn(_with_depths(model_config, a, b))
   enc2 = compile_fn(_with_depths(model_config, 2 * a, b)) if le > a else base
   dec2 = compile_fn(_with_depths(model_config, a, 2 * b)) if ld > b else base
-  out = {"points": [{"encoder_layers": e, "decoder_layers": d, "flops": c.flops,
-                     "optimal_seconds": c.optimal_seconds}
-                    for (e, d), c in (((a, b), base), ((2 * a, b), enc2), ((a, 2 * b), dec2))]}
-  for key in ("flops", "optimal_seconds"):
-    c0, ce, cd = (getattr(c, key) for c in (base, enc2, dec2))
-    if None in (c0, ce, cd) or min(c0, ce, cd) < 0:
-      # libtpu's cost model counts ops it cannot cost as -1 s each (seen for some
-      # collectives): then there is no honest estimate.
+  compiled = (base, enc2, dec2)
+  fix = [cost_correction(c.uncostable, hbm_bandwidth) if hbm_bandwidth and c.uncostable else None
+         for c in compiled]
+  out = {"points": []}
+  for ((e, d), c, f) in zip(((a, b), (2 * a, b), (a, 2 * b)), compiled, fix):
+    point = {"encoder_layers": e, "decoder_layers": d, "flops": c.flops, "optimal_seconds": c.optimal_seconds}
+    if f is not None and f["sentinel_ops"]:
+      point["uncostable"] = f
+      point["corrected_seconds"] = None if c.optimal_seconds is None else c.optimal_seconds + f["seconds"]
+    out["points"].append(point)
+
+  def extrapolate(c0, ce, cd):
+    return c0 + (le - a) / a * (ce - c0) + (ld - b) / b * (cd - c0)
+
+  seconds = [None if c.optimal_seconds is None else c.optimal_seconds + (f["seconds"] if f else 0.0)
+             for c, f in zip(compiled, fix)]
+  for key, values in (("flops", [c.flops for c in compiled]), ("optimal_seconds", seconds)):
+    if None in values or min(values) < 0:
+      # Ops the cost model cannot cost count as -1 s each; one left uncorrected leaves no
+      # honest estimate.
       out[key] = None
       continue
-    out[key] = c0 + (le - a) / a * (ce - c0) + (ld - b) / b * (cd - c0)
-  out["compile_s"] = sum(c.compile_s for c in {id(c): c for c in (base, enc2, dec2)}.values())
+    out[key] = extrapolate(*values)
+  out["correction"] = None
+  if any(f and f["sentinel_ops"] for f in fix):
+    out["correction"] = {k: extrapolate(*(f[k] if f else 0 for f in fix))
+                         for k in ("sentinel_ops", "sparsecore_calls", "sparsecore_bytes",
+                                   "sentinel_seconds_added_back", "sparsecore_estimate_seconds", "seconds")}
+  out["compile_s"] = sum(c.compile_s for c in {id(c): c for c in compiled}.values())
   return out
 
 
@@ -267,9 +364,20 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
   if cost:
     say("[2/2] costing: small unrolled compiles, extrapolated per layer")
     est = extrapolated_cost(model, lambda cfg: _compile(cfg, optimizer, mesh, devices, batch_size, seq_len,
-                                                         slots, options=COSTING_OPTIONS))
+                                                         slots, options=COSTING_OPTIONS),
+                            hbm_bandwidth=topo.chip.hbm_bandwidth / topo.devices_per_chip)
     report["cost_compile_s"] = round(est["compile_s"], 1)
     report["cost_points"] = est["points"]
+    if est["correction"] is not None:
+      c = est["correction"]
+      report["cost_correction"] = {
+          **c, "hbm_bandwidth_per_chip": topo.chip.hbm_bandwidth,
+          "note": (f"optimal_seconds corrected for ops libtpu's cost model cannot cost: {c['sentinel_ops']:.0f} "
+                   f"PrepareAsyncCallStart/Done custom calls (SparseCore offloads) at -1 s each, "
+                   f"{c['sentinel_seconds_added_back']:.1f} s added back; the {c['sparsecore_calls']:.0f} offloaded "
+                   f"calls priced at their {c['sparsecore_bytes'] / 2**20:.1f} MiB over HBM bandwidth "
+                   f"({topo.chip.hbm_bandwidth / 1e9:.0f} GB/s a chip), +{c['sparsecore_estimate_seconds'] * 1e3:.3f} ms "
+                   "(full-depth figures, extrapolated per layer)")}
     if est["optimal_seconds"] is None:
       report["cost_note"] = ("no step-time projection: libtpu's cost model returned a negative time "
                              "(ops it cannot cost count as -1 s each)")
@@ -322,6 +430,8 @@ def format_report(r: dict) -> str:
     rows.append(("compiler FLOPs / step", f"{r['xla_flops']:.3e}"))
   if r.get("cost_note"):
     rows.append(("roofline step time", r["cost_note"]))
+  if r.get("cost_correction"):
+    rows.append(("  cost correction", r["cost_correction"]["note"]))
   if r.get("optimal_seconds"):
     rows += [("roofline step time", f"{r['optimal_seconds']:.3f} s (no communication)"),
              ("tokens/s per chip", f"{r['tokens_per_s_per_chip']:,.0f} slots, "

@@ -41,7 +41,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mm1_jax import gin_cli
+import gin
+from gin import config_parser
+
+from mm1_jax import gin_checks, gin_cli
 
 SWEEP_FILE = "sweep.json"
 DONE_FILE = "train_done.json"
@@ -128,8 +131,6 @@ def _files_of(value: Any, where: str) -> tuple[str, ...]:
 
 def parse_axes(text: str, source: str = "sweep") -> list[Axis]:
   """The axes a sweep file (or --grid) declares; raises SweepError on a bad one."""
-  from gin import config_parser  # noqa: PLC0415
-
   try:
     statements = list(config_parser.ConfigParser(text, _Delegate()))
   except Exception as e:  # noqa: BLE001  (gin's parser raises SyntaxError, ValueError, TokenError)
@@ -292,9 +293,6 @@ def check_cells(cells: Sequence[Cell], base_files: Sequence[str], base_bindings:
   """Parses each cell's config (base files + cell files, base flags + cell bindings + a
   seed) with gin and its checks, as mm1-train would; raises SweepError naming the cell.
   Returns {cell: whether its runs evaluate at the end}."""
-  import gin  # noqa: PLC0415
-  from mm1_jax import gin_checks  # noqa: PLC0415
-
   evaluates = {}
   for cell in cells:
     bindings = [*base_bindings, *cell.bindings, *seed_bindings(seed_names, 0)]

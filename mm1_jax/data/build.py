@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   b.add_argument("--format", required=True, choices=formats.FORMATS)
   b.add_argument("--src", required=True, help="a file or a folder of files in that format")
-  b.add_argument("--out", required=True, help="output corpus folder")
+  b.add_argument("--out", required=True, help="output corpus folder, local or a bucket (gs://...: shards are staged locally, then uploaded)")
   b.add_argument("--image_root", default=None, help="where relative image paths point (default: next to --src)")
   b.add_argument("--split", default="train")
   b.add_argument("--tag", default=None, help="names this source's shards (default: the format); "

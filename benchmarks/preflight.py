@@ -34,13 +34,13 @@ OUT = REPO / "benchmarks" / "results" / "preflight"
 def run(preset: Path, cost: bool = True) -> dict:
   """Compiles one preset with mm1-aot and writes its record (results/preflight/<preset>.json)."""
   out = OUT / f"{preset.stem}.json"
+  git = record.git_state()  # the code mm1-aot loads now (before the old record goes: not a change)
+  uncommitted = _uncommitted() if git[1] else None
   out.unlink(missing_ok=True)
   report_file = OUT / f".{preset.stem}.report.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
          f"--json_out={report_file}", *([] if cost else ["--no_cost"])]
-  git = record.git_state()  # the code mm1-aot loads now
-  uncommitted = _uncommitted() if git[1] else None
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   print(proc.stdout)

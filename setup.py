@@ -22,7 +22,7 @@ setup(
         "gin-config>=0.5,<0.6",
         "numpy>=1.26",
         "pillow>=10",
-        "sentencepiece>=0.2,<0.3",
+        "sentencepiece>=0.2,<0.2.3",  # 0.2.3's generated protos need protobuf >= 7, which apache-beam excludes
         "tqdm>=4.66",
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.7",  # eval report plots
@@ -34,6 +34,7 @@ setup(
         "tensorflow-datasets>=4.9.9,<5",
         "grain>=0.2.18,<0.3",  # brings array-record: random-access shards
         "pyarrow>=14",  # Parquet rows (OBELICS)
+        "apache-beam>=2.77,<3",  # mm1-data build: DirectRunner here, Dataflow at scale
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel; transformers is only needed by mm1-convert verify.

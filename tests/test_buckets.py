@@ -194,9 +194,9 @@ def test_a_run_in_a_bucket_stops_on_sigterm_resumes_bitwise_and_is_evaluated_the
 
 
 def test_a_corpus_built_into_a_bucket_feeds_the_loader_the_same_batches_as_a_local_one(bucket, emulator, tmp_path):
-  """mm1-data build --out=gs://...: shards and build.json land in the bucket, and the
-  grain loader reads them from there (array_record opens gs:// itself), batch for batch
-  what the same build gives from a local folder."""
+  """mm1-data build --out=gs://...: the Beam workers' shards, the TFDS metadata and
+  build.json land in the bucket, and the grain loader reads them from there (array_record
+  opens gs:// itself), batch for batch what the same build gives from a local folder."""
   from test_formats import make_webdataset
 
   from mm1_jax.data import build, loader, pipeline, sources
@@ -216,11 +216,14 @@ def test_a_corpus_built_into_a_bucket_feeds_the_loader_the_same_batches_as_a_loc
     batches[name] = [next(stream) for _ in range(3)]
   prefix = "test_a_corpus_built_into_a_bucket_feeds_the_loader_the_same_batches_as_a_local_one/corpus/"
   names = set(objects(emulator, prefix))
-  assert {prefix + "build.json", prefix + "caption/train-webdataset-00000-of-00002.array_record",
-          prefix + "text/train-text-00000-of-00001.array_record"} <= names, sorted(names)
-  assert not [n for n in names if ".building-" in n]  # staging stays local
+  caption = prefix + "mm1_caption/1.0.0/"
+  assert {prefix + "build.json", caption + "dataset_info.json", caption + "metadata.json",
+          caption + "mm1_caption-train_webdataset.array_record-00000-of-00002",
+          caption + "mm1_caption-train_webdataset.array_record-00001-of-00002",
+          prefix + "mm1_text/1.0.0/mm1_text-train_text.array_record-00000-of-00001"} <= names, sorted(names)
+  assert not [n for n in names if ".staging-" in n or ".tmp" in n]  # staged shards were moved and removed
   assert json.loads((paths.path(bucket) / "corpus" / "build.json").read_text()).keys() == {
-      "train-webdataset", "train-text"}
+      "caption/train_webdataset", "text/train_text"}
   for got, want in zip(batches["bucket"], batches["local"]):
     assert got.keys() == want.keys()
     for k in want:

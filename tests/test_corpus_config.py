@@ -25,7 +25,9 @@ def test_corpus_registers_its_folder_and_tokenizer(tmp_path):
   names = corpus.register()
   assert names == ["cfgtest_caption", "cfgtest_interleaved", "cfgtest_text"]
   task = seqio.get_mixture_or_task("cfgtest_caption")
-  assert task.source._patterns["train"] == str(tmp_path / "c" / "caption" / "train-*.array_record")
+  # Not built yet: the TFDS dataset `mm1-data build` will write there, looked up when first read.
+  assert isinstance(task.source, sources.TfdsCorpusSource)
+  assert (task.source.data_dir, task.source.kind) == (str(tmp_path / "c"), "caption")
   assert task.output_features["text"].vocabulary.sentencepiece_model_file == str(tokenizer.DEFAULT_SPM_PATH)
   mixture = seqio.get_mixture_or_task("cfgtest_pretrain")
   assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
@@ -35,7 +37,7 @@ def test_corpus_registers_its_folder_and_tokenizer(tmp_path):
   moved = sources.Corpus(data_dir=str(tmp_path / "d"), vocabulary="shapes_sp", prefix="cfgtest", image_size=64)
   config = pipeline.DataConfig(mixture_or_task_name="cfgtest_pretrain", module_imports=(), corpora=(moved,))
   assert pipeline.get_mixture_or_task(config).name == "cfgtest_pretrain"
-  assert seqio.get_mixture_or_task("cfgtest_caption").source._patterns["train"].startswith(str(tmp_path / "d"))
+  assert seqio.get_mixture_or_task("cfgtest_caption").source.data_dir == str(tmp_path / "d")
 
 
 def test_run_files_set_data_dir_and_one_vocabulary(tmp_path):

@@ -10,7 +10,7 @@ import seqio
 import tensorflow as tf
 
 import tasks  # noqa: F401  (registers the tasks)
-from mm1_jax.data import corpus, loader, pipeline, preprocessors, shapes_world, tokenizer
+from mm1_jax.data import corpus, loader, pipeline, preprocessors, shapes_world, sources, tokenizer
 from mm1_jax.data.tokenizer import EOS_ID, IMAGE_ID, PAD_ID
 
 
@@ -70,22 +70,23 @@ def test_corpus_manifest_and_no_eval_image_in_training(data_dir):
   assert manifest["counts"]["caption/train"] == spec.num_caption
   assert manifest["counts"]["vqa_eval/test"] == spec.num_eval_test
 
-  def digests(pattern, key):
-    from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-    files = sorted(map(str, data_dir.glob(pattern)))
-    if files[0].endswith(".array_record"):
-      source = ArrayRecordDataSource(files)
+  def digests(what, key):
+    """Image digests of a training kind's records (read as the loaders read them) or of
+    the eval TFRecord files a glob names."""
+    if what in sources.KINDS:
+      source = sources.corpus_source(data_dir, what).random_access("train")
       records = [source[i] for i in range(len(source))]
     else:
+      files = sorted(map(str, data_dir.glob(what)))
       records = [r.numpy() for r in tf.data.TFRecordDataset(files)]
+    assert records, what
     out = set()
     for rec in records:
       feats = tf.train.Example.FromString(rec).features.feature[key].bytes_list.value
       out.update(hashlib.sha1(b).hexdigest() for b in feats)
     return out
 
-  train = digests("caption/train-*", "image") | digests("interleaved/train-*", "images")
+  train = digests("caption", "image") | digests("interleaved", "images")
   evals = digests("caption_eval/*", "image") | digests("vqa_eval/*", "image")
   assert len(evals) > 300 and not (train & evals)
 
@@ -281,8 +282,6 @@ def test_grain_loader_skips_and_counts_bad_records(tmp_path):
 
   from PIL import Image
 
-  from mm1_jax.data import build, sources
-
   def png(v):
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (v, v, v)).save(buf, format="PNG")
@@ -292,7 +291,7 @@ def test_grain_loader_skips_and_counts_bad_records(tmp_path):
   bad = [{"id": "b0", "image": png(5)[:30], "caption": "corrupt image"},
          {"id": "b1", "image": png(7), "caption": "   "},
          {"id": "b2", "image": png(9), "caption": "two markers <image> in a caption"}]
-  shards = build.ShardWriter(tmp_path / "caption", "train-raw", 1)  # written without the build checks
+  shards = corpus.ShardWriter(tmp_path / "caption", "train-raw", 1)  # written without the build checks
   for rec in good[:3] + bad + good[3:]:
     shards.write(corpus.tf_example(rec))
   shards.close()

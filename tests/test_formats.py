@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm1_jax.data import build, formats
+from mm1_jax.data import build, formats, tfds_layout
 from mm1_jax.data.tokenizer import IMAGE_TOKEN
 
 
@@ -53,10 +53,10 @@ def _build(tmp_path, fmt, src, **kwargs):
 
 def _read_back(out: Path, kind: str):
   import tensorflow as tf
-  from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-  files = sorted(str(p) for p in (out / kind).glob("train-*.array_record"))
-  records = ArrayRecordDataSource(files)
+  from mm1_jax.data import sources
+
+  records = sources.corpus_source(out, kind).random_access("train")
   return [tf.train.Example.FromString(records[i]) for i in range(len(records))]
 
 
@@ -65,6 +65,8 @@ def _field(example, name):
 
 
 def test_webdataset_shards(tmp_path):
+  from mm1_jax.data import sources
+
   src = tmp_path / "wds"
   src.mkdir()
   _tar(src / "shard-000.tar", {
@@ -88,8 +90,17 @@ def test_webdataset_shards(tmp_path):
   assert captions == ["a png", "a red box", "red again", "webp becomes jpeg"]
   for e in examples:  # every stored image is JPEG or PNG, whatever came in
     assert Image.open(io.BytesIO(_field(e, "image")[0])).format in ("JPEG", "PNG")
-  assert json.loads((out / "build.json").read_text())["train-webdataset"]["written"] == {"caption": 4}
-  assert len(list((out / "caption").glob("train-webdataset-*-of-00002.array_record"))) == 2
+  assert json.loads((out / "build.json").read_text())["caption/train_webdataset"]["written"] == {"caption": 4}
+  # The split's shards: at most --num_shards (a shard that gets no record is not written),
+  # named as TFDS names them, holding every record once.
+  n = report["tfds"]["shards"]
+  assert report["tfds"] == {"name": "mm1_caption", "version": "1.0.0", "split": "train_webdataset", "shards": n}
+  assert 1 <= n <= 2
+  shards = sources.corpus_source(out, "caption").list_shards("train")
+  assert [Path(f).name for f in shards] == [tfds_layout.shard_name("caption", "train_webdataset", i, n)
+                                            for i in range(n)]
+  lengths = tfds_layout.read_metadata(out, "caption")["splits"]["train_webdataset"]["shard_lengths"]
+  assert len(lengths) == n and sum(lengths) == 4 and min(lengths) > 0
 
 
 def test_coco_annotations(tmp_path):

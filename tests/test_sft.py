@@ -158,11 +158,12 @@ def test_llava_files_are_read_checked_and_built(tmp_path):
   report = build.build("llava", tmp_path / "llava.json", tmp_path / "out", image_root=tmp_path)
   assert report["written"] == {"chat": 3}
   assert report["skipped"] == {"missing_file": 1, "bad_record": 2}
-  assert len(list((tmp_path / "out" / "chat").glob("train-*.array_record"))) >= 1
-  # Registered as a task, read by the training loader: images in, loss on the replies only.
   from mm1_jax.data import loader, pipeline, sources
   from tasks import shapes
 
+  assert report["tfds"]["name"] == "mm1_chat" and report["tfds"]["split"] == "train_llava"
+  assert len(sources.corpus_source(tmp_path / "out", "chat").list_shards("train")) == report["tfds"]["shards"] >= 1
+  # Registered as a task, read by the training loader: images in, loss on the replies only.
   sources.register_corpus("llavatest", tmp_path / "out", image_size=64, output_features=shapes.OUTPUT_FEATURES,
                           kinds=("chat",), rates={"chat": 1.0}, mixture="llavatest_sft")
   cfg = pipeline.DataConfig(mixture_or_task_name="llavatest_sft", batch_size=1, seq_len=128, max_images=2,

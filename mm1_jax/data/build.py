@@ -1,23 +1,28 @@
-"""`mm1-data`: build training shards from real corpus formats, and inspect mixtures.
+"""`mm1-data`: build training corpora from real corpus formats, and inspect mixtures.
 
   mm1-data inspect --mixture=NAME [--n=100] [--out=DIR]   (see mm1_jax.data.inspect_data)
 
   mm1-data build --format=webdataset|coco|obelics|mmc4|text|llava --src=PATH --out=DIR
                  [--image_root=DIR] [--split=train] [--tag=NAME] [--num_shards=8] [--tokenizer=SPEC]
+                 [--held_out=PATH] [--num_workers=N] [Beam options: --runner=DataflowRunner ...]
 
-reads every record of PATH (`mm1_jax.data.formats`), checks it, and writes the usable
-ones as ArrayRecord shards of tf.train.Examples under DIR/<kind>/ (the layout
-`mm1_jax.data.sources` reads; register the folder with `sources.register_corpus`). DIR
-may be a bucket (gs://...): the shards are written to a local temporary folder, then
-uploaded (the grain loader reads ArrayRecord from gs:// directly).
+reads every record of PATH (`mm1_jax.data.formats`), checks it, leaves out held-out
+evaluation images and exact duplicates, and writes the usable records as the TFDS split
+`<split>_<tag>` of the dataset `mm1_<kind>` under DIR, in ArrayRecord form
+(`mm1_jax.data.tfds_layout`: `tfds.data_source` and `seqio.TfdsDataSource` load it;
+register the folder with `sources.register_corpus`). The work is an Apache Beam pipeline
+(`mm1_jax.data.beam_build`): the DirectRunner in this process by default, in
+--num_workers processes, or on Dataflow with Beam's options (docs/data.md). DIR may be a
+bucket (gs://...; the grain loader reads ArrayRecord from gs:// directly).
 It prints one JSON line:
 
-  {"written": {"caption": n, ...}, "images_written": n, "skipped": {reason: n},
+  {"written": {"caption": n}, "images_written": n, "skipped": {reason: n},
    "images_dropped": {reason: n}, "truncated_documents": n,
-   "interleaved_over_16_images": n, "out": DIR}
+   "interleaved_over_16_images": n, "held_out_images": n, "out": DIR,
+   "tfds": {"name": "mm1_caption", "version": "1.0.0", "split": "train_cc3m", "shards": n}}
 
-and keeps the same report in DIR/build.json (per split and tag). Records are never fatal:
-each unusable one is counted under its reason (`formats.REASONS`).
+and keeps the same report in the dataset's metadata.json and in DIR/build.json. Records
+are never fatal: each unusable one is counted under its reason (`formats.REASONS`).
 
 Long documents are kept whole up to `--max_images` (default `DOCUMENT_MAX_IMAGES`): the
 loaders split a document that does not fit one sequence into several examples.
@@ -31,158 +36,154 @@ MM1 sequence (4,096 tokens, 16 images, 144 tokens per image) either way, and
 from __future__ import annotations
 
 import argparse
-import collections
+import hashlib
 import json
-import shutil
+import os
+import re
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from mm1_jax import paths
-from mm1_jax.data import documents, formats, inspect_data
-from mm1_jax.data.corpus import ShardWriter, tf_example  # noqa: F401  (ShardWriter: re-exported)
-
-
-def _features(ex: formats.Example) -> dict:
-  if ex.kind == "caption":
-    return {"id": ex.id, "image": ex.images[0], "caption": ex.text}
-  if ex.kind == "interleaved":
-    return {"id": ex.id, "images": ex.images, "text": ex.text}
-  if ex.kind == "chat":
-    return {"id": ex.id, "images": ex.images, "conversations": ex.text}
-  return {"id": ex.id, "text": ex.text}
-
-
-# One MM1 pre-training sequence (`pipeline.DataConfig` defaults; Q of the C-Abstractor).
-MM1_SEQ_LEN, MM1_MAX_IMAGES, MM1_TOKENS_PER_IMAGE = 4096, 16, 144
-# Images kept per interleaved document at build time (more are cut, as `truncated_documents`):
-# the loaders split long documents, so this only bounds the size of one record.
-DOCUMENT_MAX_IMAGES = 64
-BUILD_CHECKS = formats.Checks(max_images=DOCUMENT_MAX_IMAGES)
-
-
-class _Mm1Lengths:
-  """Counts interleaved documents longer than one MM1 sequence, in tokens when a vocabulary is given."""
-
-  def __init__(self, tokenizer: str | None):
-    self.over_images = self.over_sequence = self.examples = 0
-    self.vocab = self.image_id = None
-    if tokenizer:
-      from mm1_jax.data import vocabulary  # noqa: PLC0415  (loads seqio, tensorflow)
-
-      self.vocab = vocabulary.load(tokenizer)
-      ids = vocabulary.special_ids(self.vocab)
-      self.image_id, self.eos_id = ids.image, ids.eos
-
-  def add(self, rec: formats.Example) -> None:
-    if rec.kind != "interleaved":
-      return
-    self.over_images += len(rec.images) > MM1_MAX_IMAGES
-    if self.vocab is None:
-      return
-    ids = np.asarray(list(self.vocab.encode(rec.text)) + [self.eos_id], np.int32)
-    is_image = ids == self.image_id
-    expanded = len(ids) + (MM1_TOKENS_PER_IMAGE - 1) * int(is_image.sum())
-    self.over_sequence += expanded > MM1_SEQ_LEN + 1 or len(rec.images) > MM1_MAX_IMAGES
-    self.examples += len(documents.chunk_bounds(is_image, MM1_SEQ_LEN + 1, MM1_TOKENS_PER_IMAGE, MM1_MAX_IMAGES))
-
-  def report(self) -> dict:
-    out = {"interleaved_over_16_images": self.over_images}
-    if self.vocab is not None:
-      out.update(interleaved_over_4096_tokens_or_16_images=self.over_sequence,
-                 interleaved_examples_at_mm1_shapes=self.examples)
-    return out
+from mm1_jax.data import formats, inspect_data, tfds_layout
 
 
 KIND_OF = {"webdataset": "caption", "coco": "caption", "obelics": "interleaved", "mmc4": "interleaved",
            "text": "text", "llava": "chat"}
+# Images kept per interleaved document at build time (more are cut, as `truncated_documents`):
+# the loaders split long documents, so this only bounds the size of one record.
+DOCUMENT_MAX_IMAGES = 64
+BUILD_CHECKS = formats.Checks(max_images=DOCUMENT_MAX_IMAGES)
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def held_out_digests(spec: str | Path | None) -> frozenset[str]:
+  """SHA-256 digests of the images a build must leave out (`mm1_jax.eval.overlap.digest`):
+  a text file of hex digests (one per line), a folder of image files, or TFRecord files
+  of tf.train.Examples with "image"/"images" features (the eval sets), or a folder of them."""
+  if not spec:
+    return frozenset()
+  root = Path(spec)
+  if not root.exists():
+    raise FileNotFoundError(f"--held_out {root} does not exist")
+  files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+  found: set[str] = set()
+  for f in files:
+    if ".tfrecord" in f.name:
+      import tensorflow as tf  # noqa: PLC0415  (eval records: only with --held_out)
+
+      for raw in tf.data.TFRecordDataset(str(f)).as_numpy_iterator():
+        feats = tf.train.Example.FromString(raw).features.feature
+        for name in ("image", "images"):
+          if name in feats:
+            found.update(hashlib.sha256(v).hexdigest() for v in feats[name].bytes_list.value)
+    elif f.suffix.lower() in formats.IMAGE_EXTS:
+      found.add(hashlib.sha256(f.read_bytes()).hexdigest())
+    elif root.is_file():
+      lines = [line.strip().lower() for line in f.read_text().splitlines() if line.strip()]
+      bad = next((line for line in lines if not _HEX.match(line)), None)
+      if bad is not None:
+        raise ValueError(f"--held_out {f}: {bad!r} is not a SHA-256 hex digest")
+      found.update(lines)
+  return frozenset(found)
 
 
 def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path | None = None,
           split: str = "train", tag: str | None = None, num_shards: int = 8,
           checks: formats.Checks = BUILD_CHECKS, progress: bool = True, overwrite: bool = False,
-          tokenizer: str | None = None) -> dict:
-  """Converts one source into DIR/<kind>/<split>-<tag>-*.array_record; returns the report.
+          tokenizer: str | None = None, held_out: str | Path | None = None, num_workers: int = 1,
+          beam_args: list[str] | None = None) -> dict:
+  """Builds one source into the TFDS split `<split>_<tag>` of its kind's dataset under
+  `out` (`mm1_jax.data.tfds_layout`) on Apache Beam (`mm1_jax.data.beam_build`); returns the report.
 
   Several sources of one kind (CC3M and COYO captions, say) share a corpus under
   different tags (default: the format's name); a task reads all tags of its split.
   tokenizer: a vocabulary (`vocabulary.load`) to count the interleaved documents longer
-  than one MM1 sequence in tokens too (see the module doc).
+  than one MM1 sequence in tokens too (see the module doc). held_out: images to leave
+  out (`held_out_digests`). num_workers: DirectRunner workers; beam_args: Beam's own
+  options (`--runner=DataflowRunner ...`), which then decide.
   """
-  lengths = _Mm1Lengths(tokenizer)
-  target = paths.path(out)  # a local folder, or a bucket: shards are written locally, then uploaded
-  prefix = f"{split}-{tag or fmt}"
-  existing = sorted(target.glob(f"{KIND_OF[fmt]}/{prefix}-*-of-*.array_record"))
-  if existing and not overwrite:
-    raise FileExistsError(f"{target} already has {split} shards ({existing[0]}); pass --overwrite to replace them")
-  records = formats.read(fmt, Path(src), Path(image_root) if image_root else None)
-  target.mkdir(parents=True, exist_ok=True)
-  remote = paths.is_remote(target)
-  # Shards are written to a staging folder (in the corpus folder, or local for a bucket),
-  # then moved or uploaded into place; old shards that no new one replaced are deleted
-  # last, so a failed build leaves the previous corpus readable.
-  tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=None if remote else target))
-  try:
-    shards = {k: ShardWriter(tmp / k, prefix, num_shards) for k in ("caption", "interleaved", "text", "chat")}
-    skipped, dropped = collections.Counter(), collections.Counter()
-    truncated = images = 0
-    try:
-      for rec in tqdm(records, desc=f"build {fmt}", unit="rec", disable=not progress):
-        if isinstance(rec, formats.Skip):
-          (dropped if rec.image_only else skipped)[rec.reason] += 1
-          continue
-        rec, lost, cut = formats.check(rec, checks)
-        dropped.update(s.reason for s in lost)
-        truncated += cut
-        if isinstance(rec, formats.Skip):
-          skipped[rec.reason] += 1
-          continue
-        shards[rec.kind].write(tf_example(_features(rec)))
-        images += len(rec.images)
-        lengths.add(rec)
-    finally:
-      for s in shards.values():
-        s.close()
-    placed = set()
-    for kind, s in shards.items():
-      if s.count:
-        (target / kind).mkdir(parents=True, exist_ok=True)
-        for f in sorted((tmp / kind).glob("*.array_record")):
-          if remote:
-            paths.upload(f, target / kind / f.name)
-          else:
-            f.rename(target / kind / f.name)
-          placed.add(f"{kind}/{f.name}")
-    for old in existing:
-      if f"{old.parent.name}/{old.name}" not in placed:
-        old.unlink()
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  from mm1_jax.data import beam_build  # noqa: PLC0415  (apache_beam: only when building)
 
-  report = {"format": fmt, "src": str(src), "split": split, "tag": tag or fmt,
-            "written": {k: s.count for k, s in shards.items() if s.count}, "images_written": images,
-            "skipped": dict(sorted(skipped.items())), "images_dropped": dict(sorted(dropped.items())),
-            "truncated_documents": truncated, **lengths.report(), "out": str(target)}
-  log = target / "build.json"
+  kind = KIND_OF[fmt]
+  tag = tag or fmt
+  name = tfds_layout.split_name(split, tag)
+  folder = tfds_layout.dataset_dir(out, kind)
+  meta = tfds_layout.read_metadata(out, kind).get("splits", {})
+  if name in meta and not overwrite:
+    raise FileExistsError(f"{folder} already has the split {name}; pass --overwrite to replace it")
+  units = formats.units(fmt, Path(src), Path(image_root) if image_root else None)
+  held = held_out_digests(held_out)
+  staging = folder / f".staging-{uuid.uuid4().hex[:12]}"
+  spec = beam_build.Spec(kind, checks, held, num_shards, str(staging), tokenizer, progress)
+  try:
+    counters = beam_build.run(units, spec, beam_build.pipeline_options(num_workers, beam_args))
+    lengths = _place(staging, folder, kind, name, old=meta.get(name, {}).get("shard_lengths", []))
+  finally:
+    if staging.exists():
+      staging.rmtree()
+
+  def by(prefix):
+    return {k[len(prefix):]: v for k, v in sorted(counters.items()) if k.startswith(prefix) and v}
+
+  report = {"format": fmt, "src": str(src), "split": split, "tag": tag,
+            "written": {kind: sum(lengths)} if sum(lengths) else {}, "images_written": counters.get("images_written", 0),
+            "skipped": by("skipped/"), "images_dropped": by("images_dropped/"),
+            "truncated_documents": counters.get("truncated_documents", 0),
+            "interleaved_over_16_images": counters.get("interleaved_over_16_images", 0)}
+  if tokenizer:
+    report.update({k: counters.get(k, 0) for k in ("interleaved_over_4096_tokens_or_16_images",
+                                                   "interleaved_examples_at_mm1_shapes")})
+  report.update(held_out_images=len(held), out=str(paths.path(out)),
+                tfds={"name": tfds_layout.dataset_name(kind), "version": tfds_layout.VERSION, "split": name,
+                      "shards": len(lengths)})
+  meta[name] = {"split": split, "tag": tag, "shard_lengths": lengths, "build": report}
+  tfds_layout.write_metadata(out, kind, {k: v["shard_lengths"] for k, v in meta.items()}, meta)
+  log = paths.path(out) / "build.json"
   history = json.loads(log.read_text()) if log.exists() else {}
-  history[prefix] = report
+  history[f"{kind}/{name}"] = report
   paths.write_text_atomic(log, json.dumps(history, indent=2) + "\n")
   return report
+
+
+def _place(staging, folder, kind: str, name: str, old: list[int]) -> list[int]:
+  """Moves the staged shards of split `name` into place (numbered in shard order; shards
+  that got no record are left out) and deletes the split's old shards that no new one
+  replaced, last, so a failed build leaves the previous split readable. Returns the
+  records per shard."""
+  staged = []
+  for f in staging.glob("shard-*-n*.array_record") if staging.exists() else ():
+    index, count = f.name[len("shard-"):-len(".array_record")].split("-n")
+    staged.append((int(index), int(count), f))
+  staged.sort()
+  placed = set()
+  for i, (_, _, f) in enumerate(staged):
+    target = folder / tfds_layout.shard_name(kind, name, i, len(staged))
+    if paths.is_remote(target):
+      f.copy(target, overwrite=True)
+      f.unlink()
+    else:
+      os.replace(f, target)
+    placed.add(target.name)
+  for i in range(len(old)):
+    stale = folder / tfds_layout.shard_name(kind, name, i, len(old))
+    if stale.name not in placed and stale.exists():
+      stale.unlink()
+  return [count for _, count, _ in staged]
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="mm1-data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  b = sub.add_parser("build", help="real corpus format -> ArrayRecord training shards",
-                     description="Skip reasons:\n" + "\n".join(f"  {k:16s} {v}" for k, v in formats.REASONS.items()),
+  b = sub.add_parser("build", help="real corpus format -> a TFDS dataset of ArrayRecord shards (Apache Beam)",
+                     description="Options this parser does not know are Beam's pipeline options "
+                     "(--runner=DataflowRunner --project=... --region=... --temp_location=gs://...).\n\n"
+                     "Skip reasons:\n" + "\n".join(f"  {k:16s} {v}" for k, v in formats.REASONS.items()),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   b.add_argument("--format", required=True, choices=formats.FORMATS)
   b.add_argument("--src", required=True, help="a file or a folder of files in that format")
-  b.add_argument("--out", required=True, help="output corpus folder, local or a bucket (gs://...: shards are staged locally, then uploaded)")
+  b.add_argument("--out", required=True, help="corpus folder, local or a bucket (gs://...); the TFDS datasets mm1_<kind>/ go here")
   b.add_argument("--image_root", default=None, help="where relative image paths point (default: next to --src)")
   b.add_argument("--split", default="train")
   b.add_argument("--tag", default=None, help="names this source's shards (default: the format); "
@@ -196,6 +197,10 @@ def main(argv=None) -> int:
                  ".model or tokenizer.json path, a folder): also count interleaved documents over one MM1 "
                  "sequence in tokens")
   b.add_argument("--max_image_side", type=int, default=formats.Checks.max_image_side)
+  b.add_argument("--held_out", default=None, help="images never to train on: a file of SHA-256 hex digests, a "
+                 "folder of images, or TFRecord eval sets (files or a folder); they are dropped as held_out_image")
+  b.add_argument("--num_workers", type=int, default=1, help="DirectRunner worker processes (1: in this process); "
+                 "ignored when a Beam --runner is given")
   b.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
   b.add_argument("--no_progress", action="store_true")
   i = sub.add_parser("inspect", help="rates, lengths and a preview of what a mixture feeds the model")
@@ -215,14 +220,17 @@ def main(argv=None) -> int:
   i.add_argument("--seed", type=int, default=0)
   i.add_argument("--rate_unit", default="records", choices=("records", "tokens"),
                  help="what the mixture rates divide (pipeline.DataConfig.rate_unit)")
-  args = parser.parse_args(argv)
+  args, beam_args = parser.parse_known_args(argv)
+  if args.command == "inspect" or not beam_args:
+    args = parser.parse_args(argv)  # unknown flags are errors, except Beam's options to `build`
   if args.command == "inspect":
     return _inspect(args)
   checks = formats.Checks(args.min_image_size, args.max_images, args.max_image_side)
   try:
     report = build(args.format, args.src, args.out, image_root=args.image_root, split=args.split, tag=args.tag,
                    num_shards=args.num_shards, checks=checks, progress=not args.no_progress,
-                   overwrite=args.overwrite, tokenizer=args.tokenizer)
+                   overwrite=args.overwrite, tokenizer=args.tokenizer, held_out=args.held_out,
+                   num_workers=args.num_workers, beam_args=beam_args)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"mm1-data: error: {e}", file=sys.stderr)
     return 2

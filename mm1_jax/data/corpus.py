@@ -63,7 +63,7 @@ def tf_example(features: dict) -> bytes:
   import tensorflow as tf
   return tf.train.Example(features=tf.train.Features(
       feature={k: _bytes(v if isinstance(v, list) else [v]) for k, v in features.items()}
-  )).SerializeToString()
+  )).SerializeToString(deterministic=True)  # map order fixed: equal records, equal bytes, in any process
 
 
 class ShardWriter:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import tarfile
@@ -47,6 +49,8 @@ REASONS = {
     "empty_text": "a caption or text document that is empty or whitespace",
     "no_text": "an interleaved document with images but no text",
     "no_images": "an interleaved document whose images were all dropped",
+    "held_out_image": "an image whose SHA-256 is in --held_out (an evaluation image; `mm1_jax.eval.overlap`)",
+    "duplicate": "an exact copy (same kind, text and image bytes) of a record that is kept",
 }
 
 
@@ -68,6 +72,19 @@ class Skip:
 
 
 Record = Example | Skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A slice of one file, so that a large file is read by several workers
+  (`mm1_jax.data.read_units`): JSONL lines whose first byte is in [start, stop) (start
+  is a line start, first_row its line number); Parquet row groups [start, stop) (first_row:
+  the rows before them); items [start, stop) of a JSON list (COCO annotations, LLaVA
+  records). stop=None reads to the end."""
+
+  start: int = 0
+  stop: int | None = None
+  first_row: int = 0
 
 
 def _decode_text(raw: bytes | str | None) -> str | None:
@@ -138,17 +155,31 @@ def _webdataset_example(key: str, group: dict[str, bytes]) -> Record:
   return Example("caption", key, caption, [image])
 
 
-def read_coco(annotations: Path, image_root: Path) -> Iterator[Record]:
+def _json(path: Path) -> Any:
+  """A parsed JSON file. The last two are kept (keyed by path, size and modification
+  time), as a worker reads the parts of one file in turn."""
+  st = Path(path).stat()
+  return _parsed_json(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed_json(path: str, size: int, mtime_ns: int) -> Any:
+  del size, mtime_ns  # the cache key
+  return json.loads(Path(path).read_bytes())
+
+
+def read_coco(annotations: Path, image_root: Path, part: Part = Part()) -> Iterator[Record]:
   """COCO captions JSON ("images": id + file_name, "annotations": image_id + caption).
 
   One example per annotation: each of an image's captions is its own pair.
   """
   try:
-    coco = json.loads(Path(annotations).read_text())
+    coco = _json(Path(annotations))
     files = {im["id"]: im["file_name"] for im in coco["images"]}
-    anns = coco["annotations"]
-  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-    yield Skip("bad_record", str(annotations), f"not a COCO captions file: {e}")
+    anns = coco["annotations"][part.start:part.stop]
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    if part.start == 0:  # one Skip for the file, from its first part
+      yield Skip("bad_record", str(annotations), f"not a COCO captions file: {e}")
     return
   cache: dict[str, bytes | Skip] = {}
   for ann in anns:
@@ -180,20 +211,28 @@ def _read_local(root: Path, ref: str, rec_id: str) -> bytes | Skip:
 # ----------------------------------------------------------------------------- interleaved
 
 
-def _rows(path: Path) -> Iterator[tuple[str, dict | Skip]]:
-  """(row id, row) from JSONL or Parquet; malformed rows become Skips."""
+def _rows(path: Path, part: Part = Part()) -> Iterator[tuple[str, dict | Skip]]:
+  """(row id, row) from JSONL or Parquet; malformed rows become Skips. Row ids are
+  "<file name>:<row number>" whichever part of the file is read."""
   if path.suffix == ".parquet":
     import pyarrow.parquet as pq  # noqa: PLC0415  (pyarrow: only for Parquet files)
 
-    offset = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+    pf = pq.ParquetFile(path)
+    groups = list(range(pf.num_row_groups))[part.start:part.stop]
+    offset = part.first_row
+    for batch in pf.iter_batches(batch_size=64, row_groups=groups) if groups else ():
       for i, row in enumerate(batch.to_pylist()):
         yield f"{path.name}:{offset + i}", row
       offset += batch.num_rows
     return
   with open(path, "rb") as f:
-    for i, line in enumerate(f):
-      rid = f"{path.name}:{i}"
+    f.seek(part.start)
+    i = part.first_row
+    while part.stop is None or f.tell() < part.stop:
+      line = f.readline()
+      if not line:
+        break
+      rid, i = f"{path.name}:{i}", i + 1
       if not line.strip():
         continue
       try:
@@ -246,9 +285,9 @@ def _interleaved(rid: str, pieces: list[tuple[str, Any]], root: Path) -> Iterato
   yield Example("interleaved", rid, "\n".join(parts), images)
 
 
-def read_obelics(path: Path, image_root: Path) -> Iterator[Record]:
+def read_obelics(path: Path, image_root: Path, part: Part = Part()) -> Iterator[Record]:
   """OBELICS rows: `texts` and `images` lists of equal length, exactly one non-null per slot."""
-  for rid, row in _rows(Path(path)):
+  for rid, row in _rows(Path(path), part):
     if isinstance(row, Skip):
       yield row
       continue
@@ -261,10 +300,10 @@ def read_obelics(path: Path, image_root: Path) -> Iterator[Record]:
     yield from _interleaved(rid, pieces, Path(image_root))
 
 
-def read_mmc4(path: Path, image_root: Path) -> Iterator[Record]:
+def read_mmc4(path: Path, image_root: Path, part: Part = Part()) -> Iterator[Record]:
   """MMC4 documents: `text_list` sentences and `image_info` entries, each placed before
   the sentence of its `matched_text_index` (file from `image_name`, else `raw_url`)."""
-  for rid, row in _rows(Path(path)):
+  for rid, row in _rows(Path(path), part):
     if isinstance(row, Skip):
       yield row
       continue
@@ -294,40 +333,45 @@ def read_mmc4(path: Path, image_root: Path) -> Iterator[Record]:
 def read_text(paths: Iterable[Path]) -> Iterator[Record]:
   """`.jsonl` files (one document per line, its "text" field) and plain text files (one document each)."""
   for path in paths:
-    if path.suffix == ".jsonl":
-      for rid, row in _rows(path):
-        if isinstance(row, Skip):
-          yield row
-          continue
-        text = row.get("text")
-        if not isinstance(text, str):
-          yield Skip("empty_text", rid, "no string 'text' field")
-          continue
-        yield Example("text", rid, text)
-    else:
-      text = _decode_text(path.read_bytes())
-      yield Example("text", path.name, text) if text is not None else Skip("bad_utf8", path.name)
+    yield from read_text_file(path)
+
+
+def read_text_file(path: Path, part: Part = Part()) -> Iterator[Record]:
+  if path.suffix != ".jsonl":
+    text = _decode_text(path.read_bytes())
+    yield Example("text", path.name, text) if text is not None else Skip("bad_utf8", path.name)
+    return
+  for rid, row in _rows(path, part):
+    if isinstance(row, Skip):
+      yield row
+      continue
+    text = row.get("text")
+    if not isinstance(text, str):
+      yield Skip("empty_text", rid, "no string 'text' field")
+      continue
+    yield Example("text", rid, text)
 
 
 # ----------------------------------------------------------------------------- conversations (SFT)
 
 
-def read_llava(path: Path, image_root: Path) -> Iterator[Record]:
+def read_llava(path: Path, image_root: Path, part: Part = Part()) -> Iterator[Record]:
   """LLaVA instruction data: a JSON list (or JSONL) of {"id", "image": path | [paths] (optional),
   "conversations": [{"from", "value"}, ...]}. The turns are checked here (roles, an
   assistant reply, one `<image>` marker per image); images are read from image_root."""
   if path.suffix == ".json":
     try:
-      rows = json.loads(path.read_text())
+      rows = _json(path)
       if not isinstance(rows, list):
         raise ValueError("not a list of records")
     except (OSError, ValueError) as e:
-      yield Skip("bad_record", str(path), f"not a LLaVA JSON list: {e}")
+      if part.start == 0:  # one Skip for the file, from its first part
+        yield Skip("bad_record", str(path), f"not a LLaVA JSON list: {e}")
       return
     pairs = ((str(r.get("id", f"{path.name}:{i}")) if isinstance(r, dict) else f"{path.name}:{i}", r)
-             for i, r in enumerate(rows))
+             for i, r in enumerate(rows[part.start:part.stop], start=part.start))
   else:
-    pairs = _rows(path)
+    pairs = _rows(path, part)
   for rid, row in pairs:
     if isinstance(row, Skip):
       yield row
@@ -364,15 +408,19 @@ class Checks:
   max_image_side: int = 1024  # longer images are downscaled (aspect kept) and re-encoded as JPEG
 
 
-def normalize_image(data: bytes, checks: Checks) -> bytes | str:
+def normalize_image(data: bytes, checks: Checks, held_out: frozenset[str] = frozenset()) -> bytes | str:
   """Checked, storable image bytes, or the reason they are unusable.
 
   Decodes every pixel (truncated files fail here, not in training). JPEG and PNG in
   RGB or grey within max_image_side are kept byte for byte; anything else (WebP,
   CMYK, alpha, palette, too large) is converted to RGB, downscaled and re-encoded as
-  JPEG, so the training pipeline only ever decodes JPEG/PNG.
+  JPEG, so the training pipeline only ever decodes JPEG/PNG. held_out: SHA-256 hex
+  digests of images never to train on (matched as given, and as re-encoded).
   """
   from PIL import Image  # noqa: PLC0415  (PIL: only when checking images)
+
+  if held_out and hashlib.sha256(data).hexdigest() in held_out:
+    return "held_out_image"
 
   try:
     with Image.open(io.BytesIO(data)) as im:
@@ -390,15 +438,18 @@ def normalize_image(data: bytes, checks: Checks) -> bytes | str:
     return "image_too_small"
   out = io.BytesIO()
   rgb.save(out, format="JPEG", quality=95)
+  if held_out and hashlib.sha256(out.getvalue()).hexdigest() in held_out:
+    return "held_out_image"
   return out.getvalue()
 
 
-def check(ex: Example, checks: Checks) -> tuple[Record, list[Skip], bool]:
-  """Validates one example: (the example or a Skip, images dropped from it, truncated?)."""
+def check(ex: Example, checks: Checks, held_out: frozenset[str] = frozenset()) -> tuple[Record, list[Skip], bool]:
+  """Validates one example: (the example or a Skip, images dropped from it, truncated?).
+  held_out: image digests to drop (`normalize_image`)."""
   if not isinstance(ex.text, str):
     return Skip("bad_record", ex.id, f"text is {type(ex.text).__name__}, not a string"), [], False
   if ex.kind == "chat":  # an image cannot leave a conversation that refers to it: all or nothing
-    images = [normalize_image(raw, checks) for raw in ex.images]
+    images = [normalize_image(raw, checks, held_out) for raw in ex.images]
     bad = next((im for im in images if isinstance(im, str)), None)
     if bad is not None:
       return Skip(bad, ex.id), [], False
@@ -408,7 +459,7 @@ def check(ex: Example, checks: Checks) -> tuple[Record, list[Skip], bool]:
     if not ex.text.strip():
       return Skip("empty_text", ex.id), [], False
     if ex.kind == "caption":
-      image = normalize_image(ex.images[0], checks)
+      image = normalize_image(ex.images[0], checks, held_out)
       if isinstance(image, str):
         return Skip(image, ex.id), [], False
       return dataclasses.replace(ex, images=[image]), [], False
@@ -420,7 +471,7 @@ def check(ex: Example, checks: Checks) -> tuple[Record, list[Skip], bool]:
     return Skip("bad_record", ex.id, f"{len(pieces) - 1} image markers for {len(ex.images)} images"), [], False
   kept_text, kept_images, dropped = [pieces[0]], [], []
   for raw, after in zip(ex.images, pieces[1:], strict=True):
-    image = normalize_image(raw, checks)
+    image = normalize_image(raw, checks, held_out)
     if isinstance(image, str):
       dropped.append(Skip(image, ex.id, image_only=True))
       kept_text[-1] += after
@@ -438,26 +489,118 @@ def check(ex: Example, checks: Checks) -> tuple[Record, list[Skip], bool]:
   return Example("interleaved", ex.id, text, kept_images), dropped, truncated
 
 
-def read(fmt: str, src: Path, image_root: Path | None = None) -> Iterator[Record]:
-  """All records of `src` (a file, or a folder of files) in format `fmt`."""
+# ----------------------------------------------------------------------------- read units
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One piece of a source that one worker reads: a file, or a `Part` of a large one."""
+
+  fmt: str
+  path: str
+  root: str  # where relative image paths point
+  part: Part = Part()
+
+
+PART_BYTES = 64 << 20  # JSONL files larger than this are read in parts of about this size
+PART_ITEMS = 20_000  # COCO annotations / LLaVA JSON records per part
+PART_ROW_GROUPS = 4  # Parquet row groups per part
+
+
+def _jsonl_parts(path: Path, part_bytes: int) -> list[Part]:
+  """Line-aligned byte ranges of about part_bytes, with the line number each starts at
+  (one pass that counts newlines, so that row ids do not depend on how a file is split)."""
+  size = path.stat().st_size
+  if size <= part_bytes:
+    return [Part()]
+  parts, start, row = [], 0, 0
+  with open(path, "rb") as f:
+    while start < size:
+      f.seek(min(start + part_bytes, size))
+      f.readline()  # to the next line start
+      stop = min(f.tell(), size)
+      f.seek(start)
+      remaining, lines = stop - start, 0
+      while remaining:
+        block = f.read(min(remaining, 8 << 20))
+        lines += block.count(b"\n")
+        remaining -= len(block)
+      parts.append(Part(start, stop, row))
+      start, row = stop, row + lines
+  return parts
+
+
+def _item_parts(count: int, per: int) -> list[Part]:
+  return [Part(i, min(i + per, count)) for i in range(0, count, per)] or [Part()]
+
+
+def _parquet_parts(path: Path, per: int) -> list[Part]:
+  import pyarrow.parquet as pq  # noqa: PLC0415  (pyarrow: only for Parquet files)
+
+  meta = pq.ParquetFile(path).metadata
+  rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+  return [Part(g, min(g + per, len(rows)), sum(rows[:g])) for g in range(0, len(rows), per)] or [Part()]
+
+
+def _count_items(path: Path, key: str | None) -> int:
+  try:
+    data = _json(path)
+    return len(data[key] if key else data)
+  except (OSError, ValueError, KeyError, TypeError):
+    return 0  # an unreadable file: its one part reports it
+
+
+def units(fmt: str, src: Path, image_root: Path | None = None, *, part_bytes: int = PART_BYTES,
+          part_items: int = PART_ITEMS, part_row_groups: int = PART_ROW_GROUPS) -> list[Unit]:
+  """The pieces `src` (a file, or a folder of files) in format `fmt` is read in, in
+  order: one per file, and large JSONL, Parquet and JSON files in several parts, so a
+  build parallelises within a file list and within a large file."""
   src = Path(src)
-  root = Path(image_root) if image_root else (src.parent if src.is_file() else src)
+  root = str(Path(image_root) if image_root else (src.parent if src.is_file() else src))
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
   if not src.exists():
     raise FileNotFoundError(f"--src {src} does not exist")
   files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
   if fmt == "webdataset":
-    return read_webdataset(p for p in files if p.suffix == ".tar")
+    return [Unit(fmt, str(p), root) for p in files if p.suffix == ".tar"]
   if fmt == "coco":
     jsons = [p for p in files if p.suffix == ".json"]
     if len(jsons) != 1:
       raise ValueError(f"--format=coco wants one annotation JSON as --src (found {len(jsons)})")
-    return read_coco(jsons[0], root)
-  if fmt == "text":
-    return read_text(p for p in files if p.suffix in (".jsonl", ".txt", ".md", ""))
-  if fmt == "llava":
-    return (r for p in files if p.suffix in (".json", ".jsonl") for r in read_llava(p, root))
-  reader = read_obelics if fmt == "obelics" else read_mmc4
-  data = [p for p in files if p.suffix in (".jsonl", ".parquet")]
-  return (r for p in data for r in reader(p, root))
+    return [Unit(fmt, str(jsons[0]), root, part)
+            for part in _item_parts(_count_items(jsons[0], "annotations"), part_items)]
+  suffixes = {"text": (".jsonl", ".txt", ".md", ""), "llava": (".json", ".jsonl")}.get(fmt, (".jsonl", ".parquet"))
+  out = []
+  for p in files:
+    if p.suffix not in suffixes:
+      continue
+    if p.suffix == ".jsonl":
+      parts = _jsonl_parts(p, part_bytes)
+    elif p.suffix == ".parquet":
+      parts = _parquet_parts(p, part_row_groups)
+    elif p.suffix == ".json":
+      parts = _item_parts(_count_items(p, None), part_items)
+    else:
+      parts = [Part()]
+    out += [Unit(fmt, str(p), root, part) for part in parts]
+  return out
+
+
+def read_unit(unit: Unit) -> Iterator[Record]:
+  """The records of one unit, in file order."""
+  path, root = Path(unit.path), Path(unit.root)
+  if unit.fmt == "webdataset":
+    return read_webdataset([path])
+  if unit.fmt == "coco":
+    return read_coco(path, root, unit.part)
+  if unit.fmt == "text":
+    return read_text_file(path, unit.part)
+  if unit.fmt == "llava":
+    return read_llava(path, root, unit.part)
+  return (read_obelics if unit.fmt == "obelics" else read_mmc4)(path, root, unit.part)
+
+
+def read(fmt: str, src: Path, image_root: Path | None = None) -> Iterator[Record]:
+  """All records of `src` (a file, or a folder of files) in format `fmt`, in order."""
+  return (r for u in units(fmt, src, image_root) for r in read_unit(u))

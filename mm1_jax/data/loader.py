@@ -10,7 +10,7 @@ Why grain: a grain iterator's position is a small JSON-able state (record indice
 not buffered data), so the trainer stores it in every checkpoint and a resumed run
 continues with exactly the batches the uninterrupted run would have seen, without
 re-reading anything. The seqio registry still names the tasks, their sources and the
-mixture rates; tasks must have an `ArrayRecordExampleSource` (`mm1-data build` output
+mixture rates; tasks must have a `sources.RandomAccessRecords` source (`mm1-data build` output
 and the bundled corpus do). For other seqio sources, `DataConfig.loader = "tfdata"`
 selects the tf.data pipeline in `pipeline.py`.
 
@@ -312,9 +312,9 @@ def mixed_examples(config, *, tokens_per_image: int, image_size: int, shard_inde
     if rate <= 0:
       continue
     src = task.source
-    if not isinstance(src, sources.ArrayRecordExampleSource) or src.kind is None:
-      raise ValueError(f"task {task.name!r} has a {type(src).__name__}; the grain loader reads "
-                       "ArrayRecordExampleSource tasks (mm1-data build). Set DataConfig.loader='tfdata'.")
+    if not isinstance(src, sources.RandomAccessRecords) or src.kind is None:
+      raise ValueError(f"task {task.name!r} has a {type(src).__name__}; the grain loader reads the corpora "
+                       "`mm1-data build` writes (sources.corpus_source). Set DataConfig.loader='tfdata'.")
     transforms = sources.grain_transforms(task)  # a preprocessor it cannot run stops here
     records = src.random_access(config.split)
     lists = {k for k, v in src.features.items() if not hasattr(v, "shape")}  # VarLenFeatures

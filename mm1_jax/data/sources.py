@@ -1,15 +1,17 @@
 """Built corpora (`mm1-data build` output) as seqio tasks and mixtures.
 
-A built corpus folder holds up to three kinds, each as ArrayRecord shards of
-tf.train.Examples, plus the build report:
+A built corpus folder holds one TFDS dataset per kind, in ArrayRecord form
+(`mm1_jax.data.tfds_layout`), plus the build reports:
 
-  <dir>/caption/<split>-<tag>-0000i-of-0000n.array_record id, image (encoded bytes), caption
-  <dir>/interleaved/<split>-...                            id, images (list), text with <image> marks
-  <dir>/text/<split>-...                                   id, text
-  <dir>/chat/<split>-...                                   id, images (list), conversations (LLaVA JSON)
-  <dir>/build.json                                         counts: written, skipped by reason
+  <dir>/mm1_caption/1.0.0/...       id, image (encoded bytes), caption
+  <dir>/mm1_interleaved/1.0.0/...   id, images (list), text with <image> marks
+  <dir>/mm1_text/1.0.0/...          id, text
+  <dir>/mm1_chat/1.0.0/...          id, images (list), conversations (LLaVA JSON)
+  <dir>/build.json                  counts: written, skipped by reason, per build
 
-(<tag> names one source; a task reads every tag of its split.)
+Each build is a TFDS split `<split>_<tag>` (<tag> names one source); a task reads every
+tag of its split. Corpora built before this layout (`<dir>/<kind>/<split>-<tag>-*.array_record`)
+keep loading (`corpus_source`); the records are the same tf.train.Examples in both.
 
 ArrayRecord gives random access, so the source shards by record (any number of hosts,
 each reading only its share) and shuffles globally: every epoch is a fresh permutation
@@ -32,6 +34,7 @@ import tensorflow as tf
 
 from mm1_jax import paths
 from mm1_jax.data import preprocessors as prep
+from mm1_jax.data import tfds_layout
 from mm1_jax.data import vocabulary as vocabulary_lib
 from mm1_jax.data.transforms import RecordTransform
 
@@ -50,17 +53,12 @@ TO_TEXT = {"caption": prep.caption_to_text, "interleaved": prep.interleaved_to_t
 MM1_RATES = {"interleaved": 45.0, "caption": 45.0, "text": 10.0}
 
 
-class ArrayRecordExampleSource(seqio.DataSource):
-  """tf.train.Examples in ArrayRecord shards, read by random access."""
+class RandomAccessRecords:
+  """tf.train.Examples in ArrayRecord shards, read by random access: what both corpus
+  layouts share. A subclass lists the shards of a split and sets `_features` and `kind`."""
 
-  def __init__(self, split_to_pattern: Mapping[str, str], features: Mapping[str, tf.io.FixedLenFeature],
-               kind: str | None = None):
-    """kind: "caption", "interleaved", "text" or "chat" for training sources (the grain
-    loader needs it to turn records into examples); None for other records (eval sets)."""
-    self._patterns = dict(split_to_pattern)
-    self._features = dict(features)
-    self.kind = kind
-    super().__init__(splits=tuple(self._patterns))
+  _features: dict
+  kind: str | None
 
   @property
   def features(self) -> dict:
@@ -71,19 +69,11 @@ class ArrayRecordExampleSource(seqio.DataSource):
   def supports_arbitrary_sharding(self) -> bool:
     return True
 
-  def list_shards(self, split: str) -> list[str]:
-    folder, _, name = self._patterns[split].rpartition("/")
-    files = sorted(str(f) for f in paths.path(folder).glob(name))
-    if not files:
-      raise FileNotFoundError(f"no ArrayRecord shards match {self._patterns[split]}; build the corpus "
-                              "with `mm1-data build`")
-    return files
-
   def random_access(self, split: str):
-    """The split's records by index (a grain / array_record random-access source)."""
+    """The split's records by index, as serialised bytes (a grain / array_record random-access source)."""
     from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415  (grain readers only)
 
-    return ArrayRecordDataSource(self.list_shards(split))
+    return ArrayRecordDataSource(list(self.list_shards(split)))
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
@@ -107,6 +97,55 @@ class ArrayRecordExampleSource(seqio.DataSource):
     ds = tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec([], tf.string))
     features = self._features
     return ds.map(lambda r: tf.io.parse_single_example(r, features), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class ArrayRecordExampleSource(RandomAccessRecords, seqio.DataSource):
+  """Shards named by a glob pattern per split: the bundled corpus, eval sets, and
+  corpora built before `mm1-data build` wrote TFDS datasets (`<dir>/<kind>/<split>-*.array_record`)."""
+
+  def __init__(self, split_to_pattern: Mapping[str, str], features: Mapping[str, tf.io.FixedLenFeature],
+               kind: str | None = None):
+    """kind: "caption", "interleaved", "text" or "chat" for training sources (the grain
+    loader needs it to turn records into examples); None for other records (eval sets)."""
+    self._patterns = dict(split_to_pattern)
+    self._features = dict(features)
+    self.kind = kind
+    super().__init__(splits=tuple(self._patterns))
+
+  def list_shards(self, split: str) -> list[str]:
+    folder, _, name = self._patterns[split].rpartition("/")
+    files = sorted(str(f) for f in paths.path(folder).glob(name))
+    if not files:
+      raise FileNotFoundError(f"no ArrayRecord shards match {self._patterns[split]}; build the corpus "
+                              "with `mm1-data build`")
+    return files
+
+
+class TfdsCorpusSource(RandomAccessRecords, seqio.TfdsDataSource):
+  """One kind of a corpus `mm1-data build` wrote (`mm1_jax.data.tfds_layout`): a
+  seqio.TfdsDataSource whose `split` reads every tag built into it (TFDS splits
+  `<split>_<tag>`, resolved when first read). TFDS's own tf.data reader does not read
+  ArrayRecord, so records come from its shards by random access, as the grain loader
+  reads them."""
+
+  def __init__(self, data_dir: str | os.PathLike, kind: str, split: str = "train"):
+    self.data_dir, self.kind, self._split = str(paths.path(data_dir)), kind, split
+    self._features = dict(FEATURES[kind])
+    self._resolved = None
+    super().__init__(tfds_name=f"{tfds_layout.dataset_name(kind)}:{tfds_layout.VERSION}",
+                     tfds_data_dir=self.data_dir, splits={split: split}, read_only=True)
+
+  @property
+  def tfds_dataset(self):
+    if self._resolved is None:  # the TFDS splits of this split's tags: read from the corpus on first use
+      self._resolved = seqio.utils.LazyTfdsLoader(
+          f"{tfds_layout.dataset_name(self.kind)}:{tfds_layout.VERSION}", data_dir=self.data_dir,
+          split_map={self._split: tfds_layout.split_expression(self.data_dir, self.kind, self._split)},
+          read_only=True)
+    return self._resolved
+
+  def list_shards(self, split: str) -> list[str]:
+    return [str(f) for f in super().list_shards(split)]
 
 
 @seqio.map_over_dataset
@@ -152,6 +191,16 @@ def grain_transforms(task: seqio.Task) -> list[RecordTransform]:
   return out
 
 
+def corpus_source(directory: str | os.PathLike, kind: str, split: str = "train") -> seqio.DataSource:
+  """The source of one kind of a built corpus: its TFDS dataset (`TfdsCorpusSource`), or
+  the shards of a corpus built before the TFDS layout (`<dir>/<kind>/<split>-*.array_record`),
+  which keep loading. Only looks for the old shards; reads nothing else."""
+  legacy = f"{paths.path(directory)}/{kind}/{split}-*.array_record"  # a local folder or a bucket
+  if not tfds_layout.exists(directory, kind) and any((paths.path(directory) / kind).glob(f"{split}-*.array_record")):
+    return ArrayRecordExampleSource({split: legacy}, FEATURES[kind], kind)
+  return TfdsCorpusSource(directory, kind, split)
+
+
 def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: int,
                     output_features: Mapping[str, seqio.Feature], split: str = "train",
                     rates: Mapping[str, float] = MM1_RATES, kinds: tuple[str, ...] = KINDS,
@@ -160,8 +209,8 @@ def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: in
   """Registers `<prefix>_<kind>` tasks for a built corpus and a mixture of them by `rates`
   (named `mixture`, default `<prefix>_pretrain`).
 
-  Nothing is read here: a missing folder fails when the task is first read, with a
-  message that says how to build it. Returns the task names. An SFT corpus (`mm1-data
+  Only the layout is looked up here (`corpus_source`): a missing folder fails when the
+  task is first read, with a message that says how to build it. Returns the task names. An SFT corpus (`mm1-data
   build --format=llava`) is registered with kinds=("chat",) and rates naming it.
   transforms: per kind, record transforms the kind's task runs first
   (`mm1_jax.data.transforms`).
@@ -171,9 +220,8 @@ def register_corpus(prefix: str, directory: str | os.PathLike, *, image_size: in
     name = f"{prefix}_{kind}"
     if name in seqio.TaskRegistry.names():
       seqio.TaskRegistry.remove(name)
-    pattern = f"{paths.path(directory)}/{kind}/{split}-*.array_record"  # a local folder or a bucket
     seqio.TaskRegistry.add(
-        name, source=ArrayRecordExampleSource({split: pattern}, FEATURES[kind], kind),
+        name, source=corpus_source(directory, kind, split),
         preprocessors=preprocessors_for(kind, image_size, output_features, (transforms or {}).get(kind, ())),
         output_features=output_features)
     names.append(name)

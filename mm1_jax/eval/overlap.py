@@ -76,7 +76,7 @@ def train_image_digests(mixture_or_task: str, split: str = "train", progress: bo
   "images" features."""
   import seqio  # noqa: PLC0415  (seqio: only when reading a training mixture)
 
-  from mm1_jax.data.sources import ArrayRecordExampleSource  # noqa: PLC0415  (sources loads tensorflow, seqio)
+  from mm1_jax.data.sources import RandomAccessRecords  # noqa: PLC0415  (sources loads tensorflow, seqio)
 
   target = seqio.get_mixture_or_task(mixture_or_task)
   tasks = target.tasks if isinstance(target, seqio.Mixture) else [target]
@@ -85,7 +85,7 @@ def train_image_digests(mixture_or_task: str, split: str = "train", progress: bo
     source = task.source
     if split not in source.splits:
       continue
-    if isinstance(source, ArrayRecordExampleSource):
+    if isinstance(source, RandomAccessRecords):
       for shard in tqdm(source.list_shards(split), desc=f"hashing {task.name}", unit="shard",
                         disable=not progress, leave=False):
         found.update(_shard_digests(shard))

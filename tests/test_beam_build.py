@@ -56,7 +56,7 @@ def _without_out(report):
 def test_two_direct_runner_workers_write_the_same_corpus_and_counts_as_one(tmp_path):
   """The shards are keyed and sorted by content, so the files do not depend on which worker read what."""
   held = _image((52, 52), (250, 250, 0))
-  (tmp_path / "held.txt").write_text(hashlib.sha256(held).hexdigest() + "\n")
+  (tmp_path / "held.txt").write_text(hashlib.sha256(held).hexdigest() + "\n" + "0" * 64 + "\n")
   wds = _captions(tmp_path / "wds")
   docs = _documents(tmp_path / "docs", held)
   reports = {}
@@ -72,7 +72,7 @@ def test_two_direct_runner_workers_write_the_same_corpus_and_counts_as_one(tmp_p
   assert captions["skipped"] == {"corrupt_image": 1, "duplicate": 3, "empty_text": 1}
   assert documents["written"] == {"interleaved": 9}
   assert documents["skipped"] == {"bad_record": 1, "duplicate": 1}
-  assert documents["images_dropped"] == {"held_out_image": 1} and documents["held_out_images"] == 1
+  assert documents["images_dropped"] == {"held_out_image": 1} and documents["held_out_digests"] == 2
   for kind in ("caption", "interleaved"):
     one, two = tfds_layout.dataset_dir(tmp_path / "out1", kind), tfds_layout.dataset_dir(tmp_path / "out2", kind)
     shards = sorted(p.name for p in one.glob("*.array_record-*"))
@@ -142,7 +142,8 @@ def test_large_files_are_read_in_parts_with_the_records_and_ids_of_one_pass(tmp_
     assert len(whole) == 1 and len(parts) > 3, (fmt, src, len(parts))
     assert records(parts) == records(whole), (fmt, src)
   ids = [r[1] for r in records(formats.units("obelics", tmp_path / "d.jsonl", tmp_path, part_bytes=200))]
-  assert ids[:6] == [f"d.jsonl:{i}" for i in range(6)] and "d.jsonl:17" not in ids  # line numbers; blank line skipped
+  starts = np.cumsum([0] + [len(line) + 1 for line in lines])  # each line's first byte
+  assert ids == [f"d.jsonl@{starts[i]}" for i in range(len(lines)) if i != 17]  # the blank line gives nothing
 
 
 def test_the_corpus_loads_through_tfds_and_through_a_seqio_task_over_all_its_tags(tmp_path):
@@ -217,3 +218,82 @@ def test_the_cli_passes_beam_options_to_beam_and_refuses_unknown_flags_elsewhere
   assert report["written"] == {"caption": 3} and report["tfds"]["split"] == "train_webdataset"
   with pytest.raises(SystemExit):
     build.main(["inspect", "--mixture=x", "--runner=DirectRunner"])
+
+
+def test_records_no_reader_foresaw_are_counted_not_fatal(tmp_path):
+  (tmp_path / "pics").mkdir()
+  (tmp_path / "pics" / "a.jpg").write_bytes(GOOD)
+  (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in [
+      {"texts": [123, None], "images": [None, "pics/a.jpg"]},  # a number where text goes
+      {"texts": ["fine", None], "images": [None, "pics/a.jpg"]}]) + "\n")
+  report = build.build("obelics", tmp_path / "d.jsonl", tmp_path / "o", progress=False, num_shards=1)
+  # The number is a text piece that is not text; its document is left with an image and no text.
+  assert report["written"] == {"interleaved": 1} and report["skipped"] == {"bad_utf8": 1, "no_text": 1}
+  (tmp_path / "l.json").write_text(json.dumps([
+      {"id": "x", "image": 5, "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "o"}]}]))
+  assert build.build("llava", tmp_path / "l.json", tmp_path / "o", progress=False)["skipped"] == {"bad_record": 1}
+  (tmp_path / "c.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "pics/a.jpg"}],
+                                               "annotations": ["not an object", {"image_id": [1], "caption": "c"},
+                                                               {"image_id": 1, "caption": "kept"}]}))
+  report = build.build("coco", tmp_path / "c.json", tmp_path / "o", progress=False, image_root=tmp_path)
+  assert report["written"] == {"caption": 1} and report["skipped"] == {"bad_record": 1, "missing_image": 1}
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "x.parquet").write_bytes(b"PAR1 not really parquet")
+  report = build.build("obelics", tmp_path / "bad", tmp_path / "o2", progress=False)
+  assert report["skipped"] == {"bad_record": 1} and report["written"] == {}
+
+
+def test_a_build_with_nothing_usable_reports_and_leaves_the_dataset_as_it_was(tmp_path, capsys):
+  good = _captions(tmp_path / "good", tars=1, per_tar=3)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  _tar(bad / "x.tar", {"k.jpg": TRUNCATED, "k.txt": b"broken"})
+  out = tmp_path / "out"
+  assert build.build("webdataset", bad, out, progress=False)["skipped"] == {"corrupt_image": 1}
+  assert not tfds_layout.exists(out, "caption") and "unchanged" in capsys.readouterr().err
+  first = build.build("webdataset", good, out, progress=False, num_shards=1)
+  report = build.build("webdataset", bad, out, progress=False, overwrite=True)
+  assert report["written"] == {} and report["tfds"]["shards"] == 0
+  _, records = _records(out, "caption")
+  assert len(records) == first["written"]["caption"] == 3  # the earlier build of the split still loads whole
+
+
+def test_a_split_built_later_in_the_process_is_seen_by_new_sources(tmp_path):
+  wds = _captions(tmp_path / "wds", tars=1, per_tar=2)
+  out = tmp_path / "out"
+  n = build.build("webdataset", wds, out, progress=False, tag="a")["written"]["caption"]
+  assert sources.corpus_source(out, "caption").num_input_examples("train") == n
+  build.build("webdataset", wds, out, progress=False, tag="b")
+  assert sources.corpus_source(out, "caption").num_input_examples("train") == 2 * n
+
+
+def test_a_folder_with_both_layouts_of_one_kind_is_refused(tmp_path):
+  from mm1_jax.data import corpus
+
+  shards = corpus.ShardWriter(tmp_path / "out" / "caption", "train-old", 1)
+  shards.write(corpus.tf_example({"id": "o", "image": GOOD, "caption": "old"}))
+  shards.close()
+  build.build("webdataset", _captions(tmp_path / "wds", tars=1, per_tar=1), tmp_path / "out", progress=False)
+  with pytest.raises(ValueError, match="both layouts"):
+    sources.corpus_source(tmp_path / "out", "caption")
+
+
+def test_a_misspelt_build_flag_is_an_error_not_a_beam_option(tmp_path, capsys):
+  wds = _captions(tmp_path / "wds", tars=1, per_tar=1)
+  with pytest.raises(SystemExit):
+    build.main(["build", "--format=webdataset", f"--src={wds}", f"--out={tmp_path / 'o'}", "--numshards=3"])
+  assert "--numshards=3" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_examples_are_encoded_as_tensorflow_encodes_them():
+  import tensorflow as tf
+
+  from mm1_jax.data import corpus
+
+  for features in ({"id": "a", "image": b"\x00" * 300, "caption": "h\u00e9llo"}, {"id": "x", "images": [], "text": ""},
+                   {"images": [b"a" * 200_000, b"b"], "zz": "q", "aa": ["1", "2"]}):
+    want = tf.train.Example(features=tf.train.Features(feature={
+        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[
+            x if isinstance(x, bytes) else x.encode() for x in (v if isinstance(v, list) else [v])]))
+        for k, v in features.items()})).SerializeToString(deterministic=True)
+    assert corpus.tf_example(features) == want

@@ -23,8 +23,10 @@ docs/data.md. Each shard is held in one worker's memory while it is written: cho
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -39,7 +41,9 @@ from mm1_jax.data import documents, formats
 from mm1_jax.data.corpus import tf_example
 
 NAMESPACE = "mm1_data"
+log = logging.getLogger(__name__)
 STAGED = "shard-{:05d}-n{}.array_record"  # a written shard in the staging folder: its index and record count
+SPILLED = "unit-{:07d}.array_record"  # the records one unit's reader left (`Spec.spill`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,9 @@ class Spec:
   staging: str  # a folder (local or a bucket) the writers put shards in
   tokenizer: str | None = None  # for the MM1 length counts in tokens
   progress: bool = False
+  # A local folder where readers leave the serialised records (one file per unit), so
+  # that only keys travel through the shuffle; None: records travel in it.
+  spill: str | None = None
 
 
 def features(ex: formats.Example) -> dict:
@@ -112,7 +119,9 @@ class _Mm1Lengths:
 
 
 class ReadAndCheck(beam.DoFn):
-  """unit -> (shard, (digest, id, serialised example, images, length counts)) per usable record."""
+  """(index, unit) -> (shard, (digest, id, record, images, length counts)) per usable
+  record, where record is the serialised example, or with `Spec.spill` its place
+  (unit index, position) in the unit's spill file."""
 
   def __init__(self, spec: Spec):
     self.spec = spec
@@ -125,15 +134,40 @@ class ReadAndCheck(beam.DoFn):
 
       self._bar = tqdm(desc=f"build {self.spec.kind} (pid {os.getpid()})", unit="rec")
 
-  def process(self, unit: formats.Unit) -> Iterator[tuple[int, tuple]]:
+  def process(self, element: tuple[int, formats.Unit]) -> Iterator[tuple[int, tuple]]:
+    index, unit = element
+    spill = _SpillWriter(self.spec.spill, index) if self.spec.spill else None
+    try:
+      yield from self._records(unit, index, spill)
+    finally:
+      if spill is not None:
+        spill.close()
+
+  def _records(self, unit: formats.Unit, index: int, spill) -> Iterator[tuple[int, tuple]]:
     spec = self.spec
-    for rec in formats.read_unit(unit):
+    records = formats.read_unit(unit)
+    while True:
+      # The readers turn every bad input they know into a Skip; anything else one raises
+      # ends its unit (the records before it are kept), counted, rather than the build.
+      try:
+        rec = next(records)
+      except StopIteration:
+        break
+      except Exception as e:  # noqa: BLE001
+        _count("skipped/unreadable_part")
+        log.warning("%s (part %s): reading stopped at %s: %s", unit.path, unit.part, type(e).__name__, e)
+        break
       if self._bar is not None:
         self._bar.update()
       if isinstance(rec, formats.Skip):
         _count(("images_dropped/" if rec.image_only else "skipped/") + rec.reason)
         continue
-      rec, lost, cut = formats.check(rec, spec.checks, spec.held_out)
+      try:
+        rec, lost, cut = formats.check(rec, spec.checks, spec.held_out)
+      except Exception as e:  # noqa: BLE001  (a record no check foresaw: counted, not fatal)
+        _count("skipped/bad_record")
+        log.warning("%s: %s: %s", rec.id, type(e).__name__, e)
+        continue
       for s in lost:
         _count("images_dropped/" + s.reason)
       if cut:
@@ -143,11 +177,50 @@ class ReadAndCheck(beam.DoFn):
         continue
       digest = content_digest(rec)
       shard = int(digest[:16], 16) % spec.num_shards
-      yield shard, (digest, rec.id, tf_example(features(rec)), len(rec.images), self._lengths.measure(rec))
+      data = tf_example(features(rec))
+      yield shard, (digest, rec.id, spill.write(data) if spill else data, len(rec.images),
+                    self._lengths.measure(rec))
 
   def teardown(self):
     if getattr(self, "_bar", None) is not None:
       self._bar.close()
+
+
+class _SpillWriter:
+  """The serialised records of one unit, in a local ArrayRecord file the shard writers
+  read back by position: written under a temporary name and renamed when complete."""
+
+  def __init__(self, folder: str, index: int):
+    from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+
+    self.index, self.count = index, 0
+    self.path = Path(folder) / SPILLED.format(index)
+    self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+    self._writer = ArrayRecordWriter(str(self._tmp), "group_size:1")
+
+  def write(self, data: bytes) -> tuple[int, int]:
+    self._writer.write(data)
+    self.count += 1
+    return self.index, self.count - 1
+
+  def close(self) -> None:
+    self._writer.close()
+    os.replace(self._tmp, self.path)
+
+
+def _unspill(folder: str, refs: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+  """The records at (unit index, position) in the spill files."""
+  from array_record.python.array_record_data_source import ArrayRecordDataSource  # noqa: PLC0415
+
+  by_unit: dict[int, list[int]] = {}
+  for unit, pos in refs:
+    by_unit.setdefault(unit, []).append(pos)
+  out = {}
+  for unit, positions in by_unit.items():
+    positions.sort()
+    records = ArrayRecordDataSource([str(Path(folder) / SPILLED.format(unit))])
+    out.update(zip(((unit, p) for p in positions), records.__getitems__(positions)))
+  return out
 
 
 class WriteShard(beam.DoFn):
@@ -162,6 +235,14 @@ class WriteShard(beam.DoFn):
 
     shard, records = element
     records = sorted(records, key=lambda r: (r[0], r[1]))  # by digest, then id: the smallest id is kept
+    if self.spec.spill:
+      kept, last = [], None
+      for r in records:
+        if r[0] != last:
+          kept.append(r[2])
+        last = r[0]
+      data = _unspill(self.spec.spill, kept)
+      records = [(r[0], r[1], data.get(r[2], r[2]) if isinstance(r[2], tuple) else r[2], *r[3:]) for r in records]
     staging = paths.path(self.spec.staging)
     remote = paths.is_remote(staging)
     # Written under a temporary name, then named with its count: a shard a failed worker
@@ -194,6 +275,17 @@ class WriteShard(beam.DoFn):
     yield shard, written
 
 
+def unknown_options(args: list[str]) -> list[str]:
+  """The flags in `args` that no Beam pipeline option takes (Beam itself only logs and
+  drops them, so a misspelt flag would be ignored)."""
+  from apache_beam.options import pipeline_options as po  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, conflict_handler="resolve")
+  for cls in po.PipelineOptions.__subclasses__():
+    cls._add_argparse_args(parser)  # noqa: SLF001  (how Beam builds its own parser)
+  return parser.parse_known_args(args)[1]
+
+
 def pipeline_options(num_workers: int, beam_args: list[str] | None = None):
   """Beam options: the DirectRunner with `num_workers` (1: in this process; more: worker
   processes), unless beam_args name another runner."""
@@ -214,7 +306,7 @@ def run(units: list[formats.Unit], spec: Spec, options) -> dict[str, int]:
 
   p = beam.Pipeline(options=options)
   _ = (p
-       | "units" >> beam.Create(units)
+       | "units" >> beam.Create(list(enumerate(units)))
        | "spread" >> beam.Reshuffle()
        | "read and check" >> beam.ParDo(ReadAndCheck(spec))
        | "by shard" >> beam.GroupByKey()

@@ -9,8 +9,8 @@
 reads every record of PATH (`mm1_jax.data.formats`), checks it, leaves out held-out
 evaluation images and exact duplicates, and writes the usable records as the TFDS split
 `<split>_<tag>` of the dataset `mm1_<kind>` under DIR, in ArrayRecord form
-(`mm1_jax.data.tfds_layout`: `tfds.data_source` and `seqio.TfdsDataSource` load it;
-register the folder with `sources.register_corpus`). The work is an Apache Beam pipeline
+(`mm1_jax.data.tfds_layout`: `tfds.data_source` loads it, and `sources.TfdsCorpusSource`,
+a seqio.TfdsDataSource, makes it a task; register the folder with `sources.register_corpus`). The work is an Apache Beam pipeline
 (`mm1_jax.data.beam_build`): the DirectRunner in this process by default, in
 --num_workers processes, or on Dataflow with Beam's options (docs/data.md). DIR may be a
 bucket (gs://...; the grain loader reads ArrayRecord from gs:// directly).
@@ -18,7 +18,7 @@ It prints one JSON line:
 
   {"written": {"caption": n}, "images_written": n, "skipped": {reason: n},
    "images_dropped": {reason: n}, "truncated_documents": n,
-   "interleaved_over_16_images": n, "held_out_images": n, "out": DIR,
+   "interleaved_over_16_images": n, "held_out_digests": n, "out": DIR,
    "tfds": {"name": "mm1_caption", "version": "1.0.0", "split": "train_cc3m", "shards": n}}
 
 and keeps the same report in the dataset's metadata.json and in DIR/build.json. Records
@@ -40,7 +40,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -110,19 +112,46 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   name = tfds_layout.split_name(split, tag)
   folder = tfds_layout.dataset_dir(out, kind)
   meta = tfds_layout.read_metadata(out, kind).get("splits", {})
+  previous = meta.get(name, {}).get("shard_lengths", [])
   if name in meta and not overwrite:
     raise FileExistsError(f"{folder} already has the split {name}; pass --overwrite to replace it")
   units = formats.units(fmt, Path(src), Path(image_root) if image_root else None)
   held = held_out_digests(held_out)
   staging = folder / f".staging-{uuid.uuid4().hex[:12]}"
-  spec = beam_build.Spec(kind, checks, held, num_shards, str(staging), tokenizer, progress)
+  # Worker processes on this machine hand records over through local files rather than
+  # through the runner's shuffle, which would carry every image through one process.
+  spill = tempfile.mkdtemp(prefix="mm1-spill-") if num_workers > 1 and not beam_args else None
+  spec = beam_build.Spec(kind, checks, held, num_shards, str(staging), tokenizer, progress, spill)
   try:
     counters = beam_build.run(units, spec, beam_build.pipeline_options(num_workers, beam_args))
-    lengths = _place(staging, folder, kind, name, old=meta.get(name, {}).get("shard_lengths", []))
+    staged = _staged(staging)
+    lengths = [count for _, count, _ in staged]
+    report = _report(fmt, src, split, tag, kind, counters, lengths, held, tokenizer, out, name)
+    if staged:  # with no usable record the dataset is left as it was
+      placed = _move(staged, folder, kind, name)
+      meta[name] = {"split": split, "tag": tag, "shard_lengths": lengths, "build": report}
+      tfds_layout.write_metadata(out, kind, {k: v["shard_lengths"] for k, v in meta.items()}, meta)
+      _forget_cached_builders()
+      for i in range(len(previous)):  # the split's old shards that no new one replaced, last
+        stale = folder / tfds_layout.shard_name(kind, name, i, len(previous))
+        if stale.name not in placed and stale.exists():
+          stale.unlink()
+    else:
+      print(f"mm1-data: nothing usable in {src}: {folder} is unchanged", file=sys.stderr)
   finally:
     if staging.exists():
       staging.rmtree()
+    if spill:
+      shutil.rmtree(spill, ignore_errors=True)
 
+  log = paths.path(out) / "build.json"
+  history = json.loads(log.read_text()) if log.exists() else {}
+  history[f"{kind}/{name}"] = report
+  paths.write_text_atomic(log, json.dumps(history, indent=2) + "\n")
+  return report
+
+
+def _report(fmt, src, split, tag, kind, counters, lengths, held, tokenizer, out, name) -> dict:
   def by(prefix):
     return {k[len(prefix):]: v for k, v in sorted(counters.items()) if k.startswith(prefix) and v}
 
@@ -134,28 +163,24 @@ def build(fmt: str, src: str | Path, out: str | Path, *, image_root: str | Path 
   if tokenizer:
     report.update({k: counters.get(k, 0) for k in ("interleaved_over_4096_tokens_or_16_images",
                                                    "interleaved_examples_at_mm1_shapes")})
-  report.update(held_out_images=len(held), out=str(paths.path(out)),
+  report.update(held_out_digests=len(held), out=str(paths.path(out)),
                 tfds={"name": tfds_layout.dataset_name(kind), "version": tfds_layout.VERSION, "split": name,
                       "shards": len(lengths)})
-  meta[name] = {"split": split, "tag": tag, "shard_lengths": lengths, "build": report}
-  tfds_layout.write_metadata(out, kind, {k: v["shard_lengths"] for k, v in meta.items()}, meta)
-  log = paths.path(out) / "build.json"
-  history = json.loads(log.read_text()) if log.exists() else {}
-  history[f"{kind}/{name}"] = report
-  paths.write_text_atomic(log, json.dumps(history, indent=2) + "\n")
   return report
 
 
-def _place(staging, folder, kind: str, name: str, old: list[int]) -> list[int]:
-  """Moves the staged shards of split `name` into place (numbered in shard order; shards
-  that got no record are left out) and deletes the split's old shards that no new one
-  replaced, last, so a failed build leaves the previous split readable. Returns the
-  records per shard."""
-  staged = []
+def _staged(staging) -> list[tuple[int, int, object]]:
+  """(shard index, records, path) of each shard the writers finished, in shard order."""
+  out = []
   for f in staging.glob("shard-*-n*.array_record") if staging.exists() else ():
     index, count = f.name[len("shard-"):-len(".array_record")].split("-n")
-    staged.append((int(index), int(count), f))
-  staged.sort()
+    out.append((int(index), int(count), f))
+  return sorted(out)
+
+
+def _move(staged, folder, kind: str, name: str) -> set[str]:
+  """Moves the staged shards into place, numbered in shard order (shards that got no
+  record are left out); returns their names."""
   placed = set()
   for i, (_, _, f) in enumerate(staged):
     target = folder / tfds_layout.shard_name(kind, name, i, len(staged))
@@ -165,11 +190,15 @@ def _place(staging, folder, kind: str, name: str, old: list[int]) -> list[int]:
     else:
       os.replace(f, target)
     placed.add(target.name)
-  for i in range(len(old)):
-    stale = folder / tfds_layout.shard_name(kind, name, i, len(old))
-    if stale.name not in placed and stale.exists():
-      stale.unlink()
-  return [count for _, count, _ in staged]
+  return placed
+
+
+def _forget_cached_builders() -> None:
+  """seqio keeps one TFDS builder (and its split list) per dataset for the process: drop
+  them, so that a split built now is seen by sources made later in this process."""
+  seqio = sys.modules.get("seqio")
+  if seqio is not None:
+    seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # noqa: SLF001
 
 
 def main(argv=None) -> int:
@@ -223,6 +252,11 @@ def main(argv=None) -> int:
   args, beam_args = parser.parse_known_args(argv)
   if args.command == "inspect" or not beam_args:
     args = parser.parse_args(argv)  # unknown flags are errors, except Beam's options to `build`
+  from mm1_jax.data import beam_build  # noqa: PLC0415  (apache_beam: only when building)
+
+  unknown = beam_build.unknown_options(beam_args)
+  if unknown:
+    b.error(f"unrecognized arguments (neither mm1-data build's nor Beam's pipeline options): {' '.join(unknown)}")
   if args.command == "inspect":
     return _inspect(args)
   checks = formats.Checks(args.min_image_size, args.max_images, args.max_image_side)

@@ -52,18 +52,36 @@ def default_data_dir() -> Path:
   return Path(os.environ.get("MM1_DATA_DIR", Path.home() / ".cache" / "mm1_jax" / "shapes_world"))
 
 
-def _bytes(values):
-  import tensorflow as tf
-  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[
-      v if isinstance(v, bytes) else v.encode("utf-8") for v in values]))
+def _field(number: int, payload: bytes) -> bytes:
+  """One length-delimited protobuf field (wire type 2)."""
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while n > 0x7F:
+    out.append(n & 0x7F | 0x80)
+    n >>= 7
+  out.append(n)
+  return bytes(out)
 
 
 def tf_example(features: dict) -> bytes:
-  """{name: str | bytes | list of them} -> a serialised tf.train.Example of bytes features."""
-  import tensorflow as tf
-  return tf.train.Example(features=tf.train.Features(
-      feature={k: _bytes(v if isinstance(v, list) else [v]) for k, v in features.items()}
-  )).SerializeToString(deterministic=True)  # map order fixed: equal records, equal bytes, in any process
+  """{name: str | bytes | list of them} -> a serialised tf.train.Example of bytes features.
+
+  Encoded here rather than through TensorFlow's proto classes, so that build workers
+  need not import TensorFlow; the bytes equal `tf.train.Example(...).SerializeToString(
+  deterministic=True)` (features in name order; tests/test_beam_build.py checks): equal
+  records give equal bytes in any process.
+  """
+  entries = []
+  for name in sorted(features):
+    values = features[name]
+    values = values if isinstance(values, list) else [values]
+    byte_list = b"".join(_field(1, v if isinstance(v, bytes) else v.encode("utf-8")) for v in values)
+    feature = _field(1, byte_list)  # Feature.bytes_list = 1; BytesList.value = 1
+    entries.append(_field(1, _field(1, name.encode("utf-8")) + _field(2, feature)))  # map entry: key 1, value 2
+  return _field(1, b"".join(entries))  # Example.features = 1; Features.feature = 1 (a map)
 
 
 class ShardWriter:

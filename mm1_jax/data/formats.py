@@ -27,6 +27,7 @@ import functools
 import hashlib
 import io
 import json
+import struct
 import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -51,6 +52,7 @@ REASONS = {
     "no_images": "an interleaved document whose images were all dropped",
     "held_out_image": "an image whose SHA-256 is in --held_out (an evaluation image; `mm1_jax.eval.overlap`)",
     "duplicate": "an exact copy (same kind, text and image bytes) of a record that is kept",
+    "unreadable_part": "a file or part of one whose reader failed midway (its records before that are kept)",
 }
 
 
@@ -76,11 +78,10 @@ Record = Example | Skip
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-  """A slice of one file, so that a large file is read by several workers
-  (`mm1_jax.data.read_units`): JSONL lines whose first byte is in [start, stop) (start
-  is a line start, first_row its line number); Parquet row groups [start, stop) (first_row:
-  the rows before them); items [start, stop) of a JSON list (COCO annotations, LLaVA
-  records). stop=None reads to the end."""
+  """A slice of one file, so that a large file is read by several workers (`units`):
+  JSONL lines whose first byte is in [start, stop) (start is a line start); Parquet row
+  groups [start, stop) (first_row: the rows before them); items [start, stop) of a JSON
+  list (COCO annotations, LLaVA records). stop=None reads to the end."""
 
   start: int = 0
   stop: int | None = None
@@ -88,10 +89,11 @@ class Part:
 
 
 def _decode_text(raw: bytes | str | None) -> str | None:
-  if raw is None:
-    return None
+  """The text, or None where it is missing, not UTF-8 or not text at all (a number, a list)."""
   if isinstance(raw, str):
     return raw
+  if not isinstance(raw, (bytes, bytearray)):
+    return None
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError:
@@ -182,9 +184,13 @@ def read_coco(annotations: Path, image_root: Path, part: Part = Part()) -> Itera
       yield Skip("bad_record", str(annotations), f"not a COCO captions file: {e}")
     return
   cache: dict[str, bytes | Skip] = {}
-  for ann in anns:
-    ann_id = str(ann.get("id", len(cache)))
-    name = files.get(ann.get("image_id"))
+  for i, ann in enumerate(anns, start=part.start):
+    if not isinstance(ann, dict):
+      yield Skip("bad_record", f"{Path(annotations).name}:{i}", "an annotation is not an object")
+      continue
+    ann_id = str(ann.get("id", f"{Path(annotations).name}:{i}"))
+    image_id = ann.get("image_id")
+    name = files.get(image_id) if isinstance(image_id, (int, str)) else None
     if name is None:
       yield Skip("missing_image", ann_id, f"image_id {ann.get('image_id')} not in images")
       continue
@@ -212,27 +218,32 @@ def _read_local(root: Path, ref: str, rec_id: str) -> bytes | Skip:
 
 
 def _rows(path: Path, part: Part = Part()) -> Iterator[tuple[str, dict | Skip]]:
-  """(row id, row) from JSONL or Parquet; malformed rows become Skips. Row ids are
-  "<file name>:<row number>" whichever part of the file is read."""
+  """(row id, row) from JSONL or Parquet; malformed rows become Skips. Row ids do not
+  depend on how a file is cut into parts: "<file name>:<row number>" in Parquet,
+  "<file name>@<byte offset of the line>" in JSONL (a line number would need a pass over
+  everything before the part)."""
   if path.suffix == ".parquet":
     import pyarrow.parquet as pq  # noqa: PLC0415  (pyarrow: only for Parquet files)
 
-    pf = pq.ParquetFile(path)
-    groups = list(range(pf.num_row_groups))[part.start:part.stop]
     offset = part.first_row
-    for batch in pf.iter_batches(batch_size=64, row_groups=groups) if groups else ():
-      for i, row in enumerate(batch.to_pylist()):
-        yield f"{path.name}:{offset + i}", row
-      offset += batch.num_rows
+    try:
+      pf = pq.ParquetFile(path)
+      groups = list(range(pf.num_row_groups))[part.start:part.stop]
+      for batch in pf.iter_batches(batch_size=64, row_groups=groups) if groups else ():
+        for i, row in enumerate(batch.to_pylist()):
+          yield f"{path.name}:{offset + i}", row
+        offset += batch.num_rows
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: a corrupt file or row group
+      yield f"{path.name}:{offset}", Skip("bad_record", f"{path.name}:{offset}",
+                                          f"unreadable Parquet from row {offset} on: {e}")
     return
   with open(path, "rb") as f:
     f.seek(part.start)
-    i = part.first_row
     while part.stop is None or f.tell() < part.stop:
+      rid = f"{path.name}@{f.tell()}"
       line = f.readline()
       if not line:
         break
-      rid, i = f"{path.name}:{i}", i + 1
       if not line.strip():
         continue
       try:
@@ -271,7 +282,7 @@ def _interleaved(rid: str, pieces: list[tuple[str, Any]], root: Path) -> Iterato
     if what == "text":
       text = _decode_text(value)
       if text is None:
-        yield Skip("bad_utf8", rid, "a text piece is not UTF-8")
+        yield Skip("bad_utf8", rid, f"a text piece is not UTF-8 text ({type(value).__name__})")
         continue
       if text.strip():
         parts.append(text.strip().replace(IMAGE_TOKEN, LITERAL_IMAGE_TOKEN))
@@ -387,6 +398,9 @@ def read_llava(path: Path, image_root: Path, part: Part = Part()) -> Iterator[Re
       continue
     refs = row.get("image") or []
     refs = [refs] if isinstance(refs, str) else refs
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+      yield Skip("bad_record", rid, "'image' is neither a path nor a list of paths")
+      continue
     if chat.count_images(turns) != len(refs):
       yield Skip("bad_record", rid, f"{chat.count_images(turns)} image markers for {len(refs)} images")
       continue
@@ -431,7 +445,7 @@ def normalize_image(data: bytes, checks: Checks, held_out: frozenset[str] = froz
       if fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and max(size) <= checks.max_image_side:
         return data
       rgb = im.convert("RGB")
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+  except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError):
     return "corrupt_image"
   rgb.thumbnail((checks.max_image_side, checks.max_image_side), Image.Resampling.BICUBIC)
   if min(rgb.size) < checks.min_image_size:
@@ -508,25 +522,18 @@ PART_ROW_GROUPS = 4  # Parquet row groups per part
 
 
 def _jsonl_parts(path: Path, part_bytes: int) -> list[Part]:
-  """Line-aligned byte ranges of about part_bytes, with the line number each starts at
-  (one pass that counts newlines, so that row ids do not depend on how a file is split)."""
+  """Line-aligned byte ranges of about part_bytes (one seek and one line read per part)."""
   size = path.stat().st_size
   if size <= part_bytes:
     return [Part()]
-  parts, start, row = [], 0, 0
+  parts, start = [], 0
   with open(path, "rb") as f:
     while start < size:
       f.seek(min(start + part_bytes, size))
       f.readline()  # to the next line start
       stop = min(f.tell(), size)
-      f.seek(start)
-      remaining, lines = stop - start, 0
-      while remaining:
-        block = f.read(min(remaining, 8 << 20))
-        lines += block.count(b"\n")
-        remaining -= len(block)
-      parts.append(Part(start, stop, row))
-      start, row = stop, row + lines
+      parts.append(Part(start, stop))
+      start = stop
   return parts
 
 
@@ -537,7 +544,10 @@ def _item_parts(count: int, per: int) -> list[Part]:
 def _parquet_parts(path: Path, per: int) -> list[Part]:
   import pyarrow.parquet as pq  # noqa: PLC0415  (pyarrow: only for Parquet files)
 
-  meta = pq.ParquetFile(path).metadata
+  try:
+    meta = pq.ParquetFile(path).metadata
+  except (OSError, ValueError):
+    return [Part()]  # unreadable: its one part reports it
   rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
   return [Part(g, min(g + per, len(rows)), sum(rows[:g])) for g in range(0, len(rows), per)] or [Part()]
 

@@ -196,7 +196,11 @@ def corpus_source(directory: str | os.PathLike, kind: str, split: str = "train")
   the shards of a corpus built before the TFDS layout (`<dir>/<kind>/<split>-*.array_record`),
   which keep loading. Only looks for the old shards; reads nothing else."""
   legacy = f"{paths.path(directory)}/{kind}/{split}-*.array_record"  # a local folder or a bucket
-  if not tfds_layout.exists(directory, kind) and any((paths.path(directory) / kind).glob(f"{split}-*.array_record")):
+  if any((paths.path(directory) / kind).glob(f"{split}-*.array_record")):
+    if tfds_layout.exists(directory, kind):  # reading one layout would silently leave out the other
+      raise ValueError(f"{directory} holds {kind} records in both layouts ({legacy} and "
+                       f"{tfds_layout.dataset_dir(directory, kind)}): rebuild the older sources with "
+                       "`mm1-data build` into the TFDS layout, or move them to a corpus folder of their own")
     return ArrayRecordExampleSource({split: legacy}, FEATURES[kind], kind)
   return TfdsCorpusSource(directory, kind, split)
 

@@ -14,7 +14,11 @@ once: the TFDS split expression `train_cc3m+train_coyo` (`split_expression`).
 So the folder loads with TFDS's own readers, with no builder class to import:
 
   tfds.data_source("mm1_caption", data_dir=DIR, split="train_cc3m")   # random access (grain)
-  seqio.TfdsDataSource(tfds_name="mm1_caption:1.0.0", tfds_data_dir=DIR, ...)
+
+and `mm1_jax.data.sources.TfdsCorpusSource` registers it as a seqio task: a
+seqio.TfdsDataSource (splits, example counts and shard files from the TFDS metadata)
+whose records are read from the ArrayRecord shards by index, since TFDS's tf.data
+reader (`as_dataset`, what a plain seqio.TfdsDataSource calls) does not read ArrayRecord.
 
 Records are tf.train.Examples whose bytes equal those of the features below serialised
 by TFDS (id and text as Text, encoded images as scalar string Tensors, kept as the

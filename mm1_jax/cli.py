@@ -94,7 +94,8 @@ def main_eval(argv: list[str] | None = None) -> int:
   parser.add_argument("--force", action="store_true", help="re-evaluate steps that have results")
   parser.add_argument("--benchmarks", default=None,
                       help="comma-separated benchmarks, e.g. coco,vqav2 (known: coco, nocaps, "
-                           "textcaps, vqav2, textvqa, vizwiz, okvqa, gqa, shapes_caption, shapes_vqa)")
+                           "textcaps, vqav2, textvqa, vizwiz, okvqa, gqa, shapes_caption, shapes_vqa, "
+                           "shapes_text_ppl, shapes_textqa)")
   parser.add_argument("--shots", default=None, help="comma-separated shot counts, e.g. 0,4,8")
   parser.add_argument("--num_queries", type=int, default=None,
                       help="scored examples per benchmark (0: the whole test split)")
@@ -108,7 +109,8 @@ def main_eval(argv: list[str] | None = None) -> int:
   parser.add_argument("--idle_timeout", type=float, default=3600.0,
                       help="with --poll_seconds, stop after this long without a new checkpoint")
   parser.add_argument("--max_regression", type=float, default=0.05,
-                      help="with --watch, relative drop below the best earlier score that fails")
+                      help="with --watch, relative drop below the best earlier score that fails "
+                           "(for NLL and perplexity: rise above it)")
   args = parser.parse_args(rest)
   if args.workdir is None:
     if args.checkpoint_dir is None:

@@ -15,6 +15,12 @@ records for `mm1_jax.eval.fewshot`, benchmarks "shapes_caption" and "shapes_vqa"
   mm1_shapes_caption_eval   image, caption, references     CIDEr
   mm1_shapes_vqa_eval       image, question, answers,      VQA accuracy, also per answer type
                             answer_type (number, colour, shape)
+
+Text-only evaluation (no images), to judge what the text-only share of the mixture keeps:
+  mm1_shapes_text_eval      text (split "test" only)       benchmark "shapes_text_ppl": held-out
+                                                           documents, NLL per token and perplexity
+  mm1_shapes_textqa_eval    question, answers,             benchmark "shapes_textqa": the text
+                            answer_type (corners, group)   documents' facts, exact match per type
 """
 
 from __future__ import annotations
@@ -100,9 +106,26 @@ def _register_all():
         output_features={},
         metric_fns=[metric_fn],
     )
+  # Text only. The perplexity benchmark has no metric function: the evaluator scores it.
+  seqio.TaskRegistry.add(
+      "mm1_shapes_text_eval",
+      source=GeneratedTFExampleSource("text_eval", ("test",), {"id": _str(), "text": _str()}, 1),
+      preprocessors=[sources.densify],
+      output_features={},
+  )
+  seqio.TaskRegistry.add(
+      "mm1_shapes_textqa_eval",
+      source=GeneratedTFExampleSource("textqa_eval", ("support", "test"), {
+          "id": _str(), "question": _str(), "answers": _str_list(), "answer_type": _str()}, 1),
+      preprocessors=[sources.densify],
+      output_features={},
+      metric_fns=[metrics.exact_match_metric],
+  )
 
 
 if "mm1_shapes_pretrain" not in seqio.MixtureRegistry.names():
   _register_all()
 readers.register(readers.Benchmark("shapes_caption", "caption", "cider", "mm1_shapes_caption_eval"))
 readers.register(readers.Benchmark("shapes_vqa", "vqa", "accuracy", "mm1_shapes_vqa_eval"))
+readers.register(readers.Benchmark("shapes_text_ppl", "perplexity", "perplexity", "mm1_shapes_text_eval"))
+readers.register(readers.Benchmark("shapes_textqa", "text", "exact_match", "mm1_shapes_textqa_eval"))

@@ -109,6 +109,8 @@ def test_pretrain_task_features(data_dir, task_name, min_images, max_images):
 @pytest.mark.parametrize("task_name, keys", [
     ("mm1_shapes_caption_eval", {"id", "image", "caption", "references"}),
     ("mm1_shapes_vqa_eval", {"id", "image", "question", "answers", "answer_type"}),
+    ("mm1_shapes_text_eval", {"id", "text"}),
+    ("mm1_shapes_textqa_eval", {"id", "question", "answers", "answer_type"}),
 ])
 def test_eval_task_features(data_dir, task_name, keys):
   ds = seqio.get_mixture_or_task(task_name).get_dataset(sequence_length=None, split="test",

@@ -8,6 +8,8 @@ Layout under the data dir (default `$MM1_DATA_DIR`, else ~/.cache/mm1_jax/shapes
   chat/train-...                             images (list of PNG bytes), conversations (LLaVA JSON), id
   caption_eval/{support,test}-...tfrecord    image, caption, references (list), id
   vqa_eval/{support,test}-...tfrecord        image, question, answers (list), answer_type, id
+  text_eval/test-...tfrecord                 text, id (held-out text documents, for perplexity)
+  textqa_eval/{support,test}-...tfrecord     question, answers (list), answer_type, id (no image)
 
 Training splits are ArrayRecord, the layout `mm1-data build` writes (random access for
 the grain loader); the small eval splits are read once, in order, as TFRecord.
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from mm1_jax.data import shapes_world as sw
 
-VERSION = 5  # bump when generated content changes, so cached corpora are rebuilt
+VERSION = 6  # bump when generated content changes, so cached corpora are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,9 @@ class CorpusSpec:
   num_chat: int = 16_000  # instruction conversations (SFT): enough that SFT runs see each about once
   num_eval_support: int = 64  # few-shot demonstrations
   num_eval_test: int = 512  # scored queries (runs score the first num_queries)
+  num_text_eval: int = 128  # held-out text documents (perplexity, all of them scored)
+  num_textqa_support: int = 64  # text questions: demonstrations
+  num_textqa_test: int = 256  # text questions: scored queries
   num_shards: int = 8
 
 
@@ -139,7 +144,8 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   out_dir = Path(out_dir)
   s = spec
   total = (s.num_caption + s.num_interleaved + s.num_text + s.num_chat
-           + 2 * (s.num_eval_support + s.num_eval_test))
+           + 2 * (s.num_eval_support + s.num_eval_test)
+           + s.num_text_eval + s.num_textqa_support + s.num_textqa_test)
   bar = tqdm(total=total, desc="shapes world corpus", unit="ex", disable=not progress)
   counts: dict[str, int] = {}
   train_digests: set[str] = set()
@@ -165,8 +171,10 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   counts["interleaved/train"] = w.count
 
   w = _train_writer(out_dir / "text", s.num_shards)
+  train_texts: set[str] = set()
   for i in range(s.num_text):
     ex = sw.text_example(s.seed, i)
+    train_texts.add(ex["text"])
     w.write(tf_example({"id": ex["id"], "text": ex["text"]}))
     bar.update()
   w.close()
@@ -205,9 +213,39 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
         bar.update()
       w.close()
       counts[f"{task}/{split}"] = w.count
+
+  # Held-out text documents from their own stream; any whose exact text is also a
+  # training text document is dropped and counted.
+  leaked_texts = 0
+  w = _ShardedWriter(out_dir / "text_eval", "test", 1)
+  index = 0
+  while w.count < s.num_text_eval:
+    ex = sw.text_example(s.seed, index, stream="text_eval")
+    index += 1
+    if ex["text"] in train_texts:
+      leaked_texts += 1
+      continue
+    w.write(tf_example({"id": ex["id"], "text": ex["text"]}))
+    bar.update()
+  w.close()
+  counts["text_eval/test"] = w.count
+
+  # Questions on the facts the text documents state (their answers are those facts, so
+  # they are meant to be learnt from training; nothing to hold out).
+  index = 0
+  for split, n in (("support", s.num_textqa_support), ("test", s.num_textqa_test)):
+    w = _ShardedWriter(out_dir / "textqa_eval", split, 1)
+    for _ in range(n):
+      ex = sw.textqa_example(s.seed, index)
+      index += 1
+      w.write(tf_example({k: ex[k] for k in ("id", "question", "answers", "answer_type")}))
+      bar.update()
+    w.close()
+    counts[f"textqa_eval/{split}"] = w.count
   bar.close()
   manifest = {"version": VERSION, "spec": dataclasses.asdict(spec), "counts": counts,
-              "eval_images_dropped_as_seen_in_training": leaked}
+              "eval_images_dropped_as_seen_in_training": leaked,
+              "eval_texts_dropped_as_seen_in_training": leaked_texts}
   (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
   return manifest
 

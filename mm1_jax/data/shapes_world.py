@@ -33,6 +33,7 @@ SIDES = {"circle": 0, "square": 4, "triangle": 3}
 
 # Stream ids keep every split's random numbers apart.
 STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "chat": 4, "caption_eval": 11, "vqa_eval": 12,
+           "text_eval": 13, "textqa_eval": 14,  # held-out text documents, questions on their facts
            "probe_train": 21, "probe_test": 22}  # mm1-probe's labelled scenes
 
 
@@ -205,7 +206,18 @@ def interleaved_document(rng: np.random.Generator, image_size: int, max_images: 
   return "\n".join(lines) + "\n", images
 
 
+def corners_question(kind: str) -> str:
+  """The text documents' question about a shape's corners, up to its answer (SIDES)."""
+  return f"Question: how many corners does a {kind} have? Answer:"
+
+
+def group_stem(colour: str, kind: str, n: int) -> str:
+  """The text documents' group fact up to its number: 'two blue circles make a group of'."""
+  return f"{NUMBER_WORDS[n]} {colour} {_plural(kind, n)} make a group of"
+
+
 def text_document(rng: np.random.Generator) -> str:
+  """A text-only document: 3 to 6 facts about the shapes world, one a line."""
   facts = []
   for _ in range(int(rng.integers(3, 7))):
     kind = str(rng.choice(SHAPES))
@@ -213,8 +225,8 @@ def text_document(rng: np.random.Generator) -> str:
     n = int(rng.integers(1, 5))
     options = [
         f"a {kind} has {SIDES[kind]} corners." if kind != "circle" else "a circle has no corners.",
-        f"{NUMBER_WORDS[n]} {colour} {_plural(kind, n)} make a group of {n}.",
-        f"Question: how many corners does a {kind} have? Answer: {SIDES[kind]}",
+        f"{group_stem(colour, kind, n)} {n}.",
+        f"{corners_question(kind)} {SIDES[kind]}",
         f"the {colour} {kind} is next to the {str(rng.choice(list(COLOURS)))} {str(rng.choice(SHAPES))}.",
         " ".join(NUMBER_WORDS[1:n + 1]) + ".",
     ]
@@ -247,8 +259,31 @@ def interleaved_example(seed: int, index: int, image_size: int = 64, max_images:
   return {"id": f"interleaved-{index}", "text": text, "images": images}
 
 
-def text_example(seed: int, index: int) -> dict:
-  return {"id": f"text-{index}", "text": text_document(_rng(seed, "text", index))}
+def text_example(seed: int, index: int, stream: str = "text") -> dict:
+  return {"id": f"{stream}-{index}", "text": text_document(_rng(seed, stream, index))}
+
+
+TEXTQA_TYPES = ("corners", "group")
+
+
+def textqa_example(seed: int, index: int, stream: str = "textqa_eval") -> dict:
+  """A question on a fact that the text documents teach, in their own wording, with no image.
+
+  "question" is the prompt text itself, ending where the documents give the answer:
+    corners  "Question: how many corners does a triangle have? Answer:"  -> "3" (circle: "0")
+    group    "two blue circles make a group of"                          -> "2"
+  The types alternate with the index, so any prefix of a split holds both.
+  """
+  rng = _rng(seed, stream, index)
+  kind = str(rng.choice(SHAPES))
+  qtype = TEXTQA_TYPES[index % len(TEXTQA_TYPES)]
+  if qtype == "corners":
+    question, answer = corners_question(kind), str(SIDES[kind])
+  else:
+    colour = str(rng.choice(list(COLOURS)))
+    n = int(rng.integers(1, 5))
+    question, answer = group_stem(colour, kind, n), str(n)
+  return {"id": f"{stream}-{index}", "question": question, "answers": [answer], "answer_type": qtype}
 
 
 def all_text(seed: int, n: int, image_size: int = 64) -> Iterator[str]:

@@ -6,6 +6,9 @@ The default templates (each overridable in gin, per kind or per benchmark):
 
   caption  <image>{caption}\\n ... <image>                       -> "{caption}"
   vqa      <image>Question: {question} Answer: {answer}\\n ... <image>Question: {question} Answer:
+  text     {question} {answer}\\n ... {question}                  (no image: the question is the
+                                                               prompt text, e.g. "Question: how many
+                                                               corners does a square have? Answer:")
 
 With `chat_template` set (fine-tuned models), each demonstration is a user turn and an
 assistant reply and the query ends in the assistant prefix (`mm1_jax.data.chat`):
@@ -19,6 +22,17 @@ the predictions. Results go to <workdir>/eval/step_<N>.json as
 (plus a samples file); "info" holds skip and train-overlap counts. Where the test records
 carry an "answer_type" (VQAv2 annotations; the shapes-world questions: number, colour,
 shape), each metric is also reported per type as "<benchmark>/<k>shot/<metric>/<type>".
+
+Text benchmarks have no image; their prompts fill one blank image slot that no `<image>`
+id refers to, as text-only training rows do, so the image leaves the logits unchanged.
+A "perplexity" benchmark is not prompted: each test document ("text", EOS appended) is
+scored teacher-forced by the full forward pass and the results are the mean negative
+log-likelihood per predicted token over all its documents and its exp,
+"<benchmark>/0shot/nll" and "<benchmark>/0shot/perplexity" (lower is better), computed
+once whatever `shots` holds (demonstrations mean nothing there) and over the whole test
+split whatever `num_queries` is. The softmax is over the vocabulary's ids (embedding rows
+past it excluded, as in decoding), so perplexity depends on the tokenizer: compare it only
+between runs that share one.
 """
 
 from __future__ import annotations
@@ -53,12 +67,16 @@ from mm1_jax.model import MM1
 TEMPLATES = {
     "caption": ("<image>{caption}\n", "<image>"),
     "vqa": ("<image>Question: {question} Answer: {answer}\n", "<image>Question: {question} Answer:"),
+    "text": ("{question} {answer}\n", "{question}"),
 }
+# Benchmark kinds whose records have no image.
+TEXT_KINDS = ("text", "perplexity")
 # With a chat template: (the user's turn, the assistant's reply) of a demonstration; the
 # query is the user's turn alone.
 CHAT_TEMPLATES = {
     "caption": ("<image>\ndescribe the picture.", "{caption}"),
     "vqa": ("<image>\n{question}", "{answer}"),
+    "text": ("{question}", "{answer}"),
 }
 
 
@@ -66,9 +84,11 @@ CHAT_TEMPLATES = {
 class FewShotConfig:
   """Attributes:
     benchmarks: names in `mm1_jax.eval.readers.BENCHMARKS` (coco, nocaps, textcaps,
-      vqav2, textvqa, vizwiz, okvqa, gqa; shapes_caption, shapes_vqa for the bundled corpus).
-    shots: numbers of demonstrations.
-    num_queries: test examples scored per benchmark (None: the whole test split).
+      vqav2, textvqa, vizwiz, okvqa, gqa; shapes_caption, shapes_vqa for the bundled corpus,
+      and its text-only shapes_text_ppl and shapes_textqa).
+    shots: numbers of demonstrations (perplexity benchmarks are scored once, as "0shot").
+    num_queries: test examples scored per benchmark (None: the whole test split;
+      perplexity benchmarks always score the whole test split).
     batch_size: prompts decoded together (a multiple of the mesh's batch shards).
     max_new_tokens: decoding budget per answer.
     seed: demonstration sampling seed.
@@ -136,12 +156,16 @@ def load_split(task_name: str, split: str, module_imports=("tasks",)) -> list[di
 
 
 def image_key(rec: dict) -> str:
-  """What identifies a record's image: its benchmark image id, else a hash of its bytes."""
+  """What identifies a record's image: its benchmark image id, else a hash of its bytes.
+  A record without an image is identified by its question, so that a demonstration
+  never gives away the query's own question and answer."""
   if rec.get("image_id"):
     return str(rec["image_id"])
   if "image" in rec:
     return hashlib.sha1(bytes(rec["image"])).hexdigest()
-  return str(rec.get("image_path", rec["id"]))
+  if "image_path" in rec:
+    return str(rec["image_path"])
+  return "question:" + rec["question"] if rec.get("question") else str(rec["id"])
 
 
 def build_prompt(template: tuple[str, str], demos: list[dict], query: dict, chat_template=None) -> str:
@@ -217,6 +241,24 @@ def _generate(params, tokens, valid, images, *, model: MM1, max_new: int, ids):
   return out
 
 
+def token_nll(logits: jax.Array, targets: jax.Array, vocab_size: int) -> jax.Array:
+  """Negative log-likelihood of each target, float32[B, T], the softmax taken over the
+  vocabulary's ids only (embedding rows past `vocab_size` are padding, never targets)."""
+  logits = logits.astype(jnp.float32)
+  logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def _score(params, tokens, targets, weights, segment_ids, images, *, model: MM1, vocab_size: int):
+  """Teacher-forced scoring of right-padded documents: (summed NLL float32[B], scored
+  targets float32[B]) per row. The full training forward pass, one document a row."""
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  logits = model.apply({"params": params}, tokens, images, segment_ids, positions)
+  nll = token_nll(logits, targets, vocab_size)
+  return (nll * weights).sum(axis=1), weights.sum(axis=1)
+
+
 class _ImageCache:
   """Decoded images (shorter side resized, centre crop, as in training; or sub-images),
   least recently used dropped first. Unreadable images give None and are counted by path."""
@@ -254,6 +296,7 @@ class _Benchmark:
   metric_fns: list
   overlap: list[str] = dataclasses.field(default_factory=list)  # test ids whose image is in training
   skipped: int = 0  # test queries whose image could not be read
+  scored_tokens: int = 0  # perplexity: predicted tokens over the test documents
 
 
 def benchmark_specs(config: FewShotConfig) -> list:
@@ -307,9 +350,12 @@ class Evaluator:
     self.k = highres.per_image(config.subimages)  # image slots per image
     self.benchmarks: dict[str, _Benchmark] = {}
     for spec in specs:
-      if spec.kind not in TEMPLATES:
+      if spec.kind not in TEMPLATES and spec.kind != "perplexity":
         raise ValueError(f"benchmark {spec.name}: unknown kind {spec.kind!r}")
       test = load_split(spec.task, "test", config.module_imports)
+      if spec.kind == "perplexity":  # scored, not prompted: no template, no demonstrations
+        self.benchmarks[spec.name] = _Benchmark(spec, ("", ""), [], test, [])
+        continue
       support = []
       if any(config.shots):
         support_task = readers_lib.get(spec.support_from).task if spec.support_from else spec.task
@@ -325,10 +371,17 @@ class Evaluator:
       self._check_train_overlap(config.train_mixture)
     self._generate = jax.jit(functools.partial(_generate, model=model, max_new=config.max_new_tokens,
                                                ids=self.ids))
+    self._score = jax.jit(functools.partial(_score, model=model, vocab_size=self.ids.size))
 
   def _check_train_overlap(self, mixture: str) -> None:
+    """Image benchmarks only: the corpus writer keeps held-out text documents out of the
+    training documents."""
+    if all(b.spec.kind in TEXT_KINDS for b in self.benchmarks.values()):
+      return
     train = overlap.train_image_digests(mixture)
     for name, b in self.benchmarks.items():
+      if b.spec.kind in TEXT_KINDS:
+        continue
       b.overlap = [q["id"] for q in b.test if overlap.record_digest(q) in train]
       if b.overlap:
         print(f"WARNING: {len(b.overlap)} of {len(b.test)} {name} test images are in the training "
@@ -345,6 +398,8 @@ class Evaluator:
 
   def _decode_batch(self, params, prompts: list[tuple[str, list[np.ndarray]]], n_images: int
                     ) -> tuple[list[str], int]:
+    """Greedy answers to a batch of prompts. A prompt's images fill its first image slots;
+    text prompts (no images) leave their slot blank (`n_images` is then 1)."""
     bs = self.config.batch_size
     size = self.model.config.encoder.image_size
     encoded = [self._encode(t) for t, _ in prompts]
@@ -356,9 +411,10 @@ class Evaluator:
       j = min(i, len(prompts) - 1)  # fill a short last batch with copies, dropped below
       e = encoded[j]
       tokens[i, p - len(e):], valid[i, p - len(e):] = e, True
-      pixels = np.stack(prompts[j][1])  # [n, S, S, 3], or [n, K, S, S, 3] with sub-images
-      pixels = pixels.reshape((-1,) + pixels.shape[-3:])
-      images[i, :len(pixels)] = pixels
+      if prompts[j][1]:
+        pixels = np.stack(prompts[j][1])  # [n, S, S, 3], or [n, K, S, S, 3] with sub-images
+        pixels = pixels.reshape((-1,) + pixels.shape[-3:])
+        images[i, :len(pixels)] = pixels
     put = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, self.rules, x.ndim))  # noqa: E731
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       out = self._generate(params, put(tokens), put(valid), put(images))
@@ -376,9 +432,63 @@ class Evaluator:
       texts.append(text.strip())
     return texts, generated
 
+  def _score_documents(self, params, docs: list[dict]) -> tuple[float, int, list[float]]:
+    """Teacher-forced NLL of documents, `batch_size` at a time, batch-sharded like decoding:
+    (summed NLL, predicted tokens, NLL per token of each document). Each document is its
+    text encoded with the run's vocabulary and EOS appended, one to a row, right-padded,
+    with one blank image slot; every token after the first is predicted (no BOS: as in
+    training), except `<image>` ids (none in text documents)."""
+    bs = self.config.batch_size
+    size = self.model.config.encoder.image_size
+    put = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, self.rules, x.ndim))  # noqa: E731
+    images = np.zeros((bs, self.k, size, size, 3), np.uint8)
+    every = [np.append(np.asarray(self.vocab.encode(d["text"]), np.int32), self.ids.eos) for d in docs]
+    t = -(-max(len(e) - 1 for e in every) // 32) * 32  # one length for all batches: one compile
+    total, count, per_doc = 0.0, 0, []
+    for s in range(0, len(docs), bs):
+      chunk, encoded = docs[s:s + bs], every[s:s + bs]
+      tokens = np.full((bs, t), self.ids.pad, np.int32)
+      targets = np.full((bs, t), self.ids.pad, np.int32)
+      weights = np.zeros((bs, t), np.float32)
+      segment_ids = np.zeros((bs, t), np.int32)
+      for i, e in enumerate(encoded):  # rows past the last document stay padding, weight 0
+        n = len(e) - 1
+        tokens[i, :n], targets[i, :n] = e[:-1], e[1:]
+        weights[i, :n] = e[1:] != self.ids.image
+        segment_ids[i, :n] = 1
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        nll, n_tok = self._score(params, put(tokens), put(targets), put(weights), put(segment_ids), put(images))
+      nll = np.asarray(multihost_utils.process_allgather(nll, tiled=True), np.float64)[:len(chunk)]
+      n_tok = np.asarray(multihost_utils.process_allgather(n_tok, tiled=True), np.float64)[:len(chunk)]
+      total += float(nll.sum())
+      count += int(n_tok.sum())
+      per_doc += (nll / np.maximum(n_tok, 1)).tolist()
+    return total, count, per_doc
+
+  def _perplexity(self, params, name: str, b: _Benchmark, bar) -> tuple[dict[str, float], list[dict]]:
+    """{name}/0shot/nll (mean per predicted token over every test document) and
+    {name}/0shot/perplexity (its exp), and a few documents with their own NLL."""
+    t0 = time.perf_counter()
+    total, count, per_doc = self._score_documents(params, b.test)
+    bar.update(-(-len(b.test) // self.config.batch_size))
+    if not count:
+      raise ValueError(f"{name}: the test documents have no tokens to score")
+    b.scored_tokens = count
+    nll = total / count
+    key = f"{name}/0shot"
+    results = {f"{key}/nll": nll, f"{key}/perplexity": float(np.exp(nll)),
+               f"{key}/score_tokens_per_s": count / (time.perf_counter() - t0)}
+    samples = [{"id": d["id"], "text": d["text"], "nll": v} for d, v in zip(b.test[:8], per_doc[:8])]
+    return results, samples
+
   def _queries(self, b: _Benchmark) -> list[dict]:
-    """The scored queries: the first num_queries test records whose image decodes."""
+    """The scored queries: the first num_queries test records whose image decodes (text
+    benchmarks: the first num_queries; perplexity: every test document)."""
+    if b.spec.kind == "perplexity":
+      return list(b.test)
     limit = self.config.num_queries or len(b.test)
+    if b.spec.kind in TEXT_KINDS:
+      return b.test[:limit]
     out, b.skipped = [], 0
     for q in b.test:
       if len(out) == limit:
@@ -393,14 +503,22 @@ class Evaluator:
     c = self.config
     results, samples = {}, {}
     queries = {name: self._queries(b) for name, b in self.benchmarks.items()}
-    n_batches = sum(-(-len(q) // c.batch_size) for q in queries.values())
-    bar = tqdm(total=n_batches * len(c.shots), desc="eval", unit="batch", disable=not progress, leave=False)
-    usable = lambda rec: self.images(rec) is not None  # noqa: E731
+    n_batches = sum(-(-len(q) // c.batch_size) * (1 if self.benchmarks[name].spec.kind == "perplexity"
+                                                   else len(c.shots)) for name, q in queries.items())
+    bar = tqdm(total=n_batches, desc="eval", unit="batch", disable=not progress, leave=False)
     for name, b in self.benchmarks.items():
       qs = queries[name]
       if not qs:
+        if b.spec.kind in TEXT_KINDS:
+          raise ValueError(f"{name}: the test split is empty")
         raise ValueError(f"{name}: none of the test images could be read "
                          f"(e.g. {next(iter(self.images.failed.items()), None)})")
+      if b.spec.kind == "perplexity":
+        scores, samples[f"{name}/0shot"] = self._perplexity(params, name, b, bar)
+        results.update(scores)
+        continue
+      text_only = b.spec.kind in TEXT_KINDS
+      usable = (lambda rec: True) if text_only else (lambda rec: self.images(rec) is not None)  # noqa: E731
       targets = [q["references"] if b.spec.kind == "caption" else q["answers"] for q in qs]
       for k in c.shots:
         t0 = time.perf_counter()
@@ -410,8 +528,8 @@ class Evaluator:
           for i, q in enumerate(qs[s:s + c.batch_size], start=s):
             demos = choose_demos(b.support, q, k, c.seed, i, usable)
             prompts.append((build_prompt(b.template, demos, q, c.chat_template),
-                            [self.images(d) for d in demos + [q]]))
-          texts, n = self._decode_batch(params, prompts, k + 1)
+                            [] if text_only else [self.images(d) for d in demos + [q]]))
+          texts, n = self._decode_batch(params, prompts, 1 if text_only else k + 1)
           preds += texts
           generated += n
           bar.update()
@@ -425,10 +543,18 @@ class Evaluator:
     return results, samples
 
   def info(self) -> dict:
-    """Counts that belong beside the scores: unreadable images, train overlaps."""
-    return {name: {"test_examples": len(b.test), "skipped_unreadable_images": b.skipped,
-                   "train_overlap": len(b.overlap), "train_overlap_ids": b.overlap[:20]}
-            for name, b in self.benchmarks.items()}
+    """Counts that belong beside the scores: unreadable images, train overlaps (image
+    benchmarks); the scored tokens (perplexity)."""
+    out = {}
+    for name, b in self.benchmarks.items():
+      if b.spec.kind == "perplexity":
+        out[name] = {"test_examples": len(b.test), "scored_tokens": b.scored_tokens}
+      elif b.spec.kind in TEXT_KINDS:
+        out[name] = {"test_examples": len(b.test)}
+      else:
+        out[name] = {"test_examples": len(b.test), "skipped_unreadable_images": b.skipped,
+                     "train_overlap": len(b.overlap), "train_overlap_ids": b.overlap[:20]}
+    return out
 
   def evaluate_and_write(self, params, step: int, workdir: paths.PathLike) -> dict[str, float]:
     """Evaluates and writes <workdir>/eval/step_<N>.json (a local folder or a bucket) after

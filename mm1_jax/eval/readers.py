@@ -35,8 +35,10 @@ DATA_ROOT_ENV = "MM1_EVAL_DATA"
 class Benchmark:
   """Attributes:
     name: short name used on the command line and in result keys.
-    kind: "caption" or "vqa" (chooses the prompt template and the record fields).
-    metric: "cider", "accuracy" (VQA accuracy) or "exact_match" (GQA).
+    kind: "caption" or "vqa" (chooses the prompt template and the record fields);
+      "text" for questions without an image (question, answers); "perplexity" for
+      held-out documents ("text") scored teacher-forced instead of answered.
+    metric: "cider", "accuracy" (VQA accuracy), "exact_match" (GQA) or "perplexity".
     task: the seqio task that serves the splits.
     support_from: another benchmark whose support split gives the demonstrations
       (NoCaps has no train split; it takes COCO's).

@@ -46,10 +46,20 @@ def _is_score(metric: str) -> bool:
   return not metric.endswith("tokens_per_s") and metric.count("/") <= 2
 
 
+# Metrics where lower is better (the third part of "<benchmark>/<k>shot/<metric>").
+LOWER_IS_BETTER = ("nll", "perplexity")
+
+
+def lower_is_better(metric: str) -> bool:
+  parts = metric.split("/")
+  return len(parts) > 2 and parts[2] in LOWER_IS_BETTER
+
+
 def find_regressions(eval_dir: paths.PathLike, max_regression: float, steps: list[int] | None = None
                      ) -> list[dict]:
-  """Scores of `steps` (None: the newest) more than max_regression (relative) below the
-  best earlier checkpoint's. Every score is higher-is-better."""
+  """Scores of `steps` (None: the newest) more than max_regression (relative) worse than
+  the best earlier checkpoint's: below it for accuracies and CIDEr, above it for NLL and
+  perplexity (`LOWER_IS_BETTER`). "drop" is the relative change for the worse."""
   runs = load_results(eval_dir)
   if not runs:
     return []
@@ -61,6 +71,12 @@ def find_regressions(eval_dir: paths.PathLike, max_regression: float, steps: lis
         continue
       earlier = [(runs[s][metric], s) for s in runs if s < step and metric in runs[s]]
       if not earlier:
+        continue
+      if lower_is_better(metric):
+        best, best_step = min(earlier)
+        if best > 0 and value > best * (1 + max_regression):
+          found.append({"step": step, "metric": metric, "value": value, "best": best,
+                        "best_step": best_step, "drop": value / best - 1})
         continue
       best, best_step = max(earlier)
       if best > 0 and value < best * (1 - max_regression):
@@ -127,9 +143,10 @@ def write_report(eval_dir: paths.PathLike, regressions: list[dict], max_regressi
   plots = plot_metrics(eval_dir)
   lines = ["# Few-shot evaluation", "", comparison_table(eval_dir), ""]
   if regressions:
-    lines += [f"## Regressions (more than {max_regression:.0%} below the best earlier checkpoint)", ""]
+    lines += [f"## Regressions (more than {max_regression:.0%} worse than the best earlier checkpoint)", ""]
     lines += [f"- step {r['step']}: `{r['metric']}` {r['value']:.4f}, best {r['best']:.4f} at step "
-              f"{r['best_step']} ({r['drop']:.1%} lower)" for r in regressions]
+              f"{r['best_step']} ({r['drop']:.1%} {'higher' if lower_is_better(r['metric']) else 'lower'})"
+              for r in regressions]
     lines.append("")
   else:
     lines += [f"No regressions beyond {max_regression:.0%}.", ""]

@@ -141,8 +141,9 @@ def evaluate(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Confi
         if regressions:
           print(f"REGRESSION beyond {max_regression:.0%} of the best earlier checkpoint:")
           for r in regressions:
-            print(f"  step {r['step']}: {r['metric']} {r['value']:.4f} < best {r['best']:.4f} "
-                  f"(step {r['best_step']}, {r['drop']:.1%} lower)")
+            worse = ">" if report.lower_is_better(r["metric"]) else "<"
+            print(f"  step {r['step']}: {r['metric']} {r['value']:.4f} {worse} best {r['best']:.4f} "
+                  f"(step {r['best_step']}, {r['drop']:.1%} {'higher' if worse == '>' else 'lower'})")
           code = EXIT_REGRESSION
         print(f"report: {out / 'report.md'}")
       if evaluated:

@@ -437,12 +437,16 @@ class Evaluator:
     (summed NLL, predicted tokens, NLL per token of each document). Each document is its
     text encoded with the run's vocabulary and EOS appended, one to a row, right-padded,
     with one blank image slot; every token after the first is predicted (no BOS: as in
-    training), except `<image>` ids (none in text documents)."""
+    training). A document holding `<image>` is refused (its image's tokens would be missing)."""
     bs = self.config.batch_size
     size = self.model.config.encoder.image_size
     put = lambda x: jax.device_put(x, sharding_lib.batch_sharding(self.mesh, self.rules, x.ndim))  # noqa: E731
     images = np.zeros((bs, self.k, size, size, 3), np.uint8)
     every = [np.append(np.asarray(self.vocab.encode(d["text"]), np.int32), self.ids.eos) for d in docs]
+    with_images = [d["id"] for d, e in zip(docs, every) if (e == self.ids.image).any()]
+    if with_images:  # an <image> id would need its image's tokens spliced in: not a text document
+      raise ValueError(f"perplexity scores text-only documents; {len(with_images)} hold <image> "
+                       f"(e.g. {with_images[:3]})")
     t = -(-max(len(e) - 1 for e in every) // 32) * 32  # one length for all batches: one compile
     total, count, per_doc = 0.0, 0, []
     for s in range(0, len(docs), bs):

@@ -42,8 +42,11 @@ def comparison_table(eval_dir: paths.PathLike, include_throughput: bool = False)
 
 def _is_score(metric: str) -> bool:
   """A headline score: not a throughput, not a per-answer-type breakdown
-  ("<benchmark>/<k>shot/<metric>/<type>", reported but too small a sample to gate on)."""
-  return not metric.endswith("tokens_per_s") and metric.count("/") <= 2
+  ("<benchmark>/<k>shot/<metric>/<type>", reported but too small a sample to gate on), and
+  not a perplexity: it is exp(nll), whose own gate already judges it (a relative gate on
+  both would let the perplexity's, far tighter whenever nll > 1, decide alone)."""
+  return (not metric.endswith("tokens_per_s") and metric.count("/") <= 2
+          and not metric.endswith("/perplexity"))
 
 
 # Metrics where lower is better (the third part of "<benchmark>/<k>shot/<metric>").
@@ -58,8 +61,8 @@ def lower_is_better(metric: str) -> bool:
 def find_regressions(eval_dir: paths.PathLike, max_regression: float, steps: list[int] | None = None
                      ) -> list[dict]:
   """Scores of `steps` (None: the newest) more than max_regression (relative) worse than
-  the best earlier checkpoint's: below it for accuracies and CIDEr, above it for NLL and
-  perplexity (`LOWER_IS_BETTER`). "drop" is the relative change for the worse."""
+  the best earlier checkpoint's: below it for accuracies and CIDEr, above it for NLL
+  (`LOWER_IS_BETTER`; perplexity is reported, not gated: `_is_score`). "drop" is the relative change for the worse."""
   runs = load_results(eval_dir)
   if not runs:
     return []

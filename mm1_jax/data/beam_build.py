@@ -235,14 +235,11 @@ class WriteShard(beam.DoFn):
 
     shard, records = element
     records = sorted(records, key=lambda r: (r[0], r[1]))  # by digest, then id: the smallest id is kept
-    if self.spec.spill:
-      kept, last = [], None
-      for r in records:
-        if r[0] != last:
-          kept.append(r[2])
-        last = r[0]
-      data = _unspill(self.spec.spill, kept)
-      records = [(r[0], r[1], data.get(r[2], r[2]) if isinstance(r[2], tuple) else r[2], *r[3:]) for r in records]
+    kept = [r for i, r in enumerate(records) if i == 0 or r[0] != records[i - 1][0]]
+    _count("skipped/duplicate", len(records) - len(kept))
+    if self.spec.spill:  # the records are (unit, position) references into the spill files
+      spilled = _unspill(self.spec.spill, [r[2] for r in kept])
+      kept = [(r[0], r[1], spilled[r[2]], *r[3:]) for r in kept]
     staging = paths.path(self.spec.staging)
     remote = paths.is_remote(staging)
     # Written under a temporary name, then named with its count: a shard a failed worker
@@ -250,21 +247,16 @@ class WriteShard(beam.DoFn):
     local = Path(tempfile.mkdtemp(prefix="mm1-shard-") if remote else staging) / f".shard-{shard:05d}.tmp{os.getpid()}"
     local.parent.mkdir(parents=True, exist_ok=True)
     writer = ArrayRecordWriter(str(local), "group_size:1")  # every record addressable (random access)
-    written, last = 0, None
     try:
-      for digest, _, data, images, (over_images, over, examples) in records:
-        if digest == last:
-          _count("skipped/duplicate")
-          continue
-        last = digest
-        writer.write(data)
-        written += 1
-        _count("images_written", images)
-        _count("interleaved_over_16_images", over_images)
-        _count("interleaved_over_4096_tokens_or_16_images", over)
-        _count("interleaved_examples_at_mm1_shapes", examples)
+      for r in kept:
+        writer.write(r[2])
     finally:
       writer.close()
+    written = len(kept)
+    _count("images_written", sum(r[3] for r in kept))
+    for i, name in enumerate(("interleaved_over_16_images", "interleaved_over_4096_tokens_or_16_images",
+                              "interleaved_examples_at_mm1_shapes")):
+      _count(name, sum(r[4][i] for r in kept))
     target = staging / STAGED.format(shard, written)
     if remote:
       paths.upload(local, target)

@@ -458,7 +458,7 @@ class Evaluator:
       for i, e in enumerate(encoded):  # rows past the last document stay padding, weight 0
         n = len(e) - 1
         tokens[i, :n], targets[i, :n] = e[:-1], e[1:]
-        weights[i, :n] = e[1:] != self.ids.image
+        weights[i, :n] = 1.0
         segment_ids[i, :n] = 1
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         nll, n_tok = self._score(params, put(tokens), put(targets), put(weights), put(segment_ids), put(images))

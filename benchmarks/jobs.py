@@ -29,10 +29,10 @@ def record_header() -> dict:
           "date": time.strftime("%Y-%m-%d")}
 
 
-def write_record(path: Path, result: dict, git: tuple | None = None) -> None:
-  """The run's record (benchmarks/record.py), named after the file; git: (commit, dirty) read
-  when the run started."""
+def write_record(path: Path, result: dict, git: tuple | None = None, benchmark: str | None = None) -> None:
+  """The run's record (benchmarks/record.py), named `benchmark` (default: after the file); git:
+  (commit, dirty) read when the run started."""
   from benchmarks import record
 
-  record.write(Path(path).resolve(), Path(path).stem, result, git=git)
+  record.write(Path(path).resolve(), benchmark or Path(path).stem, result, git=git)
   print(f"wrote {path}")

@@ -5,18 +5,21 @@ objectives here train a `vit.ViT` trunk that MM1 then takes over through
 `train.init_from = ["<run>/checkpoints:encoder"]` (the trunk's parameters only; a
 learned position embedding is resized bicubically when the resolution changes).
 
-AIM (v1), autoregressive image model:
-  image -> patches in raster order -> ViT with prefix-causal attention (a prefix of
-  random length attends bidirectionally, the rest causally) -> pixel head (residual MLP
+AIM (v1), autoregressive image model (El-Nouby et al. 2024, section 3; trunk as
+apple/ml-aim's aim-v1):
+  image -> patches in raster order -> patch embedding + LayerNorm + 2-D sin-cos positions
+  -> ViT with prefix-causal attention (a prefix of random length attends bidirectionally,
+  the rest causally) -> + the same sin-cos positions again -> pixel head (residual MLP
   blocks, dropped after pre-training) -> at patch i, a prediction of patch i + 1.
   Loss: mean squared error against per-patch-normalised pixels, on the patches after
   the prefix only (inside the prefix the trunk has seen the patch it would predict).
 
-AIMv2, multimodal autoregressive pre-training:
-  image -> prefix-causal ViT -> per-patch projection -> a causal decoder over
-  [image patches; caption tokens] (the placeholders of an MM1 batch, one per patch)
-  -> next-token logits on the caption and, at every image position, the pixel head's
-  prediction of the next patch.
+AIMv2, multimodal autoregressive pre-training (Fini et al. 2024, section 2; trunk as
+apple/ml-aim's aim-v2):
+  image -> prefix-causal ViT (RMSNorm, SwiGLU) -> per-patch linear projection -> a causal
+  decoder over [image patches; caption tokens] (the placeholders of an MM1 batch, one per
+  patch) -> two linear heads on the decoder's final states: next-token logits on the
+  caption and, at every image position, the next patch's pixels.
   Loss: caption cross-entropy + pixel_weight x pixel regression (non-prefix patches).
 
 Both models take MM1's batch (tokens, targets, loss_weights, segment_ids, positions,
@@ -134,6 +137,20 @@ class PixelHeadConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"
 
+  def build(self, out_dim: int, name: str | None = None) -> nn.Module:
+    return PixelHead(self, out_dim, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearHeadConfig:
+  """One linear map from each position's features to p * p * 3 pixels (AIMv2's image head:
+  "separate linear layers" for the image and the text outputs of the decoder)."""
+
+  dtype: str = "float32"
+
+  def build(self, out_dim: int, name: str | None = None) -> nn.Module:
+    return layers.Linear((out_dim,), ("embed", "patch"), use_bias=False, dtype=jnp.dtype(self.dtype), name=name)
+
 
 class PixelHead(nn.Module):
   config: PixelHeadConfig
@@ -183,15 +200,19 @@ class AIM(nn.Module):
   def setup(self):
     c = self.config
     self.encoder = vit_lib.ViT(c.encoder, name="encoder")
-    self.head = PixelHead(c.head, c.encoder.patch_size ** 2 * 3, name="head")
+    self.head = c.head.build(c.encoder.patch_size ** 2 * 3, name="head")
 
   def __call__(self, tokens, images, segment_ids, positions, prefix_lengths=None) -> jax.Array:
     """Next-patch predictions float[B * N, L, p * p * 3] for every image slot."""
     del tokens, segment_ids, positions  # the images are the whole input
     b, n = images.shape[:2]
+    e = self.config.encoder
     with sharding.encoder_axes():
       feats = self.encoder(images.reshape((b * n,) + images.shape[2:]), prefix_lengths)
-      return self.head(feats)
+      # AIM adds the sin-cos positions "before the transformer and before the MLP head":
+      # the head sees each patch on its own, and this tells it where the patch is.
+      pos = jnp.asarray(vit_lib.sincos_2d(e.grid, e.width))
+      return self.head(feats + pos.astype(feats.dtype))
 
   def loss(self, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     prefix = _draw_prefixes(self.config, batch, rng)
@@ -209,14 +230,17 @@ class AIMv2Config:
   """A prefix-causal trunk, a per-patch projection and a causal multimodal decoder.
 
   The connector must keep one token per patch (`connector.LinearConfig` or `MLPConfig`):
-  the decoder's image positions are the patches whose successors it predicts.
+  the decoder's image positions are the patches whose successors it predicts. The pixel
+  head is linear, as in the paper; `PixelHeadConfig` (residual MLP blocks) is an option.
   """
 
   encoder: vit_lib.ViTConfig = vit_lib.ViTConfig()
   connector: connector_lib.LinearConfig | connector_lib.MLPConfig = connector_lib.LinearConfig()
   decoder: decoder_lib.DecoderConfig = decoder_lib.DecoderConfig()
-  head: PixelHeadConfig = PixelHeadConfig()
-  pixel_weight: float = 1.0  # alpha: loss = caption cross-entropy + alpha x pixel regression
+  head: LinearHeadConfig | PixelHeadConfig = LinearHeadConfig()
+  # alpha of the paper's L = L_text + alpha x L_img; its value is not published in a source
+  # checked here, so 1.0 is a choice (docs/sft_and_encoders.md).
+  pixel_weight: float = 1.0
   min_prefix: int = 1
   max_prefix: int | None = None
   image_token_id: int = 3
@@ -248,7 +272,7 @@ class AIMv2(nn.Module):
     self.encoder = vit_lib.ViT(c.encoder, name="encoder")
     self.connector = c.connector.build(out_dim=c.decoder.width, name="connector")
     self.decoder = decoder_lib.Decoder(c.decoder, name="decoder")
-    self.pixel_head = PixelHead(c.head, c.encoder.patch_size ** 2 * 3, name="pixel_head")
+    self.pixel_head = c.head.build(c.encoder.patch_size ** 2 * 3, name="pixel_head")
 
   def __call__(self, tokens, images, segment_ids, positions, prefix_lengths=None
                ) -> tuple[jax.Array, jax.Array]:

@@ -5,8 +5,13 @@ The trunks differ only in switches of `ViTConfig`:
   trunk   norm       biases           position      CLS  MLP          extra norms
   CLIP    LayerNorm  qkv/MLP          learned       yes  quick-GELU   pre-trunk + post
   SigLIP  LayerNorm  qkv/MLP/patch    learned       no   GELU (tanh)  post
-  AIM     LayerNorm  none             2-D sin-cos   no   GELU         post
-  AIMv2   RMSNorm    patch only (HF)  learned       no   SwiGLU       after patch embed + post
+  AIM     LayerNorm  patch only       2-D sin-cos   no   GELU         after patch embed + post
+  AIMv2   RMSNorm    patch only       learned       no   SwiGLU       after patch embed + post
+
+AIM and AIMv2 are built as apple/ml-aim builds them (aim-v1/aim/v1/torch/layers.py,
+aim-v2/aim/v2/torch/models.py): the patch embedding is a convolution with a bias followed
+by the trunk's norm (`PatchEmbed(norm_layer=...)`), attention and MLP have no biases, and
+AIM's sin-cos embedding has the column (x) half first, then the row (y) half.
 
 Presets for each live in gin/encoders/. Images enter as uint8[B, H, W, 3] (or float
 in [0, 1]) and are normalised here with the encoder's own mean and std, so batches
@@ -59,7 +64,7 @@ class ViTConfig:
   pos_embed: str = "learned"  # or "sincos2d" (AIM v1; fixed, not a parameter)
   use_cls: bool = False
   pre_norm: bool = False  # LayerNorm before the blocks (CLIP's "pre_layrnorm")
-  patch_norm: bool = False  # norm right after the patch embedding (AIMv2)
+  patch_norm: bool = False  # norm right after the patch embedding (AIM, AIMv2)
   final_norm: bool = True  # norm after the trunk, applied to every token
   scan_layers: bool = True  # one nn.scan over the blocks; params get a leading 'layers' axis
   remat_policy: str = "none"  # see layers.REMAT_POLICIES
@@ -96,14 +101,15 @@ def _norm(c: ViTConfig, name: str) -> nn.Module:
 def sincos_2d(grid: int, width: int, temperature: float = 10000.0) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding float32[grid * grid, width], row-major patches.
 
-  Each position is [sin(y w), cos(y w), sin(x w), cos(x w)] over width / 4 frequencies.
+  Patch (row y, column x) is [sin(x w), cos(x w), sin(y w), cos(y w)] over width / 4
+  frequencies w, the layout of AIM's `SinCosPosEmbed` (MAE's): the column half comes first.
   """
   if width % 4:
     raise ValueError(f"a 2-D sin-cos embedding needs width divisible by 4, got {width}")
   omega = 1.0 / temperature ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
   y, x = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
   ey, ex = np.outer(y.ravel(), omega), np.outer(x.ravel(), omega)
-  return np.concatenate([np.sin(ey), np.cos(ey), np.sin(ex), np.cos(ex)], axis=1).astype(np.float32)
+  return np.concatenate([np.sin(ex), np.cos(ex), np.sin(ey), np.cos(ey)], axis=1).astype(np.float32)
 
 
 def resize_pos_embed(pos: np.ndarray, new_grid: int, num_prefix: int = 0) -> np.ndarray:

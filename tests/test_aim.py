@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mm1_jax import aim, connector, decoder, pretrained, vit
+from mm1_jax import aim, connector, decoder, gin_checks, params as params_lib, pretrained, vit
 from mm1_jax.model import cross_entropy
 from test_train import REPO, _env
 
@@ -192,6 +194,60 @@ def test_aimv2_needs_one_decoder_position_per_patch():
     aim.AIMv2Config(encoder=ENC, connector=connector.CAbstractorConfig(num_tokens=4))
 
 
+# --- fidelity to apple/ml-aim and the papers ---------------------------------------------
+
+def _gin_model(*files):
+  """MODEL of the gin files, with the gin state left clean."""
+  gin.clear_config()
+  try:
+    gin_checks.parse(list(files), [], [str(REPO)])
+    return gin.query_parameter("%MODEL").scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+
+
+def test_the_aim_head_is_told_where_each_patch_is():
+  # The head sees each patch on its own; AIM adds the sin-cos positions before it. With the
+  # trunk's features made identical at every position, the predictions must still differ.
+  model = aim.AIMConfig(encoder=ENC, head=HEAD).build()
+  batch = _batch([[3] * 16 + [2]], [1], 17)
+  args = (batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])
+  params = model.init(jax.random.PRNGKey(0), *args)["params"]
+
+  def same_features(next_fun, fargs, fkwargs, context):
+    out = next_fun(*fargs, **fkwargs)
+    if isinstance(context.module, vit.ViT) and context.method_name == "__call__":
+      return jnp.broadcast_to(out[:, :1], out.shape)  # patch 0's features at every position
+    return out
+
+  with nn.intercept_methods(same_features):
+    pred = np.asarray(model.apply({"params": params}, *args))
+  diff = np.abs(pred[0] - pred[0, :1]).max(axis=-1)  # per position, against position 0
+  assert diff[1:].min() > 1e-3, diff
+
+
+def test_aim_trunks_normalise_the_patch_embedding():
+  config = _gin_model("gin/models/aim_tiny.gin")
+  enc = dataclasses.replace(config.encoder, depth=1, image_size=32)
+  model = vit.ViT(enc)
+  images = _images(2, size=enc.image_size)
+  p = model.init(jax.random.PRNGKey(0), images)["params"]
+  # apple/ml-aim: PatchEmbed = convolution (with its bias) then LayerNorm (scale and bias).
+  assert set(p["ln_patch"]) == {"scale", "bias"} and "bias" in p["patch_embed"]
+  # A norm right after the embedding makes the trunk blind to the embedding's scale.
+  scaled = dict(p, patch_embed=jax.tree.map(lambda a: 4.0 * a, p["patch_embed"]))
+  out, out_scaled = model.apply({"params": p}, images), model.apply({"params": scaled}, images)
+  np.testing.assert_allclose(np.asarray(out_scaled), np.asarray(out), atol=2e-4)
+
+
+def test_aimv2_pixel_head_is_one_linear_map_of_the_decoder_state():
+  config = _gin_model("gin/models/aimv2_tiny.gin")
+  p = params_lib.abstract_params(config)
+  out = config.encoder.patch_size ** 2 * 3
+  assert jax.tree.map(lambda a: a.shape, p["pixel_head"]) == {"kernel": (config.decoder.width, out)}
+  assert isinstance(aim.AIMv2Config().head, aim.LinearHeadConfig)  # the default too
+
+
 # --- hand-over --------------------------------------------------------------------------
 
 def test_init_from_entries_name_parts_after_a_colon(tmp_path):
@@ -302,7 +358,7 @@ def test_aim_preflight_compiles_for_a_tpu_topology(tmp_path):
   r = json.loads(out.read_text())
   assert r["fits"] and r["num_devices"] == 4 and r["image_slots"] == 1
   assert 0 < r["per_chip_bytes"] < r["hbm_bytes"]
-  assert r["params_total"] == 3_000_512  # AIM-tiny, trunk and head
+  assert r["params_total"] == 3_000_896  # AIM-tiny, trunk and head
 
 
 def test_costing_extrapolates_a_trunk_without_a_decoder():

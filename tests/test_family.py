@@ -45,10 +45,11 @@ def test_trunks_have_their_parameters(trunk):
 def test_sincos_2d_layout():
   pe = vit.sincos_2d(4, 16)
   assert pe.shape == (16, 16)
-  # Row-major: patch (y, x) = (1, 2) is row 6; first quarter sin(y * w) with w_0 = 1.
-  np.testing.assert_allclose(pe[6, 0], np.sin(1.0), rtol=1e-6)
-  np.testing.assert_allclose(pe[6, 8], np.sin(2.0), rtol=1e-6)
-  np.testing.assert_allclose(pe[6, 4], np.cos(1.0), rtol=1e-6)
+  # Row-major: patch (y, x) = (1, 2) is row 6. AIM's (MAE's) layout: the column half first,
+  # sin(x * w) with w_0 = 1, then the row half.
+  np.testing.assert_allclose(pe[6, 0], np.sin(2.0), rtol=1e-6)
+  np.testing.assert_allclose(pe[6, 4], np.cos(2.0), rtol=1e-6)
+  np.testing.assert_allclose(pe[6, 8], np.sin(1.0), rtol=1e-6)
 
 
 def test_prefix_causal_attention():

@@ -307,4 +307,4 @@ class AIMv2(nn.Module):
     return loss, metrics
 
 
-ImageObjectiveConfig = AIMConfig | AIMv2Config
+AutoregressiveObjectiveConfig = AIMConfig | AIMv2Config  # with the contrastive one: contrastive.ImageObjectiveConfig

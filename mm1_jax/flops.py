@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from mm1_jax.aim import AIMConfig, AIMv2Config
+from mm1_jax.contrastive import ContrastiveConfig
 from mm1_jax.model import MM1Config
 
 
@@ -97,16 +98,19 @@ def _vit_per_image(params, enc) -> float:
   return 2 * _matmul_params(params["encoder"]) * patches + 4 * enc.depth * patches ** 2 * enc.width
 
 
-def forward_flops(params, config: MM1Config | AIMConfig | AIMv2Config, work: Work, *,
+def forward_flops(params, config: MM1Config | AIMConfig | AIMv2Config | ContrastiveConfig, work: Work, *,
                   executed_moe: bool = False) -> float:
   """Forward FLOPs of `work`. params may be abstract (jax.ShapeDtypeStruct leaves).
 
   AIM (v1): encoder and pixel head per image. AIMv2: MM1's count plus the pixel head.
+  Contrastive: `_contrastive_forward`.
   """
   enc = config.encoder
   vit = _vit_per_image(params, enc)
   if isinstance(config, AIMConfig):
     return float(work.images * (vit + 2 * _matmul_params(params["head"]) * enc.num_patches))
+  if isinstance(config, ContrastiveConfig):
+    return _contrastive_forward(params, config, work, vit)
   total = _mm1_forward(params, config, work, vit, executed_moe)
   if isinstance(config, AIMv2Config):
     total += work.images * 2 * _matmul_params(params["pixel_head"]) * enc.num_patches
@@ -138,6 +142,26 @@ def useful_flops_counter(params, config):
     w = batch_work(batch, config)
     return sum(unit[f] * getattr(w, f) for f in unit)
   return count
+
+
+def _contrastive_forward(params, config: ContrastiveConfig, work: Work, vit: float) -> float:
+  """Per image: trunk, pooling head (a MAP head's keys and values over every patch, the
+  rest on its one query), projection. Text tower: the decoder's count over the caption
+  tokens (the batch's tokens less one placeholder an image; its attention pairs counted
+  with them, a slight overcount) and its projection, without an LM head. The B x B
+  similarity matrix (2 x B^2 x embed_dim) is left out: it is not linear in the batch, and
+  small beside the towers."""
+  enc, txt = config.encoder, config.text
+  image = vit + 2 * _matmul_params(params["image_proj"])
+  if "image_pool" in params:
+    pool = params["image_pool"]
+    kv = _matmul_params({k: v for k, v in pool.items() if k in ("key", "value")})
+    image += 2 * kv * enc.num_patches + 2 * (_matmul_params(pool) - kv) + 4 * enc.num_patches * enc.width
+  tokens = work.tokens - work.images * config.tokens_per_image  # linear in the work (useful_flops_counter)
+  text = (2 * _matmul_params(params["text"]) * tokens
+          + 4 * txt.depth * work.attention_pairs * txt.num_heads * txt.head_dim
+          + 2 * _matmul_params(params["text_proj"]) * work.images)
+  return float(work.images * image + text)
 
 
 def _mm1_forward(params, config, work: Work, vit: float, executed_moe: bool) -> float:

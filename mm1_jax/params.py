@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mm1_jax import gin_cli
-from mm1_jax.aim import ImageObjectiveConfig
+from mm1_jax.contrastive import ImageObjectiveConfig
 from mm1_jax.model import MM1Config
 
 
@@ -34,8 +34,9 @@ def abstract_params(config: MM1Config | ImageObjectiveConfig):
 
 def count_parameters(config: MM1Config | ImageObjectiveConfig, params=None) -> dict[str, int]:
   """{part: parameters}: every top-level part (MM1: encoder, connector, decoder; AIM adds
-  its pixel head), the decoder's embedding / blocks / head, total, and the active counts
-  (a sparse decoder runs top_k of its experts per token). `params`: the config's
+  its pixel head; the contrastive objective its pooling head, projections, text tower,
+  temperature and bias), the decoder's embedding / blocks / head, total, and the active
+  counts (a sparse decoder runs top_k of its experts per token). `params`: the config's
   `abstract_params`, if already at hand."""
   params = abstract_params(config) if params is None else params
   size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731

@@ -34,8 +34,8 @@ from mm1_jax import moe as moe_lib
 from mm1_jax import optim
 from mm1_jax import paths
 from mm1_jax import sharding as sharding_lib
-from mm1_jax.aim import ImageObjectiveConfig
 from mm1_jax.checkpoint import Checkpointer
+from mm1_jax.contrastive import ImageObjectiveConfig
 from mm1_jax.data import loader
 from mm1_jax.eval import fewshot, report
 from mm1_jax.metrics_writer import MetricWriter
@@ -138,9 +138,9 @@ def _mm1_loss(params, *, model: MM1, batch: dict, z_loss: float) -> tuple[jax.Ar
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, z_loss: float = 0.0, seed: int = 0) -> tuple[TrainState, dict]:
-  """One optimizer step. `model` is MM1, or an encoder pre-training objective (`mm1_jax.aim`)
-  whose `loss(batch, rng)` is used; that rng is a function of `seed` and the step, so a
-  resumed run draws what the uninterrupted one would have."""
+  """One optimizer step. `model` is MM1, or an encoder pre-training objective (`mm1_jax.aim`,
+  `mm1_jax.contrastive`) whose `loss(batch, rng)` is used; that rng is a function of `seed`
+  and the step, so a resumed run draws what the uninterrupted one would have."""
   if isinstance(model, MM1):
     loss_fn = functools.partial(_mm1_loss, model=model, batch=batch, z_loss=z_loss)
   else:
@@ -325,7 +325,8 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
           init_from: Sequence[str] = (), stop_after_steps: int = 0,
           max_consecutive_nonfinite: int = 5, eval_at_start: bool = True, hang_factor: float = 20.0,
           hang_min_seconds: float = 600.0, hang_warmup_steps: int = 5) -> int:
-  """Pre-trains MM1, or an image encoder with `model` an `mm1_jax.aim` objective config;
+  """Pre-trains MM1, or an image encoder with `model` an `mm1_jax.aim` or
+  `mm1_jax.contrastive` objective config;
   resumes from the newest checkpoint in `<workdir>/checkpoints`.
 
   Args:
@@ -347,7 +348,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     progress: show a progress bar.
     init_from: directories of pre-trained parts (`mm1-convert import` outputs or
       another run's checkpoints/), loaded into a fresh run; ignored on resume.
-      `DIR:encoder` takes only the named parts (an AIM / AIMv2 trunk).
+      `DIR:encoder` takes only the named parts (an AIM / AIMv2 / CLIP / SigLIP trunk).
     stop_after_steps: end this run after that many steps, with a checkpoint, exit
       code 0 (time-sliced jobs: the same command continues); 0 runs to train_steps.
     max_consecutive_nonfinite: a step whose loss or gradients are NaN/Inf is skipped

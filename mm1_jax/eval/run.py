@@ -17,8 +17,8 @@ import jax
 
 from mm1_jax import paths
 from mm1_jax import sharding as sharding_lib
-from mm1_jax.aim import ImageObjectiveConfig
 from mm1_jax.checkpoint import Checkpointer
+from mm1_jax.contrastive import ImageObjectiveConfig
 from mm1_jax.eval import fewshot, report
 from mm1_jax.model import MM1, MM1Config
 from mm1_jax.train import dummy_batch, init_param_shardings

@@ -34,6 +34,7 @@ from benchmarks import record  # noqa: E402  (after the checkout is on the path)
 TIERS = {"fast": ["-m", "not slow"], "all": []}
 BUDGET_S = {"fast": 180, "all": 1200}
 _COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)")
+_DURATION = re.compile(r"^([\d.]+)s (call|setup|teardown)\s+(\S.*)$")
 
 
 def counts(summary: str) -> dict[str, int]:
@@ -44,20 +45,35 @@ def counts(summary: str) -> dict[str, int]:
   return out
 
 
-def run_tier(clone: Path, tier: str, data_dir: Path) -> dict:
+def slowest(lines: list[str]) -> list[dict]:
+  """pytest's --durations lines ('12.34s call     tests/test_x.py::test_y') -> records."""
+  out = []
+  for line in lines:
+    if m := _DURATION.match(line.strip()):
+      out.append({"s": float(m.group(1)), "phase": m.group(2), "test": m.group(3)})
+  return out
+
+
+def run_tier(clone: Path, tier: str, data_dir: Path, durations: int = 0) -> dict:
   cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", *TIERS[tier]]
+  if durations:
+    cmd.append(f"--durations={durations}")
   path = os.pathsep.join(p for p in (str(clone), os.environ.get("PYTHONPATH", "")) if p)
   env = dict(os.environ, MM1_DATA_DIR=str(data_dir), PYTHONPATH=path)
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  last = ""
+  last, lines = "", []
   for line in proc.stdout:  # pytest's own progress, passed through
     sys.stdout.write(line)
+    lines.append(line)
     if line.strip():
       last = line.strip()
   proc.wait()
   wall = time.perf_counter() - t0
-  return {"wall_s": round(wall, 1), "exit_code": proc.returncode, **counts(last), "summary": last}
+  out = {"wall_s": round(wall, 1), "exit_code": proc.returncode, **counts(last), "summary": last}
+  if durations:  # worker time of each test phase; with two workers the wall time is about half the sum
+    out["slowest"] = slowest(lines)
+  return out
 
 
 def main(argv=None) -> dict:
@@ -65,6 +81,7 @@ def main(argv=None) -> dict:
   p.add_argument("--tier", choices=sorted(TIERS), default="fast")
   p.add_argument("--runs", type=int, default=1, help="runs in a row, each in its own fresh clone")
   p.add_argument("--json_out", default=None, help="record path (relative: under benchmarks/results/)")
+  p.add_argument("--durations", type=int, default=0, help="record the N slowest test phases of each run")
   args = p.parse_args(argv)
   git = record.git_state()
   runs = []
@@ -73,7 +90,7 @@ def main(argv=None) -> dict:
       clone = Path(tmp) / "clone"
       subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)], check=True)
       print(f"run {i + 1}/{args.runs}: {args.tier} tier in {clone}", flush=True)
-      runs.append(run_tier(clone, args.tier, Path(tmp) / "data"))
+      runs.append(run_tier(clone, args.tier, Path(tmp) / "data", args.durations))
   walls = [r["wall_s"] for r in runs]
   figures = {"tier": args.tier, "runs": len(runs), "all_passed": all(r["exit_code"] == 0 for r in runs),
              "wall_s_max": max(walls), "wall_s_min": min(walls), "budget_s": BUDGET_S[args.tier],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import check_figures, record
+from benchmarks import check_figures, record, test_suite
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,3 +67,15 @@ def test_every_new_record_names_its_commit_and_machine():
     assert m["cpu"] and m["cores"] >= 1 and m["isa"] is not None and "accelerator" in m, path
     assert {"python", "jax"} <= set(rec["packages"]), path
     json.dumps(rec["figures"])
+
+
+def test_suite_record_reads_pytest_durations_and_summary():
+  lines = ["============================= slowest 3 durations ==============================\n",
+           "72.01s call     tests/test_sft.py::test_sft_runs_end_to_end_from_a_pretraining_checkpoint\n",
+           "3.50s setup    tests/test_buckets.py::test_a_run_in_a_bucket[gs]\n",
+           "(1 durations < 0.005s hidden.  Use -vv to show these durations.)\n",
+           "1 failed, 925 passed, 2 skipped in 1175.80s (0:19:35)\n"]
+  assert test_suite.slowest(lines) == [
+      {"s": 72.01, "phase": "call", "test": "tests/test_sft.py::test_sft_runs_end_to_end_from_a_pretraining_checkpoint"},
+      {"s": 3.5, "phase": "setup", "test": "tests/test_buckets.py::test_a_run_in_a_bucket[gs]"}]
+  assert test_suite.counts(lines[-1]) == {"failed": 1, "passed": 925, "skipped": 2}

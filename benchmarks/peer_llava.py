@@ -77,19 +77,26 @@ def train(model, torch, s: dict, n_patches: int, steps: int, warmup: int) -> dic
 def decode(model, torch, s: dict, n_patches: int, repeats: int) -> dict:
   ids, pixels = _inputs(torch, s, s["decode_batch"], s["prompt_text"], n_patches, seed=1)
   model.eval()
-  times = []
+
+  def generate(n):
+    return model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+
+  times, prefill_times = [], []
   with torch.inference_mode():
     for i in range(repeats + 1):  # the first is a warm-up
       t = time.perf_counter()
-      out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
-                           max_new_tokens=s["new_tokens"], min_new_tokens=s["new_tokens"], do_sample=False,
-                           use_cache=True, pad_token_id=0)
+      out = generate(s["new_tokens"])
       if i:
         times.append(time.perf_counter() - t)
+      t = time.perf_counter()
+      generate(1)  # the prompt's prefill and its first token: the time not spent on new tokens
+      if i:
+        prefill_times.append(time.perf_counter() - t)
   new = out.shape[1] - ids.shape[1]
   median = statistics.median(times)
-  return {"seconds_median": median, "new_tokens": int(new), "prompt_positions": int(ids.shape[1]),
-          "tokens_per_s": s["decode_batch"] * new / median}
+  return {"seconds_median": median, "prefill_s_median": statistics.median(prefill_times), "new_tokens": int(new),
+          "prompt_positions": int(ids.shape[1]), "tokens_per_s": s["decode_batch"] * new / median}
 
 
 def main(argv=None) -> dict:

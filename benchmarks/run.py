@@ -164,7 +164,7 @@ def run_decode(s: dict, short: bool, results: dict) -> dict:
   import jax
   import numpy as np
 
-  from mm1_jax import train
+  from mm1_jax import decoder, train
   from mm1_jax.data.ids import SpecialIds
   from mm1_jax.eval.fewshot import _generate
   from mm1_jax.model import MM1
@@ -190,13 +190,23 @@ def run_decode(s: dict, short: bool, results: dict) -> dict:
   t0 = time.perf_counter()
   gen(params, tokens, valid, images).block_until_ready()
   compile_s = time.perf_counter() - t0
-  times = []
+  # The prompt's prefill alone (images encoded, the cache filled, the first logits), to split
+  # the time between the prompt and the new tokens.
+  prefill = jax.jit(lambda params, tokens, valid, images: model.apply(
+      {"params": params}, tokens, images, valid, decoder.init_cache(config.decoder, b, p + s["new_tokens"]),
+      method=MM1.prefill)[0])
+  prefill(params, tokens, valid, images).block_until_ready()
+  times, prefill_times = [], []
   for _ in range(1 if short else 3):
     t = time.perf_counter()
     out = gen(params, tokens, valid, images).block_until_ready()
     times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    prefill(params, tokens, valid, images).block_until_ready()
+    prefill_times.append(time.perf_counter() - t)
   median = statistics.median(times)
-  return {"tokens_per_s": b * out.shape[1] / median, "seconds_median": median, "compile_s": compile_s,
+  return {"tokens_per_s": b * out.shape[1] / median, "seconds_median": median,
+          "prefill_s_median": statistics.median(prefill_times), "compile_s": compile_s,
           "batch": b, "prompt_positions": p, "new_tokens": int(out.shape[1])}
 
 
@@ -209,7 +219,8 @@ def run_peer(s: dict, short: bool, results: dict) -> dict:
       raise RuntimeError(f"peer_llava.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
     r = json.loads(out.read_text())
   return {"train_tokens_per_s": r["train"]["tokens_per_s"], "train_step_s": r["train"]["step_s_median"],
-          "decode_tokens_per_s": r["decode"]["tokens_per_s"], "params": r["params"], "threads": r["threads"],
+          "decode_tokens_per_s": r["decode"]["tokens_per_s"], "decode_s": r["decode"]["seconds_median"],
+          "decode_prefill_s": r["decode"]["prefill_s_median"], "params": r["params"], "threads": r["threads"],
           "torch": r["torch"], "transformers": r["transformers"], "attention": r["attention"]}
 
 

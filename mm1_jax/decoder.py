@@ -88,14 +88,19 @@ class DecoderGroup(nn.Module):
   @nn.compact
   def __call__(self, x, mask, positions, cache_index, valid, cache):
     g = self.config.group_size
+    stacked = self.config.scan_layers  # the group's caches: stacked [g, ...], else a tuple of g
     new = []
     for i in range(g):
       sparse = i == g - 1
-      layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)  # noqa: B023
+      layer_cache = None
+      if cache is not None:
+        layer_cache = jax.tree.map(lambda a: a[i], cache) if stacked else cache[i]  # noqa: B023
       x, out = DecoderBlock(self.config, sparse, name="sparse" if sparse else f"dense_{i}")(
           x, mask, positions, cache_index, valid, layer_cache)
       new.append(out)
-    return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new))
+    if cache is None:
+      return x, None
+    return x, (jax.tree.map(lambda *a: jnp.stack(a), *new) if stacked else tuple(new))
 
 
 class Decoder(nn.Module):
@@ -130,9 +135,10 @@ class Decoder(nn.Module):
 
     Args:
       x: float[B, T, D] input embeddings.
-      mask: bool[B, 1, T, S] attention mask (S = T without a cache, cache length with one).
+      mask: bool[B, 1, T, S] attention mask (S = T without a cache; with one, the cache
+        length, or T for a prefill from slot 0 that attends over the new entries only).
       positions: int[B, T] RoPE positions.
-      cache: (key, value) caches stacked over layers, float[L, B, S, K, H] each, or None.
+      cache: the layers' key/value caches (`init_cache`), or None.
       cache_index: slot at which the T new entries are written.
       valid: bool[B, T], False on padding (sparse layers leave padding out); None: all valid.
       last_only: logits of the last position only (a prompt's prefill needs no others).
@@ -143,12 +149,19 @@ class Decoder(nn.Module):
     """
     x = sharding.constrain(x, ("batch", "length", "embed"))
     g = self.config.group_size
-    if cache is not None and g > 1:  # [L, ...] -> [L / g, g, ...]: one slice per scanned group
-      cache = jax.tree.map(lambda a: a.reshape((a.shape[0] // g, g) + a.shape[1:]), cache)
+    scan = self.config.scan_layers
+    if cache is not None and g > 1:  # one entry per group of g layers
+      if scan:  # [L, ...] -> [L / g, g, ...]
+        cache = jax.tree.map(lambda a: a.reshape((a.shape[0] // g, g) + a.shape[1:]), cache)
+      else:
+        cache = tuple(tuple(cache[i:i + g]) for i in range(0, len(cache), g))
     valid = jnp.ones(x.shape[:2], bool) if valid is None else valid
     x, new_cache = self.blocks(x, mask, positions, jnp.asarray(cache_index, jnp.int32), valid, cache)
     if new_cache is not None and g > 1:
-      new_cache = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), new_cache)
+      if scan:
+        new_cache = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), new_cache)
+      else:
+        new_cache = tuple(layer for group in new_cache for layer in group)
     x = self.ln_final(x)
     self.sow("intermediates", "hidden_states", x)  # read by mm1-convert verify
     if last_only:
@@ -170,8 +183,21 @@ class Decoder(nn.Module):
     return sharding.constrain(logits, ("batch", "length", "vocab"))
 
 
-def init_cache(config: DecoderConfig, batch: int, length: int) -> layers.KVCache:
-  """Empty (key, value) caches for all layers, float[L, B, length, K, H] each."""
-  shape = (config.depth, batch, length, config.num_kv_heads, config.head_dim)
+def init_cache(config: DecoderConfig, batch: int, length: int):
+  """Empty key/value caches for all layers, float[B, K, length, H] per layer and per key/value.
+
+  Scanned stacks: one (key, value) pair stacked over layers, float[L, B, K, length, H] each.
+  Unrolled stacks: a tuple of L (key, value) pairs, one buffer each, so that a decoding step
+  updates every layer's buffers in place rather than slicing them out of one array and
+  stacking them back (a copy of the whole cache per token).
+  """
+  shape = (batch, config.num_kv_heads, length, config.head_dim)
   dtype = jnp.dtype(config.dtype)
-  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  if config.scan_layers:
+    return jnp.zeros((config.depth,) + shape, dtype), jnp.zeros((config.depth,) + shape, dtype)
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.depth))
+
+
+def cache_length(cache) -> int:
+  """Slots S of a cache made by `init_cache`."""
+  return jax.tree.leaves(cache)[0].shape[-2]

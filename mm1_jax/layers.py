@@ -138,7 +138,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
   return out.astype(x.dtype)
 
 
-KVCache = tuple[jax.Array, jax.Array]  # (key, value): float[B, S, K, H], or [L, B, S, K, H] stacked
+# (key, value) of one layer, float[B, K, S, H] each: a query's keys are contiguous per head,
+# so decode-time attention reads them in place (no transposed copy of the cache per step).
+KVCache = tuple[jax.Array, jax.Array]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -176,12 +178,37 @@ def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chu
   return jnp.concatenate(outs, axis=1)
 
 
+def cache_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`attend` over a cache in its [B, K, S, H] layout, as batched matmuls over (B, K).
+
+  Args:
+    q: float[B, T, N, H]; k, v: float[B, K, S, H] with K dividing N.
+    mask: bool[B, 1, T, S].
+  Returns:
+    float[B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[1]
+  g = n // kh
+  q = (q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)).reshape(b, t, kh, g, h)
+  q = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)  # [B, K, G*T, H]
+  batch = ((0, 1), (0, 1))
+  s = jax.lax.dot_general(q, k, (((3,), (3,)), batch), preferred_element_type=jnp.float32)  # [B, K, G*T, S]
+  m = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
+  s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  out = jax.lax.dot_general(p, v, (((3,), (2,)), batch))  # [B, K, G*T, H]
+  return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query attention with optional RoPE and a KV cache.
 
-  With `cache=(k, v)` and `cache_index=i`, the T new keys/values are written into
-  slots [i, i + T) of the cache and the queries attend over the whole cache; the
-  caller's mask says which slots are valid for which query.
+  With `cache=(k, v)` (float[B, K, S, H] each) and `cache_index=i`, the T new keys/values
+  are written into slots [i, i + T) of the cache. With a mask over the S slots the queries
+  attend over the whole cache (decoding); with a mask over the T new entries only, they
+  attend over those (a prompt's prefill into an empty cache from slot 0, causal and chunked
+  as in training). The caller's mask says which slots are valid for which query.
   """
 
   num_heads: int
@@ -211,13 +238,16 @@ class Attention(nn.Module):
     new_cache = None
     if cache is not None:
       zero = jnp.zeros((), jnp.int32)
-      idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), idx)
-      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), idx)
-      new_cache = (k, v)
+      idx = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+      new_cache = tuple(jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype), idx)
+                        for c, a in zip(cache, (k, v)))
+      if mask is None or mask.shape[-1] != x.shape[1]:  # attend over the cache's slots
+        ck, cv = (c.astype(q.dtype) for c in new_cache)
+        out = cache_attend(q, ck, cv, mask if mask is not None else jnp.ones((1, 1, 1, ck.shape[2]), bool))
+        return dense((d,), ("heads", "kv", "embed"), "out", n_in=2)(out), new_cache
 
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if cache is None and mask is not None and self.causal_chunks > 1:
+    if mask is not None and self.causal_chunks > 1:
       out = causal_attend(q, k, v, mask, self.causal_chunks)
     else:
       out = attend(q, k, v, mask)
@@ -280,8 +310,10 @@ class BlockStack(nn.Module):
 
   The block is called as `block(carry, *shared, per_layer)` and returns
   `(carry, per_layer_out)`: `shared` arguments are the same for every layer, while
-  `per_layer` (a KV cache, or None) is sliced along its leading layer axis and the
-  outputs are stacked along it.
+  `per_layer` (a KV cache, or None) holds one entry per block: stacked along a leading
+  layer axis when scanned (the outputs stacked alike), a tuple of `depth` entries when
+  unrolled (the outputs a tuple too: each block's buffers are updated in place, never
+  sliced out of and stacked back into one array).
   """
 
   block_cls: type
@@ -306,8 +338,7 @@ class BlockStack(nn.Module):
       return scanned(*self.block_args, name="layers")(carry, *shared, per_layer)
     outs = []
     for i in range(self.depth):
-      layer_in = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)  # noqa: B023
+      layer_in = None if per_layer is None else per_layer[i]
       carry, out = block_cls(*self.block_args, name=f"block_{i}")(carry, *shared, layer_in)
       outs.append(out)
-    stacked = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return carry, stacked
+    return carry, (None if per_layer is None else tuple(outs))

@@ -134,11 +134,13 @@ class MM1(nn.Module):
     Returns:
       (logits of the last prompt position float32[B, V], filled cache)
     """
-    s = cache[0].shape[2]  # [L, B, S, K, H]
-    kv_valid = jnp.pad(valid, ((0, 0), (0, s - valid.shape[1])))
+    if decoder_lib.cache_length(cache) < tokens.shape[1]:
+      raise ValueError(f"cache of {decoder_lib.cache_length(cache)} slots for a {tokens.shape[1]}-token prompt")
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     x = self.embed_inputs(tokens, images)
-    mask = cache_mask(kv_valid, 0, tokens.shape[1], self.config.decoder.sliding_window)
+    # Over the prompt's own slots only: the cache is empty past them, so its attention is
+    # the training one (causal, chunked), and the prompt's entries are written at slot 0.
+    mask = cache_mask(valid, 0, tokens.shape[1], self.config.decoder.sliding_window)
     logits, cache = self.decoder(x, mask, positions, cache, 0, valid=valid, last_only=True)
     return logits[:, -1], cache
 

@@ -1,5 +1,7 @@
 """Shapes and behaviour of every module: ViT, C-Abstractor, decoder, MM1."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -175,6 +177,33 @@ def test_left_padded_prefill_matches_unpadded(tiny_config):
   cache = decoder.init_cache(tiny_config.decoder, 1, 20)
   last, _ = m.apply(variables, padded, images, valid, cache, method=model.MM1.prefill)
   np.testing.assert_allclose(last, full[:, -1], atol=1e-4)
+
+
+def test_attention_cache_prefill_and_steps_match_full_attention():
+  """Grouped-query attention with a KV cache: a left-padded prefill over the prompt's own
+  slots (chunked, causal), then one-token steps over the whole cache, give the no-cache
+  outputs of the full sequence, and each token's key/value lands in its own slot."""
+  b, t, p, s = 2, 10, 8, 12
+  attn = layers.Attention(num_heads=4, num_kv_heads=2, head_dim=8, causal_chunks=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, t, 16))
+  valid = np.ones((b, t), bool)
+  valid[0, :3] = False  # row 0: a prompt of 5 tokens left-padded to 8
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  seg = jnp.asarray(valid, jnp.int32)
+  variables = jax.jit(attn.init)(jax.random.PRNGKey(1), x, model.segment_causal_mask(seg), positions)
+  run = jax.jit(functools.partial(attn.apply, variables))
+  want, _ = run(x, model.segment_causal_mask(seg), positions)
+  cache = (jnp.zeros((b, 2, s, 8)), jnp.zeros((b, 2, s, 8)))
+  out, cache = run(x[:, :p], model.cache_mask(valid[:, :p], 0, p), positions[:, :p], cache, jnp.int32(0))
+  np.testing.assert_allclose(out[1], want[1, :p], atol=1e-5)
+  np.testing.assert_allclose(out[0, 3:], want[0, 3:p], atol=1e-5)  # padding queries: anything
+  kv_valid = np.pad(valid[:, :p], ((0, 0), (0, s - p)))
+  for i in range(p, t):
+    kv_valid[:, i] = True
+    out, cache = run(x[:, i:i + 1], model.cache_mask(kv_valid, i, 1), positions[:, i:i + 1], cache, jnp.int32(i))
+    np.testing.assert_allclose(out[:, 0], want[:, i], atol=1e-5)
+  written = np.abs(np.asarray(cache[0])).sum(axis=(1, 3)) > 0  # [B, S]: which slots hold a key
+  assert written[:, :t].all() and not written[:, t:].any()
 
 
 def test_cross_entropy_ignores_zero_weights():

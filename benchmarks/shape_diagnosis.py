@@ -97,6 +97,8 @@ VARIANTS = {
   "vit_p8_sincos": {"model": "vit", "vit": {"pos_embed": "sincos2d"}},
   "vit_p8_long": {"model": "vit", "vit": {}, "long": True},
   "vit_p8_mean": {"model": "vit", "vit": {}, "pool": "mean"},
+  "vit_p8_conv": {"model": "vit", "vit": {"stem": "conv"}},
+  "vit_p8_conv_sincos": {"model": "vit", "vit": {"stem": "conv", "pos_embed": "sincos2d"}},
 }
 DEFAULT_VARIANTS = ("cnn", "vit_p8", "vit_p4", "vit_p8_sincos", "vit_p8_long")
 SHORT_VARIANTS = ("cnn", "vit_p8", "vit_p8_long")  # --short: one compilation per architecture dominates

@@ -95,7 +95,13 @@ def _matmul_params(tree, skip=()) -> int:
 
 def _vit_per_image(params, enc) -> float:
   patches = enc.num_patches + (1 if enc.use_cls else 0)
-  return 2 * _matmul_params(params["encoder"]) * patches + 4 * enc.depth * patches ** 2 * enc.width
+  # A conv stem's kernels run at every output pixel of their own layer, not once a patch.
+  stem, cin = 0.0, 3
+  for channels, side in enc.stem_convs:
+    stem += 2 * 9 * cin * channels * side * side
+    cin = channels
+  return (2 * _matmul_params(params["encoder"], skip=("stem",)) * patches + stem
+          + 4 * enc.depth * patches ** 2 * enc.width)
 
 
 def forward_flops(params, config: MM1Config | AIMConfig | AIMv2Config | ContrastiveConfig, work: Work, *,

@@ -43,6 +43,7 @@ HALF = (0.5, 0.5, 0.5)  # SigLIP
 
 NORMS = ("layernorm", "rmsnorm")
 POS_EMBEDS = ("learned", "sincos2d")
+STEMS = ("patch", "conv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,12 @@ class ViTConfig:
   mlp_bias: bool = True
   patch_bias: bool = False
   pos_embed: str = "learned"  # or "sincos2d" (AIM v1; fixed, not a parameter)
+  # "patch": one linear map of each p x p patch (every trunk above); "conv": log2(p) 3x3
+  # stride-2 convolutions (stem_width channels, doubling), each followed by the trunk's norm
+  # and a GELU, then the linear map to the width (Xiao et al. 2021, "Early convolutions help
+  # transformers see better"). Same patch grid and tokens; the tiny CPU trunks use it.
+  stem: str = "patch"
+  stem_width: int = 32
   use_cls: bool = False
   pre_norm: bool = False  # LayerNorm before the blocks (CLIP's "pre_layrnorm")
   patch_norm: bool = False  # norm right after the patch embedding (AIM, AIMv2)
@@ -77,6 +84,11 @@ class ViTConfig:
       raise ValueError(f"ViTConfig.norm must be one of {NORMS}, got {self.norm!r}")
     if self.pos_embed not in POS_EMBEDS:
       raise ValueError(f"ViTConfig.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+    if self.stem not in STEMS:
+      raise ValueError(f"ViTConfig.stem must be one of {STEMS}, got {self.stem!r}")
+    if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+      raise ValueError(f"a conv stem halves the image log2(patch_size) times: patch_size must be a power "
+                       f"of 2, got {self.patch_size}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
 
@@ -90,12 +102,20 @@ class ViTConfig:
   def num_patches(self) -> int:
     return self.grid * self.grid
 
+  @property
+  def stem_convs(self) -> list[tuple[int, int]]:
+    """The conv stem's layers as (output channels, output side in pixels); [] for "patch"."""
+    if self.stem != "conv":
+      return []
+    n = self.patch_size.bit_length() - 1
+    return [(self.stem_width * 2 ** i, -(-self.image_size // 2 ** (i + 1))) for i in range(n)]
 
-def _norm(c: ViTConfig, name: str) -> nn.Module:
+
+def _norm(c: ViTConfig, name: str, axis_name: str = "embed") -> nn.Module:
   dtype = jnp.dtype(c.dtype)
   if c.norm == "rmsnorm":
-    return layers.RMSNorm(c.norm_eps, dtype=dtype, name=name)
-  return layers.LayerNorm(c.norm_eps, dtype=dtype, name=name)
+    return layers.RMSNorm(c.norm_eps, dtype=dtype, axis_name=axis_name, name=name)
+  return layers.LayerNorm(c.norm_eps, dtype=dtype, axis_name=axis_name, name=name)
 
 
 def sincos_2d(grid: int, width: int, temperature: float = 10000.0) -> np.ndarray:
@@ -176,6 +196,26 @@ class EncoderBlock(nn.Module):
     return sharding.constrain(x, ("batch", "length", "embed")), None
 
 
+class ConvStem(nn.Module):
+  """float[B, H, W, 3] -> float[B, (H / p) * (W / p), C]: 3x3 stride-2 convolutions, each
+  followed by the trunk's norm and a GELU, in row-major patch order like `patchify`."""
+
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    for i, (channels, _) in enumerate(c.stem_convs):
+      init = sharding.partitioned(nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                                  (None, None, None, "mlp"))
+      x = nn.Conv(channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                  kernel_init=init, name=f"conv_{i}")(x)
+      x = nn.gelu(_norm(c, f"ln_{i}", axis_name="mlp")(x), approximate=False)
+    b, h, w, ch = x.shape
+    return x.reshape(b, h * w, ch)
+
+
 class ViT(nn.Module):
   """images: uint8|float[B, H, W, 3] -> patch features float[B, L, D] (CLS dropped)."""
 
@@ -189,7 +229,10 @@ class ViT(nn.Module):
     b, hgt, wid, _ = images.shape
     if (hgt, wid) != (c.image_size, c.image_size):
       raise ValueError(f"expected {c.image_size}px images, got {hgt}x{wid}")
-    x = patchify(normalise_pixels(images, c), c.patch_size)  # then one linear projection
+    if c.stem == "conv":
+      x = ConvStem(c, name="stem")(normalise_pixels(images, c))  # [B, grid * grid, channels]
+    else:
+      x = patchify(normalise_pixels(images, c), c.patch_size)  # then one linear projection
     x = layers.Linear((c.width,), ("patch", "embed"), use_bias=c.patch_bias, dtype=dtype,
                       name="patch_embed")(x)
     if c.patch_norm:

@@ -273,3 +273,23 @@ def test_scanned_program_size_does_not_grow_with_depth(tiny_config, sparse):
 
   assert program_size(8, True) / program_size(2, True) < 1.05
   assert program_size(8, False) / program_size(2, False) > 2.0
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_stem_tokens_are_patches_in_row_major_order(stem):
+  """A pixel at the top-left corner of patch (row 1, column 5) reaches token 1 * 8 + 5 alone:
+  catches a conv stem whose output grid is flattened column-major, or whose receptive
+  fields are shifted by a patch, against the patch stem's order."""
+  c = vit.ViTConfig(image_size=64, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem=stem,
+                    stem_width=8, scan_layers=False)
+  stem_fn = vit.ConvStem(c) if stem == "conv" else None
+  images = np.full((1, 64, 64, 3), 0.5, np.float32)
+  poked = images.copy()
+  poked[0, 8, 40] = 1.0
+  if stem == "conv":
+    params = stem_fn.init(jax.random.PRNGKey(0), images)
+    out, ref = stem_fn.apply(params, poked), stem_fn.apply(params, images)
+  else:
+    out, ref = vit.patchify(poked, 8), vit.patchify(images, 8)
+  changed = np.flatnonzero(np.abs(np.asarray(out - ref)).max(-1) > 1e-6)
+  assert changed.tolist() == [13]

@@ -91,3 +91,20 @@ def test_the_per_step_counter_agrees_with_the_direct_count():
   batch["segment_ids"] = np.array([[1] * 10 + [2] * 4 + [0] * 2, [1] * 16])
   direct = flops.useful_train_flops(params, config, batch)
   assert flops.useful_flops_counter(params, config)(batch) == pytest.approx(direct, rel=1e-12)
+
+
+def test_a_conv_stem_is_counted_at_its_own_resolution():
+  """Catches conv-stem kernels counted once a patch (as the trunk's matmuls are) instead of
+  at every output pixel of their layer: here the stem is most of the trunk's work. XLA also
+  counts the stem's norms and GELUs at full resolution (about 5 % here), which we leave out."""
+  enc = vit.ViTConfig(image_size=64, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=128, stem="conv",
+                      stem_width=64, scan_layers=False)
+  m = vit.ViT(enc)
+  images = np.zeros((1, 64, 64, 3), np.uint8)
+  params = nn.meta.unbox(jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), images)))["params"]
+  xla = jax.jit(lambda p: m.apply({"params": p}, images)).lower(params).cost_analysis()["flops"]
+  ours = flops._vit_per_image({"encoder": params}, enc)
+  stem_share = 1 - flops._vit_per_image({"encoder": {k: v for k, v in params.items() if k != "stem"}},
+                                        dataclasses.replace(enc, stem="patch")) / ours
+  assert stem_share > 0.5
+  assert ours == pytest.approx(xla, rel=0.07), (ours, xla)

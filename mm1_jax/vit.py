@@ -13,7 +13,9 @@ aim-v2/aim/v2/torch/models.py): the patch embedding is a convolution with a bias
 by the trunk's norm (`PatchEmbed(norm_layer=...)`), attention and MLP have no biases, and
 AIM's sin-cos embedding has the column (x) half first, then the row (y) half.
 
-Presets for each live in gin/encoders/. Images enter as uint8[B, H, W, 3] (or float
+Any trunk can take a conv stem instead of the linear patch projection (`stem = "conv"`:
+3x3 stride-2 convolutions down to the same patch grid, Xiao et al. 2021); the CPU-sized
+trunks learn shapes faster with it (docs/results.md). Presets for each live in gin/encoders/. Images enter as uint8[B, H, W, 3] (or float
 in [0, 1]) and are normalised here with the encoder's own mean and std, so batches
 travel to the devices as bytes.
 

@@ -15,6 +15,7 @@ import pytest
 
 from mm1_jax import aim, connector, decoder, gin_checks, params as params_lib, pretrained, vit
 from mm1_jax.model import cross_entropy
+from helpers.handover import encoder_loaded_into
 from test_train import REPO, _env
 
 ENC = vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64,
@@ -302,18 +303,12 @@ def test_aimv2_run_lowers_both_losses_and_mm1_starts_from_its_trunk(tmp_path):
     assert r["loss"] == pytest.approx(r["caption_loss"] + r["pixel_loss"], rel=1e-4)  # PIXEL_WEIGHT = 1
 
   # The trunk, and only the trunk, starts MM1-tiny (with the AIMv2-flavoured encoder).
-  import gin
-  from mm1_jax import gin_checks, train
   from mm1_jax.checkpoint import load_params
   gin.clear_config()
   gin_checks.parse(["gin/experiments/quickstart.gin", "gin/encoders/aimv2_tiny.gin"], [], [str(REPO)])
   mm1_config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   gin.clear_config()
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  abstract, shardings = train.init_param_shardings(mm1_config.build(), train.dummy_batch(1, 32, 1, mm1_config),
-                                                   mesh, ())
-  fresh = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
-  loaded = pretrained.load_pretrained(fresh, shardings, [f"{run / 'checkpoints'}:encoder"], mm1_config)
+  loaded = encoder_loaded_into(mm1_config, run / "checkpoints")
   source = load_params(run / "checkpoints")["encoder"]
   for a, b in zip(jax.tree.leaves(loaded["encoder"]), jax.tree.leaves(source)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

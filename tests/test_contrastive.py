@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mm1_jax import checkpoint, contrastive, decoder, flops, gin_checks, gin_files, optim, pretrained, train, vit
+from mm1_jax import checkpoint, contrastive, decoder, flops, gin_checks, gin_files, optim, train, vit
 from mm1_jax import params as params_lib
 from mm1_jax.contrastive import ContrastiveConfig
+from helpers.handover import encoder_loaded_into
 
 ENC = vit.ViTConfig(image_size=16, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
                     scan_layers=False)  # 2 x 2 = 4 patches
@@ -251,11 +252,7 @@ def test_experiment_builds_and_its_trunk_starts_mm1(tmp_path):
   ckpt.save(1, train.TrainState.create(params, {}), {}, force=True)
   ckpt.close()
 
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  mm1_abstract, shardings = train.init_param_shardings(mm1_config.build(), train.dummy_batch(1, 32, 1, mm1_config),
-                                                       mesh, ())
-  fresh = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), mm1_abstract, shardings)
-  loaded = pretrained.load_pretrained(fresh, shardings, [f"{tmp_path / 'checkpoints'}:encoder"], mm1_config)
+  loaded = encoder_loaded_into(mm1_config, tmp_path / "checkpoints")
   for a, b in zip(jax.tree.leaves(loaded["encoder"]), jax.tree.leaves(params["encoder"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.asarray(loaded["decoder"]["embedding"]["embedding"]).any()  # the text tower stays behind

@@ -1,0 +1,100 @@
+"""Does the quickstart model tell the shapes apart? VQA per answer type, and its trunk probed.
+
+  python -m benchmarks.quickstart_shapes                   # three quickstarts, about 40 minutes on 2 cores
+  python -m benchmarks.quickstart_shapes --seeds=3         # with seed-to-seed standard errors
+
+1. `mm1-sweep` over gin/ablations/trunk.sweep on gin/experiments/quickstart.gin (the trunk as
+   shipped, sin-cos positions, a conv stem with sin-cos positions), each run evaluated at its
+   last step on all 512 held-out VQA questions, zero-shot and 4-shot.
+2. `mm1-probe` of each run's trunk (frozen features, the leftmost shape's kind and colour, the
+   count) beside the same trunk at random initialisation: whether the pre-training put shape
+   into the encoder at all, whatever the decoder makes of it.
+
+Per variant and answer type the record holds the accuracy, its standard error over the
+questions (binomial, sqrt(p (1 - p) / n): the evaluation sample's share of the noise only) and,
+with --seeds > 1, the mean and standard error over seeds; beside them the blind guess (the most
+frequent answer of each type). Writes benchmarks/results/quickstart_shapes/cpu_2core.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from benchmarks import record
+from benchmarks.jobs import REPO, record_header, run_logged, write_record
+from benchmarks.sft_vqa import _blind_guess
+
+OUT = REPO / "benchmarks" / "results" / "quickstart_shapes" / "cpu_2core.json"
+SWEEP = "gin/ablations/trunk.sweep"
+TYPES = ("shape", "colour", "number")
+
+
+def _final_eval(run: Path) -> dict:
+  step_file = max(run.glob("eval/step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))
+  return json.loads(step_file.read_text())["results"]
+
+
+def _per_type(results: dict, blind: dict, shots: int) -> dict:
+  out = {}
+  for t in TYPES:
+    p = results[f"shapes_vqa/{shots}shot/accuracy/{t}"]
+    n = blind[t]["questions"]
+    out[t] = {"accuracy": round(p, 4), "se_over_questions": round(math.sqrt(p * (1 - p) / n), 4),
+              "questions": n, "blind_guess": blind[t]["its_share"]}
+  return out
+
+
+def _over_seeds(values: list[float]) -> dict:
+  out = {"n": len(values), "mean": round(statistics.fmean(values), 4)}
+  if len(values) > 1:
+    out["se"] = round(statistics.stdev(values) / math.sqrt(len(values)), 4)
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--root", default="/tmp/mm1_quickstart_shapes", help="the sweep's folder (runs are kept)")
+  p.add_argument("--seeds", type=int, default=1)
+  p.add_argument("--json_out", default=str(OUT))
+  args = p.parse_args(argv)
+  py, root = sys.executable, Path(args.root)
+  root.mkdir(parents=True, exist_ok=True)
+  git = record.git_state()
+  sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin", f"--sweep={SWEEP}",
+               f"--seeds={args.seeds}", f"--root={root}", "--gin.fewshot.FewShotConfig.benchmarks=('shapes_vqa',)",
+               "--gin.fewshot.FewShotConfig.shots=(0, 4)", "--gin.fewshot.FewShotConfig.num_queries=None",
+               "--gin.train.train.eval_at_start=False", "--gin.train.train.progress=False"]
+  wall = run_logged(sweep_cmd, root / "sweep_output.txt")
+  plan = json.loads((root / "sweep.json").read_text())
+  blind = _blind_guess()
+  variants: dict[str, dict] = {}
+  for run in plan["runs"]:
+    workdir = Path(run["workdir"])
+    results = _final_eval(workdir)
+    probe_json = workdir / "probe.json"
+    if not probe_json.exists():
+      run_logged([py, "-m", "mm1_jax", "probe", f"--gin_file={workdir / 'config.gin'}",
+                  f"--init_from={workdir / 'checkpoints'}", "--baseline", "--no_progress",
+                  f"--json_out={probe_json}"], workdir / "probe_output.txt")
+    v = variants.setdefault(run["cell"], {"runs": []})
+    v["runs"].append({"seed": run["seed"], "seconds": run.get("seconds"),
+                      "vqa_0shot": _per_type(results, blind, 0), "vqa_4shot": _per_type(results, blind, 4),
+                      "probe": json.loads(probe_json.read_text())})
+  for v in variants.values():
+    for shots in ("vqa_0shot", "vqa_4shot"):
+      v[f"{shots}_over_seeds"] = {t: _over_seeds([r[shots][t]["accuracy"] for r in v["runs"]]) for t in TYPES}
+  result = {**record_header(), "command": " ".join(sweep_cmd[1:]), "sweep_wall_s": wall, "blind_guess": blind,
+            "variants": variants}
+  write_record(Path(args.json_out), result, git=git, benchmark="quickstart_shapes")
+  for name, v in variants.items():
+    print(name, json.dumps(v["vqa_0shot_over_seeds"]), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -23,6 +23,8 @@ entropies. Variants:
                  (ViTConfig.pos_embed="sincos2d") instead of the learned one
   vit_p8_long    the MM1-tiny trunk, --long_factor times the steps (and data)
   vit_p8_mean    (not in the default set) mean pooling instead of the attentive pool
+  vit_p8_conv    (not in the default set) a conv stem (ViTConfig.stem = "conv") in place of the
+                 linear patch projection; vit_p8_conv_sincos: with sin-cos positions too
 
 The ViT heads pool the trunk's tokens with an attentive pool (one learned query per task,
 4 heads, as `mm1-probe` uses), then LayerNorm and a linear classifier; --pool=mean
@@ -322,7 +324,8 @@ def train_run(cfg: RunConfig, spec: dict, train_set, val_set, test_set, eval_chu
   step_s = (time.perf_counter() - t1) / max(1, cfg.steps - 1)
   val = evaluate(predict, params, *val_set, chunk=eval_chunk)
   test = evaluate(predict, params, *test_set, chunk=eval_chunk)
-  vit_fields = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "norm", "final_norm")
+  vit_fields = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "norm", "final_norm", "stem",
+                "stem_width")
   return {"variant": cfg.variant, "lr": cfg.lr, "steps": cfg.steps, "batch_size": cfg.batch_size,
           "examples_seen": cfg.steps * cfg.batch_size,
           "data": f"fixed {cfg.num_train}" if cfg.num_train else "fresh",

@@ -153,6 +153,8 @@ class ContrastiveConfig:
       raise ValueError(f"ContrastiveConfig.pool must be one of {POOLS}, got {self.pool!r}")
     if self.text.moe is not None:
       raise ValueError("the text tower is dense (DecoderConfig.moe = None)")
+    if self.text.sliding_window is not None:
+      raise ValueError("the text tower attends over the whole caption (DecoderConfig.sliding_window = None)")
     if self.pool == "map" and self.encoder.width % self.pool_heads:
       raise ValueError(f"encoder width {self.encoder.width} is not a multiple of pool_heads {self.pool_heads}")
 
@@ -241,7 +243,11 @@ class Contrastive(nn.Module):
       loss = siglip_loss(img, txt, valid, scale, self.logit_bias)
       extra = {"logit_bias": self.logit_bias}
     else:
-      scale = jnp.minimum(jnp.exp(self.logit_scale), c.max_logit_scale)
+      # Capped at max_logit_scale in the forward pass; the gradient passes the cap unchanged
+      # (CLIP clamps the parameter itself), so a scale that overshoots can come back down.
+      log_scale = self.logit_scale
+      log_scale = log_scale - jax.lax.stop_gradient(jax.nn.relu(log_scale - math.log(c.max_logit_scale)))
+      scale = jnp.exp(log_scale)
       loss = clip_loss(img, txt, valid, scale)
       extra = {}
     i2t, t2i = retrieval_accuracy(sim, valid)

@@ -245,6 +245,11 @@ class Attention(nn.Module):
         ck, cv = (c.astype(q.dtype) for c in new_cache)
         out = cache_attend(q, ck, cv, mask if mask is not None else jnp.ones((1, 1, 1, ck.shape[2]), bool))
         return dense((d,), ("heads", "kv", "embed"), "out", n_in=2)(out), new_cache
+      # A mask as wide as the new entries: they attend among themselves only, which is right
+      # for the prefill of an empty cache and nothing else.
+      if isinstance(cache_index, int) and cache_index != 0:
+        raise ValueError(f"a mask over the {x.shape[1]} new entries only is for a prefill at cache slot 0, "
+                         f"got slot {cache_index}; give a mask over the cache's slots")
 
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if mask is not None and self.causal_chunks > 1:

@@ -3,9 +3,9 @@
 Each DIR is an `mm1-convert import` output (an encoder or a decoder from Hugging
 Face) or another run's checkpoints/ folder (all parts). MM1 trains from a
 pre-trained CLIP encoder and a pre-trained LLM, so a typical run names two.
-`DIR:part,part` takes only the named parts: an image trunk pre-trained with AIM or
-AIMv2 (`mm1_jax.aim`) is `<run>/checkpoints:encoder`, leaving its pixel head and
-caption decoder behind.
+`DIR:part,part` takes only the named parts: an image trunk pre-trained with AIM,
+AIMv2 (`mm1_jax.aim`) or a contrastive loss (`mm1_jax.contrastive`) is
+`<run>/checkpoints:encoder`, leaving its pixel head, caption decoder or text tower behind.
 
 Loaded parts are brought to the model's layout before they replace the fresh
 parameters:

@@ -13,7 +13,7 @@ Tasks, labels read off generated shapes-world scenes (streams disjoint from the 
   mm1-probe --gin_file=gin/experiments/aim_pretrain.gin --init_from=/tmp/aim/checkpoints --baseline
   mm1-probe --gin_file=gin/experiments/quickstart.gin --init_from=/tmp/mm1_quickstart/checkpoints
 
-The trunk is the `encoder` of the gin file's MODEL (MM1, AIM or AIMv2): --init_from
+The trunk is the `encoder` of the gin file's MODEL (MM1, AIM, AIMv2, contrastive): --init_from
 names a run's checkpoints/ folder (newest step) or an `mm1-convert import` output. It
 runs with bidirectional attention, as MM1 uses it. --baseline also probes the same
 trunk randomly initialised (seed 0), the reference a pre-training must beat. Output:

@@ -204,6 +204,10 @@ def test_attention_cache_prefill_and_steps_match_full_attention():
     np.testing.assert_allclose(out[:, 0], want[:, i], atol=1e-5)
   written = np.abs(np.asarray(cache[0])).sum(axis=(1, 3)) > 0  # [B, S]: which slots hold a key
   assert written[:, :t].all() and not written[:, t:].any()
+  # Two new tokens appended at slot 8 with a mask over themselves only would ignore the
+  # prompt in the cache: refused rather than computed.
+  with pytest.raises(ValueError, match="prefill at cache slot 0"):
+    attn.apply(variables, x[:, :2], model.segment_causal_mask(seg[:, :2]), positions[:, :2], cache, p)
 
 
 def test_cross_entropy_ignores_zero_weights():

@@ -28,6 +28,7 @@ from pathlib import Path
 from benchmarks import record
 from benchmarks.jobs import REPO, record_header, run_logged, write_record
 from benchmarks.sft_vqa import _blind_guess
+from mm1_jax.eval import report
 
 OUT = REPO / "benchmarks" / "results" / "quickstart_shapes" / "cpu_2core.json"
 SWEEP = "gin/ablations/trunk.sweep"
@@ -35,8 +36,10 @@ TYPES = ("shape", "colour", "number")
 
 
 def _final_eval(run: Path) -> dict:
-  step_file = max(run.glob("eval/step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))
-  return json.loads(step_file.read_text())["results"]
+  """The scores of the run's newest evaluation."""
+  if not (found := report.load_results(run / "eval")):
+    raise SystemExit(f"{run} has no evaluation (eval/step_<N>.json); see its sweep_log.txt")
+  return found[max(found)]
 
 
 def _per_type(results: dict, blind: dict, shots: int) -> dict:

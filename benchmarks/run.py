@@ -258,6 +258,29 @@ def run_preflight(s: dict, short: bool, results: dict) -> dict:
   return out
 
 
+def _side_by_side(measured: dict, names: list[str], suite_dir: Path, git: dict, short: bool) -> None:
+  """Adds to the peer's record its ratios to the benchmarks measured in the same run (a ratio
+  survives a noisy machine only when both sides ran together): train step time, whole
+  greedy generate, and the generate less its prefill (the decode loop alone)."""
+  from benchmarks import record
+
+  peer, ratios = measured["peer"], {}
+  if "train_small" in names:
+    ratios["train_speedup_vs_peer"] = peer["train_step_s"] / measured["train_small"]["step_s_median"]
+  if "decode" in names:
+    ours = measured["decode"]
+    ratios["decode_speedup_vs_peer"] = ours["tokens_per_s"] / peer["decode_tokens_per_s"]
+    ratios["prefill_speedup_vs_peer"] = peer["decode_prefill_s"] / ours["prefill_s_median"]
+    ratios["decode_loop_s"] = ours["seconds_median"] - ours["prefill_s_median"]
+    ratios["peer_decode_loop_s"] = peer["decode_s"] - peer["decode_prefill_s"]
+    ratios["decode_loop_speedup_vs_peer"] = ratios["peer_decode_loop_s"] / ratios["decode_loop_s"]
+  if ratios:
+    path = suite_dir / "peer.json"
+    wall_s = json.loads(path.read_text()).get("wall_s")
+    peer.update(ratios)
+    record.write(path, "peer", peer, git=git, short=short, wall_s=wall_s)
+
+
 RUNNERS = {"peak": run_peak, "train_small": run_train_small, "train_small_cabs": run_train_small_cabs,
            "moe_vs_dense": run_moe_vs_dense, "decode": run_decode, "peer": run_peer, "loader": run_loader,
            "preflight": run_preflight}
@@ -408,6 +431,8 @@ def main(argv=None) -> dict:
     record.write(suite_dir / f"{name}.json", name, measured[name], git=git, short=args.short,
                  wall_s=round(time.perf_counter() - t0, 1))
     log(f"{name}: {time.perf_counter() - t0:.0f} s {json.dumps(measured[name])[:300]}")
+  if "peer" in names:
+    _side_by_side(measured, names, suite_dir, git, args.short)
   render(results_dir, md)
   if args.json_out:
     Path(args.json_out).write_text(json.dumps({n: measured[n] for n in names}, indent=1) + "\n")

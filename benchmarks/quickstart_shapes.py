@@ -2,9 +2,11 @@
 
   python -m benchmarks.quickstart_shapes                   # three quickstarts, about 40 minutes on 2 cores
   python -m benchmarks.quickstart_shapes --seeds=3         # with seed-to-seed standard errors
+  python -m benchmarks.quickstart_shapes --sweep=gin/ablations/encoder_lr.sweep \
+      --json_out=benchmarks/results/quickstart_shapes/encoder_lr_cpu_2core.json
 
-1. `mm1-sweep` over gin/ablations/trunk.sweep on gin/experiments/quickstart.gin (the trunk as
-   shipped, sin-cos positions, a conv stem with sin-cos positions), each run evaluated at its
+1. `mm1-sweep` over gin/ablations/trunk.sweep (or --sweep) on gin/experiments/quickstart.gin
+   (the trunk as shipped, sin-cos positions, a conv stem with sin-cos positions), each run evaluated at its
    last step on all 512 held-out VQA questions, zero-shot and 4-shot.
 2. `mm1-probe` of each run's trunk (frozen features, the leftmost shape's kind and colour, the
    count) beside the same trunk at random initialisation: whether the pre-training put shape
@@ -63,12 +65,13 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default="/tmp/mm1_quickstart_shapes", help="the sweep's folder (runs are kept)")
   p.add_argument("--seeds", type=int, default=1)
+  p.add_argument("--sweep", default=SWEEP, help="the sweep file of the variants")
   p.add_argument("--json_out", default=str(OUT))
   args = p.parse_args(argv)
   py, root = sys.executable, Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
   git = record.git_state()
-  sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin", f"--sweep={SWEEP}",
+  sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin", f"--sweep={args.sweep}",
                f"--seeds={args.seeds}", f"--root={root}", "--gin.fewshot.FewShotConfig.benchmarks=('shapes_vqa',)",
                "--gin.fewshot.FewShotConfig.shots=(0, 4)", "--gin.fewshot.FewShotConfig.num_queries=None",
                "--gin.train.train.eval_at_start=False", "--gin.train.train.progress=False"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import jax
 import optax
@@ -23,6 +24,12 @@ class OptimizerConfig:
       decay of 0.1 x peak LR at the peak. Every weight matrix (MoE experts and router
       included); norms, biases and position tables are not decayed.
     clip_norm: global gradient-norm clip.
+    lr_multipliers: per top-level component of the model ("encoder", "connector",
+      "decoder"), a factor on its learning rate (warmup, decay and weight decay scale
+      with it); 0 freezes the component: its gradients are zeroed before the global-norm
+      clip and it keeps no optimizer state. None (default): one rate for everything, as
+      MM1 trains all components. A frozen image encoder or a slower one is the usual
+      lever when a pre-trained encoder meets a fresh connector and decoder.
   """
 
   peak_lr: float = 1e-3
@@ -33,6 +40,7 @@ class OptimizerConfig:
   b2: float = 0.95
   eps: float = 1e-8
   clip_norm: float = 1.0
+  lr_multipliers: Mapping[str, float] | None = None
 
 
 # MM1's peak learning rate as a function of the decoder's parameter count N (MM1, section
@@ -103,12 +111,51 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _component(path) -> str:
+  """The top-level component ("encoder", "connector", "decoder", ...) a leaf belongs to."""
+  return next(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _component_labels(params, multipliers: Mapping[str, float]):
+  """Each leaf's component if it has a multiplier, else "default"."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _component(path) if _component(path) in multipliers else "default", params)
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer and its base schedule (the rate of every component without a
+  multiplier; `lr_multipliers` scale it per component)."""
   schedule = make_schedule(config, total_steps)
+
+  def adamw(scale: float) -> optax.GradientTransformation:
+    lr = schedule if scale == 1.0 else (lambda step: scale * schedule(step))
+    return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
+                       weight_decay=config.weight_decay, mask=_decay_mask)
+
+  if not config.lr_multipliers:
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw(1.0)), schedule
+  multipliers = dict(config.lr_multipliers)
+  if any(v < 0 for v in multipliers.values()):
+    raise ValueError(f"lr_multipliers must be >= 0, got {multipliers}")
+  frozen = {k for k, v in multipliers.items() if v == 0}
+
+  def labels(params):
+    found = {_component(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    unknown = set(multipliers) - found
+    if unknown:
+      raise ValueError(f"lr_multipliers names {sorted(unknown)}, not components of the model "
+                       f"({sorted(found)})")
+    return _component_labels(params, multipliers)
+
+  def frozen_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: _component(path) in frozen, params)
+
+  transforms = {k: optax.set_to_zero() if v == 0 else adamw(v) for k, v in multipliers.items()}
+  transforms["default"] = adamw(1.0)
   tx = optax.chain(
+      optax.masked(optax.set_to_zero(), frozen_mask),  # frozen: out of the clip's global norm
       optax.clip_by_global_norm(config.clip_norm),
-      optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                  weight_decay=config.weight_decay, mask=_decay_mask),
+      optax.multi_transform(transforms, labels),
   )
   return tx, schedule

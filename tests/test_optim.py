@@ -1,4 +1,5 @@
-"""Weight decay reaches every weight matrix of every preset, and nothing else."""
+"""Weight decay reaches every weight matrix of every preset, and nothing else; per-component
+learning-rate multipliers and freezing."""
 
 import math
 from pathlib import Path
@@ -7,6 +8,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mm1_jax import optim
@@ -65,3 +67,46 @@ def test_moe_experts_are_decayed_by_the_optimizer():
   assert float(new["moe"]["gate"][0, 0, 0]) == pytest.approx(1 - lr * 0.5)
   assert float(new["moe"]["router"][0, 0]) == pytest.approx(1 - lr * 0.5)
   assert float(new["ln"]["scale"][0]) == pytest.approx(1.0)
+
+
+def _step(config, params, grads):
+  tx, schedule = optim.make_optimizer(config, 10)
+  updates, state = tx.update(grads, tx.init(params), params)
+  return updates, state, float(schedule(0))
+
+
+def test_lr_multiplier_scales_one_component():
+  """Catches a multiplier applied to the wrong subtree or not at all: Adam's first step
+  moves every weight by lr x sign(g), so equal gradients give the encoder 0.1 of the
+  decoder's step."""
+  params = {"encoder": {"w": {"kernel": jnp.ones((2, 2))}}, "decoder": {"w": {"kernel": jnp.ones((2, 2))}}}
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  config = optim.OptimizerConfig(peak_lr=0.1, warmup_steps=0, weight_decay=0.0,
+                                 lr_multipliers={"encoder": 0.1})
+  updates, _, lr = _step(config, params, grads)
+  np.testing.assert_allclose(updates["decoder"]["w"]["kernel"], -lr, rtol=1e-4)
+  np.testing.assert_allclose(updates["encoder"]["w"]["kernel"], -0.1 * lr, rtol=1e-4)
+
+
+def test_frozen_component_keeps_no_state_and_leaves_the_clip():
+  """Catches a frozen encoder that still moves, still holds Adam moments, or whose
+  gradient still counts in the global-norm clip (a huge encoder gradient would then
+  shrink the decoder's step)."""
+  params = {"encoder": {"w": {"kernel": jnp.ones((64, 64))}}, "decoder": {"w": {"kernel": jnp.ones((2, 2))}}}
+  grads = {"encoder": {"w": {"kernel": 1e3 * jnp.ones((64, 64))}},
+           "decoder": {"w": {"kernel": jnp.full((2, 2), 0.1)}}}
+  base = dict(peak_lr=0.1, warmup_steps=0, weight_decay=0.1, clip_norm=1.0, b1=0.0, b2=0.0)
+  frozen, state, _ = _step(optim.OptimizerConfig(**base, lr_multipliers={"encoder": 0.0}), params, grads)
+  assert not np.any(frozen["encoder"]["w"]["kernel"])
+  assert max(x.size for x in jax.tree.leaves(state)) < 64 * 64  # no moments of the encoder
+  # The same decoder alone, without the encoder: the decoder's step must not change.
+  alone, _, _ = _step(optim.OptimizerConfig(**base), {"decoder": params["decoder"]},
+                      {"decoder": grads["decoder"]})
+  np.testing.assert_allclose(frozen["decoder"]["w"]["kernel"], alone["decoder"]["w"]["kernel"], rtol=1e-6)
+
+
+def test_lr_multiplier_names_must_be_components():
+  params = {"encoder": {"w": {"kernel": jnp.ones((2, 2))}}}
+  tx, _ = optim.make_optimizer(optim.OptimizerConfig(lr_multipliers={"vision": 0.0}), 10)
+  with pytest.raises(ValueError, match="vision"):
+    tx.init(params)

@@ -43,8 +43,9 @@ def synthetic_batch(config, batch_size: int, seq_len: int, max_images: int, seed
 
 def measure(config, batch_size: int, seq_len: int, max_images: int, *, steps: int = 20, warmup: int = 3,
             mesh_shape: tuple[int, ...] = (-1, 1, 1), peak_flops_per_device: float | None = None,
-            progress: bool = True) -> dict:
-  """Times the jitted train step of `config` (an MM1Config); returns the JSON record."""
+            progress: bool = True, logit_positions: int | None = None) -> dict:
+  """Times the jitted train step of `config` (an MM1Config); returns the JSON record.
+  `logit_positions`: the LM head only at positions with loss (`train.train`'s option)."""
   import flax.linen as nn
   import jax
   from tqdm import tqdm
@@ -59,7 +60,7 @@ def measure(config, batch_size: int, seq_len: int, max_images: int, *, steps: in
   model = MM1(config)
   state, shardings = train.init_train_state(model, tx, batch, jax.random.PRNGKey(0), mesh, mesh_cfg.rules)
   bsh = {k: sharding.batch_sharding(mesh, mesh_cfg.rules, v.ndim) for k, v in batch.items()}
-  step = train.make_train_step(model, tx, schedule, shardings, bsh)
+  step = train.make_train_step(model, tx, schedule, shardings, bsh, logit_positions=logit_positions)
   gbatch = train.global_batch(batch, bsh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
@@ -100,7 +101,7 @@ def measure(config, batch_size: int, seq_len: int, max_images: int, *, steps: in
       "model_flops_per_step": step_flops, "flops_per_s": step_flops / median,
       "peak_flops_per_device": peak, "peak_source": peak_source,
       "mfu": step_flops / median / (peak * jax.device_count()),
-      "final_loss": float(m["loss"]),
+      "final_loss": float(m["loss"]), "logit_positions": logit_positions,
       **({"moe_drop_rate": float(m["moe_drop_rate"])} if "moe_drop_rate" in m else {}),
   }
 
@@ -123,6 +124,8 @@ def main(argv=None) -> dict:
   p.add_argument("--peak_flops_per_device", type=float, default=None,
                  help="MFU denominator; default: the device's (mm1_jax.hardware: datasheet bf16 peak of a "
                       "GPU/TPU, or the CPU's peak derived from its instruction set)")
+  p.add_argument("--logit_positions", type=int, default=None,
+                 help="the LM head only at positions with loss, up to this many a row (default: every position)")
   p.add_argument("--json_out", default=None)
   args = p.parse_args(rest)
   args.gin_file = args.gin_file or ["gin/models/mm1_tiny.gin"]
@@ -135,7 +138,7 @@ def main(argv=None) -> dict:
   config = gin.query_parameter("%MODEL").scoped_configurable_fn()
   record = measure(config, args.batch_size, args.seq_len, args.max_images, steps=args.steps,
                    warmup=args.warmup, mesh_shape=tuple(int(x) for x in args.mesh_shape.split(",")),
-                   peak_flops_per_device=args.peak_flops_per_device)
+                   peak_flops_per_device=args.peak_flops_per_device, logit_positions=args.logit_positions)
   record.update(model_gin=args.gin_file, gin=bindings)
   print(json.dumps(record, indent=1))
   if args.json_out:

@@ -39,7 +39,7 @@ from mm1_jax.contrastive import ImageObjectiveConfig
 from mm1_jax.data import loader
 from mm1_jax.eval import fewshot, report
 from mm1_jax.metrics_writer import MetricWriter
-from mm1_jax.model import MM1, MM1Config, cross_entropy
+from mm1_jax.model import MM1, MM1Config, cross_entropy_at_targets
 from mm1_jax.pretrained import load_pretrained
 
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions", "images")
@@ -121,13 +121,17 @@ def init_param_shardings(model: MM1, batch: dict, mesh: jax.sharding.Mesh, rules
   return nn.meta.unbox(boxed), sharding_lib.logical_shardings(boxed, mesh, rules)
 
 
-def _mm1_loss(params, *, model: MM1, batch: dict, z_loss: float) -> tuple[jax.Array, dict]:
-  """MM1's next-token loss, plus the sparse layers' load-balance and router z-losses."""
+def _mm1_loss(params, *, model: MM1, batch: dict, z_loss: float,
+              logit_positions: int | None = None) -> tuple[jax.Array, dict]:
+  """MM1's next-token loss, plus the sparse layers' load-balance and router z-losses.
+  `logit_positions`: the LM head only at positions with loss (`cross_entropy_at_targets`)."""
   moe_config = model.config.decoder.moe
-  logits, stats = model.apply({"params": params}, batch["tokens"], batch["images"],
-                              batch["segment_ids"], batch["positions"],
+  hidden, stats = model.apply({"params": params}, batch["tokens"], batch["images"],
+                              batch["segment_ids"], batch["positions"], hidden=True,
                               mutable=[moe_lib.AUX_COLLECTION])
-  loss, metrics = cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
+  head = lambda h: model.apply({"params": params}, h, method=MM1.head)  # noqa: E731
+  loss, metrics = cross_entropy_at_targets(hidden, head, batch["targets"], batch["loss_weights"], z_loss,
+                                           logit_positions)
   if moe_config is not None:
     moe_stats = moe_lib.summarize_aux(stats.get(moe_lib.AUX_COLLECTION, {}))
     loss += (moe_config.load_balance_weight * moe_stats["load_balance"]
@@ -137,12 +141,14 @@ def _mm1_loss(params, *, model: MM1, batch: dict, z_loss: float) -> tuple[jax.Ar
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, z_loss: float = 0.0, seed: int = 0) -> tuple[TrainState, dict]:
+               schedule: optax.Schedule, z_loss: float = 0.0, seed: int = 0,
+               logit_positions: int | None = None) -> tuple[TrainState, dict]:
   """One optimizer step. `model` is MM1, or an encoder pre-training objective (`mm1_jax.aim`,
   `mm1_jax.contrastive`) whose `loss(batch, rng)` is used; that rng is a function of `seed`
   and the step, so a resumed run draws what the uninterrupted one would have."""
   if isinstance(model, MM1):
-    loss_fn = functools.partial(_mm1_loss, model=model, batch=batch, z_loss=z_loss)
+    loss_fn = functools.partial(_mm1_loss, model=model, batch=batch, z_loss=z_loss,
+                                logit_positions=logit_positions)
   else:
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     loss_fn = lambda params: model.apply({"params": params}, batch, rng, method="loss")  # noqa: E731
@@ -171,8 +177,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
 
 
 def make_train_step(model: nn.Module, tx, schedule, state_shardings, batch_shardings, z_loss: float = 0.0,
-                    seed: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=z_loss, seed=seed)
+                    seed: int = 0, logit_positions: int | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=z_loss, seed=seed,
+                           logit_positions=logit_positions)
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
@@ -324,7 +332,8 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
           seed: int = 0, peak_flops_per_device: float | None = None, progress: bool = True,
           init_from: Sequence[str] = (), stop_after_steps: int = 0,
           max_consecutive_nonfinite: int = 5, eval_at_start: bool = True, hang_factor: float = 20.0,
-          hang_min_seconds: float = 600.0, hang_warmup_steps: int = 5) -> int:
+          hang_min_seconds: float = 600.0, hang_warmup_steps: int = 5,
+          logit_positions: int | None = None) -> int:
   """Pre-trains MM1, or an image encoder with `model` an `mm1_jax.aim` or
   `mm1_jax.contrastive` objective config;
   resumes from the newest checkpoint in `<workdir>/checkpoints`.
@@ -360,6 +369,10 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
       saves and evaluations are not timed by it.
     hang_min_seconds: the shortest deadline the watchdog gives a step.
     hang_warmup_steps: steps of each process before the watchdog arms (the first compiles).
+    logit_positions: run the LM head only at positions with loss, up to this many a row
+      (`model.cross_entropy_at_targets`; a batch with a fuller row takes the full head, and
+      `logits_full_head` counts such steps). None: the head at every position. The loss is
+      the same either way; the MFU's useful FLOPs still count the head at every position.
   Returns:
     0 when train_steps were reached (or stop_after_steps); 3 when stopped by
     non-finite steps; 128 + signal number when stopped by a signal. A hang ends the
@@ -387,7 +400,8 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
   example = dummy_batch(data.batch_size, data.seq_len, data.image_slots, model)
   batch_shardings = {k: sharding_lib.batch_sharding(device_mesh, rules, v.ndim) for k, v in example.items()}
   state, state_shardings = init_train_state(mm1, tx, example, jax.random.PRNGKey(seed), device_mesh, rules)
-  step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss, seed)
+  step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss, seed,
+                            logit_positions if isinstance(model, MM1Config) else None)
 
   ckpt = Checkpointer(workdir_path / "checkpoints", save_every=checkpoint_every,
                       max_to_keep=keep_checkpoints, remove_partial=jax.process_index() == 0)

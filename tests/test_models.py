@@ -219,6 +219,36 @@ def test_cross_entropy_ignores_zero_weights():
   assert float(loss_all) > 0.5
 
 
+@pytest.mark.parametrize("positions", [5, 3], ids=["gathered", "full_head_fallback"])
+def test_head_at_targets_only_matches_the_full_head(positions):
+  """Catches a gather that drops, reorders or mis-weights positions, a padded capacity slot
+  that counts, or a fallback that is not taken: loss, metrics and gradients (through the
+  hidden states and the head's weights) equal those of the full head. Rows hold 4 and 2
+  weighted positions of 8; capacity 5 gathers, capacity 3 falls back."""
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 8, 6)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(6, 11)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 8)), jnp.int32)
+  weights = np.zeros((2, 8), np.float32)
+  weights[0, [1, 2, 5, 7]] = [1.0, 0.5, 1.0, 2.0]
+  weights[1, [0, 6]] = 1.0
+  weights = jnp.asarray(weights)
+
+  def loss(h, w, capacity):
+    total, metrics = model.cross_entropy_at_targets(h, lambda x: x @ w, targets, weights, 1e-2, capacity)
+    return total, metrics
+
+  (want, want_m), want_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, table, None)
+  (got, got_m), got_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                                static_argnums=2)(hidden, table, positions)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for k in want_m:
+    np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-6, err_msg=k)
+  for g, w in zip(got_g, want_g):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  assert float(got_m["logits_full_head"]) == (1.0 if positions < 4 else 0.0)
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights(tiny_config):
   import dataclasses

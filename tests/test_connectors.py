@@ -161,6 +161,7 @@ def test_pixel_shuffle_refuses_a_grid_it_cannot_split():
   assert connector.PixelShuffleConfig(factor=3).tokens(27 * 27) == 81
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_mm1_runs_with_each_connector(tiny_config, name):
   cfg = dataclasses.replace(tiny_config, connector=connector.CONNECTORS[name]())

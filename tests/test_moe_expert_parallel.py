@@ -69,6 +69,7 @@ def _assert_same(got, want):
     np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=["expert2", "expert4_tensor2", "expert8"])
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 def test_expert_parallel_matches_one_device(dispatch, shape):
@@ -154,6 +155,7 @@ def test_dropless_groups_hold_only_real_assignments(monkeypatch, shape):
   assert sum(s for s, _, _ in calls) == 3 * int(valid.sum()) * K < 3 * B * T * K
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch, shape", [("dropless", (2, 1, 1, 4)), ("capacity", (1, 1, 2, 4))])
 def test_sparse_decoder_forward_and_grad_match_one_device(dispatch, shape):
   """A 2-layer all-sparse decoder (scanned blocks) with padding: logits and parameter

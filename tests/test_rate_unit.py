@@ -49,6 +49,7 @@ def _short_token_share(cfg, kind: str, short: set, long: set, batches: int) -> f
   return n_short / (n_short + n_long)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["grain", "tfdata"])
 def test_token_rates_give_token_shares(mixture, kind):
   """50:50 in tokens: the short task's share of tokens is 0.5 within 0.06 (grain mixes

@@ -28,6 +28,7 @@ def _equal_trees(a, b) -> bool:
 
 # --- NaN / Inf ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_nonfinite_step_leaves_parameters_and_optimizer_untouched(tiny_config):
   mesh, mesh_cfg, state, _, bsh, step = _setup(tiny_config)
   good = _fixed_batch(tiny_config)

@@ -150,6 +150,7 @@ def test_text_prompts_have_no_image_and_never_show_the_query():
                   "Question: how many corners does a square have? Answer:")
 
 
+@pytest.mark.slow
 def test_text_benchmarks_run_beside_vqa_without_changing_it(tiny_config, tmp_path):
   kw = {"shots": (0, 2), "num_queries": 8, "max_new_tokens": 4}
   params = _params(tiny_config)

@@ -77,6 +77,7 @@ def test_checkpoint_round_trip(tiny_config, tmp_path):
   ckpt.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conn", sorted(connector.CONNECTORS))
 def test_flop_count_matches_xla_for_the_forward_pass(tiny_config, conn):
   """The MFU numerator against XLA's own count of the compiled forward pass.

@@ -15,8 +15,10 @@ Tasks, labels read off generated shapes-world scenes (streams disjoint from the 
 
 The trunk is the `encoder` of the gin file's MODEL (MM1, AIM, AIMv2, contrastive): --init_from
 names a run's checkpoints/ folder (newest step) or an `mm1-convert import` output. It
-runs with bidirectional attention, as MM1 uses it. --baseline also probes the same
-trunk randomly initialised (seed 0), the reference a pre-training must beat. Output:
+runs with bidirectional attention, as MM1 uses it. --baseline also probes the trunk the
+run started from, MODEL as `mm1-train` initialises it with `train.train.seed` (the gin
+file's, else 0; --init_seed overrides): the reference a pre-training must beat, the very
+weights it began with (random trunks of other draws probe differently). Output:
 a table, and with --json_out one JSON record (per task: accuracy, chance, examples).
 """
 
@@ -54,6 +56,7 @@ class ProbeConfig:
   weight_decay: float = 0.05
   num_heads: int = 4
   seed: int = 0
+  init_seed: int = 0  # train.train.seed of the run whose starting trunk --baseline probes
 
 
 def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
@@ -81,13 +84,26 @@ def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
   return images, labels
 
 
+def initial_trunk(model_config, seed: int = 0):
+  """The `encoder` parameters MODEL starts from in `mm1-train` with `train.train.seed = seed`:
+  the whole model initialised from PRNGKey(seed), as the training does, and its encoder
+  taken. (The trunk initialised on its own from the same key would be another draw: the
+  model derives its encoder's key from its own.)"""
+  c = model_config.encoder
+  ids = jnp.zeros((1, 8), jnp.int32)
+  images = jnp.zeros((1, 1, c.image_size, c.image_size, 3), jnp.uint8)
+  variables = model_config.build().init(jax.random.PRNGKey(seed), ids, images, jnp.ones_like(ids), ids)
+  return nn.meta.unbox(variables["params"]["encoder"])
+
+
 def trunk_params(model_config, init_from: str | None, seed: int = 0):
-  """The `encoder` parameters of MODEL: loaded from `init_from`, else freshly initialised."""
+  """The `encoder` parameters of MODEL: loaded from `init_from`, else as a run of seed `seed`
+  initialises them (`initial_trunk`)."""
+  if init_from is None:
+    return initial_trunk(model_config, seed)
   c = model_config.encoder
   images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.uint8)
   params = {"encoder": nn.meta.unbox(vit.ViT(c).init(jax.random.PRNGKey(seed), images)["params"])}
-  if init_from is None:
-    return params["encoder"]
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: device, params)
   source, parts = pretrained.parse_source(init_from)
@@ -168,7 +184,7 @@ def run_probe(model_config, init_from: str | None, *, tasks=TASKS, config: Probe
   if init_from is not None:
     trunks["pretrained"] = trunk_params(model_config, init_from)
   if init_from is None or baseline:
-    trunks["random_init"] = trunk_params(model_config, None, seed=config.seed)
+    trunks["random_init"] = trunk_params(model_config, None, seed=config.init_seed)
   names = task_labels()
   result = {"init_from": init_from, "image_size": enc.image_size, "num_train": config.num_train,
             "num_test": config.num_test, "probe_steps": config.steps, "tasks": {}}
@@ -208,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--num_train", type=int, default=ProbeConfig.num_train)
   p.add_argument("--num_test", type=int, default=ProbeConfig.num_test)
   p.add_argument("--steps", type=int, default=ProbeConfig.steps, help="probe optimizer steps per task")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="the probes' seed (initialisation, batches)")
+  p.add_argument("--init_seed", type=int, default=None,
+                 help="the --baseline trunk's: train.train.seed of the run (default: the gin file's, else 0)")
   p.add_argument("--json_out", default=None, help="also write the result as JSON here")
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(rest)
@@ -220,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.error(f"--init_from={args.init_from}: no such folder")
   gin_cli.parse(args, bindings, read_by_command=("MODEL",))
   model_config = gin.query_parameter("%MODEL").scoped_configurable_fn()
-  config = ProbeConfig(num_train=args.num_train, num_test=args.num_test, steps=args.steps, seed=args.seed)
+  init_seed = args.init_seed if args.init_seed is not None else _bound("train.train.seed", 0)
+  config = ProbeConfig(num_train=args.num_train, num_test=args.num_test, steps=args.steps, seed=args.seed,
+                       init_seed=init_seed)
   try:
     result = run_probe(model_config, args.init_from, tasks=tasks, config=config, baseline=args.baseline,
                        progress=not args.no_progress)
@@ -232,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
   return 0
+
+
+def _bound(name: str, default):
+  """The gin binding `name`, or `default` where the configuration leaves it unset."""
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return default
 
 
 def pretrained_dir(entry: str) -> str:

@@ -410,6 +410,24 @@ def test_attentive_probe_finds_a_label_that_one_token_carries():
   assert probe.train_probe(feats[:512], shuffled, feats[512:], labels[512:], classes, config) < 0.45
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_probe_baseline_is_the_trunk_the_training_starts_from(tiny_config, seed):
+  """Catches a baseline that is another random draw (the trunk initialised on its own from
+  the same key is one): `--baseline` must probe the very encoder `mm1-train` starts with."""
+  from mm1_jax import optim, sharding, train
+  from mm1_jax import probe
+
+  mesh_config = sharding.MeshConfig()  # data parallel over every (forced host) device
+  mesh = sharding.make_mesh(mesh_config)
+  tx, _ = optim.make_optimizer(optim.OptimizerConfig(), 10)
+  batch = train.dummy_batch(jax.device_count(), 16, 1, tiny_config)
+  state, _ = train.init_train_state(tiny_config.build(), tx, batch, jax.random.PRNGKey(seed), mesh,
+                                    mesh_config.rules)
+  baseline = probe.trunk_params(tiny_config, None, seed=seed)
+  for got, want in zip(jax.tree.leaves(baseline), jax.tree.leaves(state.params["encoder"]), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-8)  # jit vs eager
+
+
 @pytest.mark.slow
 def test_probe_command_writes_its_result(tmp_path):
   out = tmp_path / "probe.json"

@@ -4,6 +4,9 @@
   python -m benchmarks.quickstart_shapes --seeds=3         # with seed-to-seed standard errors
   python -m benchmarks.quickstart_shapes --sweep=gin/ablations/encoder_lr.sweep \
       --json_out=benchmarks/results/quickstart_shapes/encoder_lr_cpu_2core.json
+  python -m benchmarks.quickstart_shapes --sweep= --gin_file=gin/encoders/aim_tiny.gin \
+      --grid='init/train.train.init_from={"aim": ["/tmp/aim/checkpoints:encoder"], "scratch": []}' \
+      --gin.optim.OptimizerConfig.lr_multipliers="{'encoder': 0.1}" --json_out=...   # a hand-over
 
 1. `mm1-sweep` over gin/ablations/trunk.sweep (or --sweep) on gin/experiments/quickstart.gin
    (the trunk as shipped, sin-cos positions, a conv stem with sin-cos positions), each run evaluated at its
@@ -65,16 +68,23 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default="/tmp/mm1_quickstart_shapes", help="the sweep's folder (runs are kept)")
   p.add_argument("--seeds", type=int, default=1)
-  p.add_argument("--sweep", default=SWEEP, help="the sweep file of the variants")
+  p.add_argument("--sweep", default=SWEEP, help="the sweep file of the variants ('' for none: --grid only)")
+  p.add_argument("--grid", default=None, help="mm1-sweep --grid: axes on the command line")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin files every run reads after gin/experiments/quickstart.gin (repeatable)")
   p.add_argument("--json_out", default=str(OUT))
-  args = p.parse_args(argv)
+  args, bindings = p.parse_known_args(argv)
+  if bad := [b for b in bindings if not b.startswith("--gin.")]:
+    p.error(f"unrecognised arguments: {' '.join(bad)} (only --gin.NAME=VALUE bindings pass to every run)")
   py, root = sys.executable, Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
   git = record.git_state()
-  sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin", f"--sweep={args.sweep}",
+  sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin",
+               *(f"--gin_file={f}" for f in args.gin_file), *([f"--sweep={args.sweep}"] if args.sweep else []),
+               *([f"--grid={args.grid}"] if args.grid else []),
                f"--seeds={args.seeds}", f"--root={root}", "--gin.fewshot.FewShotConfig.benchmarks=('shapes_vqa',)",
                "--gin.fewshot.FewShotConfig.shots=(0, 4)", "--gin.fewshot.FewShotConfig.num_queries=None",
-               "--gin.train.train.eval_at_start=False", "--gin.train.train.progress=False"]
+               "--gin.train.train.eval_at_start=False", "--gin.train.train.progress=False", *bindings]
   wall = run_logged(sweep_cmd, root / "sweep_output.txt")
   plan = json.loads((root / "sweep.json").read_text())
   blind = _blind_guess()

@@ -15,10 +15,11 @@ Tasks, labels read off generated shapes-world scenes (streams disjoint from the 
 
 The trunk is the `encoder` of the gin file's MODEL (MM1, AIM, AIMv2, contrastive): --init_from
 names a run's checkpoints/ folder (newest step) or an `mm1-convert import` output. It
-runs with bidirectional attention, as MM1 uses it. --baseline also probes the trunk the
-run started from, MODEL as `mm1-train` initialises it with `train.train.seed` (the gin
-file's, else 0; --init_seed overrides): the reference a pre-training must beat, the very
-weights it began with (random trunks of other draws probe differently). Output:
+runs with bidirectional attention, as MM1 uses it. --baseline also probes MODEL's trunk as
+`mm1-train` initialises it with `train.train.seed` (the gin file's, else 0; --init_seed
+overrides): for a run without `init_from`, the very weights it began with, the reference
+its pre-training must beat (random trunks of other draws probe differently). A run that
+started from a pre-trained trunk compares with that trunk's own probe. Output:
 a table, and with --json_out one JSON record (per task: accuracy, chance, examples).
 """
 

@@ -410,6 +410,7 @@ def test_attentive_probe_finds_a_label_that_one_token_carries():
   assert probe.train_probe(feats[:512], shuffled, feats[512:], labels[512:], classes, config) < 0.45
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 3])
 def test_probe_baseline_is_the_trunk_the_training_starts_from(tiny_config, seed):
   """Catches a baseline that is another random draw (the trunk initialised on its own from

@@ -146,6 +146,7 @@ def test_large_files_are_read_in_parts_with_the_records_and_ids_of_one_pass(tmp_
   assert ids == [f"d.jsonl@{starts[i]}" for i in range(len(lines)) if i != 17]  # the blank line gives nothing
 
 
+@pytest.mark.slow
 def test_the_corpus_loads_through_tfds_and_through_a_seqio_task_over_all_its_tags(tmp_path):
   import seqio
   import tensorflow_datasets as tfds

@@ -39,6 +39,7 @@ def test_every_connector_is_documented():
   assert not missing, f"docs/models.md does not list {missing}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_gin_file_swaps_the_connector(name):
   gin.clear_config(clear_constants=True)

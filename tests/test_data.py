@@ -146,6 +146,7 @@ def test_truncation_never_splits_an_image():
   assert text == [10, I, I, I, I, 11, 12] and n == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
 def test_pipeline_batches(data_dir, kind):
   cfg = pipeline.DataConfig(batch_size=4, seq_len=64, max_images=2, seed=3, loader=kind)

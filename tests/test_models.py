@@ -50,6 +50,7 @@ def test_adaptive_pool_matches_reference_bins():
   np.testing.assert_allclose(pooled, x.reshape(2, 2, 2, 2, 2, 3).mean(axis=(2, 4)))
 
 
+@pytest.mark.slow
 def test_regnet_block_shapes_and_shortcut():
   x = jnp.ones((2, 4, 4, 8))
   variables, y = _init_apply(connector.RegNetBlock(16), x)

@@ -12,8 +12,10 @@
    (the trunk as shipped, sin-cos positions, a conv stem with sin-cos positions), each run evaluated at its
    last step on all 512 held-out VQA questions, zero-shot and 4-shot.
 2. `mm1-probe` of each run's trunk (frozen features, the leftmost shape's kind and colour, the
-   count) beside the same trunk at random initialisation: whether the pre-training put shape
-   into the encoder at all, whatever the decoder makes of it.
+   count) beside the trunk as the model initialises it (`--baseline`; a run's own start unless
+   it began from `init_from`): whether the pre-training put shape into the encoder at all,
+   whatever the decoder makes of it. A run's existing probe.json is reused; delete it to
+   probe again.
 
 Per variant and answer type the record holds the accuracy, its standard error over the
 questions (binomial, sqrt(p (1 - p) / n): the evaluation sample's share of the noise only) and,

@@ -170,8 +170,10 @@ def cross_entropy_at_targets(hidden: jax.Array, head: Callable[[jax.Array], jax.
   `positions` = P, each row's positions of non-zero weight (at most P of them) are gathered,
   in order, into a [B, P] block and only those go through the head; when a row of the batch
   has more than P, the step falls back to the full head (`lax.cond`: only the branch taken
-  runs). Either way the result is exactly `cross_entropy` of the full logits; the metric
-  `logits_full_head` is 1 on the steps that fell back. P = None: always the full head.
+  runs). Either way the result is `cross_entropy` of the full logits, up to summation order;
+  the metric `logits_full_head` is 1 on a step that fell back. P = None: always the full head.
+  The fallback is decided for the whole batch: with packed rows of a mixture that holds
+  text-only data, a P well below T may fall back often; watch the metric.
 
   Args:
     hidden: float[B, T, D] final-norm hidden states; head: hidden -> float32 logits.

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mm1_jax import gin_cli, pretrained, vit
+from mm1_jax import gin_checks, gin_cli, pretrained, vit
 from mm1_jax.data import shapes_world as sw
 
 TASKS = ("count", "colour", "shape")
@@ -93,8 +93,11 @@ def initial_trunk(model_config, seed: int = 0):
   c = model_config.encoder
   ids = jnp.zeros((1, 8), jnp.int32)
   images = jnp.zeros((1, 1, c.image_size, c.image_size, 3), jnp.uint8)
-  variables = model_config.build().init(jax.random.PRNGKey(seed), ids, images, jnp.ones_like(ids), ids)
-  return nn.meta.unbox(variables["params"]["encoder"])
+  model = model_config.build()
+  # Jitted: XLA drops the initialisers of everything but the encoder (a large decoder is
+  # never allocated), and the draw is the one the training's jitted init makes.
+  init = jax.jit(lambda key: nn.meta.unbox(model.init(key, ids, images, jnp.ones_like(ids), ids)["params"]["encoder"]))
+  return init(jax.random.PRNGKey(seed))
 
 
 def trunk_params(model_config, init_from: str | None, seed: int = 0):
@@ -256,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bound(name: str, default):
-  """The gin binding `name`, or `default` where the configuration leaves it unset."""
+  """The gin binding `name` (a macro followed to its value), or `default` where the
+  configuration leaves it unset."""
   try:
-    return gin.query_parameter(name)
+    value = gin_checks._value(gin.query_parameter(name), [])  # noqa: SLF001
   except ValueError:
     return default
+  if not isinstance(value, int):
+    raise ValueError(f"{name} is bound to {value!r}, not an integer: give --init_seed")
+  return value
 
 
 def pretrained_dir(entry: str) -> str:

@@ -371,8 +371,9 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
     hang_warmup_steps: steps of each process before the watchdog arms (the first compiles).
     logit_positions: run the LM head only at positions with loss, up to this many a row
       (`model.cross_entropy_at_targets`; a batch with a fuller row takes the full head, and
-      `logits_full_head` counts such steps). None: the head at every position. The loss is
-      the same either way; the MFU's useful FLOPs still count the head at every position.
+      the step's metric `logits_full_head` is 1, seen on logged steps). None: the head at
+      every position. The loss is the same either way (up to summation order); the MFU's
+      useful FLOPs still count the head at every position.
   Returns:
     0 when train_steps were reached (or stop_after_steps); 3 when stopped by
     non-finite steps; 128 + signal number when stopped by a signal. A hang ends the

@@ -220,12 +220,12 @@ def test_cross_entropy_ignores_zero_weights():
   assert float(loss_all) > 0.5
 
 
-@pytest.mark.parametrize("positions", [5, 3], ids=["gathered", "full_head_fallback"])
+@pytest.mark.parametrize("positions", [5, 4, 3], ids=["gathered", "gathered_full_rows", "full_head_fallback"])
 def test_head_at_targets_only_matches_the_full_head(positions):
   """Catches a gather that drops, reorders or mis-weights positions, a padded capacity slot
   that counts, or a fallback that is not taken: loss, metrics and gradients (through the
   hidden states and the head's weights) equal those of the full head. Rows hold 4 and 2
-  weighted positions of 8; capacity 5 gathers, capacity 3 falls back."""
+  weighted positions of 8; capacities 5 and 4 (exactly full) gather, 3 falls back."""
   rng = np.random.default_rng(0)
   hidden = jnp.asarray(rng.normal(size=(2, 8, 6)), jnp.float32)
   table = jnp.asarray(rng.normal(size=(6, 11)), jnp.float32)

@@ -84,6 +84,7 @@ def test_lr_multiplier_scales_one_component():
   config = optim.OptimizerConfig(peak_lr=0.1, warmup_steps=0, weight_decay=0.0,
                                  lr_multipliers={"encoder": 0.1})
   updates, _, lr = _step(config, params, grads)
+  assert lr > 0
   np.testing.assert_allclose(updates["decoder"]["w"]["kernel"], -lr, rtol=1e-4)
   np.testing.assert_allclose(updates["encoder"]["w"]["kernel"], -0.1 * lr, rtol=1e-4)
 

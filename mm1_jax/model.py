@@ -166,7 +166,7 @@ def cross_entropy_at_targets(hidden: jax.Array, head: Callable[[jax.Array], jax.
   """`cross_entropy` of `head(hidden)`, with the head run only where the loss reads it.
 
   Image placeholders and padding carry no loss, yet a full head computes their logits: in
-  MM1's sequences, up to 16 images of 144 tokens in 4,096, about half the positions. With
+  MM1's sequences, up to 16 images of 144 tokens, 2,304 of 4,096 positions. With
   `positions` = P, each row's positions of non-zero weight (at most P of them) are gathered,
   in order, into a [B, P] block and only those go through the head; when a row of the batch
   has more than P, the step falls back to the full head (`lax.cond`: only the branch taken

@@ -116,12 +116,6 @@ def _component(path) -> str:
   return next(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def _component_labels(params, multipliers: Mapping[str, float]):
-  """Each leaf's component if it has a multiplier, else "default"."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: _component(path) if _component(path) in multipliers else "default", params)
-
-
 def make_optimizer(config: OptimizerConfig, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer and its base schedule (the rate of every component without a
@@ -141,15 +135,17 @@ def make_optimizer(config: OptimizerConfig, total_steps: int
   frozen = {k for k, v in multipliers.items() if v == 0}
 
   def labels(params):
+    """Each leaf's component if it has a multiplier, else "default"."""
     found = {_component(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
     unknown = set(multipliers) - found
     if unknown:
       raise ValueError(f"lr_multipliers names {sorted(unknown)}, not components of the model "
                        f"({sorted(found)})")
-    return _component_labels(params, multipliers)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _component(path) if _component(path) in multipliers else "default", params)
 
   def frozen_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: _component(path) in frozen, params)
+    return jax.tree.map(lambda label: label in frozen, labels(params))
 
   transforms = {k: optax.set_to_zero() if v == 0 else adamw(v) for k, v in multipliers.items()}
   transforms["default"] = adamw(1.0)

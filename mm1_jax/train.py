@@ -145,7 +145,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
                logit_positions: int | None = None) -> tuple[TrainState, dict]:
   """One optimizer step. `model` is MM1, or an encoder pre-training objective (`mm1_jax.aim`,
   `mm1_jax.contrastive`) whose `loss(batch, rng)` is used; that rng is a function of `seed`
-  and the step, so a resumed run draws what the uninterrupted one would have."""
+  and the step, so a resumed run draws what the uninterrupted one would have.
+  `logit_positions` applies to MM1 only (`cross_entropy_at_targets`)."""
   if isinstance(model, MM1):
     loss_fn = functools.partial(_mm1_loss, model=model, batch=batch, z_loss=z_loss,
                                 logit_positions=logit_positions)
@@ -401,8 +402,7 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
   example = dummy_batch(data.batch_size, data.seq_len, data.image_slots, model)
   batch_shardings = {k: sharding_lib.batch_sharding(device_mesh, rules, v.ndim) for k, v in example.items()}
   state, state_shardings = init_train_state(mm1, tx, example, jax.random.PRNGKey(seed), device_mesh, rules)
-  step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss, seed,
-                            logit_positions if isinstance(model, MM1Config) else None)
+  step_fn = make_train_step(mm1, tx, schedule, state_shardings, batch_shardings, z_loss, seed, logit_positions)
 
   ckpt = Checkpointer(workdir_path / "checkpoints", save_every=checkpoint_every,
                       max_to_keep=keep_checkpoints, remove_partial=jax.process_index() == 0)

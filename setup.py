@@ -42,9 +42,10 @@ setup(
                  "pycocoevalcap==1.2", "hypothesis>=6",
                  # a Cloud Storage emulator on 127.0.0.1, and fsspec's GCS client that reaches it
                  "gcp-storage-emulator>=2024.1", "gcsfs>=2024.2",
-                 "jax[tpu]>=0.10.2,<0.11"],  # libtpu: the preflight tests compile for TPU topologies
+                 "jax[tpu]>=0.10.2,<0.11",  # libtpu: the preflight tests compile for TPU topologies
+                 "tokamax==0.0.12"],  # the splash attention kernel (Pallas interprets it on the CPU)
         # libtpu: mm1-aot compiles for TPU topologies on any machine; on TPU VMs, the runtime.
-        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11", "tokamax==0.0.12"],
     },
     entry_points={
         "console_scripts": [

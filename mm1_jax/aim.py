@@ -286,7 +286,7 @@ class AIMv2(nn.Module):
     is_image = tokens == c.image_token_id
     x = splice_images(self.decoder.embed(tokens), image_emb, is_image)
     hidden, _ = self.decoder(x, segment_causal_mask(segment_ids), positions, valid=segment_ids > 0,
-                             return_hidden=True)
+                             return_hidden=True, segment_ids=segment_ids)
     # The hidden states at the image positions, image by image, patch by patch (a stable
     # sort puts a row's placeholder positions first, in sequence order).
     order = jnp.argsort(~is_image, axis=1, stable=True)[:, :n * q]

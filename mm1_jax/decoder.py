@@ -45,12 +45,18 @@ class DecoderConfig:
   # Training/scoring attention in this many causal query blocks, each scoring only the
   # keys up to its end (layers.causal_attend); 1 scores the full T x T matrix.
   attention_chunks: int = 4
+  # "xla": einsum attention (above). "splash": the training and scoring passes (given
+  # segment ids, no cache) run the Pallas splash kernel (mm1_jax.splash; tokamax, the
+  # `tpu` extra): no score matrix in HBM. Prefill and decoding keep the einsum path.
+  attention_impl: str = "xla"
   dtype: str = "float32"
 
 
   def __post_init__(self):
     if self.moe is not None and self.depth % self.moe.every:
       raise ValueError(f"depth {self.depth} is not a multiple of moe.every {self.moe.every}")
+    if self.attention_impl not in ("xla", "splash"):
+      raise ValueError(f"attention_impl {self.attention_impl!r}: choose 'xla' or 'splash'")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -65,12 +71,13 @@ class DecoderBlock(nn.Module):
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, positions, cache_index, valid, cache):
+  def __call__(self, x, mask, positions, cache_index, valid, segment_ids, cache):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_attn")(x)
     h, cache = layers.Attention(c.num_heads, c.num_kv_heads, c.head_dim, rope_base=c.rope_base,
-                                causal_chunks=c.attention_chunks, dtype=dtype, name="attn")(h, mask, positions, cache, cache_index)
+                                causal_chunks=c.attention_chunks, impl=c.attention_impl, window=c.sliding_window,
+                                dtype=dtype, name="attn")(h, mask, positions, cache, cache_index, segment_ids)
     x = x + h
     h = layers.RMSNorm(c.norm_eps, dtype=dtype, name="ln_mlp")(x)
     if self.sparse:
@@ -86,7 +93,7 @@ class DecoderGroup(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, mask, positions, cache_index, valid, cache):
+  def __call__(self, x, mask, positions, cache_index, valid, segment_ids, cache):
     g = self.config.group_size
     stacked = self.config.scan_layers  # the group's caches: stacked [g, ...], else a tuple of g
     new = []
@@ -96,7 +103,7 @@ class DecoderGroup(nn.Module):
       if cache is not None:
         layer_cache = jax.tree.map(lambda a: a[i], cache) if stacked else cache[i]  # noqa: B023
       x, out = DecoderBlock(self.config, sparse, name="sparse" if sparse else f"dense_{i}")(
-          x, mask, positions, cache_index, valid, layer_cache)
+          x, mask, positions, cache_index, valid, segment_ids, layer_cache)
       new.append(out)
     if cache is None:
       return x, None
@@ -129,8 +136,8 @@ class Decoder(nn.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
                cache: layers.KVCache | None = None, cache_index: jax.Array | int = 0,
-               valid: jax.Array | None = None, last_only: bool = False, return_hidden: bool = False
-               ) -> tuple[jax.Array, layers.KVCache | None]:
+               valid: jax.Array | None = None, last_only: bool = False, return_hidden: bool = False,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, layers.KVCache | None]:
     """Runs the stack.
 
     Args:
@@ -141,6 +148,8 @@ class Decoder(nn.Module):
       cache: the layers' key/value caches (`init_cache`), or None.
       cache_index: slot at which the T new entries are written.
       valid: bool[B, T], False on padding (sparse layers leave padding out); None: all valid.
+      segment_ids: int[B, T], the segments `mask` was built from (`model.segment_causal_mask`);
+        attention_impl="splash" reads these instead of the mask. None: the mask is used.
       last_only: logits of the last position only (a prompt's prefill needs no others).
       return_hidden: return the final-norm hidden states float[B, T, D] instead of logits
         (`logits` turns them into logits; AIMv2 also reads them at image positions).
@@ -156,7 +165,7 @@ class Decoder(nn.Module):
       else:
         cache = tuple(tuple(cache[i:i + g]) for i in range(0, len(cache), g))
     valid = jnp.ones(x.shape[:2], bool) if valid is None else valid
-    x, new_cache = self.blocks(x, mask, positions, jnp.asarray(cache_index, jnp.int32), valid, cache)
+    x, new_cache = self.blocks(x, mask, positions, jnp.asarray(cache_index, jnp.int32), valid, segment_ids, cache)
     if new_cache is not None and g > 1:
       if scan:
         new_cache = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), new_cache)

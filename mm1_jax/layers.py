@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mm1_jax import sharding
+from mm1_jax import splash
 
 Dtype = jnp.dtype
 Initializer = Callable[..., jax.Array]
@@ -218,13 +219,18 @@ class Attention(nn.Module):
   use_rope: bool = True
   rope_base: float = 10000.0
   causal_chunks: int = 1
+  # "xla": the einsum path above. "splash": with `segment_ids` and no cache, the Pallas
+  # splash kernel (mm1_jax.splash), causal within segments (+ `window`), in place of `mask`.
+  impl: str = "xla"
+  window: int | None = None  # the sliding window the mask carries, for the splash kernel
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array | None = None,
-               cache: KVCache | None = None, cache_index: jax.Array | int = 0
-               ) -> tuple[jax.Array, KVCache | None]:
-    """x: float[B, T, D]; mask: bool[B, 1, T, S] or None (full attention)."""
+               cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x: float[B, T, D]; mask: bool[B, 1, T, S] or None (full attention); segment_ids:
+    int[B, T], the segments `mask` was built from (splash reads these instead)."""
     d = x.shape[-1]
     dense = lambda feats, axes, name, n_in=1: Linear(  # noqa: E731
         feats, axes, num_in=n_in, use_bias=self.use_bias, dtype=self.dtype, name=name)
@@ -252,7 +258,10 @@ class Attention(nn.Module):
                          f"got slot {cache_index}; give a mask over the cache's slots")
 
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if mask is not None and self.causal_chunks > 1:
+    # Initialisation needs no kernel (the parameters are the same) and may use any length.
+    if self.impl == "splash" and segment_ids is not None and cache is None and not self.is_initializing():
+      out = splash.attend(q, k, v, segment_ids, self.window)
+    elif mask is not None and self.causal_chunks > 1:
       out = causal_attend(q, k, v, mask, self.causal_chunks)
     else:
       out = attend(q, k, v, mask)

@@ -123,7 +123,7 @@ class MM1(nn.Module):
     x = self.embed_inputs(tokens, images)
     window = self.config.decoder.sliding_window
     out, _ = self.decoder(x, segment_causal_mask(segment_ids, window), positions, valid=segment_ids > 0,
-                          return_hidden=hidden)
+                          return_hidden=hidden, segment_ids=segment_ids)
     return out
 
   def head(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,145 @@
+"""TPU performance levers, each compiled for its pod and costed by the TPU compiler (mm1-aot).
+
+  JAX_PLATFORMS=cpu python benchmarks/tpu_levers.py --study=mm1_7b_text_v5p-64
+  JAX_PLATFORMS=cpu python benchmarks/tpu_levers.py --study=mm1_7b_text_v5p-64 --lever=base --lever=splash
+  python benchmarks/tpu_levers.py --table            # the tables of the saved records
+
+A study is one model, batch and topology (a pod gin file plus bindings); a lever is a set of
+gin bindings on top of it ("base" is none). Every lever of one invocation is compiled by the
+same code and compiler, one after another, and written into one record,
+results/tpu_levers/<study>.json, with each lever's mm1-aot report and its projected
+tokens/s/chip and per-chip memory against the first lever run (the base). All figures are the
+compiler's: per-chip memory of the scanned program, FLOPs and roofline step time
+(`optimal_seconds`) extrapolated from small unrolled compiles (see mm1_jax/aot.py). The
+roofline leaves out inter-chip communication, so projected throughput is an upper bound.
+
+Studies:
+  mm1_7b_text_v5p-64  MM1-7B's decoder (the llama2-7b shape) text-only on v5p-64 (32 chips),
+                      4 sequences x 4,096 tokens a chip, pure FSDP, bf16 compute with float32
+                      weights, full remat: the settings of MaxText's llama2-7b figure in
+                      docs/performance.md, so the two compare at equal shapes.
+  mm1_7b_v5p-256      MM1-7B with 16 images a sequence on its pod (gin/pods/mm1_7b_v5p-256.gin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks import record  # noqa: E402  (after the checkout is on the path)
+
+OUT = REPO / "benchmarks" / "results" / "tpu_levers"
+
+STUDIES = {
+    "mm1_7b_text_v5p-64": ("gin/pods/mm1_7b_v5p-256.gin",
+                           ["TOPOLOGY='v5p-64'", "BATCH_SIZE=128", "MAX_IMAGES=0",
+                            "PREFLIGHT_PADDING_FRACTION=0.0", "REMAT_POLICY='full'"]),
+    "mm1_7b_v5p-256": ("gin/pods/mm1_7b_v5p-256.gin", []),
+}
+LEVERS = {
+    "base": [],
+    "splash": ["decoder.DecoderConfig.attention_impl='splash'"],
+    "splash_remat_dots_no_batch": ["decoder.DecoderConfig.attention_impl='splash'",
+                                   "decoder.DecoderConfig.remat_policy='dots_no_batch'"],
+    "splash_remat_dots": ["decoder.DecoderConfig.attention_impl='splash'",
+                          "decoder.DecoderConfig.remat_policy='dots'"],
+    "splash_remat_none": ["decoder.DecoderConfig.attention_impl='splash'",
+                          "decoder.DecoderConfig.remat_policy='none'"],
+}
+SUMMARY = ("per_chip_bytes", "fits", "xla_flops", "optimal_seconds", "tokens_per_s_per_chip",
+           "useful_tokens_per_s_per_chip", "projected_mfu", "projected_mfu_slots", "compile_s", "cost_compile_s")
+
+
+def compile_lever(study: str, lever: str, cost: bool = True, python: str = sys.executable,
+                  env: dict | None = None) -> dict:
+  """mm1-aot's report for one lever of a study, compiled by `python` (a subprocess: libtpu is
+  loaded there; benchmarks/peer_maxtext.py passes another environment's interpreter)."""
+  gin_file, bindings = STUDIES[study]
+  report_file = OUT / f".{study}.{lever}.report.json"
+  cmd = [python, "-m", "mm1_jax.aot", f"--gin_file={gin_file}", f"--json_out={report_file}",
+         *[f"--gin.{b}" for b in bindings + LEVERS[lever]], *([] if cost else ["--no_cost"])]
+  t0 = time.perf_counter()
+  env = env or dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+  if proc.returncode not in (0, 1) or not report_file.exists():
+    print(proc.stderr[-3000:], file=sys.stderr)
+    raise SystemExit(f"{study} / {lever}: mm1-aot failed ({proc.returncode})")
+  report = json.loads(report_file.read_text())
+  report_file.unlink()
+  report.update(bindings=bindings + LEVERS[lever], wall_s=round(time.perf_counter() - t0, 1))
+  return report
+
+
+def compare(levers: dict[str, dict]) -> dict:
+  """Each lever's projected throughput and per-chip memory over the first lever's."""
+  (base_name, base), *_ = levers.items()
+  out = {}
+  for name, r in levers.items():
+    row = {"against": base_name}
+    if r.get("tokens_per_s_per_chip") and base.get("tokens_per_s_per_chip"):
+      row["tokens_per_s_ratio"] = round(r["tokens_per_s_per_chip"] / base["tokens_per_s_per_chip"], 3)
+    if r.get("per_chip_bytes") and base.get("per_chip_bytes"):
+      row["memory_ratio"] = round(r["per_chip_bytes"] / base["per_chip_bytes"], 3)
+    out[name] = row
+  return out
+
+
+def table(folder: Path = OUT) -> str:
+  rows = []
+  for f in sorted(folder.glob("*.json")):
+    rec = json.loads(f.read_text())
+    figs = rec["figures"]
+    rows += [f"**{figs['study']}** (record `results/tpu_levers/{f.name}`, {record.short_commit(rec)})", "",
+             "| lever | per-chip memory | step (roofline) | tokens/s per chip | useful-FLOP MFU | vs first |",
+             "|---|---|---|---|---|---|"]
+    for name, r in figs["levers"].items():
+      mem = "-" if r.get("per_chip_bytes") is None else f"{r['per_chip_bytes'] / 2**30:.2f} GiB"
+      step = "-" if r.get("optimal_seconds") is None else f"{r['optimal_seconds']:.3f} s"
+      tps = "-" if r.get("tokens_per_s_per_chip") is None else f"{r['tokens_per_s_per_chip']:,.0f}"
+      mfu = "-" if r.get("projected_mfu") is None else f"{r['projected_mfu']:.1%}"
+      ratio = figs["against_first"][name].get("tokens_per_s_ratio")
+      rows.append(f"| {name} | {mem} | {step} | {tps} | {mfu} | {'-' if ratio is None else f'{ratio:.3f}x'} |")
+    rows.append("")
+  return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--study", choices=sorted(STUDIES), default="mm1_7b_text_v5p-64")
+  p.add_argument("--lever", action="append", choices=sorted(LEVERS), default=[],
+                 help="repeatable; the first is the one the others are compared with (default: all, base first)")
+  p.add_argument("--no_cost", action="store_true", help="memory only: skip the costing compiles")
+  p.add_argument("--table", action="store_true", help="print the tables of the saved records only")
+  args = p.parse_args(argv)
+  if args.table:
+    print(table())
+    return 0
+  OUT.mkdir(parents=True, exist_ok=True)
+  git = record.git_state()  # the code the compiles load
+  levers = {}
+  names = args.lever or list(LEVERS)
+  for name in tqdm(names, desc=f"{args.study}: levers", unit="lever", file=sys.stderr):
+    r = compile_lever(args.study, name, cost=not args.no_cost)
+    levers[name] = r
+    print(json.dumps({"lever": name, **{k: r.get(k) for k in SUMMARY}}), flush=True)
+  gin_file, bindings = STUDIES[args.study]
+  figures = {"study": args.study, "gin_file": gin_file, "bindings": bindings, "levers": levers,
+             "against_first": compare(levers)}
+  record.write(OUT / f"{args.study}.json", "tpu_levers", figures, git=git)
+  print(table())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

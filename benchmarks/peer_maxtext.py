@@ -6,8 +6,8 @@
 
 MaxText (PyPI `maxtext[tpu]`, pinned below) and jax >= 0.11 need Python >= 3.12, so `--setup`
 makes a separate virtual environment (VENV, default ~/.cache/mm1_jax/maxtext-venv) from the
-pyenv 3.12 interpreter and installs MaxText there, with the jax, libtpu and tokamax it pins,
-plus gin-config; mm1_jax is not installed there (its own pins are jax < 0.11): this checkout
+pyenv 3.12 interpreter and installs MaxText there with the jax and tokamax it pins, the libtpu
+of jax's own `tpu` extra, and gin-config; mm1_jax is not installed there (its own pins are jax < 0.11): this checkout
 is put on PYTHONPATH, so both programs are compiled by that environment's jax and libtpu.
 Nothing of MaxText is copied: its own `train_compile` module is run and its printed
 `cost_analysis()` / `memory_analysis()` are read.
@@ -51,7 +51,10 @@ from benchmarks import record, tpu_levers  # noqa: E402
 OUT = REPO / "benchmarks" / "results" / "peer_maxtext"
 VENV = Path(os.environ.get("MAXTEXT_VENV", Path.home() / ".cache" / "mm1_jax" / "maxtext-venv"))
 MAXTEXT = "maxtext[tpu]==0.2.5"
-EXTRA = ("gin-config==0.5.0",)  # what mm1_jax's compile needs beyond MaxText's environment
+# jax's `tpu` extra pins the libtpu it was built against (0.0.50.1 for 0.12.0.1); maxtext[tpu]
+# alone resolves a newer libtpu that rejects the custom-call configs this jax writes.
+# gin-config: what mm1_jax's compile needs beyond MaxText's environment.
+EXTRA = ("jax[tpu]==0.12.0.1", "gin-config==0.5.0")
 PYTHON312 = "3.12.1"  # pyenv version (MACHINE_FACTS: PYENV_VERSION=3.12.1 python3.12)
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")

@@ -95,7 +95,10 @@ def venv_packages() -> dict:
 
 
 def _env(**extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(REPO), **extra)
+  # jax 0.12.0.1 writes the Pallas kernels' debug locations into a custom-call field that
+  # its own libtpu (0.0.50.1) does not parse: without them the kernels compile.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(REPO),
+             JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS="false", **extra)
   env.pop("PYENV_VERSION", None)
   return env
 

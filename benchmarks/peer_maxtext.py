@@ -6,8 +6,8 @@
 
 MaxText (PyPI `maxtext[tpu]`, pinned below) and jax >= 0.11 need Python >= 3.12, so `--setup`
 makes a separate virtual environment (VENV, default ~/.cache/mm1_jax/maxtext-venv) from the
-pyenv 3.12 interpreter and installs MaxText there with the jax and tokamax it pins, the libtpu
-of jax's own `tpu` extra, and gin-config; mm1_jax is not installed there (its own pins are jax < 0.11): this checkout
+pyenv 3.12 interpreter and installs MaxText there with the jax it pins, the libtpu of jax's
+own `tpu` extra, mm1_jax's tokamax (one splash kernel for both) and gin-config; mm1_jax is not installed there (its own pins are jax < 0.11): this checkout
 is put on PYTHONPATH, so both programs are compiled by that environment's jax and libtpu.
 Nothing of MaxText is copied: its own `train_compile` module is run and its printed
 `cost_analysis()` / `memory_analysis()` are read.
@@ -31,7 +31,6 @@ Pairs:
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -52,9 +51,11 @@ OUT = REPO / "benchmarks" / "results" / "peer_maxtext"
 VENV = Path(os.environ.get("MAXTEXT_VENV", Path.home() / ".cache" / "mm1_jax" / "maxtext-venv"))
 MAXTEXT = "maxtext[tpu]==0.2.5"
 # jax's `tpu` extra pins the libtpu it was built against (0.0.50.1 for 0.12.0.1); maxtext[tpu]
-# alone resolves a newer libtpu that rejects the custom-call configs this jax writes.
-# gin-config: what mm1_jax's compile needs beyond MaxText's environment.
-EXTRA = ("jax[tpu]==0.12.0.1", "gin-config==0.5.0")
+# alone resolves libtpu 0.0.52, which rejects the custom-call configs this jax writes. The
+# tokamax of mm1_jax's `tpu` extra: both sides run the same splash kernel (0.0.17, which
+# maxtext resolves, writes Mosaic bytecode libtpu 0.0.50.1 cannot read). gin-config: what
+# mm1_jax's compile needs beyond MaxText's environment.
+EXTRA = ("jax[tpu]==0.12.0.1", "tokamax==0.0.12", "gin-config==0.5.0")
 PYTHON312 = "3.12.1"  # pyenv version (MACHINE_FACTS: PYENV_VERSION=3.12.1 python3.12)
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
@@ -62,7 +63,7 @@ VENV_PACKAGES = ("jax", "jaxlib", "libtpu", "maxtext", "tokamax", "flax", "optax
 
 PAIRS = {
     "llama2-7b_v5p-64": {
-        "maxtext": ["model_name=llama2-7b", "compile_topology=v5p-64", "compile_topology_num_slices=1",
+        "maxtext": ["model_name=llama2-7b", "override_model_config=True", "compile_topology=v5p-64", "compile_topology_num_slices=1",
                     "per_device_batch_size=4", "max_target_length=4096", "remat_policy=full",
                     "ici_fsdp_parallelism=-1", "dtype=bfloat16", "weight_dtype=float32"],
         "depth": 32, "chips": 32, "tokens_per_step": 128 * 4096,
@@ -95,8 +96,8 @@ def venv_packages() -> dict:
 
 
 def _env(**extra) -> dict:
-  # jax 0.12.0.1 writes the Pallas kernels' debug locations into a custom-call field that
-  # its own libtpu (0.0.50.1) does not parse: without them the kernels compile.
+  # Pallas kernels' debug locations off: jax 0.12.0.1 writes them into a custom-call field
+  # that libtpu 0.0.52 did not parse; the kernels compile the same without them.
   env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(REPO),
              JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS="false", **extra)
   env.pop("PYENV_VERSION", None)
@@ -108,11 +109,10 @@ def parse_maxtext(stdout: str) -> dict:
   out = {}
   cost = re.search(r"^Cost analysis: (.*)$", stdout, re.M)
   if cost:
-    text = cost.group(1)
-    value = ast.literal_eval(text)
-    value = value[0] if isinstance(value, list) else value
-    out["flops"] = value.get("flops")
-    out["optimal_seconds"] = value.get("optimal_seconds")
+    for key in ("flops", "optimal_seconds"):
+      m = re.search(rf"'{key}': ([-0-9.e+]+)", cost.group(1))
+      if m:
+        out[key] = float(m.group(1))
   mem = re.search(r"^Memory analysis: (.*)$", stdout, re.M)
   if mem:
     fields = dict(re.findall(r"(\w+)_size_in_bytes=(\d+)", mem.group(1)))

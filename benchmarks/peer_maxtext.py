@@ -100,7 +100,10 @@ def _env(**extra) -> dict:
   # that libtpu 0.0.52 did not parse; the kernels compile the same without them.
   env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(REPO),
              JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS="false", **extra)
-  env.pop("PYENV_VERSION", None)
+  # This process's jax (loaded by benchmarks.record) exports TPU_LIBRARY_PATH, its own libtpu:
+  # inherited, it would make the other environment's jax load the wrong compiler.
+  for name in ("PYENV_VERSION", "TPU_LIBRARY_PATH"):
+    env.pop(name, None)
   return env
 
 

@@ -7,7 +7,7 @@
 MaxText (PyPI `maxtext[tpu]`, pinned below) and jax >= 0.11 need Python >= 3.12, so `--setup`
 makes a separate virtual environment (VENV, default ~/.cache/mm1_jax/maxtext-venv) from the
 pyenv 3.12 interpreter and installs MaxText there with the jax it pins, the libtpu of jax's
-own `tpu` extra, mm1_jax's tokamax (one splash kernel for both) and gin-config; mm1_jax is not installed there (its own pins are jax < 0.11): this checkout
+own `tpu` extra, mm1_jax's tokamax (one splash kernel for both), gin-config and seqio; mm1_jax is not installed there (its own pins are jax < 0.11): this checkout
 is put on PYTHONPATH, so both programs are compiled by that environment's jax and libtpu.
 Nothing of MaxText is copied: its own `train_compile` module is run and its printed
 `cost_analysis()` / `memory_analysis()` are read.
@@ -53,9 +53,10 @@ MAXTEXT = "maxtext[tpu]==0.2.5"
 # jax's `tpu` extra pins the libtpu it was built against (0.0.50.1 for 0.12.0.1); maxtext[tpu]
 # alone resolves libtpu 0.0.52, which rejects the custom-call configs this jax writes. The
 # tokamax of mm1_jax's `tpu` extra: both sides run the same splash kernel (0.0.17, which
-# maxtext resolves, writes Mosaic bytecode libtpu 0.0.50.1 cannot read). gin-config: what
-# mm1_jax's compile needs beyond MaxText's environment.
-EXTRA = ("jax[tpu]==0.12.0.1", "tokamax==0.0.12", "gin-config==0.5.0")
+# maxtext resolves, writes Mosaic bytecode libtpu 0.0.50.1 cannot read). What mm1_jax's
+# compile needs beyond MaxText's environment: gin-config, and seqio with TensorFlow (the pod
+# gin files import the data pipeline).
+EXTRA = ("jax[tpu]==0.12.0.1", "tokamax==0.0.12", "gin-config==0.5.0", "seqio==0.0.20", "tensorflow==2.21.*")
 PYTHON312 = "3.12.1"  # pyenv version (MACHINE_FACTS: PYENV_VERSION=3.12.1 python3.12)
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")

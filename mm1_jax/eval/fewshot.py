@@ -57,6 +57,7 @@ from tqdm import tqdm
 from mm1_jax import decoder as decoder_lib
 from mm1_jax import paths
 from mm1_jax import sharding as sharding_lib
+from mm1_jax import splash
 from mm1_jax.data import highres
 from mm1_jax.data.images import decode_image
 from mm1_jax.data.tokenizer import SHAPES
@@ -447,7 +448,10 @@ class Evaluator:
     if with_images:  # an <image> id would need its image's tokens spliced in: not a text document
       raise ValueError(f"perplexity scores text-only documents; {len(with_images)} hold <image> "
                        f"(e.g. {with_images[:3]})")
-    t = -(-max(len(e) - 1 for e in every) // 32) * 32  # one length for all batches: one compile
+    # One length for all batches (one compile), a multiple of 32, or of the splash kernel's
+    # tile where the decoder attends through it.
+    mult = splash.LANES if self.model.config.decoder.attention_impl == "splash" else 32
+    t = -(-max(len(e) - 1 for e in every) // mult) * mult
     total, count, per_doc = 0.0, 0, []
     for s in range(0, len(docs), bs):
       chunk, encoded = docs[s:s + bs], every[s:s + bs]

@@ -12,18 +12,23 @@ is put on PYTHONPATH, so both programs are compiled by that environment's jax an
 Nothing of MaxText is copied: its own `train_compile` module is run and its printed
 `cost_analysis()` / `memory_analysis()` are read.
 
-For each side, as `mm1-aot` does (mm1_jax/aot.py):
+For each side, the method of `mm1-aot` (mm1_jax/aot.py):
 - memory: the full-depth scanned program, per chip;
-- FLOPs and roofline step time (`optimal_seconds`): unrolled compiles at 4 and 8 decoder
-  layers with the windowed-einsum rewrites of FSDP collectives off, extrapolated linearly
-  per layer to the full depth.
+- FLOPs and roofline step time (`optimal_seconds`): unrolled compiles with the
+  windowed-einsum rewrites of FSDP collectives off, extrapolated linearly per layer to the
+  full depth: MaxText at 4 and 8 decoder layers; mm1-aot at 2 and 4 (and 2 and 4 encoder
+  layers, whose term is empty text-only).
 MaxText is compiled twice: as shipped (jax's splash kernel, which has no cost estimate, so
 the cost model counts its attention as zero: that projection leaves attention out) and with
 `use_tokamax_splash=True` (tokamax's kernel, mm1_jax's, costed): ratios are against the
 second. Throughput is tokens a step over (chips x step time). MFU uses one FLOP count for both:
 mm1_jax's useful FLOPs of the model at this shape (mm1_jax/flops.py, causal attention at
-T^2/2 pairs a row), over the chips' bf16 peak; the two models have the same shape and the
-same work. The roofline leaves out inter-chip communication on both sides.
+T^2/2 pairs a row), over the chips' bf16 peak; the two decoders have the same shape and the
+same work. Text-only, mm1_jax's step still carries the image tower's parameters and
+optimizer state (no images run through it): its argument memory is larger by those. The
+roofline leaves out inter-chip communication on both sides. mm1_jax is compiled here under
+jax 0.12, outside its own pin (jax < 0.11; the record's `packages` are this process's,
+`figures.environment` the compiling environment's).
 
 Pairs:
   llama2-7b_v5p-64  MaxText llama2-7b against MM1-7B's decoder, text-only: v5p-64 (32 chips),
@@ -60,7 +65,7 @@ MAXTEXT = "maxtext[tpu]==0.2.5"
 # compile needs beyond MaxText's environment: gin-config, and seqio with TensorFlow (the pod
 # gin files import the data pipeline).
 EXTRA = ("jax[tpu]==0.12.0.1", "tokamax==0.0.12", "gin-config==0.5.0", "seqio==0.0.20", "tensorflow==2.21.*")
-PYTHON312 = "3.12.1"  # pyenv version (MACHINE_FACTS: PYENV_VERSION=3.12.1 python3.12)
+PYTHON312 = "3.12.1"  # the pyenv version `python3.12` runs as
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
 VENV_PACKAGES = ("jax", "jaxlib", "libtpu", "maxtext", "tokamax", "flax", "optax", "orbax-checkpoint")
@@ -87,7 +92,7 @@ def python() -> Path:
 
 
 def setup() -> None:
-  """Creates VENV with Python 3.12 and installs MaxText and gin-config into it."""
+  """Creates VENV with Python 3.12 and installs MaxText and EXTRA into it."""
   if not python().exists():
     subprocess.run(["python3.12", "-m", "venv", str(VENV)], check=True,
                    env=dict(os.environ, PYENV_VERSION=PYTHON312))
@@ -107,7 +112,8 @@ def venv_packages() -> dict:
 
 def _env(**extra) -> dict:
   # Pallas kernels' debug locations off: jax 0.12.0.1 writes them into a custom-call field
-  # that libtpu 0.0.52 did not parse; the kernels compile the same without them.
+  # that some libtpu releases do not parse (0.0.52 did not); the kernels compile the same
+  # without them.
   env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", PYTHONPATH=str(REPO),
              JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS="false", **extra)
   # This process's jax (loaded by benchmarks.record) exports TPU_LIBRARY_PATH, its own libtpu:
@@ -163,10 +169,11 @@ def maxtext_side(pair: dict, variant: str) -> dict:
   depth = pair["depth"]
   c4, c8 = runs["unrolled_4"], runs["unrolled_8"]
   extrapolate = lambda k: c4[k] + (depth - 4) / 4 * (c8[k] - c4[k])  # noqa: E731
-  t = extrapolate("optimal_seconds")
+  # A negative time is the cost model's sentinel for an op it cannot cost: no projection.
+  t = extrapolate("optimal_seconds") if min(c4["optimal_seconds"], c8["optimal_seconds"]) > 0 else None
   return {"args": args, "compiles": runs, "per_chip_bytes": runs["scanned"]["memory"]["total"],
           "flops_per_chip": extrapolate("flops"), "optimal_seconds": t,
-          "tokens_per_s_per_chip": pair["tokens_per_step"] / (t * pair["chips"])}
+          "tokens_per_s_per_chip": None if t is None else pair["tokens_per_step"] / (t * pair["chips"])}
 
 
 def mm1_side(pair: dict, levers: list[str]) -> dict:
@@ -197,18 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({variant: {k: v for k, v in maxtext[variant].items() if k != "compiles"}}), flush=True)
   mm1 = mm1_side(pair, args.mm1_lever or ["base", "splash"])
   peer = maxtext[pair["compare_with"]]
-  ratios = {lever: {"against": pair["compare_with"],
-                    "tokens_per_s_ratio": round(r["tokens_per_s_per_chip"] / peer["tokens_per_s_per_chip"], 3),
-                    "memory_ratio": round(r["per_chip_bytes"] / peer["per_chip_bytes"], 3)}
-            for lever, r in mm1.items() if r.get("tokens_per_s_per_chip")}
+  ratios = {lever: tpu_levers.ratios(r, peer) for lever, r in mm1.items()}
+  for row in ratios.values():
+    row["against"] = pair["compare_with"]
   useful = next(iter(mm1.values()))["useful_flops_per_step"]
   peak = next(iter(mm1.values()))["peak_flops_per_chip"]
   for m in maxtext.values():
-    m["projected_mfu"] = useful / (pair["chips"] * m["optimal_seconds"] * peak)
+    m["projected_mfu"] = None if m["optimal_seconds"] is None else useful / (pair["chips"] * m["optimal_seconds"] * peak)
   figures = {"pair": args.pair, "environment": versions, "maxtext": maxtext, "mm1_jax": mm1,
              "mm1_over_maxtext": ratios}
   record.write(OUT / f"{args.pair}.json", "peer_maxtext", figures, git=git)
   for lever, r in ratios.items():
+    if "tokens_per_s_ratio" not in r:
+      print(f"{lever}: no projection (does not fit, or no step time)")
+      continue
     print(f"{lever}: {mm1[lever]['tokens_per_s_per_chip']:,.0f} tok/s/chip vs MaxText ({pair['compare_with']}) "
           f"{peer['tokens_per_s_per_chip']:,.0f} ({r['tokens_per_s_ratio']:.3f}x); memory "
           f"{mm1[lever]['per_chip_bytes'] / 2**30:.2f} vs {peer['per_chip_bytes'] / 2**30:.2f} GiB")

@@ -16,8 +16,8 @@ roofline leaves out inter-chip communication, so projected throughput is an uppe
 Studies:
   mm1_7b_text_v5p-64  MM1-7B's decoder (the llama2-7b shape) text-only on v5p-64 (32 chips),
                       4 sequences x 4,096 tokens a chip, pure FSDP, bf16 compute with float32
-                      weights, full remat: the settings of MaxText's llama2-7b figure in
-                      docs/performance.md, so the two compare at equal shapes.
+                      weights, full remat: the settings benchmarks/peer_maxtext.py compiles
+                      MaxText's llama2-7b with, so the two compare at equal shapes.
   mm1_7b_v5p-256      MM1-7B with 16 images a sequence on its pod (gin/pods/mm1_7b_v5p-256.gin).
 """
 
@@ -81,18 +81,20 @@ def compile_lever(study: str, lever: str, cost: bool = True, python: str = sys.e
   return report
 
 
+def ratios(r: dict, base: dict) -> dict:
+  """Projected throughput and per-chip memory of report `r` over `base`'s, where both have them."""
+  row = {}
+  if r.get("tokens_per_s_per_chip") and base.get("tokens_per_s_per_chip"):
+    row["tokens_per_s_ratio"] = round(r["tokens_per_s_per_chip"] / base["tokens_per_s_per_chip"], 3)
+  if r.get("per_chip_bytes") and base.get("per_chip_bytes"):
+    row["memory_ratio"] = round(r["per_chip_bytes"] / base["per_chip_bytes"], 3)
+  return row
+
+
 def compare(levers: dict[str, dict]) -> dict:
   """Each lever's projected throughput and per-chip memory over the first lever's."""
   (base_name, base), *_ = levers.items()
-  out = {}
-  for name, r in levers.items():
-    row = {"against": base_name}
-    if r.get("tokens_per_s_per_chip") and base.get("tokens_per_s_per_chip"):
-      row["tokens_per_s_ratio"] = round(r["tokens_per_s_per_chip"] / base["tokens_per_s_per_chip"], 3)
-    if r.get("per_chip_bytes") and base.get("per_chip_bytes"):
-      row["memory_ratio"] = round(r["per_chip_bytes"] / base["per_chip_bytes"], 3)
-    out[name] = row
-  return out
+  return {name: {"against": base_name, **ratios(r, base)} for name, r in levers.items()}
 
 
 def table(folder: Path = OUT) -> str:

@@ -285,7 +285,8 @@ class AIMv2(nn.Module):
       image_emb = self.connector(feats).reshape(b, n * q, c.decoder.width)
     is_image = tokens == c.image_token_id
     x = splice_images(self.decoder.embed(tokens), image_emb, is_image)
-    hidden, _ = self.decoder(x, segment_causal_mask(segment_ids), positions, valid=segment_ids > 0,
+    window = c.decoder.sliding_window  # as MM1: the einsum and splash paths apply the same window
+    hidden, _ = self.decoder(x, segment_causal_mask(segment_ids, window), positions, valid=segment_ids > 0,
                              return_hidden=True, segment_ids=segment_ids)
     # The hidden states at the image positions, image by image, patch by patch (a stable
     # sort puts a row's placeholder positions first, in sequence order).

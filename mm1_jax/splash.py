@@ -3,7 +3,8 @@
 `DecoderConfig.attention_impl = "splash"` runs the decoder's training and scoring attention
 through tokamax's splash attention: a flash-attention kernel for TPU written in Pallas
 (Mosaic) that walks the score matrix in [block x block] tiles, keeps only a running max and
-sum per query, and skips the tiles that the causal mask or the segment ids leave empty. No
+sum per query, and skips the tiles the causal mask leaves empty (segment ids are applied
+inside each tile). No
 [B, N, T, S] float32 score matrix is ever written to HBM, which is where the einsum path
 (`layers.attend`) spends its memory traffic at T = 4096; the backward pass recomputes the
 tiles from the saved log-sum-exp, so remat policies save nothing of the scores either.

@@ -12,11 +12,14 @@ import pytest
 
 from mm1_jax import layers, model, sharding, splash, train
 
-B, T, N, K, H = 4, 256, 4, 2, 64
+# T = 384: three 128-wide tiles (splash.tile), so the kernel skips the tiles above the
+# diagonal, and accumulates over several key tiles forward and backward.
+B, T, N, K, H = 4, 384, 4, 2, 64
 
 
 def _segments():
-  """Packed rows: two documents; three; one then padding; one cut at a tile boundary."""
+  """Packed rows: two documents; three, across tiles; one then padding; two cut at a tile
+  boundary."""
   seg = np.ones((B, T), np.int32)
   seg[0, 100:] = 2
   seg[1, 37:150], seg[1, 150:] = 2, 3
@@ -74,6 +77,7 @@ def test_splash_sharded_over_rows_and_heads():
 
 def test_splash_refuses_what_it_cannot_do():
   q, k, v = _qkv()
+  assert splash.tile(T) == 128 and splash.tile(1024) == 512
   with pytest.raises(ValueError, match="multiple of 128"):
     splash.attend(q[:, :200], k[:, :200], v[:, :200], _segments()[:, :200])
   mesh_cfg = sharding.MeshConfig(shape=(1, 1, 4, 1))  # 4 tensor devices, 2 key-value heads
@@ -104,6 +108,7 @@ def _packed_batch(config, seq_len=128):
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+@pytest.mark.slow
 def test_mm1_loss_is_the_same_with_splash(tiny_config):
   # The whole model: packed rows with an image and padding, the loss and its gradients with
   # attention_impl="splash" against "xla". Fails if the decoder does not hand the segment

@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="repeatable; the first is the one the others are compared with (default: all, base first)")
   p.add_argument("--no_cost", action="store_true", help="memory only: skip the costing compiles")
   p.add_argument("--table", action="store_true", help="print the tables of the saved records only")
+  p.add_argument("--record", default=None,
+                 help="record name under results/tpu_levers/ (default: the study's name)")
   args = p.parse_args(argv)
   if args.table:
     print(table())
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
   gin_file, bindings = STUDIES[args.study]
   figures = {"study": args.study, "gin_file": gin_file, "bindings": bindings, "levers": levers,
              "against_first": compare(levers)}
-  record.write(OUT / f"{args.study}.json", "tpu_levers", figures, git=git)
+  record.write(OUT / f"{args.record or args.study}.json", "tpu_levers", figures, git=git)
   print(table())
   return 0
 

@@ -50,8 +50,8 @@ def test_splash_matches_the_dense_mask(window):
   seg = _segments()
   q, k, v = _qkv()
   mask = model.segment_causal_mask(seg, window)
-  (lx, ox), gx = _loss(lambda q, k, v: layers.attend(q, k, v, mask), seg)(q, k, v)
-  (ls, os_), gs = _loss(lambda q, k, v: splash.attend(q, k, v, seg, window), seg)(q, k, v)
+  (lx, ox), gx = jax.jit(_loss(lambda q, k, v: layers.attend(q, k, v, mask), seg))(q, k, v)
+  (ls, os_), gs = jax.jit(_loss(lambda q, k, v: splash.attend(q, k, v, seg, window), seg))(q, k, v)
   np.testing.assert_allclose(os_, ox, atol=2e-5)
   np.testing.assert_allclose(ls, lx, rtol=1e-5)
   for a, b in zip(gs, gx):
@@ -64,7 +64,7 @@ def test_splash_sharded_over_rows_and_heads():
   seg = _segments()
   q, k, v = _qkv(1)
   mask = model.segment_causal_mask(seg)
-  (_, want), gwant = _loss(lambda q, k, v: layers.attend(q, k, v, mask), seg)(q, k, v)
+  (_, want), gwant = jax.jit(_loss(lambda q, k, v: layers.attend(q, k, v, mask), seg))(q, k, v)
   mesh_cfg = sharding.MeshConfig(shape=(2, 1, 2, 1))
   fn = _loss(lambda q, k, v: splash.attend(q, k, v, seg), seg)
   with jax.set_mesh(sharding.make_mesh(mesh_cfg, jax.devices()[:4])), nn.logical_axis_rules(mesh_cfg.rules):
@@ -126,7 +126,7 @@ def test_mm1_loss_is_the_same_with_splash(tiny_config):
     # the einsum path would make the comparison vacuous).
     calls = str(jax.make_jaxpr(jax.grad(loss))(params)).count("pallas_call")
     assert calls == (2 if impl == "splash" else 0), calls
-    results[impl] = jax.value_and_grad(loss)(params)
+    results[impl] = jax.jit(jax.value_and_grad(loss))(params)
   (lx, gx), (ls, gs) = results["xla"], results["splash"]
   np.testing.assert_allclose(ls, lx, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gx)):

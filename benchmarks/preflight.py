@@ -31,25 +31,35 @@ from benchmarks import record  # noqa: E402  (after the checkout is on the path)
 OUT = REPO / "benchmarks" / "results" / "preflight"
 
 
+def aot_report(gin_file: str, args: list[str], scratch: Path, python: str = sys.executable,
+               env: dict | None = None, echo: bool = False) -> dict:
+  """mm1-aot's JSON report for `gin_file` and extra `args`, from a subprocess (libtpu is loaded
+  there) run by `python` in this checkout; `scratch` is where the report is written first.
+  Exit 1 (does not fit) still gives a report; any other failure stops the benchmark."""
+  report_file = scratch / f".{Path(gin_file).stem}.{os.getpid()}.report.json"
+  cmd = [python, "-m", "mm1_jax.aot", f"--gin_file={gin_file}", f"--json_out={report_file}", *args]
+  t0 = time.perf_counter()
+  env = env or dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+  if echo:
+    print(proc.stdout)
+  if proc.returncode not in (0, 1) or not report_file.exists():
+    print(proc.stderr[-3000:], file=sys.stderr)
+    raise SystemExit(f"{gin_file} {' '.join(args)}: mm1-aot failed ({proc.returncode})")
+  report = json.loads(report_file.read_text())
+  report_file.unlink()
+  report["wall_s"] = round(time.perf_counter() - t0, 1)
+  return report
+
+
 def run(preset: Path, cost: bool = True) -> dict:
   """Compiles one preset with mm1-aot and writes its record (results/preflight/<preset>.json)."""
   out = OUT / f"{preset.stem}.json"
   git = record.git_state()  # the code mm1-aot loads now (before the old record goes: not a change)
   uncommitted = _uncommitted() if git[1] else None
   out.unlink(missing_ok=True)
-  report_file = OUT / f".{preset.stem}.report.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "mm1_jax.aot", f"--gin_file={preset.relative_to(REPO)}",
-         f"--json_out={report_file}", *([] if cost else ["--no_cost"])]
-  t0 = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-  print(proc.stdout)
-  if proc.returncode not in (0, 1) or not report_file.exists():
-    print(proc.stderr[-3000:], file=sys.stderr)
-    raise SystemExit(f"{preset.name}: mm1-aot failed ({proc.returncode})")
-  report = json.loads(report_file.read_text())
-  report_file.unlink()
-  report.update(preset=str(preset.relative_to(REPO)), wall_s=round(time.perf_counter() - t0, 1))
+  report = aot_report(str(preset.relative_to(REPO)), [] if cost else ["--no_cost"], OUT, echo=True)
+  report["preset"] = str(preset.relative_to(REPO))
   command = f"JAX_PLATFORMS=cpu python -m mm1_jax.aot --gin_file={preset.relative_to(REPO)}" + (
       "" if cost else " --no_cost")
   extra = {"uncommitted": uncommitted} if uncommitted else {}

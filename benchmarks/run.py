@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -251,14 +250,7 @@ def run_preflight(s: dict, short: bool, results: dict) -> dict:
 
   if short:
     with tempfile.TemporaryDirectory() as tmp:
-      out = Path(tmp) / "report.json"
-      env = dict(os.environ, JAX_PLATFORMS="cpu")
-      proc = subprocess.run([sys.executable, "-m", "mm1_jax.aot", "--gin_file=gin/experiments/quickstart.gin",
-                             "--topology=v5p-8", "--no_cost", f"--json_out={out}"], cwd=REPO, env=env,
-                            capture_output=True, text=True)
-      if proc.returncode or not out.exists():
-        raise RuntimeError(f"mm1-aot failed ({proc.returncode}): {proc.stderr[-2000:]}")
-      r = json.loads(out.read_text())
+      r = preflight.aot_report("gin/experiments/quickstart.gin", ["--topology=v5p-8", "--no_cost"], Path(tmp))
     return {"quickstart_v5p-8.per_chip_gib": r["per_chip_bytes"] / 2**30, "quickstart_v5p-8.fits": r["fits"]}
   out = {}
   for preset in sorted((REPO / "gin" / "pods").glob("*.gin")):

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks import record  # noqa: E402  (after the checkout is on the path)
+from benchmarks import preflight, record  # noqa: E402  (after the checkout is on the path)
 
 OUT = REPO / "benchmarks" / "results" / "tpu_levers"
 
@@ -63,21 +60,13 @@ SUMMARY = ("per_chip_bytes", "fits", "xla_flops", "optimal_seconds", "tokens_per
 
 def compile_lever(study: str, lever: str, cost: bool = True, python: str = sys.executable,
                   env: dict | None = None) -> dict:
-  """mm1-aot's report for one lever of a study, compiled by `python` (a subprocess: libtpu is
-  loaded there; benchmarks/peer_maxtext.py passes another environment's interpreter)."""
+  """mm1-aot's report for one lever of a study, compiled by `python` (benchmarks/peer_maxtext.py
+  passes another environment's interpreter)."""
   gin_file, bindings = STUDIES[study]
-  report_file = OUT / f".{study}.{lever}.report.json"
-  cmd = [python, "-m", "mm1_jax.aot", f"--gin_file={gin_file}", f"--json_out={report_file}",
-         *[f"--gin.{b}" for b in bindings + LEVERS[lever]], *([] if cost else ["--no_cost"])]
-  t0 = time.perf_counter()
-  env = env or dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-  if proc.returncode not in (0, 1) or not report_file.exists():
-    print(proc.stderr[-3000:], file=sys.stderr)
-    raise SystemExit(f"{study} / {lever}: mm1-aot failed ({proc.returncode})")
-  report = json.loads(report_file.read_text())
-  report_file.unlink()
-  report.update(bindings=bindings + LEVERS[lever], wall_s=round(time.perf_counter() - t0, 1))
+  args = [f"--gin.{b}" for b in bindings + LEVERS[lever]] + ([] if cost else ["--no_cost"])
+  OUT.mkdir(parents=True, exist_ok=True)
+  report = preflight.aot_report(gin_file, args, OUT, python=python, env=env)
+  report["bindings"] = bindings + LEVERS[lever]
   return report
 
 

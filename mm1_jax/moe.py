@@ -235,20 +235,12 @@ def _plan(num_experts: int, expert_mlp_dim: int) -> _Plan | None:
   if mesh.empty or mesh.size == 1:
     return None
   sizes = dict(mesh.shape)
-
-  def rule(names, i):
-    spec = tuple(nn.logical_to_mesh_axes(sharding.axes(names)))
-    entry = spec[i] if i < len(spec) else None
-    return tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ()))
-                 if sizes.get(a, 1) > 1)
-
-  weight_names = ("expert", "embed", "mlp")
-  expert = rule(weight_names, 0)
+  expert, _, mlp = sharding.split_axes(("expert", "embed", "mlp"), sizes)
   if num_experts % math.prod(sizes[a] for a in expert):
     expert = ()  # experts that do not divide stay whole on every device
-  tokens = rule(("batch",), 0)
+  (tokens,) = sharding.split_axes(("batch",), sizes)
   tokens += tuple(a for a in expert if a not in tokens)
-  mlp = tuple(a for a in rule(weight_names, 2) if a not in tokens)
+  mlp = tuple(a for a in mlp if a not in tokens)
   if expert_mlp_dim % math.prod(sizes[a] for a in mlp):
     mlp = ()
   if not tokens and not mlp:

@@ -242,6 +242,18 @@ def batch_divisor(mesh: Mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in axes_)
 
 
+def split_axes(names: Sequence[str | None], sizes: dict[str, int]) -> tuple[tuple[str, ...], ...]:
+  """Per dimension of an array with logical `names` (the current scope's), the mesh axes of
+  more than one device it is split over under the ambient rules (`nn.logical_axis_rules`);
+  `sizes` is the mesh's {axis: size}. For code that lays out a `shard_map` by the rules."""
+  spec = tuple(nn.logical_to_mesh_axes(axes(names)))
+  out = []
+  for i in range(len(names)):
+    entry = spec[i] if i < len(spec) else None
+    out.append(tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if sizes.get(a, 1) > 1))
+  return tuple(out)
+
+
 def data_across_slices(num_slices: int = 1) -> tuple[int, ...] | None:
   """dcn_shape for num_slices slices with data parallelism across them (gin helper)."""
   return None if num_slices <= 1 else (num_slices, 1, 1, 1)

@@ -4,8 +4,8 @@
 through tokamax's splash attention: a flash-attention kernel for TPU written in Pallas
 (Mosaic) that walks the score matrix in [block x block] tiles, keeps only a running max and
 sum per query, and skips the tiles the causal mask leaves empty (segment ids are applied
-inside each tile). No
-[B, N, T, S] float32 score matrix is ever written to HBM, which is where the einsum path
+inside each tile). No [B, N, T, S] float32 score matrix is ever written to HBM, which is
+where the einsum path
 (`layers.attend`) spends its memory traffic at T = 4096; the backward pass recomputes the
 tiles from the saved log-sum-exp, so remat policies save nothing of the scores either.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -59,11 +58,6 @@ def _kernel_lib():
     raise ImportError("attention_impl='splash' needs tokamax: pip install -e '.[tpu]' "
                       f"(or pip install tokamax==0.0.12): {e}") from e
   return kernel_lib, mask_lib
-
-
-def _axes(spec_entry, sizes: dict[str, int]) -> tuple[str, ...]:
-  axes = (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
-  return tuple(a for a in axes if sizes.get(a, 1) > 1)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
@@ -108,8 +102,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
   if mesh.empty or mesh.size == 1:
     return local(q, k, v, segment_ids)
   sizes = dict(mesh.shape)
-  spec = tuple(nn.logical_to_mesh_axes(sharding.axes(("batch", "length", "heads", "kv"))))
-  rows, length, heads = (_axes(spec[i] if i < len(spec) else None, sizes) for i in range(3))
+  rows, length, heads, _ = sharding.split_axes(("batch", "length", "heads", "kv"), sizes)
   if length:
     raise ValueError(f"splash attention does not shard the sequence; the rules put 'length' on {length}")
   per = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731

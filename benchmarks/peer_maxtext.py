@@ -34,6 +34,10 @@ Pairs:
   llama2-7b_v5p-64  MaxText llama2-7b against MM1-7B's decoder, text-only: v5p-64 (32 chips),
                     4 x 4,096 tokens a chip, pure FSDP, full remat, bf16 compute with float32
                     weights (MaxText's defaults for the last two).
+  mixtral-8x7b_v5p-128
+                    MaxText mixtral-8x7b (dropless, megablox grouped matmuls) against MM1's
+                    decoder of Mixtral's shape (gin/models/mm1_mixtral_8x7b.gin, dropless),
+                    text-only: v5p-128 (64 chips), otherwise as above.
 """
 
 from __future__ import annotations
@@ -64,7 +68,10 @@ MAXTEXT = "maxtext[tpu]==0.2.5"
 # maxtext resolves, writes Mosaic bytecode libtpu 0.0.50.1 cannot read). What mm1_jax's
 # compile needs beyond MaxText's environment: gin-config, and seqio with TensorFlow (the pod
 # gin files import the data pipeline).
-EXTRA = ("jax[tpu]==0.12.0.1", "tokamax==0.0.12", "gin-config==0.5.0", "seqio==0.0.20", "tensorflow==2.21.*")
+EXTRA = ("jax[tpu]==0.12.0.1", "gin-config==0.5.0", "seqio==0.0.20", "tensorflow==2.21.*")
+# maxtext 0.2.5 requires a newer tokamax than the one both sides run: installed after it,
+# without its dependencies (those maxtext brought cover it).
+TOKAMAX = "tokamax==0.0.12"
 PYTHON312 = "3.12.1"  # the pyenv version `python3.12` runs as
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
@@ -82,7 +89,18 @@ PAIRS = {
         "maxtext_variants": {"as_shipped": [], "tokamax_splash": ["use_tokamax_splash=True"]},
         "compare_with": "tokamax_splash",
         "depth": 32, "chips": 32, "tokens_per_step": 128 * 4096,
-        "mm1_study": "mm1_7b_text_v5p-64",
+        "mm1_study": "mm1_7b_text_v5p-64", "mm1_levers": ["einsum", "splash"],
+    },
+    "mixtral-8x7b_v5p-128": {
+        # Dropless MoE through megablox's grouped matmul (MaxText's defaults, spelled out).
+        "maxtext": ["model_name=mixtral-8x7b", "override_model_config=True", "compile_topology=v5p-128",
+                    "compile_topology_num_slices=1", "per_device_batch_size=4", "max_target_length=4096",
+                    "remat_policy=full", "ici_fsdp_parallelism=-1", "dtype=bfloat16", "weight_dtype=float32",
+                    "megablox=True", "sparse_matmul=True", "capacity_factor=-1"],
+        "maxtext_variants": {"as_shipped": [], "tokamax_splash": ["use_tokamax_splash=True"]},
+        "compare_with": "tokamax_splash",
+        "depth": 32, "chips": 64, "tokens_per_step": 256 * 4096,
+        "mm1_study": "mm1_mixtral_8x7b_text_v5p-128", "mm1_levers": ["splash"],
     },
 }
 
@@ -97,6 +115,7 @@ def setup() -> None:
     subprocess.run(["python3.12", "-m", "venv", str(VENV)], check=True,
                    env=dict(os.environ, PYENV_VERSION=PYTHON312))
   subprocess.run([str(python()), "-m", "pip", "install", "-q", MAXTEXT, *EXTRA], check=True)
+  subprocess.run([str(python()), "-m", "pip", "install", "-q", "--no-deps", TOKAMAX], check=True)
   print(json.dumps(venv_packages()))
 
 
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--setup", action="store_true", help="create the Python 3.12 environment with MaxText")
   p.add_argument("--pair", choices=sorted(PAIRS), default="llama2-7b_v5p-64")
   p.add_argument("--mm1_lever", action="append", choices=sorted(tpu_levers.LEVERS), default=[],
-                 help="mm1_jax configurations to compile (repeatable; default: base and splash)")
+                 help="mm1_jax configurations to compile (repeatable; default: the pair's mm1_levers)")
   args = p.parse_args(argv)
   if args.setup:
     setup()
@@ -202,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
   for variant in pair["maxtext_variants"]:
     maxtext[variant] = maxtext_side(pair, variant)
     print(json.dumps({variant: {k: v for k, v in maxtext[variant].items() if k != "compiles"}}), flush=True)
-  mm1 = mm1_side(pair, args.mm1_lever or ["base", "splash"])
+  mm1 = mm1_side(pair, args.mm1_lever or pair["mm1_levers"])
   peer = maxtext[pair["compare_with"]]
   ratios = {lever: tpu_levers.ratios(r, peer) for lever, r in mm1.items()}
   for row in ratios.values():

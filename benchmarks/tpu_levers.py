@@ -18,7 +18,14 @@ Studies:
                       4 sequences x 4,096 tokens a chip, pure FSDP, bf16 compute with float32
                       weights, full remat: the settings benchmarks/peer_maxtext.py compiles
                       MaxText's llama2-7b with, so the two compare at equal shapes.
+  mm1_mixtral_8x7b_text_v5p-128
+                      MM1's decoder of Mixtral-8x7B's shape (gin/models/mm1_mixtral_8x7b.gin: 8
+                      experts, top-2, dropless) text-only on v5p-128 (64 chips), otherwise as
+                      above: the settings of MaxText's mixtral-8x7b in benchmarks/peer_maxtext.py.
   mm1_7b_v5p-256      MM1-7B with 16 images a sequence on its pod (gin/pods/mm1_7b_v5p-256.gin).
+
+Levers: "base" is the study's gin as it is; "einsum" and "splash" set the decoder's attention
+either way (the MM1 presets default to splash).
 """
 
 from __future__ import annotations
@@ -38,14 +45,19 @@ from benchmarks import preflight, record  # noqa: E402  (after the checkout is o
 
 OUT = REPO / "benchmarks" / "results" / "tpu_levers"
 
-STUDIES = {
-    "mm1_7b_text_v5p-64": ("gin/pods/mm1_7b_v5p-256.gin",
-                           ["TOPOLOGY='v5p-64'", "BATCH_SIZE=128", "MAX_IMAGES=0",
-                            "PREFLIGHT_PADDING_FRACTION=0.0", "REMAT_POLICY='full'"]),
-    "mm1_7b_v5p-256": ("gin/pods/mm1_7b_v5p-256.gin", []),
+# MaxText's settings for a text-only pair: no images, no padding, full remat everywhere (the
+# pod file keeps the decoder's projections; bound back here).
+_TEXT = ["MAX_IMAGES=0", "PREFLIGHT_PADDING_FRACTION=0.0", "REMAT_POLICY='full'",
+         "decoder.DecoderConfig.remat_policy='full'"]
+STUDIES = {  # gin files (later ones override earlier ones), bindings
+    "mm1_7b_text_v5p-64": (["gin/pods/mm1_7b_v5p-256.gin"], ["TOPOLOGY='v5p-64'", "BATCH_SIZE=128", *_TEXT]),
+    "mm1_mixtral_8x7b_text_v5p-128": (["gin/pods/mm1_7b_v5p-256.gin", "gin/models/mm1_mixtral_8x7b.gin"],
+                                      ["TOPOLOGY='v5p-128'", "BATCH_SIZE=256", *_TEXT]),
+    "mm1_7b_v5p-256": (["gin/pods/mm1_7b_v5p-256.gin"], []),
 }
 LEVERS = {
-    "base": [],
+    "base": [],  # the preset as it is
+    "einsum": ["decoder.DecoderConfig.attention_impl='xla'"],
     "splash": ["decoder.DecoderConfig.attention_impl='splash'"],
     "splash_remat_dots_no_batch": ["decoder.DecoderConfig.attention_impl='splash'",
                                    "decoder.DecoderConfig.remat_policy='dots_no_batch'"],
@@ -62,8 +74,9 @@ def compile_lever(study: str, lever: str, cost: bool = True, python: str = sys.e
                   env: dict | None = None) -> dict:
   """mm1-aot's report for one lever of a study, compiled by `python` (benchmarks/peer_maxtext.py
   passes another environment's interpreter)."""
-  gin_file, bindings = STUDIES[study]
-  args = [f"--gin.{b}" for b in bindings + LEVERS[lever]] + ([] if cost else ["--no_cost"])
+  (gin_file, *more_files), bindings = STUDIES[study]
+  args = ([f"--gin_file={f}" for f in more_files] + [f"--gin.{b}" for b in bindings + LEVERS[lever]]
+          + ([] if cost else ["--no_cost"]))
   OUT.mkdir(parents=True, exist_ok=True)
   report = preflight.aot_report(gin_file, args, OUT, python=python, env=env)
   report["bindings"] = bindings + LEVERS[lever]
@@ -126,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     r = compile_lever(args.study, name, cost=not args.no_cost)
     levers[name] = r
     print(json.dumps({"lever": name, **{k: r.get(k) for k in SUMMARY}}), flush=True)
-  gin_file, bindings = STUDIES[args.study]
-  figures = {"study": args.study, "gin_file": gin_file, "bindings": bindings, "levers": levers,
+  gin_files, bindings = STUDIES[args.study]
+  figures = {"study": args.study, "gin_files": gin_files, "bindings": bindings, "levers": levers,
              "against_first": compare(levers)}
   record.write(OUT / f"{args.record or args.study}.json", "tpu_levers", figures, git=git)
   print(table())

@@ -81,6 +81,15 @@ def test_decoder_presets_have_the_size_they_are_named_for(model_file, size):
   assert n == count_parameters(model)["decoder"]
 
 
+def test_mixtral_decoder_has_mixtrals_published_size():
+  """Mistral AI gives Mixtral-8x7B as 46.7B parameters, 12.9B used per token: a wrong expert
+  width, GQA head count, sparse-layer spacing or untied head misses one of them."""
+  _parse(["gin/models/mm1_mixtral_8x7b.gin"])
+  counts = count_parameters(_model())
+  assert round(counts["decoder"] / 1e9, 1) == 46.7
+  assert round(counts["decoder.active"] / 1e9, 1) == 12.9
+
+
 @pytest.mark.parametrize("model_file", ["gin/models/mm1_3b_moe.gin", "gin/models/mm1_7b_moe.gin"])
 def test_a_sparse_decoder_counts_its_active_parameters(model_file):
   """MoE: N is what a token runs (see optim.lr_law_parameters), far below the total."""

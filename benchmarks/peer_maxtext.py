@@ -70,8 +70,9 @@ MAXTEXT = "maxtext[tpu]==0.2.5"
 # gin files import the data pipeline).
 EXTRA = ("jax[tpu]==0.12.0.1", "gin-config==0.5.0", "seqio==0.0.20", "tensorflow==2.21.*")
 # maxtext 0.2.5 requires a newer tokamax than the one both sides run: installed after it,
-# without its dependencies (those maxtext brought cover it).
-TOKAMAX = "tokamax==0.0.12"
+# without its dependencies, and with the one of them maxtext's tokamax resolves differently
+# (0.0.12 pins typeguard 2.13.3; under 4.x its jaxtyping annotations fail to import).
+TOKAMAX = ("tokamax==0.0.12", "typeguard==2.13.3")
 PYTHON312 = "3.12.1"  # the pyenv version `python3.12` runs as
 NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
                       "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
@@ -115,7 +116,7 @@ def setup() -> None:
     subprocess.run(["python3.12", "-m", "venv", str(VENV)], check=True,
                    env=dict(os.environ, PYENV_VERSION=PYTHON312))
   subprocess.run([str(python()), "-m", "pip", "install", "-q", MAXTEXT, *EXTRA], check=True)
-  subprocess.run([str(python()), "-m", "pip", "install", "-q", "--no-deps", TOKAMAX], check=True)
+  subprocess.run([str(python()), "-m", "pip", "install", "-q", "--no-deps", *TOKAMAX], check=True)
   print(json.dumps(venv_packages()))
 
 

@@ -25,7 +25,8 @@ Studies:
   mm1_7b_v5p-256      MM1-7B with 16 images a sequence on its pod (gin/pods/mm1_7b_v5p-256.gin).
 
 Levers: "base" is the study's gin as it is; "einsum" and "splash" set the decoder's attention
-either way (the MM1 presets default to splash).
+either way (the MM1 presets default to splash); "splash_gmm_pallas" also runs a dropless MoE's
+experts through the megablox kernels (mm1_jax/gmm.py) instead of jax.lax.ragged_dot.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ LEVERS = {
     "base": [],  # the preset as it is
     "einsum": ["decoder.DecoderConfig.attention_impl='xla'"],
     "splash": ["decoder.DecoderConfig.attention_impl='splash'"],
+    "splash_gmm_pallas": ["decoder.DecoderConfig.attention_impl='splash'", "moe.MoEConfig.grouped_matmul='pallas'"],
     "splash_remat_dots_no_batch": ["decoder.DecoderConfig.attention_impl='splash'",
                                    "decoder.DecoderConfig.remat_policy='dots_no_batch'"],
     "splash_remat_dots": ["decoder.DecoderConfig.attention_impl='splash'",

@@ -77,10 +77,12 @@ from flax import traverse_util
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from mm1_jax import gmm
 from mm1_jax import layers
 from mm1_jax import sharding
 
 DISPATCH_MODES = ("capacity", "dropless")
+GROUPED_MATMULS = ("xla", "pallas")
 AUX_COLLECTION = "moe"  # listed in layers.STACKED_COLLECTIONS
 
 
@@ -95,6 +97,9 @@ class MoEConfig:
       1 makes every layer sparse (Mixtral).
     expert_mlp_dim: hidden width of one expert; None uses the dense mlp_dim.
     dispatch: "capacity" or "dropless".
+    grouped_matmul: how dropless runs its grouped matmuls: "xla" (jax.lax.ragged_dot, left to
+      the compiler) or "pallas" (the megablox kernels, mm1_jax/gmm.py; TPU, interpreted
+      elsewhere; widths of at least 128).
     capacity_factor: slots per expert = capacity_factor x group tokens / E (AXLearn's
       convention; a perfectly balanced top-k load fills the slots at factor k).
     load_balance_weight: weight of the load-balance loss in the training loss.
@@ -106,6 +111,7 @@ class MoEConfig:
   every: int = 2
   expert_mlp_dim: int | None = None
   dispatch: str = "capacity"
+  grouped_matmul: str = "xla"
   capacity_factor: float = 2.0
   load_balance_weight: float = 0.01
   router_z_weight: float = 0.001
@@ -113,6 +119,8 @@ class MoEConfig:
   def __post_init__(self):
     if self.dispatch not in DISPATCH_MODES:
       raise ValueError(f"MoEConfig.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
+    if self.grouped_matmul not in GROUPED_MATMULS:
+      raise ValueError(f"MoEConfig.grouped_matmul must be one of {GROUPED_MATMULS}, got {self.grouped_matmul!r}")
     if not 1 <= self.top_k <= self.num_experts:
       raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
     if self.every < 1:
@@ -180,7 +188,8 @@ class MoEMLP(nn.Module):
 
     plan = _plan(e, f)
     if c.dispatch == "dropless":
-      y = _dropless(x.astype(self.dtype), weights, expert_ids, valid, w_gate, w_up, w_down, plan)
+      y = _dropless(x.astype(self.dtype), weights, expert_ids, valid, w_gate, w_up, w_down, plan,
+                    c.grouped_matmul)
       drop_rate = jnp.zeros((), jnp.float32)
     else:
       y, drop_rate = _capacity(x.astype(self.dtype), weights, expert_ids, valid, w_gate, w_up, w_down,
@@ -193,10 +202,12 @@ def _swiglu(h_in, w_gate, w_up, w_down, matmul):
   return matmul(nn.silu(matmul(h_in, w_gate)) * matmul(h_in, w_up), w_down)
 
 
-def _grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def _grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, impl: str = "xla") -> jax.Array:
   """lhs[R, X] rows grouped by expert (group g = the next group_sizes[g] rows), rhs[G, X, Y]:
   rows after the last group belong to no expert and come out as zeros. (A module-level
   name so that tests can observe the group sizes.)"""
+  if impl == "pallas":
+    return gmm.grouped_matmul(lhs, rhs, group_sizes)
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
@@ -259,28 +270,30 @@ def _pad_rows(arrays, multiple: int):
 # --- dropless ----------------------------------------------------------------------------
 
 
-def _dropless(x, weights, expert_ids, valid, w_gate, w_up, w_down, plan: _Plan | None = None):
+def _dropless(x, weights, expert_ids, valid, w_gate, w_up, w_down, plan: _Plan | None = None,
+              impl: str = "xla"):
   b, t, d = x.shape
   k = expert_ids.shape[-1]
   args = (x.reshape(b * t, d), weights.reshape(b * t, k), expert_ids.reshape(b * t, k), valid.reshape(b * t))
   if plan is None:
-    y = _dropless_local(*args, w_gate, w_up, w_down, expert_axes=(), num_shards=1, mlp_axes=())
+    y = _dropless_local(*args, w_gate, w_up, w_down, expert_axes=(), num_shards=1, mlp_axes=(), impl=impl)
     return y.reshape(b, t, d)
   args = _pad_rows(args, plan.size(plan.token_axes))  # padded tokens are invalid: no work
   tok, wio, wout = plan.specs()
   body = functools.partial(_dropless_local, expert_axes=plan.expert_axes,
-                           num_shards=plan.size(plan.expert_axes), mlp_axes=plan.mlp_axes)
+                           num_shards=plan.size(plan.expert_axes), mlp_axes=plan.mlp_axes, impl=impl)
+  # Pallas calls declare no varying mesh axes for their outputs: unchecked there.
   y = jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, tok, tok, wio, wio, wout),
-                    out_specs=tok)(*args, w_gate, w_up, w_down)
+                    out_specs=tok, check_vma=impl != "pallas")(*args, w_gate, w_up, w_down)
   return y[:b * t].reshape(b, t, d)
 
 
-def _local_experts(rows, group_ids, num_groups, w_gate, w_up, w_down, mlp_axes):
+def _local_experts(rows, group_ids, num_groups, w_gate, w_up, w_down, mlp_axes, impl="xla"):
   """SwiGLU of each row of rows[R, D] by expert group_ids[R] (num_groups: no expert, not
   computed) as one grouped matmul; the result in the rows' order, zeros for ungrouped rows."""
   order = jnp.argsort(group_ids, stable=True)
   sizes = jnp.bincount(group_ids, length=num_groups + 1)[:num_groups].astype(jnp.int32)
-  matmul = lambda a, w: _grouped_matmul(a, w, sizes)
+  matmul = lambda a, w: _grouped_matmul(a, w, sizes, impl)
   out = _swiglu(jnp.take(rows, order, axis=0), w_gate, w_up, w_down, matmul)
   if mlp_axes:  # each device holds a slice of every expert's hidden width
     out = jax.lax.psum(out, mlp_axes)
@@ -288,7 +301,7 @@ def _local_experts(rows, group_ids, num_groups, w_gate, w_up, w_down, mlp_axes):
 
 
 def _dropless_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, expert_axes, num_shards,
-                    mlp_axes):
+                    mlp_axes, impl="xla"):
   """One device's tokens x[n, D] (all of them without a mesh); it holds experts
   [s * E_l, (s + 1) * E_l) of E = num_shards * E_l, s its index along expert_axes.
 
@@ -307,7 +320,7 @@ def _dropless_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, expe
   assigned = jnp.repeat(valid, k)  # [n * k]
   key = jnp.where(assigned, expert_ids.reshape(-1), num_experts)
   if num_shards == 1:
-    out = _local_experts(jnp.repeat(x, k, axis=0), key, num_experts, w_gate, w_up, w_down, mlp_axes)
+    out = _local_experts(jnp.repeat(x, k, axis=0), key, num_experts, w_gate, w_up, w_down, mlp_axes, impl)
   else:
     slots = n * min(k, e_local)
     dest = key // e_local  # num_shards for padding: out of range, dropped below
@@ -322,7 +335,7 @@ def _dropless_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, expe
     recv = jax.lax.all_to_all(send, expert_axes, 0, 0)  # recv[i]: the rows device i sent here
     recv_ids = jax.lax.all_to_all(send_ids, expert_axes, 0, 0)
     done = _local_experts(recv.reshape(-1, d), recv_ids.reshape(-1), e_local, w_gate, w_up, w_down,
-                          mlp_axes)
+                          mlp_axes, impl)
     back = jax.lax.all_to_all(done.reshape(num_shards, slots, d), expert_axes, 0, 0)
     out = back.at[dest, slot].get(mode="fill", fill_value=0)
   out = out.reshape(n, k, d)

@@ -50,7 +50,7 @@ _GIN_MODULES = {"ViTConfig": "vit", "DecoderConfig": "decoder", "MoEConfig": "mo
 
 # How a run executes, not what the checkpoint is: left to the model file a run includes
 # before the imported model.gin (a pod's remat and compute dtype must survive it).
-EXECUTION_FIELDS = ("remat_policy", "attention_chunks", "attention_impl")
+EXECUTION_FIELDS = ("remat_policy", "attention_chunks", "attention_impl", "grouped_matmul")
 
 
 def config_to_gin(cfg, header: str, extra: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> str:

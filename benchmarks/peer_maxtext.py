@@ -101,7 +101,7 @@ PAIRS = {
         "maxtext_variants": {"as_shipped": [], "tokamax_splash": ["use_tokamax_splash=True"]},
         "compare_with": "tokamax_splash",
         "depth": 32, "chips": 64, "tokens_per_step": 256 * 4096,
-        "mm1_study": "mm1_mixtral_8x7b_text_v5p-128", "mm1_levers": ["splash"],
+        "mm1_study": "mm1_mixtral_8x7b_text_v5p-128", "mm1_levers": ["splash", "splash_gmm_pallas"],
     },
 }
 

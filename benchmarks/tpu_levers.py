@@ -68,14 +68,25 @@ LEVERS = {
     "splash_remat_none": ["decoder.DecoderConfig.attention_impl='splash'",
                           "decoder.DecoderConfig.remat_policy='none'"],
 }
+# Levers that bind the MoE layer: only for studies whose decoder has one (elsewhere gin knows no
+# moe.MoEConfig, and the lever would change nothing).
+MOE_LEVERS = ("splash_gmm_pallas",)
+MOE_STUDIES = ("mm1_mixtral_8x7b_text_v5p-128",)
 SUMMARY = ("per_chip_bytes", "fits", "xla_flops", "optimal_seconds", "tokens_per_s_per_chip",
            "useful_tokens_per_s_per_chip", "projected_mfu", "projected_mfu_slots", "compile_s", "cost_compile_s")
+
+
+def levers_for(study: str) -> list[str]:
+  """The levers that apply to `study`, in LEVERS's order."""
+  return [name for name in LEVERS if name not in MOE_LEVERS or study in MOE_STUDIES]
 
 
 def compile_lever(study: str, lever: str, cost: bool = True, python: str = sys.executable,
                   env: dict | None = None) -> dict:
   """mm1-aot's report for one lever of a study, compiled by `python` (benchmarks/peer_maxtext.py
   passes another environment's interpreter)."""
+  if lever not in levers_for(study):
+    raise SystemExit(f"lever {lever!r} binds the MoE layer; study {study!r} has a dense decoder")
   (gin_file, *more_files), bindings = STUDIES[study]
   args = ([f"--gin_file={f}" for f in more_files] + [f"--gin.{b}" for b in bindings + LEVERS[lever]]
           + ([] if cost else ["--no_cost"]))
@@ -124,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--study", choices=sorted(STUDIES), default="mm1_7b_text_v5p-64")
   p.add_argument("--lever", action="append", choices=sorted(LEVERS), default=[],
-                 help="repeatable; the first is the one the others are compared with (default: all, base first)")
+                 help="repeatable; the first is the one the others are compared with (default: all that apply "
+                      "to the study, base first)")
   p.add_argument("--no_cost", action="store_true", help="memory only: skip the costing compiles")
   p.add_argument("--table", action="store_true", help="print the tables of the saved records only")
   p.add_argument("--record", default=None,
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
   OUT.mkdir(parents=True, exist_ok=True)
   git = record.git_state()  # the code the compiles load
   levers = {}
-  names = args.lever or list(LEVERS)
+  names = args.lever or levers_for(args.study)
   for name in tqdm(names, desc=f"{args.study}: levers", unit="lever", file=sys.stderr):
     r = compile_lever(args.study, name, cost=not args.no_cost)
     levers[name] = r

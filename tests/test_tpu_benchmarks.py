@@ -5,8 +5,10 @@ import dataclasses
 
 import pytest
 
+import gin
+
 from benchmarks import peer_maxtext, tpu_levers
-from mm1_jax import decoder, moe
+from mm1_jax import decoder, gin_checks, moe
 
 # The two lines MaxText's train_compile prints, as it prints them (keys abridged).
 MAXTEXT_STDOUT = """Finished train_compile.py successfully!
@@ -61,3 +63,18 @@ def test_every_lever_and_study_names_real_bindings():
         assert key in fields, (study, b)
       else:
         assert f"{key} =" in text, (study, b)
+
+
+@pytest.mark.usefixtures("clean_gin")
+@pytest.mark.parametrize("study, lever", [(s, lever) for s in tpu_levers.STUDIES for lever in tpu_levers.levers_for(s)])
+def test_each_lever_parses_on_its_study_and_takes_effect(study, lever):
+  """What mm1-aot parses for the lever (gin files, then bindings) gives a model whose decoder
+  has the lever's values: an MoE lever offered to a dense study fails to parse, and a binding
+  that later gin overrides (or that reaches no configurable) would compile the base twice."""
+  files, bindings = tpu_levers.STUDIES[study]
+  gin_checks.parse(files, bindings + tpu_levers.LEVERS[lever], [str(tpu_levers.REPO)])
+  dec = gin.query_parameter("%MODEL").scoped_configurable_fn().decoder
+  expected = dict(b.split("=") for b in bindings + tpu_levers.LEVERS[lever] if b.startswith(("decoder.", "moe.")))
+  for key, value in expected.items():  # the study's own (the text studies' remat), then the lever's
+    owner = dec.moe if key.startswith("moe.") else dec
+    assert getattr(owner, key.rsplit(".", 1)[1]) == value.strip("'"), (study, lever, key, value)

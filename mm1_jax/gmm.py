@@ -14,9 +14,9 @@ grouped matmul to the TPU compiler instead; which is faster is a measurement
 (benchmarks/tpu_levers.py, study `mm1_mixtral_8x7b_text_v5p-128`).
 
 Off TPU, Pallas interprets the same kernels with jax ops (same results, far slower): CPU
-tests compare them with `jax.lax.ragged_dot`. Every dimension must be at least 128 (the TPU
-lane width); rows are padded to a multiple of the row tile, and the padded rows, like rows
-past the last group, come out as zeros.
+tests compare them with `jax.lax.ragged_dot`. The contraction and output widths must be multiples of
+128 (the TPU lane width); rows are padded to a multiple of the row tile (512, or 128 for
+fewer rows), and the padded rows, like rows past the last group, come out as zeros.
 
 tokamax is an optional dependency (the `tpu` extra, pinned: the kernels are imported from its
 `_src` tree, as for the splash attention).
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 from jax._src.pallas.mosaic import tpu_info
 
 LANES = 128
-# Tile sizes (rows, contraction, output columns): the largest of these dividing the dimension
-# (rows are padded to a multiple of the row tile). 512 x 1024 x 1024 is MaxText's megablox
-# default for the experts' projections.
-ROW_TILES = (512, 256, 128)
+# Tile sizes: rows 512 (rows are padded to a multiple; 128 when there are fewer), contraction
+# and output columns the largest of COL_TILES dividing them. 512 x 1024 x 1024 is MaxText's
+# megablox default for the experts' projections.
+ROW_TILE = 512
 COL_TILES = (1024, 512, 256, 128)
 
 
@@ -51,19 +51,21 @@ def _tile(size: int, tiles: tuple[int, ...]) -> int:
   for t in tiles:
     if size % t == 0:
       return t
-  raise ValueError(f"grouped_matmul='pallas' needs dimensions that are multiples of {LANES}, got {size}")
+  raise ValueError(f"grouped_matmul='pallas' needs widths that are multiples of {LANES}, got {size}")
 
 
 def _interpret() -> bool:
   """Whether the kernels run interpreted: off TPU. The kernels' pipelines lay out their blocks
-  for a TPU generation even when interpreted; the device they run on then stands in as one
-  TensorCore of a v5p (the interpreted results do not depend on it)."""
+  for a TPU generation even when interpreted, so the device they run on is registered with
+  Pallas as one TensorCore of a v5p (for this process; the interpreted results do not depend
+  on it). Tracing alone interprets too: parameter counting (`jax.eval_shape` of the model on
+  the host, as the LR law's does) goes through here before a TPU compile."""
   mesh = jax.sharding.get_abstract_mesh()
   device = jax.devices()[0] if mesh.empty else mesh.abstract_device
   if device.platform == "tpu":
     return False
   tpu_info.registry.setdefault(device.device_kind,
-                               lambda: tpu_info._get_tpu_info_impl(tpu_info.ChipVersion.TPU_V5P, 1))
+                               lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5P, 1))
   return True
 
 
@@ -81,9 +83,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
   g, k2, n = rhs.shape
   if k2 != k:
     raise ValueError(f"contraction sizes differ: lhs {lhs.shape}, rhs {rhs.shape}")
-  if k < LANES or n < LANES:
-    raise ValueError(f"grouped_matmul='pallas' needs K and N of at least {LANES}, got {k} and {n}")
-  tm = ROW_TILES[0] if r >= ROW_TILES[0] else LANES
+  tm = ROW_TILE if r >= ROW_TILE else LANES
   tiling = (tm, _tile(k, COL_TILES), _tile(n, COL_TILES))
   back_tiling = (tm, _tile(n, COL_TILES), _tile(k, COL_TILES))  # the input gradient contracts N
   pad = -r % tm

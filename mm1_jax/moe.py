@@ -99,7 +99,7 @@ class MoEConfig:
     dispatch: "capacity" or "dropless".
     grouped_matmul: how dropless runs its grouped matmuls: "xla" (jax.lax.ragged_dot, left to
       the compiler) or "pallas" (the megablox kernels, mm1_jax/gmm.py; TPU, interpreted
-      elsewhere; widths of at least 128).
+      elsewhere; width and expert width multiples of 128 on each device).
     capacity_factor: slots per expert = capacity_factor x group tokens / E (AXLearn's
       convention; a perfectly balanced top-k load fills the slots at factor k).
     load_balance_weight: weight of the load-balance loss in the training loss.
@@ -121,6 +121,9 @@ class MoEConfig:
       raise ValueError(f"MoEConfig.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
     if self.grouped_matmul not in GROUPED_MATMULS:
       raise ValueError(f"MoEConfig.grouped_matmul must be one of {GROUPED_MATMULS}, got {self.grouped_matmul!r}")
+    if self.grouped_matmul != "xla" and self.dispatch != "dropless":
+      raise ValueError(f"MoEConfig.grouped_matmul={self.grouped_matmul!r} is for dispatch='dropless' (capacity "
+                       "dispatch runs its experts as batched einsums)")
     if not 1 <= self.top_k <= self.num_experts:
       raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
     if self.every < 1:

@@ -37,19 +37,24 @@ def test_grouped_matmul_matches_ragged_dot_with_empty_groups_and_ungrouped_rows(
   assert not np.any(np.asarray(dl)[550:])  # no gradient reaches rows in no group
 
 
-def test_narrow_widths_are_refused():
-  with pytest.raises(ValueError, match="at least 128"):
-    gmm.grouped_matmul(jnp.ones((128, 64)), jnp.ones((2, 64, 128)), jnp.array([64, 64], jnp.int32))
+@pytest.mark.parametrize("k", [64, 200])
+def test_widths_off_the_lane_grid_are_refused(k):
+  with pytest.raises(ValueError, match="multiples of 128"):
+    gmm.grouped_matmul(jnp.ones((128, k)), jnp.ones((2, k, 128)), jnp.array([64, 64], jnp.int32))
 
 
-def test_unknown_grouped_matmul_is_refused():
+@pytest.mark.parametrize("kwargs", [dict(dispatch="dropless", grouped_matmul="megablox"),
+                                    dict(dispatch="capacity", grouped_matmul="pallas")])
+def test_unknown_or_inapplicable_grouped_matmul_is_refused(kwargs):
   with pytest.raises(ValueError, match="grouped_matmul"):
-    moe.MoEConfig(dispatch="dropless", grouped_matmul="megablox")
+    moe.MoEConfig(**kwargs)
 
 
-def test_dropless_moe_through_the_kernels_matches_ragged_dot_under_expert_parallelism():
-  """MoEMLP with grouped_matmul='pallas' on an expert-parallel mesh (fsdp 4 x expert 2: the
-  all-to-all path, whose empty slots are in no group) against 'xla': output, router and expert
+@pytest.mark.parametrize("mesh", [(1, 4, 1, 2), (1, 2, 2, 2)], ids=["fsdp4_expert2", "fsdp2_tensor2_expert2"])
+def test_dropless_moe_through_the_kernels_matches_ragged_dot_under_expert_parallelism(mesh):
+  """MoEMLP with grouped_matmul='pallas' on expert-parallel meshes (the all-to-all path, whose
+  empty slots are in no group; with tensor 2 each device holds half of every expert's width
+  and the down projection's partial sums are psum-ed) against 'xla': output, router and expert
   gradients; and the kernels really are in the program (a setting that did not reach the
   experts would pass the comparison trivially)."""
   b, t, d, f = 4, 32, 128, 256
@@ -67,7 +72,7 @@ def test_dropless_moe_through_the_kernels_matches_ragged_dot_under_expert_parall
       return jnp.sum(jnp.sin(y) * valid[..., None])
     return jax.value_and_grad(fn, argnums=(0, 1))
 
-  mesh_cfg = sharding.MeshConfig(shape=(1, 4, 1, 2))
+  mesh_cfg = sharding.MeshConfig(shape=mesh)
   out = {}
   with jax.set_mesh(sharding.make_mesh(mesh_cfg)), nn.logical_axis_rules(mesh_cfg.rules):
     for impl, layer in layers.items():

@@ -211,7 +211,7 @@ class Compiled:
 
 
 def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len, max_images,
-             options=None) -> Compiled:
+             options=None, hlo_out: Path | None = None) -> Compiled:
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(mesh_config, devices)
   rules = mesh_config.rules
@@ -236,6 +236,10 @@ def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len,
     if "RESOURCE_EXHAUSTED" in msg or "HbmOom" in msg or "Ran out of memory" in msg:
       return Compiled(None, None, None, error=msg, compile_s=time.perf_counter() - t0)
     raise
+  text = compiled.as_text()
+  if hlo_out is not None:
+    hlo_out.parent.mkdir(parents=True, exist_ok=True)
+    hlo_out.write_text(text)
   mem = compiled.memory_analysis()
   memory = None
   if mem is not None:
@@ -246,7 +250,7 @@ def _compile(model_config, optimizer, mesh_config, devices, batch_size, seq_len,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
   return Compiled(memory, cost.get("flops"), cost.get("optimal_seconds"), compile_s=time.perf_counter() - t0,
-                  uncostable=uncostable_ops(compiled.as_text()))
+                  uncostable=uncostable_ops(text))
 
 
 def _with_depths(config, enc_depth: int, dec_depth: int):
@@ -309,8 +313,11 @@ def extrapolated_cost(model_config, compile_fn, hbm_bandwidth: float | None = No
 def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int = 1, batch_size: int = 512,
               seq_len: int = 4096, max_images: int = 16, subimages=None, cost: bool = True,
               padding_fraction: float = 0.0, images_per_sequence: float | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, hlo_dir: str | None = None) -> dict:
   """Compiles the train step for the topology and returns the report (see module docstring).
+
+  With `hlo_dir`, each compiled program's optimized HLO is written there as text: the step
+  (`step.hlo.txt`) and each costing compile (`cost_encoder<E>_decoder<D>.hlo.txt`).
 
   With `subimages` (high-resolution SFT) every image takes K slots: the step is compiled
   for max_images x K image slots a sequence, as the loader feeds it.
@@ -330,7 +337,9 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
   if num_slices > 1:
     mesh = dataclasses.replace(mesh, dcn_shape=(num_slices, 1, 1, 1))
   say(f"[1/2] compiling the train step for {topology} x{num_slices} ({len(devices)} devices)")
-  full = _compile(model, optimizer, mesh, devices, batch_size, seq_len, slots)
+  hlo = Path(hlo_dir) if hlo_dir else None
+  full = _compile(model, optimizer, mesh, devices, batch_size, seq_len, slots,
+                  hlo_out=hlo and hlo / "step.hlo.txt")
   per_device_hbm = topo.chip.hbm_bytes // topo.devices_per_chip
   report = {
       "topology": topology, "topology_name": topo.topology_name, "num_slices": num_slices,
@@ -363,8 +372,10 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
                 useful_tokens_per_s_per_chip=None, projected_mfu_slots=None)
   if cost:
     say("[2/2] costing: small unrolled compiles, extrapolated per layer")
+    hlo_name = lambda cfg: hlo and hlo / (f"cost_encoder{cfg.encoder.depth}"  # noqa: E731
+                                          f"_decoder{getattr(getattr(cfg, 'decoder', None), 'depth', 0)}.hlo.txt")
     est = extrapolated_cost(model, lambda cfg: _compile(cfg, optimizer, mesh, devices, batch_size, seq_len,
-                                                         slots, options=COSTING_OPTIONS),
+                                                         slots, options=COSTING_OPTIONS, hlo_out=hlo_name(cfg)),
                             hbm_bandwidth=topo.chip.hbm_bandwidth / topo.devices_per_chip)
     report["cost_compile_s"] = round(est["compile_s"], 1)
     report["cost_points"] = est["points"]
@@ -455,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--num_slices", type=int, default=None, help="slices over the data-centre network")
   p.add_argument("--json_out", default=None, help="also write the report as JSON here")
   p.add_argument("--no_cost", action="store_true", help="memory only: skip the costing compiles")
+  p.add_argument("--hlo_dir", default=None,
+                 help="write each compiled program's optimized HLO text here (the step, the costing compiles)")
   args = p.parse_args(rest)
   if args.topology:
     try:
@@ -467,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs["topology"] = args.topology
   if args.num_slices:
     kwargs["num_slices"] = args.num_slices
+  if args.hlo_dir:
+    kwargs["hlo_dir"] = args.hlo_dir
   # The registered function: under `python -m mm1_jax.aot` this module is __main__,
   # a second copy whose `preflight` gin does not know.
   aot_lib = sys.modules.get("mm1_jax.aot") or importlib.import_module("mm1_jax.aot")

@@ -55,7 +55,6 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_shape = x.shape[-self.num_in:]
-    lead = x.shape[:-self.num_in]
     fan_in = _prod(in_shape)
     kernel_shape = tuple(in_shape) + tuple(self.features)
     assert len(self.axes) == len(kernel_shape), (self.axes, kernel_shape)
@@ -67,9 +66,12 @@ class Linear(nn.Module):
 
     kernel = self.param("kernel", sharding.partitioned(init, self.axes),
                         kernel_shape, self.param_dtype)
-    kernel = jnp.asarray(kernel, self.dtype).reshape(fan_in, -1)
-    y = jnp.dot(jnp.asarray(x, self.dtype).reshape(-1, fan_in), kernel)
-    y = y.reshape(lead + tuple(self.features))
+    # One dot_general over the trailing num_in dims, no reshape to a matrix: a reshape fixes
+    # the activations' physical order, and when the producer or consumer wants another (the
+    # attention kernel's heads-major layout) the compiler must copy them to and fro.
+    x = jnp.asarray(x, self.dtype)
+    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+    y = jax.lax.dot_general(x, jnp.asarray(kernel, self.dtype), (contract, ((), ())))
     if self.use_bias:
       bias = self.param("bias", sharding.partitioned(nn.initializers.zeros,
                                                              self.axes[self.num_in:]),
@@ -92,7 +94,9 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    # Statistics in float32, the scaling in the compute dtype (as Llama's reference does):
+    # in bfloat16 no float32 [B, T, D] product is written, in the forward or the scale's gradient.
+    return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -132,11 +136,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
   h = x.shape[-1]
   inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  # Angles in float32, the rotation in x's dtype (as Llama's reference does): in bfloat16 the
+  # projections' outputs are not widened to float32 around it.
+  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 # (key, value) of one layer, float[B, K, S, H] each: a query's keys are contiguous per head,

@@ -291,16 +291,43 @@ def _dropless(x, weights, expert_ids, valid, w_gate, w_up, w_down, plan: _Plan |
   return y[:b * t].reshape(b, t, d)
 
 
-def _local_experts(rows, group_ids, num_groups, w_gate, w_up, w_down, mlp_axes, impl="xla"):
-  """SwiGLU of each row of rows[R, D] by expert group_ids[R] (num_groups: no expert, not
-  computed) as one grouped matmul; the result in the rows' order, zeros for ungrouped rows."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_rows(x, index, inverse, copies):
+  """x[index // copies]: with copies = 1 the permutation `index` of x's rows (`inverse` its
+  inverse), with copies = k a permutation of x's rows each repeated k times. The gradient is
+  a gather too (the inverse permutation, then the k copies summed), not the scatter-add
+  jax.numpy's gather transposes to: a permutation's transpose is its inverse."""
+  return jnp.take(x, index // copies, axis=0)
+
+
+def _gather_rows_fwd(x, index, inverse, copies):
+  return _gather_rows(x, index, inverse, copies), (index, inverse)
+
+
+def _gather_rows_bwd(copies, residuals, grad):
+  _, inverse = residuals
+  back = jnp.take(grad, inverse, axis=0)
+  if copies > 1:
+    back = back.reshape(-1, copies, grad.shape[-1]).sum(axis=1)
+  return back, None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _local_experts(rows, group_ids, num_groups, w_gate, w_up, w_down, mlp_axes, impl="xla", copies=1):
+  """SwiGLU of each row of rows[R, D] by expert group_ids[R * copies] (each row is `copies`
+  consecutive assignments; num_groups: no expert, not computed) as one grouped matmul; the
+  result in the assignments' order, zeros for ungrouped ones. Rows reach the expert order and
+  come back by gathers (`_gather_rows`), in the backward pass as well."""
   order = jnp.argsort(group_ids, stable=True)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   sizes = jnp.bincount(group_ids, length=num_groups + 1)[:num_groups].astype(jnp.int32)
   matmul = lambda a, w: _grouped_matmul(a, w, sizes, impl)
-  out = _swiglu(jnp.take(rows, order, axis=0), w_gate, w_up, w_down, matmul)
+  out = _swiglu(_gather_rows(rows, order, inverse, copies), w_gate, w_up, w_down, matmul)
   if mlp_axes:  # each device holds a slice of every expert's hidden width
     out = jax.lax.psum(out, mlp_axes)
-  return jnp.zeros_like(out).at[order].set(out)
+  return _gather_rows(out, inverse, order, 1)
 
 
 def _dropless_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, expert_axes, num_shards,
@@ -323,7 +350,7 @@ def _dropless_local(x, weights, expert_ids, valid, w_gate, w_up, w_down, *, expe
   assigned = jnp.repeat(valid, k)  # [n * k]
   key = jnp.where(assigned, expert_ids.reshape(-1), num_experts)
   if num_shards == 1:
-    out = _local_experts(jnp.repeat(x, k, axis=0), key, num_experts, w_gate, w_up, w_down, mlp_axes, impl)
+    out = _local_experts(x, key, num_experts, w_gate, w_up, w_down, mlp_axes, impl, copies=k)
   else:
     slots = n * min(k, e_local)
     dest = key // e_local  # num_shards for padding: out of range, dropped below

@@ -55,14 +55,16 @@ def _aot(tmp_path, *flags):
 @pytest.fixture(scope="module")
 def v5p_8_report(tmp_path_factory):
   """mm1-aot with costs for v5p-8, half of every row assumed padding (compiled once)."""
-  return _aot(tmp_path_factory.mktemp("aot"), "--topology=v5p-8", "--gin.BATCH_SIZE=16",
-              "--gin.PREFLIGHT_PADDING_FRACTION=0.5")
+  tmp = tmp_path_factory.mktemp("aot")
+  proc, r = _aot(tmp, "--topology=v5p-8", "--gin.BATCH_SIZE=16", "--gin.PREFLIGHT_PADDING_FRACTION=0.5",
+                 f"--hlo_dir={tmp / 'hlo'}")
+  return proc, r, tmp / "hlo"
 
 
 @pytest.mark.slow
 @pytest.mark.libtpu
 def test_preflight_report_for_a_small_topology(v5p_8_report):
-  proc, r = v5p_8_report
+  proc, r, _ = v5p_8_report
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert set(KEYS) <= set(r)
   assert (r["topology"], r["num_chips"], r["num_slices"], r["num_devices"]) == ("v5p-8", 4, 1, 4)
@@ -77,6 +79,11 @@ def test_preflight_report_for_a_small_topology(v5p_8_report):
   for key in ("topology", "chips", "per-chip memory", "fits", "projected MFU"):
     assert key in proc.stdout
   assert r["params_total"] == r["params_active"] > 4e6
+  # --hlo_dir: the step and each costing compile, as the TPU compiler optimised them.
+  hlo = v5p_8_report[2]
+  names = {f"cost_encoder{p['encoder_layers']}_decoder{p['decoder_layers']}.hlo.txt" for p in r["cost_points"]}
+  assert {f.name for f in hlo.iterdir()} == names | {"step.hlo.txt"}
+  assert all(f.read_text().startswith("HloModule") for f in hlo.iterdir())
 
 
 @pytest.mark.slow
@@ -92,7 +99,7 @@ def test_preflight_mfu_is_the_compilers_work_over_four_v5p_chips(v5p_8_report):
   from mm1_jax import flops
   from mm1_jax.params import abstract_params
 
-  proc, r = v5p_8_report
+  proc, r, _ = v5p_8_report
   assert proc.returncode == 0, proc.stderr[-3000:]
   t = r["optimal_seconds"]
   assert 0 < r["projected_mfu"] < r["projected_mfu_slots"] < 1

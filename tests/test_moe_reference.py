@@ -157,3 +157,27 @@ def test_capacity_is_the_factor_times_the_balanced_share(factor, tokens, experts
   for k in (1, 2):
     cfg = moe.MoEConfig(num_experts=experts, top_k=k, capacity_factor=factor)
     assert cfg.capacity(tokens) == want
+
+
+def test_dropless_gradients_match_capacity_without_drops():
+  """With C = T nothing is dropped, so both dispatches compute one function and must have one
+  gradient. Capacity's comes from autodiff of its einsums; dropless's sorts rows to experts and
+  back through gathers with a hand-written backward (the inverse permutation, then each token's
+  k copies summed): a wrong inverse or a missing sum fails here, for the input and every weight."""
+  valid = np.ones((B, T), bool)
+  valid[1, 7:] = False
+  x = jax.random.normal(jax.random.PRNGKey(3), (B, T, D), jnp.float32)
+  layers = {d: moe.MoEMLP(_config(d, capacity_factor=float(E)), mlp_dim=F, dtype=jnp.float32)
+            for d in ("capacity", "dropless")}
+  params = nn.unbox(layers["dropless"].init(jax.random.PRNGKey(4), x, valid)["params"])
+  params = dict(params, router=params["router"] * 20.0)
+
+  def grads(layer):
+    loss = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x, valid, mutable=[moe.AUX_COLLECTION])[0])
+                                * valid[..., None])
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  (gp, gx), (gp0, gx0) = grads(layers["dropless"]), grads(layers["capacity"])
+  np.testing.assert_allclose(gx, gx0, rtol=1e-4, atol=1e-5)
+  for name in ("router", "gate", "up", "down"):
+    np.testing.assert_allclose(gp[name], gp0[name], rtol=1e-4, atol=1e-5, err_msg=name)

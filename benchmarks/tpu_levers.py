@@ -70,7 +70,7 @@ LEVERS = {
 }
 # Levers that bind the MoE layer: only for studies whose decoder has one (elsewhere gin knows no
 # moe.MoEConfig, and the lever would change nothing).
-MOE_LEVERS = ("splash_gmm_pallas",)
+MOE_LEVERS = tuple(name for name, bindings in LEVERS.items() if any(b.startswith("moe.") for b in bindings))
 MOE_STUDIES = ("mm1_mixtral_8x7b_text_v5p-128",)
 SUMMARY = ("per_chip_bytes", "fits", "xla_flops", "optimal_seconds", "tokens_per_s_per_chip",
            "useful_tokens_per_s_per_chip", "projected_mfu", "projected_mfu_slots", "compile_s", "cost_compile_s")

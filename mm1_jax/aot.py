@@ -372,8 +372,11 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
                 useful_tokens_per_s_per_chip=None, projected_mfu_slots=None)
   if cost:
     say("[2/2] costing: small unrolled compiles, extrapolated per layer")
-    hlo_name = lambda cfg: hlo and hlo / (f"cost_encoder{cfg.encoder.depth}"  # noqa: E731
-                                          f"_decoder{getattr(getattr(cfg, 'decoder', None), 'depth', 0)}.hlo.txt")
+    def hlo_name(cfg):  # AIM (v1) has no decoder
+      if not hlo:
+        return None
+      dec = cfg.decoder.depth if hasattr(cfg, "decoder") else 0
+      return hlo / f"cost_encoder{cfg.encoder.depth}_decoder{dec}.hlo.txt"
     est = extrapolated_cost(model, lambda cfg: _compile(cfg, optimizer, mesh, devices, batch_size, seq_len,
                                                          slots, options=COSTING_OPTIONS, hlo_out=hlo_name(cfg)),
                             hbm_bandwidth=topo.chip.hbm_bandwidth / topo.devices_per_chip)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax._src.pallas.mosaic import tpu_info
 
+from mm1_jax import sharding
+
 LANES = 128
 # Tile sizes: rows 512 (rows are padded to a multiple; 128 when there are fewer), contraction
 # and output columns the largest of COL_TILES dividing them. 512 x 1024 x 1024 is MaxText's
@@ -60,8 +62,7 @@ def _interpret() -> bool:
   Pallas as one TensorCore of a v5p (for this process; the interpreted results do not depend
   on it). Tracing alone interprets too: parameter counting (`jax.eval_shape` of the model on
   the host, as the LR law's does) goes through here before a TPU compile."""
-  mesh = jax.sharding.get_abstract_mesh()
-  device = jax.devices()[0] if mesh.empty else mesh.abstract_device
+  device = sharding.target_device()
   if device.platform == "tpu":
     return False
   tpu_info.registry.setdefault(device.device_kind,

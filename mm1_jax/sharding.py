@@ -242,6 +242,14 @@ def batch_divisor(mesh: Mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in axes_)
 
 
+def target_device():
+  """The device kind a traced program is for: the ambient mesh's (`jax.set_mesh`; abstract when
+  compiling for a TPU topology from a CPU host), else this process's first device. Kernels read
+  its `.platform` to choose between compiling and interpreting."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.devices()[0] if mesh.empty else mesh.abstract_device
+
+
 def split_axes(names: Sequence[str | None], sizes: dict[str, int]) -> tuple[tuple[str, ...], ...]:
   """Per dimension of an array with logical `names` (the current scope's), the mesh axes of
   more than one device it is split over under the ambient rules (`nn.logical_axis_rules`);

@@ -5,8 +5,7 @@ through tokamax's splash attention: a flash-attention kernel for TPU written in 
 (Mosaic) that walks the score matrix in [block x block] tiles, keeps only a running max and
 sum per query, and skips the tiles the causal mask leaves empty (segment ids are applied
 inside each tile). No [B, N, T, S] float32 score matrix is ever written to HBM, which is
-where the einsum path
-(`layers.attend`) spends its memory traffic at T = 4096; the backward pass recomputes the
+where the einsum path (`layers.attend`) spends its memory traffic at T = 4096; the backward pass recomputes the
 tiles from the saved log-sum-exp, so remat policies save nothing of the scores either.
 
 The kernel carries its own cost estimate (FLOPs and bytes of the forward and backward
@@ -81,11 +80,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                      f"{k.shape[1]} keys")
   block = tile(t)
   mesh = jax.sharding.get_abstract_mesh()
-  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
   config = kernel_lib.SplashConfig(
       block_q=block, block_kv=block, block_kv_compute=block,
       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-      interpret=platform != "tpu")
+      interpret=sharding.target_device().platform != "tpu")
   if window is None:
     mask = mask_lib.CausalMask((t, t))
   else:

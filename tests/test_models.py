@@ -220,6 +220,18 @@ def test_cross_entropy_ignores_zero_weights():
   assert float(loss_all) > 0.5
 
 
+def test_cross_entropy_accuracy_counts_the_largest_logit_only():
+  """Catches an accuracy that counts a target below the largest logit, or a constant head
+  (every logit equal, as a zero-initialised one) as always right."""
+  logits = jnp.asarray([[[0.0, 3.0, 1.0], [0.0, 3.0, 1.0], [2.0, 2.0, 2.0], [1.0, 5.0, 5.0]]])
+  weights = jnp.ones((1, 4))
+  hits = [model.cross_entropy(logits[:, i:i + 1], jnp.asarray([[t]]), weights[:, :1])[1]["accuracy"]
+          for i, t in enumerate([1, 2, 0, 2])]
+  assert [float(h) for h in hits] == [1.0, 0.0, 0.0, 1.0]
+  _, aux = model.cross_entropy(logits, jnp.asarray([[1, 2, 0, 2]]), weights)
+  assert float(aux["accuracy"]) == 0.5
+
+
 @pytest.mark.parametrize("positions", [5, 4, 3], ids=["gathered", "gathered_full_rows", "full_head_fallback"])
 def test_head_at_targets_only_matches_the_full_head(positions):
   """Catches a gather that drops, reorders or mis-weights positions, a padded capacity slot
@@ -248,6 +260,30 @@ def test_head_at_targets_only_matches_the_full_head(positions):
   for g, w in zip(got_g, want_g):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
   assert float(got_m["logits_full_head"]) == (1.0 if positions < 4 else 0.0)
+
+
+def test_head_at_targets_keeps_no_full_logits_for_the_backward_pass():
+  """Catches the fallback branch's residuals kept on every step: under autodiff a `lax.cond`
+  carries both branches' residuals, the untaken one's as zeros, so an unrematerialised full
+  head writes float32[B, T, V] each step even when the gathered head ran. The compiled
+  gradient's temporaries (which count both branches' own buffers) must stay within half a
+  logits array of the plain full head's."""
+  b, t, d, v, capacity = 2, 64, 8, 4096, 8
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+  weights = jnp.zeros((b, t)).at[:, :capacity].set(1.0)
+
+  def loss(h, w, weights, capacity):  # weights an argument: constants would fold the branch away
+    return model.cross_entropy_at_targets(h, lambda x: x @ w, targets, weights, 0.0, capacity)[0]
+
+  def temp_bytes(capacity):
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)
+    return grad.lower(hidden, table, weights, capacity).compile().memory_analysis().temp_size_in_bytes
+
+  full_logits = b * t * v * 4
+  assert temp_bytes(capacity) < temp_bytes(None) + full_logits // 2
 
 
 @pytest.mark.slow

@@ -213,9 +213,11 @@ def time_loader(corpus: Path, args) -> dict:
   from tasks import shapes
 
   sources.register_corpus("bench", corpus, image_size=args.image_size, output_features=shapes.OUTPUT_FEATURES)
+  rows = getattr(args, "pack_rows", 1)
   cfg = pipeline.DataConfig(mixture_or_task_name="bench_pretrain", batch_size=args.batch_size,
                             seq_len=args.seq_len, max_images=args.max_images, module_imports=(),
-                            num_threads=args.num_threads)
+                            num_threads=args.num_threads,
+                            **({"pack_rows": rows} if rows != 1 else {}))  # a baseline tree may predate it
   t0 = time.perf_counter()
   it = loader.make_loader(cfg, tokens_per_image=args.tokens_per_image, image_size=args.image_size)
   next(it)  # warm-up: thread pool and prefetch buffer
@@ -256,7 +258,7 @@ def compare(args, size: tuple[int, int]) -> dict:
   commit = git_commit(args.compare_baseline)
   script = Path(__file__).resolve()
   loader_args = {k: getattr(args, k) for k in ("image_size", "seq_len", "max_images", "tokens_per_image",
-                                                "batch_size", "num_threads", "batches")}
+                                                "batch_size", "num_threads", "batches", "pack_rows")}
   cores = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as tmp, worktree(commit) as base:
     root = Path(tmp)
@@ -306,6 +308,8 @@ def main(argv=None) -> dict:
   p.add_argument("--max_images", type=int, default=16)
   p.add_argument("--tokens_per_image", type=int, default=144)
   p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--pack_rows", type=int, default=1,
+                 help="rows open while packing (DataConfig.pack_rows; 1: next-fit)")
   p.add_argument("--num_threads", type=int, default=2)
   p.add_argument("--batches", type=int, default=10, help="timed batches (of each timing with --compare_baseline)")
   p.add_argument("--records", type=int, default=400, help="caption pairs (documents: a quarter of it)")
@@ -349,7 +353,7 @@ def main(argv=None) -> dict:
       "image_size": args.image_size, "source_jpeg": args.source_size, "seq_len": args.seq_len,
       "max_images": args.max_images, "tokens_per_image": args.tokens_per_image,
       "batch_size": args.batch_size, "num_threads": args.num_threads, "timed_batches": args.batches,
-      **rates(t, cores), "build_s": build_s, "build_reports": reports,
+      "pack_rows": args.pack_rows, **rates(t, cores), "build_s": build_s, "build_reports": reports,
   }
   print(json.dumps({k: v for k, v in record.items() if k != "build_reports"}, indent=1))
   if args.json_out:

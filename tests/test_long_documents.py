@@ -128,7 +128,8 @@ def test_a_long_document_continues_into_further_examples(tmp_path, kind, vocab_n
   assert stats["documents_split"] == 1 and stats["chunks"] == len(examples) - 1
 
 
-def test_resuming_in_the_middle_of_a_long_document_continues_it(tmp_path):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_resuming_in_the_middle_of_a_long_document_continues_it(tmp_path, rows):
   """A grain loader restored from any batch's saved state yields exactly the batches an
   uninterrupted one yields after it, including states saved inside a long document, and
   counts each split document once."""
@@ -138,7 +139,7 @@ def test_resuming_in_the_middle_of_a_long_document_continues_it(tmp_path):
   docs += [(_document(rng, 1, 5), [200 + i]) for i in range(5)]
   task = _register(tmp_path, "resume", vocab, docs)
   cfg = pipeline.DataConfig(mixture_or_task_name=task, batch_size=2, seq_len=SEQ_LEN, max_images=MAX_IMAGES,
-                            seed=3, module_imports=())
+                            seed=3, module_imports=(), pack_rows=rows)
   kw = dict(tokens_per_image=Q, image_size=SIZE, num_epochs=1)
   full = loader.make_loader(cfg, **kw)
   want = list(full)

@@ -75,7 +75,7 @@ def inspect(config, *, n: int, out: Path, tokens_per_image: int, image_size: int
       stats["chunks"] += len(chunks)
     examples += chunks
   rows = list(pipeline.pack_examples(examples, config.seq_len, config.max_images, image_size, config.pack,
-                                     image_id=ids.image, pad_id=ids.pad))
+                                     image_id=ids.image, pad_id=ids.pad, rows=config.pack_rows))
   seg = np.stack([r["segment_ids"] for r in rows])
   toks = np.stack([r["tokens"] for r in rows])
   # Sequence positions each task fills in the packed rows (text and image placeholders).

@@ -162,22 +162,39 @@ class _Prepare:
 
 def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, pack: bool,
                        skipped: collections.Counter, stats: collections.Counter, *, image_id: int,
-                       pad_id: int):
-  """An IterDataset of packed rows (see `pipeline.pack_examples`) with exact, JSON-able state.
+                       pad_id: int, rows: int = 1, max_age: int | None = None):
+  """An IterDataset of packed rows (`pipeline.Packer`: first fit over `rows` open rows) with
+  exact, JSON-able state.
 
   `parent` yields, per record, the list of its examples (several for a long document) or
-  Skipped. The state is the parent's position before the document being packed and the
-  index of its next example, so a loader restored in the middle of a long document
-  continues with that document's next example.
+  Skipped. The state holds no row contents: it is the parent's position before the oldest
+  example still in an open row (its document and chunk) and, for every example placed
+  since, the slot of the open row it is in (-1: a row already emitted). A restored loader
+  reads those examples again and rebuilds the open rows; the packer's age limit bounds
+  that replay. With nothing open, the state is the position of the next example, so a
+  loader restored in the middle of a long document continues with its next chunk.
+  max_age: the packer's (None: its default).
   """
   import grain  # noqa: PLC0415  (grain: only when loading data)
 
-  from mm1_jax.data.pipeline import PackedRow  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
+  from mm1_jax.data.pipeline import Packer  # noqa: PLC0415  (pipeline loads tensorflow, seqio)
+
+  closed = -1
 
   class PackIterator(grain.DatasetIterator):
     def __init__(self, parent_it):
       super().__init__(parent_it)
-      self._doc, self._doc_state, self._next = None, None, 0
+      self._reset()
+
+    def _reset(self) -> None:
+      self._packer = Packer(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id, rows=rows,
+                            pack=pack, max_age=max_age)
+      self._doc, self._doc_state, self._next, self._seq = None, None, 0, -1
+      self._doc_states: dict[int, Any] = {}  # document number -> parent state before it
+      self._log: list[tuple[int, int, int]] = []  # per example placed: (document, chunk, row id)
+      self._row_ids: list[int] = [closed] * len(self._packer.rows)  # the row id in each slot
+      self._ids = 0
+      self._done = False
 
     def _read(self, count: bool = True) -> None:
       """The next document's examples (raises StopIteration at the end of the data)."""
@@ -185,48 +202,99 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
         before = self._parent.get_state()
         ex = next(self._parent)
         if isinstance(ex, Skipped):
-          skipped[ex.reason] += 1
+          if count:
+            skipped[ex.reason] += 1
           continue
+        self._seq += 1
         self._doc, self._doc_state, self._next = ex, before, 0
+        self._doc_states[self._seq] = before
         if count and len(ex) > 1:
           stats["documents_split"] += 1
           stats["chunks"] += len(ex)
         return
 
+    def _example(self, count: bool = True) -> tuple[int, int, dict]:
+      while self._doc is None or self._next >= len(self._doc):
+        self._read(count)
+      self._next += 1
+      return self._seq, self._next - 1, self._doc[self._next - 1]
+
+    def _place(self, seq: int, chunk: int, ex: dict, slot: int | None = None):
+      slot, emitted = self._packer.place(ex["text"], ex["images"], ex.get("weights"), slot)
+      if self._packer.rows[slot].num_segments == 1:  # a new row
+        self._row_ids[slot], self._ids = self._ids, self._ids + 1
+      self._log.append((seq, chunk, self._row_ids[slot]))
+      return emitted
+
+    def _emit(self, slot: int) -> dict[str, np.ndarray]:
+      self._row_ids[slot] = closed
+      return self._packer.take(slot)
+
+    def _trim(self) -> None:
+      """Forgets the examples before the oldest one still in an open row."""
+      live = set(self._row_ids) - {closed}
+      drop = 0
+      while drop < len(self._log) and self._log[drop][2] not in live:
+        drop += 1
+      del self._log[:drop]
+      first = self._log[0][0] if self._log else self._seq
+      for seq in [k for k in self._doc_states if k < first]:
+        del self._doc_states[seq]
+
     def __next__(self) -> dict[str, np.ndarray]:
-      row = PackedRow(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id)
-      while True:
-        if self._doc is None or self._next >= len(self._doc):
-          try:
-            self._read()
-          except StopIteration:
-            self._doc = None
-            if row.num_segments:
-              return row.features()
-            raise
-          continue
-        ex = self._doc[self._next]
-        if row.num_segments and (not pack or not row.fits(ex["text"], ex["images"])):
-          return row.features()  # the next row starts with this example
-        row.add(ex["text"], ex["images"], ex.get("weights"))
-        self._next += 1
+      while not self._done:
+        late = self._packer.overdue()
+        if late is not None:
+          return self._emit(late)
+        try:
+          seq, chunk, ex = self._example()
+        except StopIteration:
+          self._done = True
+          break
+        emitted = self._place(seq, chunk, ex)
+        if emitted is not None:
+          return emitted
+      # The end of the data: the open rows, oldest first.
+      open_slots = [i for i, r in enumerate(self._packer.rows) if r is not None]
+      if not open_slots:
+        raise StopIteration
+      return self._emit(min(open_slots, key=lambda i: self._packer.born[i]))
 
     def get_state(self) -> dict[str, Any]:
       state = {"skipped": dict(skipped), "stats": dict(stats)}
+      self._trim()
+      if self._log:  # open rows: replay from their oldest example
+        slot_of = {rid: i for i, rid in enumerate(self._row_ids) if rid != closed}
+        seq, chunk, _ = self._log[0]
+        ages = [None if r is None else self._packer.count - self._packer.born[i]
+                for i, r in enumerate(self._packer.rows)]
+        return {"parent": self._doc_states[seq], "chunk": chunk,
+                "slots": [slot_of.get(rid, closed) for _, _, rid in self._log], "ages": ages, **state}
       if self._doc is not None and self._next < len(self._doc):  # inside a document
         return {"parent": self._doc_state, "chunk": self._next, **state}
       return {"parent": self._parent.get_state(), **state}
 
     def set_state(self, state: dict[str, Any]) -> None:
       self._parent.set_state(state["parent"])
-      self._doc, self._doc_state, self._next = None, None, 0
+      self._reset()
       skipped.clear()
       skipped.update(state.get("skipped", {}))
       stats.clear()
       stats.update(state.get("stats", {}))
-      if state.get("chunk") is not None:  # read that document again; it is already counted
-        self._read(count=False)
-        self._next = int(state["chunk"])
+      if state.get("chunk") is None:
+        return
+      # Read that document again (it and all after it up to here are already counted).
+      self._read(count=False)
+      self._next = int(state["chunk"])
+      for slot in state.get("slots", []):
+        seq, chunk, ex = self._example(count=False)
+        if slot == closed:
+          self._log.append((seq, chunk, closed))
+        else:
+          self._place(seq, chunk, ex, slot)
+      for i, age in enumerate(state.get("ages", [])):
+        if age is not None:
+          self._packer.born[i] = self._packer.count - int(age)
 
   class PackIterDataset(grain.IterDataset):
     def __iter__(self):
@@ -377,6 +445,7 @@ def make_loader(config, *, tokens_per_image: int, image_size: int, shard_index: 
   skipped: collections.Counter = collections.Counter()
   stats: collections.Counter = collections.Counter()
   packed = _pack_iter_dataset(mixed.to_iter_dataset(read), config.seq_len, config.image_slots, image_size,
-                              config.pack, skipped, stats, image_id=ids.image, pad_id=ids.pad)
+                              config.pack, skipped, stats, image_id=ids.image, pad_id=ids.pad,
+                              rows=config.pack_rows)
   batched = packed.batch(config.batch_size // num_shards, drop_remainder=True)
   return Loader(iter(batched), skipped, stats, mixing)

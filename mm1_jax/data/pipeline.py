@@ -47,6 +47,9 @@ class DataConfig:
       of its registered rates; must name exactly that mixture's tasks.
     seed: shuffle and mixture-sampling seed; the same seed gives the same batches.
     pack: pack several examples into each sequence (attention stays within each).
+    pack_rows: rows open at once while packing (`Packer`: first fit, the fullest row
+      emitted when an example fits none); 1 is next-fit. More rows pad less, at the cost
+      of a longer replay when a grain loader resumes (at most 32 x pack_rows examples).
     module_imports: modules imported first so that their tasks get registered.
     corpora: built corpora (`mm1_jax.data.sources.Corpus`: folder and tokenizer, set in
       gin) registered as tasks next, before the mixture or task is looked up.
@@ -78,6 +81,7 @@ class DataConfig:
   seed: int = 0
   shuffle: bool = True
   pack: bool = True
+  pack_rows: int = 1
   module_imports: tuple[str, ...] = ("tasks",)
   corpora: tuple[Any, ...] = ()
   loader: str = "grain"
@@ -91,6 +95,8 @@ class DataConfig:
   def __post_init__(self):
     if self.rate_unit not in RATE_UNITS:
       raise ValueError(f"DataConfig.rate_unit must be one of {RATE_UNITS}, got {self.rate_unit!r}")
+    if self.pack_rows < 1:
+      raise ValueError(f"DataConfig.pack_rows must be >= 1, got {self.pack_rows}")
     if self.rate_sample < 1:
       raise ValueError(f"DataConfig.rate_sample must be >= 1, got {self.rate_sample}")
     if self.loader not in ("grain", "tfdata"):
@@ -174,19 +180,92 @@ class PackedRow:
             ("tokens", "targets", "loss_weights", "segment_ids", "positions", "images")}
 
 
+
+  def fullness(self) -> float:
+    """The larger of the shares of positions and of image slots in use."""
+    return max(self.used / len(self.tokens), self.num_images / max(len(self.images), 1))
+
+
+class Packer:
+  """First-fit packing over `rows` open rows, two budgets each: positions and image slots.
+
+  An example goes into the first open row with room for its (input, target) pairs and its
+  images, else into a free slot; with every slot taken, the fullest row (`PackedRow.fullness`)
+  is emitted and the example starts a new row in its slot. A row open for more than
+  `max_age` examples (default 32 x rows) is emitted before the next is placed, which bounds how far back a
+  loader's checkpoint must replay (`loader._pack_iter_dataset`). rows=1 is next-fit: a row
+  is emitted as soon as an example does not fit it. With pack=False each row holds one
+  example.
+
+  Next-fit pads whatever a row cannot take: with MM1's 16 image slots, a row of caption
+  pairs ends at its 16th image with a third of its positions empty, and the interleaved
+  document that would not fit goes to the next row. More open rows let short text and
+  image-light examples fill those gaps (benchmarks/loader.py measures the padding).
+  """
+
+  def __init__(self, seq_len: int, max_images: int, image_size: int, *, image_id: int, pad_id: int,
+               rows: int = 1, pack: bool = True, max_age: int | None = None):
+    if rows < 1:
+      raise ValueError(f"packing needs at least one open row, got {rows}")
+    self._new = lambda: PackedRow(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id)  # noqa: E731
+    self.pack = pack
+    self.rows: list[PackedRow | None] = [None] * (rows if pack else 1)
+    self.born = [0] * len(self.rows)  # example count when each slot's row was started
+    self.count = 0  # examples placed so far
+    # One row needs no limit: it holds at most seq_len examples.
+    self.max_age = max_age if max_age is not None else (32 * rows if len(self.rows) > 1 else None)
+
+  def overdue(self) -> int | None:
+    """The slot of the oldest row open longer than max_age examples, or None."""
+    if self.max_age is None:
+      return None
+    late = [i for i, r in enumerate(self.rows) if r is not None and self.count - self.born[i] > self.max_age]
+    return min(late, key=lambda i: self.born[i]) if late else None
+
+  def take(self, slot: int) -> dict[str, np.ndarray]:
+    """Emits the row in `slot` and frees it."""
+    row, self.rows[slot] = self.rows[slot], None
+    return row.features()
+
+  def place(self, text: np.ndarray, images: np.ndarray, weights: np.ndarray | None = None,
+            slot: int | None = None) -> tuple[int, dict[str, np.ndarray] | None]:
+    """Adds one example; returns (its slot, the row emitted to make room or None). `slot`
+    forces the slot (a loader's replay of a checkpoint), which must be open or free."""
+    emitted = None
+    if slot is None:
+      fits = [i for i, r in enumerate(self.rows) if r is not None and self.pack and r.fits(text, images)]
+      free = [i for i, r in enumerate(self.rows) if r is None]
+      if fits:
+        slot = fits[0]
+      elif free:
+        slot = free[0]
+      else:
+        slot = max(range(len(self.rows)), key=lambda i: self.rows[i].fullness())
+        emitted = self.take(slot)
+    if self.rows[slot] is None:
+      self.rows[slot], self.born[slot] = self._new(), self.count
+    self.rows[slot].add(text, images, weights)
+    self.count += 1
+    return slot, emitted
+
+  def flush(self) -> Iterator[dict[str, np.ndarray]]:
+    """The open rows, oldest first, each emitted."""
+    for slot in sorted((i for i, r in enumerate(self.rows) if r is not None), key=lambda i: self.born[i]):
+      yield self.take(slot)
+
+
 def pack_examples(examples: Iterable[dict], seq_len: int, max_images: int, image_size: int,
                   pack: bool = True, *, image_id: int, pad_id: int,
-                  stats: collections.Counter | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  stats: collections.Counter | None = None, rows: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Examples (already cut to seq_len + 1 ids and max_images) -> fixed-shape rows.
 
-  Next-fit packing: examples go into the current row while its (input, target) pairs
-  and image slots last, then the row is emitted. Every example keeps its own segment
-  id and positions from 0, so attention never crosses examples (see
+  First-fit packing over `rows` open rows (`Packer`; rows=1 is next-fit). Every example
+  keeps its own segment id and positions from 0, so attention never crosses examples (see
   `model.segment_causal_mask`). With pack=False each row holds one example.
   image_id, pad_id: the vocabulary's (`special_ids_of`). stats: counts "documents_split"
   and "chunks" from the examples' "chunk" / "chunks" (`preprocessors.split_and_expand_images`).
   """
-  row = PackedRow(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id)
+  packer = Packer(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id, rows=rows, pack=pack)
   for ex in examples:
     if stats is not None and int(ex.get("chunk", 0)) == 0 and int(ex.get("chunks", 1)) > 1:
       stats["documents_split"] += 1
@@ -194,12 +273,13 @@ def pack_examples(examples: Iterable[dict], seq_len: int, max_images: int, image
     text, images = ex["text"], ex[prep.OUTPUT_IMAGE_KEY]
     if len(text) < 2:  # nothing to predict
       continue
-    if row.num_segments and (not pack or not row.fits(text, images)):
-      yield row.features()
-      row = PackedRow(seq_len, max_images, image_size, image_id=image_id, pad_id=pad_id)
-    row.add(text, images, ex.get("weights"))
-  if row.num_segments:
-    yield row.features()
+    late = packer.overdue()
+    if late is not None:
+      yield packer.take(late)
+    _, emitted = packer.place(text, images, ex.get("weights"))
+    if emitted is not None:
+      yield emitted
+  yield from packer.flush()
 
 
 def token_estimate(source: seqio.Mixture, config: DataConfig, *, tokens_per_image: int) -> dict[str, dict]:
@@ -274,7 +354,7 @@ def make_dataset(config: DataConfig, *, tokens_per_image: int, image_size: int,
   signature["images"] = tf.TensorSpec([n, image_size, image_size, 3], tf.uint8)
   ds = tf.data.Dataset.from_generator(
       lambda: pack_examples(examples.as_numpy_iterator(), t, n, image_size, config.pack, image_id=ids.image,
-                            pad_id=ids.pad, stats=stats),
+                            pad_id=ids.pad, stats=stats, rows=config.pack_rows),
       output_signature=signature)
   ds = ds.batch(config.batch_size // num_shards, drop_remainder=True)
   if start_batch:

@@ -40,6 +40,8 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -116,6 +118,73 @@ def make_sources(root: Path, n_caption: int, n_docs: int, n_text: int, size: tup
       f.write(json.dumps({"text": " ".join(sw.text_example(1, i)["text"] for _ in range(8))}) + "\n")
   return {"webdataset": {"src": str(root / "wds")},
           "obelics": {"src": str(root / ("docs" if doc_files > 1 else "docs.jsonl")), "image_root": str(root / "images")},
+          "text": {"src": str(root / "text.jsonl")}}
+
+
+# Published means of web-scale sources, for corpora shaped like them (`make_published_sources`):
+# OBELICS (dataset card): 141M documents, 353M images, 115B text tokens: 2.5 images and 815
+# text tokens a document. LAION-2B-en as IDEFICS's model card counts it: 1.120B image-text
+# pairs, 29.9B tokens: 26.7 tokens a caption. C4 en (dataset card): 364.9M documents,
+# 828.6 GB with their url and timestamp: about 2,270 bytes a document, taken as 500 tokens
+# (about 4.5 bytes a token, an assumption). The distributions around these means are not
+# published; the ones below are chosen: 1 + Poisson(1.5) images a document, log-normal
+# lengths (sigma 0.6 for documents and text, 0.5 for captions).
+PUBLISHED = {"doc_images": 2.5, "doc_text_tokens": 815, "caption_tokens": 26.7, "text_tokens": 500,
+             "sigma_doc": 0.6, "sigma_caption": 0.5, "sigma_text": 0.6}
+
+
+def _words(rng, tokens: float, sigma: float, pool: list[str], tokens_per_word: float) -> str:
+  """About `tokens` tokens (log-normal around it) of words from `pool`, in order from a
+  random start."""
+  n = max(1, round(rng.lognormal(np.log(tokens) - sigma ** 2 / 2, sigma) / tokens_per_word))
+  start = int(rng.integers(len(pool)))
+  return " ".join(pool[(start + i) % len(pool)] for i in range(n))
+
+
+def make_published_sources(root: Path, n_caption: int, n_docs: int, n_text: int, size: tuple[int, int], *,
+                           workers: int = 1, seed: int = 0) -> dict[str, dict]:
+  """As `make_sources`, with lengths and image counts drawn around `PUBLISHED`'s means, in
+  the shapes-world tokenizer's tokens (words are shapes-world text and captions; the
+  record measures the ids a record actually gets)."""
+  from mm1_jax.data import shapes_world as sw
+  from mm1_jax.data import vocabulary
+
+  rng = np.random.default_rng([seed, 4242])
+  vocab = vocabulary.load("shapes_sp")
+  text_pool = " ".join(sw.text_example(7, i)["text"] for i in range(400)).split()
+  caption_pool = " ".join(sw.caption_example(7, i, 64)["caption"] for i in range(400)).split()
+  ratio = {name: len(vocab.encode(" ".join(pool))) / len(pool)
+           for name, pool in (("text", text_pool), ("caption", caption_pool))}
+  (root / "wds").mkdir(parents=True)
+  pixels = _jpegs(list(range(n_caption)), size, workers)
+  with tarfile.open(root / "wds" / "shard-000000.tar", "w") as tar:
+    for i in range(n_caption):
+      caption = _words(rng, PUBLISHED["caption_tokens"], PUBLISHED["sigma_caption"], caption_pool, ratio["caption"])
+      for name, data in ((f"{i:06d}.jpg", pixels[i]), (f"{i:06d}.txt", caption.encode())):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  counts = [1 + int(rng.poisson(PUBLISHED["doc_images"] - 1)) for _ in range(n_docs)]
+  (root / "images").mkdir()
+  pixels = _jpegs([10_000 + j for j in range(sum(counts))], size, workers)
+  with open(root / "docs.jsonl", "w") as f:
+    k = 0
+    for d, m in enumerate(counts):
+      words = _words(rng, PUBLISHED["doc_text_tokens"], PUBLISHED["sigma_doc"], text_pool, ratio["text"]).split()
+      texts, images = [], []
+      for j in range(m):  # each image followed by its share of the text
+        name = f"d{d}_{j}.jpg"
+        (root / "images" / name).write_bytes(pixels[k])
+        k += 1
+        texts += [None, " ".join(words[j * len(words) // m:(j + 1) * len(words) // m]) or "."]
+        images += [name, None]
+      f.write(json.dumps({"texts": texts, "images": images}) + "\n")
+  with open(root / "text.jsonl", "w") as f:
+    for _ in range(n_text):
+      f.write(json.dumps({"text": _words(rng, PUBLISHED["text_tokens"], PUBLISHED["sigma_text"], text_pool,
+                                         ratio["text"])}) + "\n")
+  return {"webdataset": {"src": str(root / "wds")},
+          "obelics": {"src": str(root / "docs.jsonl"), "image_root": str(root / "images")},
           "text": {"src": str(root / "text.jsonl")}}
 
 

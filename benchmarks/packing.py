@@ -1,21 +1,25 @@
 """Packing: the padding and image slots of the grain loader's rows, next-fit against first fit
 over more open rows (`pipeline.DataConfig.pack_rows`).
 
-Two data sets, each at the shapes of the runs that read it:
+Data sets, each at the shapes of the runs that read it:
 
-  quickstart  the bundled shapes-world mixture (interleaved 45 : caption 45 : text 10) at
-              gin/experiments/quickstart.gin's shapes: 128-token sequences, up to 4 images
-              of 16 tokens (64 px), batches of 16
-  mm1         benchmarks/loader.py's corpus in the real formats (webdataset caption pairs,
-              OBELICS-style documents of 6 images and 6 paragraphs, text documents; a
-              45:45:10 mixture of records) at MM1's shapes: 4096 tokens, up to 16 images
-              of 144 tokens (378 px), batches of 8
+  quickstart      the bundled shapes-world mixture (interleaved 45 : caption 45 : text 10, a
+                  share of records) at gin/experiments/quickstart.gin's shapes: 128-token
+                  sequences, up to 4 images of 16 tokens (64 px), batches of 16
+  mm1_fixed       benchmarks/loader.py's corpus in the real formats (webdataset caption pairs,
+                  OBELICS-style documents of 6 images and 6 paragraphs, text documents) mixed
+                  45:45:10 by records, at MM1's shapes: 4096 tokens, up to 16 images of 144
+                  tokens (378 px), batches of 8
+  mm1_published   the same formats with lengths and image counts drawn around published means
+                  (`loader.make_published_sources`: OBELICS's 2.5 images and 815 text tokens a
+                  document, LAION's 26.7 tokens a caption, 500-token text documents) mixed
+                  45:45:10 by tokens, as the MM1 pod files do (RATE_UNIT = "tokens")
 
 For each --rows value the loader (`loader.make_loader`) yields --batches batches from the
 same seed; padding is the share of positions that hold no example, images a sequence the
 image slots in use. A row's budgets are its positions and its image slots: when the image
 cap ends rows before their positions do, no packing order lowers the padding (the record
-gives the mixture's mean ids and images a record to check that by hand).
+gives each task's mean ids and images an example to check that by hand).
 
   python -m benchmarks.packing --json_out=packing/cpu.json   # under benchmarks/results/
   python -m benchmarks.packing --short                       # tiny sizes: checks that it runs
@@ -35,9 +39,11 @@ if str(REPO) not in sys.path:
 
 QUICKSTART = dict(mixture="mm1_shapes_pretrain", seq_len=128, max_images=4, tokens_per_image=16, image_size=64,
                   batch_size=16, rates={"mm1_shapes_interleaved": 45, "mm1_shapes_caption": 45,
-                                        "mm1_shapes_text": 10})
-MM1 = dict(mixture="bench_pretrain", seq_len=4096, max_images=16, tokens_per_image=144, image_size=378,
-           batch_size=8, rates=None)
+                                        "mm1_shapes_text": 10}, rate_unit="records")
+MM1 = dict(seq_len=4096, max_images=16, tokens_per_image=144, image_size=378, batch_size=8, rates=None)
+DATA_SETS = {"quickstart": QUICKSTART,
+             "mm1_fixed": dict(MM1, mixture="fixed_pretrain", rate_unit="records"),
+             "mm1_published": dict(MM1, mixture="published_pretrain", rate_unit="tokens")}
 
 
 def measure(shapes: dict, rows: int, batches: int) -> dict:
@@ -46,8 +52,8 @@ def measure(shapes: dict, rows: int, batches: int) -> dict:
 
   cfg = pipeline.DataConfig(mixture_or_task_name=shapes["mixture"], batch_size=shapes["batch_size"],
                             seq_len=shapes["seq_len"], max_images=shapes["max_images"],
-                            mixture_rates=shapes["rates"], pack_rows=rows, num_threads=2,
-                            module_imports=("tasks",))
+                            mixture_rates=shapes["rates"], rate_unit=shapes["rate_unit"], pack_rows=rows,
+                            num_threads=2, module_imports=("tasks",))
   it = loader.make_loader(cfg, tokens_per_image=shapes["tokens_per_image"], image_size=shapes["image_size"])
   pad = positions = images = sequences = segments = 0
   t0 = time.perf_counter()
@@ -74,7 +80,8 @@ def record_sizes(shapes: dict, n: int) -> dict:
 
   cfg = pipeline.DataConfig(mixture_or_task_name=shapes["mixture"], batch_size=shapes["batch_size"],
                             seq_len=shapes["seq_len"], max_images=shapes["max_images"],
-                            mixture_rates=shapes["rates"], module_imports=("tasks",))
+                            mixture_rates=shapes["rates"], rate_unit=shapes["rate_unit"],
+                            module_imports=("tasks",))
   mixed, names, _ = loader.mixed_examples(cfg, tokens_per_image=shapes["tokens_per_image"],
                                           image_size=shapes["image_size"])
   it = iter(mixed.to_iter_dataset())
@@ -92,6 +99,7 @@ def record_sizes(shapes: dict, n: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rows", default="1,2,4,8,16", help="comma-separated pack_rows values")
+  p.add_argument("--data_sets", default=",".join(DATA_SETS), help="comma-separated, of: " + ", ".join(DATA_SETS))
   p.add_argument("--batches", type=int, default=60, help="batches measured per data set and rows value")
   p.add_argument("--records", type=int, default=400, help="mm1 data set: caption pairs (documents and "
                  "text: a quarter of it each, as benchmarks/loader.py)")
@@ -111,17 +119,23 @@ def main(argv: list[str] | None = None) -> dict:
   batches, records = (2, 16) if args.short else (args.batches, args.records)
   corpus.ensure_corpus(spec=shapes_tasks.CORPUS_SPEC, progress=False)
   figures: dict = {"batches": batches, "data_sets": {}}
+  names = args.data_sets.split(",")
   with tempfile.TemporaryDirectory() as tmp:
-    srcs = loader_bench.make_sources(Path(tmp) / "src", records, records // 4, records // 4, (500, 375))
-    loader_bench.build_corpus(srcs, Path(tmp) / "corpus")
-    sources.register_corpus("bench", Path(tmp) / "corpus", image_size=MM1["image_size"],
-                            output_features=shapes_tasks.OUTPUT_FEATURES)
-    runs = [(name, shapes, r) for name, shapes in (("quickstart", QUICKSTART), ("mm1", MM1)) for r in rows]
-    for name, shapes in (("quickstart", QUICKSTART), ("mm1", MM1)):
+    for prefix, make in (("fixed", loader_bench.make_sources), ("published", loader_bench.make_published_sources)):
+      if f"mm1_{prefix}" in names:
+        srcs = make(Path(tmp) / prefix / "src", records, records // 4, records // 4, (500, 375))
+        loader_bench.build_corpus(srcs, Path(tmp) / prefix / "corpus")
+        sources.register_corpus(prefix, Path(tmp) / prefix / "corpus", image_size=MM1["image_size"],
+                                output_features=shapes_tasks.OUTPUT_FEATURES)
+    for name in names:
+      shapes = DATA_SETS[name]
       figures["data_sets"][name] = {"shapes": {k: v for k, v in shapes.items() if k != "rates"},
                                     "rates": shapes["rates"], "records": record_sizes(shapes, 200), "runs": []}
-    for name, shapes, r in tqdm(runs, desc="loader runs", disable=args.short):
-      figures["data_sets"][name]["runs"].append(measure(shapes, r, batches))
+    if "mm1_published" in names:
+      figures["published_means"] = loader_bench.PUBLISHED
+    runs = [(name, r) for name in names for r in rows]
+    for name, r in tqdm(runs, desc="loader runs", disable=args.short):
+      figures["data_sets"][name]["runs"].append(measure(DATA_SETS[name], r, batches))
   for name, d in figures["data_sets"].items():
     for run in d["runs"]:
       print(f"{name:10s} pack_rows {run['pack_rows']:3d}: padding {run['padding_fraction']:.3f}, "

@@ -301,6 +301,13 @@ def extrapolated_cost(model_config, compile_fn, hbm_bandwidth: float | None = No
       out[key] = None
       continue
     out[key] = extrapolate(*values)
+  # The full-depth time by part, on the same per-layer model: all encoder layers, all decoder
+  # layers, and what neither stack's depth changes (embeddings, connector, head, optimizer).
+  if out.get("optimal_seconds") is not None:
+    t0, te, td = seconds
+    enc, dec = le / a * (te - t0) if le > a else None, ld / b * (td - t0) if ld > b else None
+    out["split"] = {"image_encoder_seconds": enc, "decoder_seconds": dec,
+                    "rest_seconds": None if enc is None or dec is None else out["optimal_seconds"] - enc - dec}
   out["correction"] = None
   if any(f and f["sentinel_ops"] for f in fix):
     out["correction"] = {k: extrapolate(*(f[k] if f else 0 for f in fix))
@@ -400,6 +407,8 @@ def preflight(*, model, optimizer, mesh, topology: str | None, num_slices: int =
     if est["optimal_seconds"]:
       t = est["optimal_seconds"]
       report["optimal_seconds"] = t
+      report["step_split"] = {**est["split"], **{
+          k.replace("_seconds", "_share"): None if v is None else v / t for k, v in est["split"].items()}}
       chip_s = t * report["num_chips"]
       report["tokens_per_s_per_chip"] = batch_size * seq_len / chip_s
       report["useful_tokens_per_s_per_chip"] = batch_size * real_tokens / chip_s
@@ -452,6 +461,11 @@ def format_report(r: dict) -> str:
                                    f"{r['useful_tokens_per_s_per_chip']:,.0f} real"),
              ("projected MFU", f"{r['projected_mfu']:.1%} useful work, {r['projected_mfu_slots']:.1%} every "
                                "slot (bf16 datasheet peak; no communication)")]
+    split = r.get("step_split") or {}
+    if split.get("image_encoder_share") is not None and split.get("decoder_share") is not None:
+      rows.append(("  by part", f"image encoder {split['image_encoder_share']:.1%}, decoder "
+                                f"{split['decoder_share']:.1%}, the rest {split['rest_share']:.1%} "
+                                "(per-layer extrapolation)"))
   rows.append(("compile", f"{r['compile_s']} s" + (f" + {r['cost_compile_s']} s costing"
                                                    if "cost_compile_s" in r else "")))
   w = max(len(k) for k, _ in rows)

@@ -95,6 +95,12 @@ def test_extrapolated_cost_corrects_each_point_before_extrapolating():
   assert est["correction"]["sparsecore_estimate_seconds"] == pytest.approx(14e-3)
   assert [p["optimal_seconds"] < 0 for p in est["points"]] == [True] * 3
   assert [p["corrected_seconds"] for p in est["points"]] == pytest.approx([0.301, 0.361, 0.502])
+  # By part: 32 encoder layers at 0.03 s, 28 decoder layers at 0.1 s + 1 ms a sparse layer
+  # pair's offload; the rest is the (2, 2) point less its 2 + 2 layers.
+  split = est["split"]
+  assert split["image_encoder_seconds"] == pytest.approx(32 * 0.03)
+  assert split["decoder_seconds"] == pytest.approx(28 * (0.2 + 1e-3) / 2)
+  assert split["rest_seconds"] == pytest.approx(want - 32 * 0.03 - 14 * (0.2 + 1e-3))
   # Without the chip's bandwidth nothing is corrected: no projection, as before.
   assert aot.extrapolated_cost(config, compile_fn)["optimal_seconds"] is None
   # A dense model's points carry no correction.

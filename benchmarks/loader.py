@@ -396,6 +396,9 @@ def main(argv=None) -> dict:
   git = record_lib.git_state()
   size = tuple(int(x) for x in args.source_size.split("x"))
   if args.compare_baseline:
+    if args.pack_rows != 1:
+      raise SystemExit("--compare_baseline times both trees at next-fit packing: a baseline tree may have no "
+                       "pack_rows; drop --pack_rows")
     figures = compare(args, size)
     summary = {k: v for k, v in figures.items() if not isinstance(v, (dict, list))}
     print(json.dumps(summary, indent=1))

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
   rows = [int(r) for r in args.rows.split(",")]
   batches, records = (2, 16) if args.short else (args.batches, args.records)
   corpus.ensure_corpus(spec=shapes_tasks.CORPUS_SPEC, progress=False)
-  figures: dict = {"batches": batches, "data_sets": {}}
+  figures: dict = {"batches": batches, "mm1_corpus_records": {"caption": records, "interleaved": records // 4,
+                                                               "text": records // 4}, "data_sets": {}}
   names = args.data_sets.split(",")
   with tempfile.TemporaryDirectory() as tmp:
     for prefix, make in (("fixed", loader_bench.make_sources), ("published", loader_bench.make_published_sources)):

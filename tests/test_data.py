@@ -178,7 +178,8 @@ def test_grain_loader_is_deterministic_and_resumes_from_its_state(data_dir, rows
   it = loader.make_loader(cfg, **kw)
   head = [next(it) for _ in range(3)]
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  assert len(state.get("slots", [])) <= 32 * rows + 1  # the replay of the open rows stays bounded
+  # The replay of the open rows stays bounded: the age limit, or one row's examples.
+  assert len(state.get("slots", [])) <= (32 * rows + 1 if rows > 1 else cfg.seq_len)
   tail = [next(it) for _ in range(4)]
   fresh = loader.make_loader(cfg, **kw)
   np.testing.assert_array_equal(next(fresh)["tokens"], head[0]["tokens"])
@@ -347,21 +348,28 @@ def test_grain_packing_resumes_exactly_through_repeated_checkpoints():
 
   rng = np.random.default_rng(3)
   records, n = [], 0
-  for _ in range(30):
+  for i in range(30):
+    if i % 7 == 3:
+      records.append(loader.Skipped("bad"))
     record = []
     for _ in range(int(rng.integers(1, 4))):
       record.append(_example(int(rng.choice([7, 4, 3, 2])), int(rng.integers(0, 2)), first=10 + 10 * n))
       n += 1
     records.append(record)
-  skipped, stats = collections.Counter(), collections.Counter()
+  records += [loader.Skipped("bad"), loader.Skipped("late")]  # read only at the end of the data
+  counters = []
 
-  def rows():
+  def rows(pack_rows=3):
+    skipped = collections.Counter()
+    counters.append(skipped)
     ds = loader._pack_iter_dataset(grain.MapDataset.source(records).to_iter_dataset(), 8, 1, 8, True, skipped,
-                                   stats, image_id=IMAGE_ID, pad_id=PAD_ID, rows=3, max_age=4)
+                                   collections.Counter(), image_id=IMAGE_ID, pad_id=PAD_ID, rows=pack_rows,
+                                   max_age=4)
     return iter(ds)
 
   want = list(rows())
-  assert _segments(want) == sorted(tuple(e["text"][:-1]) for r in records for e in r)
+  assert counters[-1] == {"bad": 5, "late": 1}
+  assert _segments(want) == sorted(tuple(e["text"][:-1]) for r in records if isinstance(r, list) for e in r)
   saw_closed = False
   for k in range(len(want) - 2):
     it = rows()
@@ -379,7 +387,10 @@ def test_grain_packing_resumes_exactly_through_repeated_checkpoints():
     for g, w in zip(got, want[k + 2:]):
       for key in w:
         np.testing.assert_array_equal(g[key], w[key], err_msg=f"after {k} + 2 rows: {key}")
+    assert counters[-1] == {"bad": 5, "late": 1}, k  # each skipped record counted once
   assert saw_closed  # some states replayed past rows already emitted
+  with pytest.raises(ValueError, match="pack_rows=3"):
+    rows(pack_rows=2).set_state(state)
 
 
 @pytest.mark.parametrize("kind", LOADERS)

@@ -224,11 +224,15 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
       if self._packer.rows[slot].num_segments == 1:  # a new row
         self._row_ids[slot], self._ids = self._ids, self._ids + 1
       self._log.append((seq, chunk, self._row_ids[slot]))
+      if emitted is not None:
+        self._trim()
       return emitted
 
     def _emit(self, slot: int) -> dict[str, np.ndarray]:
       self._row_ids[slot] = closed
-      return self._packer.take(slot)
+      row = self._packer.take(slot)
+      self._trim()
+      return row
 
     def _trim(self) -> None:
       """Forgets the examples before the oldest one still in an open row."""
@@ -268,13 +272,19 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
         seq, chunk, _ = self._log[0]
         ages = [None if r is None else self._packer.count - self._packer.born[i]
                 for i, r in enumerate(self._packer.rows)]
-        return {"parent": self._doc_states[seq], "chunk": chunk,
-                "slots": [slot_of.get(rid, closed) for _, _, rid in self._log], "ages": ages, **state}
+        # "resume": where the parent is now, past any skipped records read after the last
+        # example (at the end of the data), which the replay would otherwise count again.
+        return {"parent": self._doc_states[seq], "chunk": chunk, "resume": self._parent.get_state(),
+                "pack_rows": len(self._packer.rows), "slots": [slot_of.get(rid, closed) for _, _, rid in self._log],
+                "ages": ages, **state}
       if self._doc is not None and self._next < len(self._doc):  # inside a document
         return {"parent": self._doc_state, "chunk": self._next, **state}
       return {"parent": self._parent.get_state(), **state}
 
     def set_state(self, state: dict[str, Any]) -> None:
+      if "slots" in state and state.get("pack_rows") != len(self._packer.rows):
+        raise ValueError(f"this loader state was saved with pack_rows={state.get('pack_rows')}; it resumes only "
+                         f"with the same (DataConfig.pack_rows is {len(self._packer.rows)})")
       self._parent.set_state(state["parent"])
       self._reset()
       skipped.clear()
@@ -295,6 +305,8 @@ def _pack_iter_dataset(parent, seq_len: int, max_images: int, image_size: int, p
       for i, age in enumerate(state.get("ages", [])):
         if age is not None:
           self._packer.born[i] = self._packer.count - int(age)
+      if "resume" in state:
+        self._parent.set_state(state["resume"])
 
   class PackIterDataset(grain.IterDataset):
     def __iter__(self):

@@ -48,8 +48,10 @@ class DataConfig:
     seed: shuffle and mixture-sampling seed; the same seed gives the same batches.
     pack: pack several examples into each sequence (attention stays within each).
     pack_rows: rows open at once while packing (`Packer`: first fit, the fullest row
-      emitted when an example fits none); 1 is next-fit. More rows pad less, at the cost
-      of a longer replay when a grain loader resumes (at most 32 x pack_rows examples).
+      emitted when an example fits none); 1 is next-fit. More rows usually pad less, at
+      the cost of a longer replay when a grain loader resumes (at most 32 x pack_rows + 1
+      examples; with one row, the examples of that row). A loader's state is for the
+      pack_rows it was saved with.
     module_imports: modules imported first so that their tasks get registered.
     corpora: built corpora (`mm1_jax.data.sources.Corpus`: folder and tokenizer, set in
       gin) registered as tasks next, before the mixture or task is looked up.
@@ -179,8 +181,6 @@ class PackedRow:
     return {k: getattr(self, k) for k in
             ("tokens", "targets", "loss_weights", "segment_ids", "positions", "images")}
 
-
-
   def fullness(self) -> float:
     """The larger of the shares of positions and of image slots in use."""
     return max(self.used / len(self.tokens), self.num_images / max(len(self.images), 1))
@@ -192,15 +192,16 @@ class Packer:
   An example goes into the first open row with room for its (input, target) pairs and its
   images, else into a free slot; with every slot taken, the fullest row (`PackedRow.fullness`)
   is emitted and the example starts a new row in its slot. A row open for more than
-  `max_age` examples (default 32 x rows) is emitted before the next is placed, which bounds how far back a
-  loader's checkpoint must replay (`loader._pack_iter_dataset`). rows=1 is next-fit: a row
-  is emitted as soon as an example does not fit it. With pack=False each row holds one
+  `max_age` examples (default 32 x rows; none with one row, which holds at most seq_len
+  examples) is emitted before the next is placed, which bounds how far back a loader's
+  checkpoint must replay (`loader._pack_iter_dataset`). rows=1 is next-fit: a row is
+  emitted as soon as an example does not fit it. With pack=False each row holds one
   example.
 
-  Next-fit pads whatever a row cannot take: with MM1's 16 image slots, a row of caption
-  pairs ends at its 16th image with a third of its positions empty, and the interleaved
-  document that would not fit goes to the next row. More open rows let short text and
-  image-light examples fill those gaps (benchmarks/loader.py measures the padding).
+  Next-fit pads whatever a row cannot take: the example that does not fit goes to the next
+  row, and the gap it leaves stays empty. More open rows let later, smaller examples fill
+  those gaps; when the image cap ends rows before their positions do, nothing does
+  (benchmarks/packing.py measures the padding by data set and rows).
   """
 
   def __init__(self, seq_len: int, max_images: int, image_size: int, *, image_id: int, pad_id: int,

@@ -78,6 +78,14 @@ def _parts(n: int, k: int) -> list[range]:
   return [range(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
+def _add_pair(tar: tarfile.TarFile, i: int, jpeg: bytes, caption: str) -> None:
+  """Caption pair i as webdataset members: <i>.jpg and <i>.txt."""
+  for name, data in ((f"{i:06d}.jpg", jpeg), (f"{i:06d}.txt", caption.encode())):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
 def make_sources(root: Path, n_caption: int, n_docs: int, n_text: int, size: tuple[int, int], *,
                  tars: int = 1, doc_files: int = 1, workers: int = 1) -> dict[str, dict]:
   """Writes the three sources under `root`: `wds/` (n_caption caption pairs in `tars` tar
@@ -91,11 +99,7 @@ def make_sources(root: Path, n_caption: int, n_docs: int, n_text: int, size: tup
   for s, part in enumerate(_parts(n_caption, tars)):
     with tarfile.open(root / "wds" / f"shard-{s:06d}.tar", "w") as tar:
       for i in part:
-        ex = sw.caption_example(0, i, 64)
-        for name, data in ((f"{i:06d}.jpg", pixels[i]), (f"{i:06d}.txt", ex["caption"].encode())):
-          info = tarfile.TarInfo(name)
-          info.size = len(data)
-          tar.addfile(info, io.BytesIO(data))
+        _add_pair(tar, i, pixels[i], sw.caption_example(0, i, 64)["caption"])
   (root / "images").mkdir()
   pixels = _jpegs([10_000 + d * 6 + j for d in range(n_docs) for j in range(6)], size, workers)
   if doc_files > 1:
@@ -159,11 +163,8 @@ def make_published_sources(root: Path, n_caption: int, n_docs: int, n_text: int,
   pixels = _jpegs(list(range(n_caption)), size, workers)
   with tarfile.open(root / "wds" / "shard-000000.tar", "w") as tar:
     for i in range(n_caption):
-      caption = _words(rng, PUBLISHED["caption_tokens"], PUBLISHED["sigma_caption"], caption_pool, ratio["caption"])
-      for name, data in ((f"{i:06d}.jpg", pixels[i]), (f"{i:06d}.txt", caption.encode())):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+      _add_pair(tar, i, pixels[i],
+                _words(rng, PUBLISHED["caption_tokens"], PUBLISHED["sigma_caption"], caption_pool, ratio["caption"]))
   counts = [1 + int(rng.poisson(PUBLISHED["doc_images"] - 1)) for _ in range(n_docs)]
   (root / "images").mkdir()
   pixels = _jpegs([10_000 + j for j in range(sum(counts))], size, workers)
@@ -282,11 +283,9 @@ def time_loader(corpus: Path, args) -> dict:
   from tasks import shapes
 
   sources.register_corpus("bench", corpus, image_size=args.image_size, output_features=shapes.OUTPUT_FEATURES)
-  rows = getattr(args, "pack_rows", 1)
   cfg = pipeline.DataConfig(mixture_or_task_name="bench_pretrain", batch_size=args.batch_size,
                             seq_len=args.seq_len, max_images=args.max_images, module_imports=(),
-                            num_threads=args.num_threads,
-                            **({"pack_rows": rows} if rows != 1 else {}))  # a baseline tree may predate it
+                            num_threads=args.num_threads)
   t0 = time.perf_counter()
   it = loader.make_loader(cfg, tokens_per_image=args.tokens_per_image, image_size=args.image_size)
   next(it)  # warm-up: thread pool and prefetch buffer
@@ -327,7 +326,7 @@ def compare(args, size: tuple[int, int]) -> dict:
   commit = git_commit(args.compare_baseline)
   script = Path(__file__).resolve()
   loader_args = {k: getattr(args, k) for k in ("image_size", "seq_len", "max_images", "tokens_per_image",
-                                                "batch_size", "num_threads", "batches", "pack_rows")}
+                                                "batch_size", "num_threads", "batches")}
   cores = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as tmp, worktree(commit) as base:
     root = Path(tmp)
@@ -377,8 +376,6 @@ def main(argv=None) -> dict:
   p.add_argument("--max_images", type=int, default=16)
   p.add_argument("--tokens_per_image", type=int, default=144)
   p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--pack_rows", type=int, default=1,
-                 help="rows open while packing (DataConfig.pack_rows; 1: next-fit)")
   p.add_argument("--num_threads", type=int, default=2)
   p.add_argument("--batches", type=int, default=10, help="timed batches (of each timing with --compare_baseline)")
   p.add_argument("--records", type=int, default=400, help="caption pairs (documents: a quarter of it)")
@@ -396,9 +393,6 @@ def main(argv=None) -> dict:
   git = record_lib.git_state()
   size = tuple(int(x) for x in args.source_size.split("x"))
   if args.compare_baseline:
-    if args.pack_rows != 1:
-      raise SystemExit("--compare_baseline times both trees at next-fit packing: a baseline tree may have no "
-                       "pack_rows; drop --pack_rows")
     figures = compare(args, size)
     summary = {k: v for k, v in figures.items() if not isinstance(v, (dict, list))}
     print(json.dumps(summary, indent=1))
@@ -425,7 +419,7 @@ def main(argv=None) -> dict:
       "image_size": args.image_size, "source_jpeg": args.source_size, "seq_len": args.seq_len,
       "max_images": args.max_images, "tokens_per_image": args.tokens_per_image,
       "batch_size": args.batch_size, "num_threads": args.num_threads, "timed_batches": args.batches,
-      "pack_rows": args.pack_rows, **rates(t, cores), "build_s": build_s, "build_reports": reports,
+      **rates(t, cores), "build_s": build_s, "build_reports": reports,
   }
   print(json.dumps({k: v for k, v in record.items() if k != "build_reports"}, indent=1))
   if args.json_out:

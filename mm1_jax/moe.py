@@ -301,11 +301,10 @@ def _gather_rows(x, index, inverse, copies):
 
 
 def _gather_rows_fwd(x, index, inverse, copies):
-  return _gather_rows(x, index, inverse, copies), (index, inverse)
+  return _gather_rows(x, index, inverse, copies), inverse
 
 
-def _gather_rows_bwd(copies, residuals, grad):
-  _, inverse = residuals
+def _gather_rows_bwd(copies, inverse, grad):
   back = jnp.take(grad, inverse, axis=0)
   if copies > 1:
     back = back.reshape(-1, copies, grad.shape[-1]).sum(axis=1)

@@ -56,6 +56,7 @@ setup(
             "mm1-data=mm1_jax.console:data",
             "mm1-aot=mm1_jax.console:aot",
             "mm1-probe=mm1_jax.console:probe",
+            "mm1-supervised=mm1_jax.console:supervised",
             "mm1-sweep=mm1_jax.console:sweep",
         ],
     },

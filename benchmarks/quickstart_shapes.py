@@ -7,6 +7,9 @@
   python -m benchmarks.quickstart_shapes --sweep= --gin_file=gin/encoders/aim_tiny.gin \
       --grid='init/train.train.init_from={"aim": ["/tmp/aim/checkpoints:encoder"], "scratch": []}' \
       --gin.optim.OptimizerConfig.lr_multipliers="{'encoder': 0.1}" --json_out=...   # a hand-over
+  python -m benchmarks.quickstart_shapes --sweep= --encoder=/tmp/qs_encoder --seeds=2 \
+      --grid='init/ENCODER_INIT={"supervised": ["/tmp/qs_encoder:encoder"], "scratch": []}' --json_out=...
+      # the quickstart as the README runs it (mm1-supervised first) beside the same model from scratch
 
 1. `mm1-sweep` over gin/ablations/trunk.sweep (or --sweep) on gin/experiments/quickstart.gin
    (the trunk as shipped, sin-cos positions, a conv stem with sin-cos positions), each run evaluated at its
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
   p.add_argument("--grid", default=None, help="mm1-sweep --grid: axes on the command line")
   p.add_argument("--gin_file", action="append", default=[],
                  help="gin files every run reads after gin/experiments/quickstart.gin (repeatable)")
+  p.add_argument("--encoder", default=None, metavar="DIR",
+                 help="first train the quickstart's encoder on labelled scenes (mm1-supervised --out=DIR, reused "
+                      "when there) and keep its result in the record; runs take it with ENCODER_INIT=['DIR:encoder']")
   p.add_argument("--json_out", default=str(OUT))
   args, bindings = p.parse_known_args(argv)
   if bad := [b for b in bindings if not b.startswith("--gin.")]:
@@ -81,6 +87,12 @@ def main(argv=None) -> int:
   py, root = sys.executable, Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
   git = record.git_state()
+  encoder = None
+  if args.encoder:
+    enc_cmd = [py, "-m", "mm1_jax", "supervised", "--gin_file=gin/experiments/quickstart.gin",
+               *(f"--gin_file={f}" for f in args.gin_file), f"--out={args.encoder}", "--no_progress"]
+    run_logged(enc_cmd, root / "supervised_output.txt")
+    encoder = {"command": " ".join(enc_cmd[1:]), **json.loads((Path(args.encoder) / "result.json").read_text())}
   sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin",
                *(f"--gin_file={f}" for f in args.gin_file), *([f"--sweep={args.sweep}"] if args.sweep else []),
                *([f"--grid={args.grid}"] if args.grid else []),
@@ -107,7 +119,7 @@ def main(argv=None) -> int:
     for shots in ("vqa_0shot", "vqa_4shot"):
       v[f"{shots}_over_seeds"] = {t: _over_seeds([r[shots][t]["accuracy"] for r in v["runs"]]) for t in TYPES}
   result = {**record_header(), "command": " ".join(sweep_cmd[1:]), "sweep_wall_s": wall, "blind_guess": blind,
-            "variants": variants}
+            **({"encoder": encoder} if encoder else {}), "variants": variants}
   write_record(Path(args.json_out), result, git=git, benchmark="quickstart_shapes")
   for name, v in variants.items():
     print(name, json.dumps(v["vqa_0shot_over_seeds"]), flush=True)

@@ -84,8 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mm1_jax import probe, vit
-from mm1_jax.data import shapes_world as sw
+from mm1_jax import probe, supervised, vit
 
 TASKS = ("shape", "colour", "count")
 IMAGE_SIZE = 64
@@ -105,7 +104,6 @@ VARIANTS = {
 DEFAULT_VARIANTS = ("cnn", "vit_p8", "vit_p4", "vit_p8_sincos", "vit_p8_long")
 SHORT_VARIANTS = ("cnn", "vit_p8", "vit_p8_long")  # --short: one compilation per architecture dominates
 VAL_OFFSET = 100_000_000  # validation indices of the training stream; training never gets there
-BG_RANGE = (225, 256)  # shapes_world.render's background tint, per channel
 
 
 # --- data --------------------------------------------------------------------
@@ -113,36 +111,7 @@ BG_RANGE = (225, 256)  # shapes_world.render's background tint, per channel
 
 def scenes(stream: str, start: int, n: int, seed: int = 0):
   """(uint8[n, 64, 64, 3], {task: int32[n]}) of scenes start..start+n-1 of a probe stream."""
-  labels_of = probe.task_labels()
-  images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-  labels = {t: np.zeros(n, np.int32) for t in TASKS}
-  for j in range(n):
-    rng = sw._rng(seed, stream, start + j)
-    scene = sw.sample_scene(rng, IMAGE_SIZE)
-    images[j] = sw.render(scene, rng, IMAGE_SIZE)
-    for t in TASKS:
-      labels[t][j] = labels_of[t][1](scene)
-  return images, labels
-
-
-def num_classes() -> dict[str, int]:
-  names = probe.task_labels()
-  return {t: len(names[t][0]) for t in TASKS}
-
-
-def augment(key, images: jax.Array, max_shift: int) -> jax.Array:
-  """Label-preserving: a fresh background tint, then a shift of up to max_shift px (edge-extended)."""
-  b, s, _, _ = images.shape
-  k_bg, k_shift = jax.random.split(key)
-  corner = images[:, :1, :1, :]  # the generator leaves every border pixel as background
-  is_bg = jnp.all(images == corner, axis=-1, keepdims=True)
-  tint = jax.random.randint(k_bg, (b, 1, 1, 3), *BG_RANGE).astype(jnp.uint8)
-  x = jnp.where(is_bg, tint, images)
-  if max_shift <= 0:
-    return x
-  x = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
-  offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * max_shift + 1)
-  return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (s, s, 3)))(x, offsets)
+  return probe.scenes(stream, start, n, IMAGE_SIZE, TASKS, seed)
 
 
 # --- models ------------------------------------------------------------------
@@ -165,33 +134,12 @@ class CNN(nn.Module):
     return {t: nn.Dense(n, name=f"head_{t}")(x) for t, n in self.classes}
 
 
-class ViTClassifier(nn.Module):
-  """mm1_jax.vit.ViT trunk; per task an attentive pool (or the token mean), LayerNorm, linear."""
-
-  config: vit.ViTConfig
-  classes: tuple[tuple[str, int], ...]
-  pool: str = "attn"
-
-  @nn.compact
-  def __call__(self, images):
-    tokens = vit.ViT(self.config, name="trunk")(images)  # [B, L, D], final norm applied
-    b, _, d = tokens.shape
-    if self.pool == "mean":
-      pooled = jnp.broadcast_to(tokens.mean(axis=1, keepdims=True), (b, len(self.classes), d))
-    else:
-      queries = self.param("queries", nn.initializers.normal(0.02), (1, len(self.classes), d))
-      pooled = nn.MultiHeadDotProductAttention(num_heads=4, name="pool")(
-        jnp.broadcast_to(queries, (b, len(self.classes), d)), tokens)
-    pooled = nn.LayerNorm(name="ln_head")(pooled)
-    return {t: nn.Dense(n, name=f"head_{t}")(pooled[:, i]) for i, (t, n) in enumerate(self.classes)}
-
-
 def build_model(spec: dict, pool: str):
-  classes = tuple(num_classes().items())
+  classes = tuple(supervised.num_classes(TASKS).items())
   if spec["model"] == "cnn":
     return CNN(classes), None
   config = vit.ViTConfig(**{**MM1_TINY_VIT, **spec["vit"]})
-  return ViTClassifier(config, classes, pool=spec.get("pool", pool)), config
+  return supervised.ViTClassifier(config, classes, pool=spec.get("pool", pool)), config
 
 
 # --- training ------------------------------------------------------------------
@@ -211,24 +159,6 @@ class RunConfig:
   pool: str
 
 
-def _decay_mask(params):
-  """Weight decay on matrices (kernels) only: not on biases, norms, queries or position embeddings."""
-  return jax.tree_util.tree_map_with_path(
-    lambda path, leaf: leaf.ndim >= 2 and "pos_embed" not in jax.tree_util.keystr(path)
-    and "queries" not in jax.tree_util.keystr(path), params)
-
-
-def lr_schedule(lr: float, steps: int):
-  """Linear warm-up over the first 5% of the steps, then cosine decay to 1% of the peak."""
-  warmup = max(1, steps // 20)
-  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.01)
-
-
-def _optimizer(learning_rate, weight_decay):
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(learning_rate, b1=0.9, b2=0.999, weight_decay=weight_decay, mask=_decay_mask))
-
-
 # The learning rate is an argument of the compiled step (optax.inject_hyperparams), so runs
 # of one architecture (the sweep, the long run) share one compilation.
 _COMPILED: dict = {}
@@ -239,7 +169,7 @@ def compiled(model, augment_images: bool, max_shift: int, weight_decay: float):
   key = (repr(model), augment_images, max_shift, weight_decay)
   if key in _COMPILED:
     return _COMPILED[key]
-  tx = optax.inject_hyperparams(_optimizer)(learning_rate=0.0, weight_decay=weight_decay)
+  tx = optax.inject_hyperparams(supervised.make_optimizer)(learning_rate=0.0, weight_decay=weight_decay)
 
   @jax.jit
   def init(rng):
@@ -249,7 +179,7 @@ def compiled(model, augment_images: bool, max_shift: int, weight_decay: float):
   @jax.jit
   def step(params, opt, lr, rng, images, labels):
     if augment_images:
-      images = augment(rng, images, max_shift)
+      images = supervised.augment(rng, images, max_shift)
 
     def loss_fn(p):
       logits = model.apply({"params": p}, images)
@@ -285,19 +215,6 @@ def _batches(cfg: RunConfig, train_set):
       yield batch
 
 
-def evaluate(predict, params, images, labels, chunk: int = 256) -> dict[str, float]:
-  correct = {t: 0 for t in TASKS}
-  for i in range(0, len(images), chunk):
-    x = images[i:i + chunk]
-    n = len(x)
-    if n < chunk:  # one compiled shape for every chunk
-      x = np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
-    pred = predict(params, jnp.asarray(x))
-    for t in TASKS:
-      correct[t] += int((np.asarray(pred[t])[:n] == labels[t][i:i + n]).sum())
-  return {t: correct[t] / len(images) for t in TASKS}
-
-
 def train_run(cfg: RunConfig, spec: dict, train_set, val_set, test_set, eval_chunk: int = 256) -> dict:
   t_start = time.perf_counter()
   model, vit_config = build_model(spec, cfg.pool)
@@ -305,7 +222,7 @@ def train_run(cfg: RunConfig, spec: dict, train_set, val_set, test_set, eval_chu
   k_init, k_aug = jax.random.split(jax.random.PRNGKey(cfg.seed))
   params, opt = init(k_init)
   n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-  schedule = lr_schedule(cfg.lr, cfg.steps)
+  schedule = supervised.lr_schedule(cfg.lr, cfg.steps)
 
   t0 = time.perf_counter()
   first_step_s = None
@@ -322,8 +239,8 @@ def train_run(cfg: RunConfig, spec: dict, train_set, val_set, test_set, eval_chu
   jax.block_until_ready(params)
   train_s = time.perf_counter() - t0
   step_s = (time.perf_counter() - t1) / max(1, cfg.steps - 1)
-  val = evaluate(predict, params, *val_set, chunk=eval_chunk)
-  test = evaluate(predict, params, *test_set, chunk=eval_chunk)
+  val = supervised.accuracy(predict, params, *val_set, chunk=eval_chunk)
+  test = supervised.accuracy(predict, params, *test_set, chunk=eval_chunk)
   vit_fields = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "pos_embed", "norm", "final_norm", "stem",
                 "stem_width")
   return {"variant": cfg.variant, "lr": cfg.lr, "steps": cfg.steps, "batch_size": cfg.batch_size,
@@ -341,7 +258,7 @@ def train_run(cfg: RunConfig, spec: dict, train_set, val_set, test_set, eval_chu
 
 
 def chance_and_majority(labels) -> tuple[dict, dict]:
-  nc = num_classes()
+  nc = supervised.num_classes(TASKS)
   chance = {t: 1.0 / nc[t] for t in TASKS}
   majority = {t: float(max((labels[t] == k).mean() for k in range(nc[t]))) for t in TASKS}
   return chance, majority

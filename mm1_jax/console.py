@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": ("mm1_jax.cli", "main_eval"),
     "aot": ("mm1_jax.aot", "main"),
     "probe": ("mm1_jax.probe", "main"),
+    "supervised": ("mm1_jax.supervised", "main"),
     "params": ("mm1_jax.params", "main"),
     "convert": ("mm1_jax.hf.cli", "main"),
     "data": ("mm1_jax.data.build", "main"),
@@ -73,6 +74,7 @@ train = _entry("train")
 eval = _entry("eval")  # noqa: A001  (the console script's name)
 aot = _entry("aot")
 probe = _entry("probe")
+supervised = _entry("supervised")
 params = _entry("params")
 convert = _entry("convert")
 data = _entry("data")

@@ -71,13 +71,17 @@ def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
 
 
 def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
-  """(uint8[n, S, S, 3] images, {task: int32[n] labels}) of generated scenes."""
-  stream = {"train": "probe_train", "test": "probe_test"}[split]
+  """(uint8[n, S, S, 3] images, {task: int32[n] labels}) of the probe's generated scenes."""
+  return scenes({"train": "probe_train", "test": "probe_test"}[split], 0, n, image_size, tasks, seed)
+
+
+def scenes(stream: str, start: int, n: int, image_size: int, tasks=TASKS, seed: int = 0):
+  """Scenes start .. start + n - 1 of a shapes-world stream, labelled: (uint8[n, S, S, 3], {task: int32[n]})."""
   labels_of = task_labels()
   images = np.zeros((n, image_size, image_size, 3), np.uint8)
   labels = {t: np.zeros(n, np.int32) for t in tasks}
   for i in range(n):
-    rng = sw._rng(seed, stream, i)
+    rng = sw._rng(seed, stream, start + i)
     scene = sw.sample_scene(rng, image_size)
     images[i] = sw.render(scene, rng, image_size)
     for t in tasks:

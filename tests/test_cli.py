@@ -126,6 +126,7 @@ def _commands(tmp_path: Path) -> dict[str, list[str]]:
                f"--checkpoint_dir={ckpts}"],
       "aot": [f"--gin_file={run}", "--topology=v5p-8"],
       "probe": [f"--gin_file={run}"],
+      "supervised": [f"--gin_file={run}", f"--out={tmp_path / 'encoder'}"],
       "params": ["--gin_file=gin/models/mm1_tiny.gin"],
       "convert": ["export", "--gin_file=gin/models/mm1_tiny.gin", f"--params={ckpts}", f"--out={tmp_path / 'hf'}"],
       "layout": ["--gin_file=gin/models/mm1_tiny.gin"],
@@ -139,7 +140,7 @@ def _exit_code(command: str, argv: list[str]) -> int:
     return e.code
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "aot", "probe", "params", "convert", "layout"])
+@pytest.mark.parametrize("command", ["train", "eval", "aot", "probe", "supervised", "params", "convert", "layout"])
 def test_mistyped_macro_is_an_error_in_every_command(command, tmp_path, capsys, monkeypatch):
   monkeypatch.delenv("ALLOW_MULTIPLE_LIBTPU_LOAD", raising=False)  # mm1-aot sets it; restored afterwards
   typo, meant = ("TRAIN_STEPSS", "TRAIN_STEPS") if command == "train" else ("MODLE", "MODEL")

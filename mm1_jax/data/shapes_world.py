@@ -34,7 +34,8 @@ SIDES = {"circle": 0, "square": 4, "triangle": 3}
 # Stream ids keep every split's random numbers apart.
 STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "chat": 4, "caption_eval": 11, "vqa_eval": 12,
            "text_eval": 13, "textqa_eval": 14,  # held-out text documents, questions on their facts
-           "probe_train": 21, "probe_test": 22}  # mm1-probe's labelled scenes
+           "probe_train": 21, "probe_test": 22,  # mm1-probe's labelled scenes
+           "supervised_train": 23}  # mm1-supervised's (encoder pre-training on labels)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,6 +111,8 @@ class FewShotConfig:
     chat_template: a `mm1_jax.data.chat.ChatTemplate` for fine-tuned models: prompts are
       conversations, `templates` then give (user turn, reply) per kind (`CHAT_TEMPLATES`).
     subimages: `mm1_jax.data.highres.SubImages` when the model was trained on sub-images.
+    num_samples: predictions written per benchmark and shot count to the samples file
+      (None: every query's, for error analysis by question).
   """
 
   benchmarks: tuple[str, ...] = ("shapes_caption", "shapes_vqa")
@@ -130,6 +132,7 @@ class FewShotConfig:
   image_cache: int = 4096
   chat_template: Any = None
   subimages: Any = None
+  num_samples: int | None = 8
 
 
 def load_split(task_name: str, split: str, module_imports=("tasks",)) -> list[dict]:
@@ -486,7 +489,8 @@ class Evaluator:
     key = f"{name}/0shot"
     results = {f"{key}/nll": nll, f"{key}/perplexity": float(np.exp(nll)),
                f"{key}/score_tokens_per_s": count / (time.perf_counter() - t0)}
-    samples = [{"id": d["id"], "text": d["text"], "nll": v} for d, v in zip(b.test[:8], per_doc[:8])]
+    n = self.config.num_samples
+    samples = [{"id": d["id"], "text": d["text"], "nll": v} for d, v in zip(b.test[:n], per_doc[:n])]
     return results, samples
 
   def _queries(self, b: _Benchmark) -> list[dict]:
@@ -545,8 +549,9 @@ class Evaluator:
         results.update(score(b.metric_fns, key, targets, preds, [q.get("answer_type") for q in qs]))
         results[f"{key}/decode_tokens_per_s"] = generated / (time.perf_counter() - t0)
         samples[key] = [{"id": q["id"], "prediction": p, "targets": t[:5],
-                         **({"question": q["question"]} if "question" in q else {})}
-                        for q, p, t in zip(qs[:8], preds[:8], targets[:8])]
+                         **({"question": q["question"]} if "question" in q else {}),
+                         **({"answer_type": q["answer_type"]} if q.get("answer_type") else {})}
+                        for q, p, t in zip(qs[:c.num_samples], preds[:c.num_samples], targets[:c.num_samples])]
     bar.close()
     return results, samples
 

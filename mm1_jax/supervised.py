@@ -1,0 +1,271 @@
+"""`mm1-supervised`: pre-train MODEL's image encoder on labelled shapes-world scenes.
+
+MM1 starts from an image encoder that already sees (a pre-trained CLIP). A model of the
+bundled world pre-trained from scratch on captions learns colours but never shapes: its
+trunk is not taught them in 600 steps, and no decoder can read out what the trunk does
+not hold (docs/results.md, "Can the models see shapes?"). This command gives the bundled
+world its pre-trained encoder by the original ViT recipe, supervised classification:
+
+  the trunk        MODEL's `encoder` (a `vit.ViTConfig`), exactly as MM1 builds it, so
+                   that it hands over with `train.train.init_from = ["OUT:encoder"]`
+  heads            per task a learned query cross-attending to the trunk's tokens, a
+                   LayerNorm and a linear classifier, trained end to end with the trunk
+                   on the sum of the tasks' softmax cross-entropies
+  labels           read off generated scenes (`mm1_jax.probe.task_labels`): the kind and
+                   the colour of the leftmost shape, and the number of shapes
+  data             fresh scenes every step from the world's own "supervised_train"
+                   stream, apart from the corpus, the evaluation and mm1-probe's scenes
+  recipe           AdamW (weight decay on matrices only), linear warm-up over the first
+                   5 % of the steps, cosine decay to 1 % of the peak, clip at global norm 1
+
+Writes OUT/params ({"encoder": the trunk}, the layout `mm1-convert import` writes),
+OUT/result.json (settings, held-out accuracy per task on mm1-probe's test scenes,
+seconds) and prints the accuracies. The heads are left behind. An OUT that already holds
+a trunk trained with the same encoder and settings is reused (the quickstart can be
+rerun); other settings stop with an error unless --overwrite. The job keeps no
+checkpoint: at the defaults it is a few minutes on 2 CPU cores.
+
+  mm1-supervised --gin_file=gin/experiments/quickstart.gin --out=/tmp/mm1_quickstart_encoder
+  mm1-probe --gin_file=gin/experiments/quickstart.gin --init_from=/tmp/mm1_quickstart_encoder
+
+These labels are the world's own and the probes ask the same questions: a trunk trained
+here is expected to probe well, and `mm1-probe` then measures what MM1 pre-training keeps
+of it, not how general it is. With real data the encoder comes from `mm1-convert import`
+(CLIP, SigLIP, AIMv2) or from `mm1-train` with an encoder objective (AIM, AIMv2, CLIP /
+SigLIP; docs/sft_and_encoders.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import sys
+import time
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from mm1_jax import checkpoint, gin_cli, paths, probe, vit
+
+TASKS = probe.TASKS
+STREAM = "supervised_train"
+BG_RANGE = (225, 256)  # shapes_world.render's background tint, per channel
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedConfig:
+  """steps x batch_size fresh scenes; the peak learning rate of the warm-up / cosine schedule."""
+
+  steps: int = 1200
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.05
+  seed: int = 0
+  num_test: int = 1024
+
+
+class ViTClassifier(nn.Module):
+  """A `vit.ViT` trunk (named "trunk"); per task an attentive pool (or the token mean), LayerNorm, linear."""
+
+  config: vit.ViTConfig
+  classes: tuple[tuple[str, int], ...]
+  pool: str = "attn"
+
+  @nn.compact
+  def __call__(self, images):
+    tokens = vit.ViT(self.config, name="trunk")(images)  # [B, L, D], final norm applied
+    b, _, d = tokens.shape
+    if self.pool == "mean":
+      pooled = jnp.broadcast_to(tokens.mean(axis=1, keepdims=True), (b, len(self.classes), d))
+    else:
+      queries = self.param("queries", nn.initializers.normal(0.02), (1, len(self.classes), d))
+      pooled = nn.MultiHeadDotProductAttention(num_heads=4, name="pool")(
+        jnp.broadcast_to(queries, (b, len(self.classes), d)), tokens)
+    pooled = nn.LayerNorm(name="ln_head")(pooled)
+    return {t: nn.Dense(n, name=f"head_{t}")(pooled[:, i]) for i, (t, n) in enumerate(self.classes)}
+
+
+def num_classes(tasks=TASKS) -> dict[str, int]:
+  names = probe.task_labels()
+  return {t: len(names[t][0]) for t in tasks}
+
+
+def augment(key, images: jax.Array, max_shift: int) -> jax.Array:
+  """Label-preserving: a fresh background tint, then a shift of up to max_shift px (edge-extended).
+  No flips: they change which shape is leftmost."""
+  b, s, _, _ = images.shape
+  k_bg, k_shift = jax.random.split(key)
+  corner = images[:, :1, :1, :]  # the generator leaves every border pixel as background
+  is_bg = jnp.all(images == corner, axis=-1, keepdims=True)
+  tint = jax.random.randint(k_bg, (b, 1, 1, 3), *BG_RANGE).astype(jnp.uint8)
+  x = jnp.where(is_bg, tint, images)
+  if max_shift <= 0:
+    return x
+  x = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+  offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * max_shift + 1)
+  return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (s, s, 3)))(x, offsets)
+
+
+def decay_mask(params):
+  """Weight decay on matrices (kernels) only: not on biases, norms, queries or position embeddings."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: leaf.ndim >= 2 and "pos_embed" not in jax.tree_util.keystr(path)
+    and "queries" not in jax.tree_util.keystr(path), params)
+
+
+def lr_schedule(lr: float, steps: int):
+  """Linear warm-up over the first 5% of the steps, then cosine decay to 1% of the peak."""
+  warmup = max(1, steps // 20)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.01)
+
+
+def make_optimizer(learning_rate, weight_decay):
+  """Global-norm clip at 1, then AdamW (b2 0.999) with `decay_mask`."""
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(learning_rate, b1=0.9, b2=0.999, weight_decay=weight_decay, mask=decay_mask))
+
+
+def accuracy(predict, params, images, labels, chunk: int = 256) -> dict[str, float]:
+  """Per task, the share of `images` whose predicted class is the label; one compiled shape."""
+  correct = {t: 0 for t in labels}
+  for i in range(0, len(images), chunk):
+    x = images[i:i + chunk]
+    n = len(x)
+    if n < chunk:
+      x = np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
+    pred = predict(params, jnp.asarray(x))
+    for t in labels:
+      correct[t] += int((np.asarray(pred[t])[:n] == labels[t][i:i + n]).sum())
+  return {t: correct[t] / len(images) for t in labels}
+
+
+def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedConfig(), *,
+                  progress: bool = True) -> tuple[dict, dict]:
+  """Trains `encoder` with the heads on fresh labelled scenes; returns (trunk params, result)."""
+  t_start = time.perf_counter()
+  model = ViTClassifier(encoder, tuple(num_classes().items()))
+  tx = optax.inject_hyperparams(make_optimizer)(learning_rate=0.0, weight_decay=config.weight_decay)
+  schedule = lr_schedule(config.learning_rate, config.steps)
+  size = encoder.image_size
+
+  @jax.jit
+  def init(key):
+    params = nn.meta.unbox(model.init(key, jnp.zeros((2, size, size, 3), jnp.uint8))["params"])
+    return params, tx.init(params)
+
+  @jax.jit
+  def step(params, opt, lr, images, labels):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, images)
+      losses = {t: optax.softmax_cross_entropy_with_integer_labels(logits[t], labels[t]).mean() for t in TASKS}
+      return sum(losses.values()), losses
+
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    opt.hyperparams["learning_rate"] = lr
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  predict = jax.jit(lambda p, x: {t: jnp.argmax(v, -1) for t, v in model.apply({"params": p}, x).items()})
+  params, opt = init(jax.random.PRNGKey(config.seed))
+  bs = config.batch_size
+
+  def batch(k):
+    return probe.scenes(STREAM, k * bs, bs, size, seed=config.seed)
+
+  losses = []
+  with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+       tqdm(total=config.steps, desc="supervised", unit="step", disable=not progress) as bar:
+    nxt = pool.submit(batch, 0)  # scenes are drawn on the host one step ahead
+    for k in range(config.steps):
+      images, labels = nxt.result()
+      if k + 1 < config.steps:
+        nxt = pool.submit(batch, k + 1)
+      params, opt, loss = step(params, opt, jnp.float32(schedule(k)), jnp.asarray(images),
+                               {t: jnp.asarray(v) for t, v in labels.items()})
+      if k >= config.steps - max(1, config.steps // 10):
+        losses.append(loss)
+      bar.update()
+      if k % 50 == 0 or k + 1 == config.steps:
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+  jax.block_until_ready(params)
+  train_s = time.perf_counter() - t_start
+  test = accuracy(predict, params, *probe.make_split("test", config.num_test, size, TASKS))
+  result = {"settings": dataclasses.asdict(config), "encoder": _encoder_fields(encoder),
+            "test_accuracy": {t: round(v, 4) for t, v in test.items()},
+            "chance": {t: round(1 / n, 4) for t, n in num_classes().items()},
+            "final_train_loss": round(float(np.mean([float(x) for x in losses])), 4),
+            "train_s": round(train_s, 1), "seconds": round(time.perf_counter() - t_start, 1)}
+  return params["trunk"], result
+
+
+def _encoder_fields(encoder: vit.ViTConfig) -> dict:
+  return {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)
+          if isinstance(getattr(encoder, f.name), (int, float, str, bool, type(None), tuple))}
+
+
+def _same_run(result: dict, config: SupervisedConfig, encoder: vit.ViTConfig) -> bool:
+  want = json.loads(json.dumps({"settings": dataclasses.asdict(config), "encoder": _encoder_fields(encoder)}))
+  return all(result.get(k) == v for k, v in want.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = gin_cli.split_bindings(argv)
+  p = argparse.ArgumentParser(prog="mm1-supervised", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  gin_cli.add_gin_flags(p, example="gin/experiments/quickstart.gin (MODEL's encoder is trained)")
+  p.add_argument("--out", required=True, help="folder for params/ and result.json (the init_from entry)")
+  d = SupervisedConfig()
+  p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+  p.add_argument("--batch_size", type=int, default=d.batch_size, help=f"scenes a step (default {d.batch_size})")
+  p.add_argument("--learning_rate", type=float, default=d.learning_rate,
+                 help=f"peak learning rate (default {d.learning_rate})")
+  p.add_argument("--weight_decay", type=float, default=d.weight_decay)
+  p.add_argument("--seed", type=int, default=d.seed, help="initialisation and the scenes drawn")
+  p.add_argument("--num_test", type=int, default=d.num_test, help="held-out scenes scored (mm1-probe's test split)")
+  p.add_argument("--overwrite", action="store_true", help="retrain although OUT holds a trunk of other settings")
+  p.add_argument("--no_progress", action="store_true")
+  args = p.parse_args(rest)
+  if min(args.steps, args.batch_size, args.num_test) < 1:
+    p.error("--steps, --batch_size and --num_test must be positive")
+  gin_cli.parse(args, bindings, read_by_command=("MODEL",))
+  model_config = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  encoder = getattr(model_config, "encoder", None)
+  if not isinstance(encoder, vit.ViTConfig):
+    print(f"mm1-supervised: MODEL's encoder is {type(encoder).__name__}, not a vit.ViTConfig", file=sys.stderr)
+    return 2
+  config = SupervisedConfig(args.steps, args.batch_size, args.learning_rate, args.weight_decay, args.seed,
+                            args.num_test)
+  out = paths.path(args.out)
+  done = out / "result.json"
+  if done.exists() and (out / "params").is_dir():
+    old = json.loads(done.read_text())
+    if _same_run(old, config, encoder):
+      print(f"mm1-supervised: {out} already holds this trunk (test accuracy {old['test_accuracy']}); reusing it")
+      return 0
+    if not args.overwrite:
+      print(f"mm1-supervised: {out} holds a trunk of other settings or another encoder; "
+            "--overwrite retrains, or choose another --out", file=sys.stderr)
+      return 2
+  trunk, result = train_encoder(encoder, config, progress=not args.no_progress)
+  out.mkdir(parents=True, exist_ok=True)
+  checkpoint.save_params({"encoder": trunk}, out / "params")
+  paths.write_text_atomic(done, json.dumps(result, indent=1) + "\n")  # last: marks OUT complete
+  acc = "  ".join(f"{t} {v:.3f} (chance {result['chance'][t]:.3f})" for t, v in result["test_accuracy"].items())
+  print(f"held-out accuracy on {config.num_test} scenes: {acc}")
+  print(f"trunk written to {out}/params in {result['seconds']:.0f} s: "
+        f"train.train.init_from = [\"{out}:encoder\"] hands it to MM1")
+  return 0
+
+
+if __name__ == "__main__":
+  from mm1_jax import console
+
+  sys.exit(console.run("supervised"))

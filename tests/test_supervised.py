@@ -1,0 +1,72 @@
+"""`mm1-supervised`: MODEL's image encoder trained on labelled scenes, then handed to MM1."""
+
+import json
+import math
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from mm1_jax import checkpoint, console, model, pretrained, probe, sharding, supervised, train
+
+QUICKSTART = "gin/experiments/quickstart.gin"
+
+
+def _run(argv) -> int:
+  gin.clear_config(clear_constants=True)
+  try:
+    return console.run("supervised", argv)
+  finally:
+    gin.clear_config(clear_constants=True)
+
+
+@pytest.mark.slow
+def test_trained_trunk_learns_and_loads_into_mm1_unchanged(tmp_path, clean_gin, capsys):
+  out = tmp_path / "encoder"
+  argv = [f"--gin_file={QUICKSTART}", f"--out={out}", "--steps=40", "--batch_size=32", "--num_test=64",
+          "--no_progress"]
+  assert _run(argv) == 0
+  result = json.loads((out / "result.json").read_text())
+  # The summed cross-entropy of the three heads starts near log 4 + log 6 + log 3 (4.28): a
+  # step that applies no update, or a schedule stuck at zero, leaves it there.
+  chance_loss = sum(math.log(n) for n in supervised.num_classes().values())
+  assert result["final_train_loss"] < 0.9 * chance_loss, result
+  assert set(result["test_accuracy"]) == set(probe.TASKS)
+
+  # What mm1-train's init_from loads is the trained trunk, leaf for leaf, in MM1's layout.
+  gin.parse_config_files_and_bindings([QUICKSTART], [f"ENCODER_INIT = ['{out}:encoder']"])
+  cfg = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  sources = gin.query_parameter("%ENCODER_INIT")
+  gin.clear_config(clear_constants=True)
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  abstract, shardings = train.init_param_shardings(model.MM1(cfg), train.dummy_batch(2, 32, 1, cfg), mesh,
+                                                   sharding.DECODER_RULES)
+  fresh = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
+  loaded = pretrained.load_pretrained(fresh, shardings, sources, cfg)
+  saved = checkpoint.load_params(out)["encoder"]
+  assert jax.tree.structure(loaded["encoder"]) == jax.tree.structure(saved)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded["encoder"], saved)
+  assert not np.abs(np.asarray(jax.tree.leaves(loaded["decoder"])[0])).any()  # only the encoder is taken
+
+  # The same command again reuses the trunk; other settings are refused, not overwritten.
+  stamp = (out / "result.json").stat().st_mtime_ns
+  capsys.readouterr()
+  assert _run(argv) == 0
+  assert "reusing it" in capsys.readouterr().out and (out / "result.json").stat().st_mtime_ns == stamp
+  assert _run([*argv[:2], "--steps=41", *argv[3:]]) == 2
+  assert "other settings" in capsys.readouterr().err and (out / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_labelled_scenes_come_from_their_own_stream():
+  """The trunk's training scenes are none of mm1-probe's (train or test), the captions' or the
+  VQA evaluation's (probe.scenes draws a stream's scenes as the corpus generator does)."""
+  ours, _ = probe.scenes(supervised.STREAM, 0, 16, 64)
+  for stream in ("probe_train", "probe_test", "caption", "vqa_eval"):
+    theirs, _ = probe.scenes(stream, 0, 16, 64)
+    assert not any((a == b).all() for a in ours for b in theirs), stream
+  images, labels = probe.scenes("probe_test", 0, 4, 64)
+  want, want_labels = probe.make_split("test", 4, 64)
+  np.testing.assert_array_equal(images, want)
+  for t in probe.TASKS:
+    np.testing.assert_array_equal(labels[t], want_labels[t])

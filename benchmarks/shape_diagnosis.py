@@ -15,9 +15,9 @@ entropies. Variants:
   cnn            a small CNN (conv 5x5 16 -> pool -> conv 32 -> pool -> conv 64 x2 -> pool,
                  GroupNorm + ReLU; flatten 8x8x64 -> dense 256 -> heads); the reference
                  that the task is learnable at this resolution
-  vit_p8         the MM1-tiny trunk exactly as in gin/models/mm1_tiny.gin (64 px, patch 8,
-                 width 128, depth 4, 4 heads, MLP 512, learned position embedding), one run
-                 per --lrs value: the learning-rate sweep
+  vit_p8         the MM1-tiny trunk of gin/models/mm1_tiny.gin (64 px, patch 8, width 128,
+                 depth 4, 4 heads, MLP 512) with the learned position embedding it first
+                 shipped with, one run per --lrs value: the learning-rate sweep
   vit_p4         the same trunk with patch 4 (16x16 grid, 4x the tokens)
   vit_p8_sincos  the same trunk with the fixed 2-D sin-cos position embedding
                  (ViTConfig.pos_embed="sincos2d") instead of the learned one
@@ -88,7 +88,8 @@ from mm1_jax import probe, supervised, vit
 
 TASKS = ("shape", "colour", "count")
 IMAGE_SIZE = 64
-# gin/models/mm1_tiny.gin's vit.ViTConfig (scan_layers and dtype as there).
+# gin/models/mm1_tiny.gin's vit.ViTConfig (scan_layers and dtype as there), but with the learned
+# position embedding (ViTConfig's default) it first shipped with: the variants add sin-cos.
 MM1_TINY_VIT = {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "num_heads": 4, "mlp_dim": 512,
                 "scan_layers": False, "dtype": "float32"}
 VARIANTS = {

@@ -11,7 +11,8 @@
 2. `mm1-probe --baseline` on each trunk: attentive probes on frozen features for count,
    colour and shape, against the same probes on the trunk at random initialisation.
 3. With AIMv2 among the objectives, MM1 quickstarts (gin/experiments/quickstart.gin with the
-   AIMv2-tiny encoder) started from the AIMv2 trunk and from scratch: their few-shot
+   AIMv2-tiny encoder, trained at the quickstart's tenth of the learning rate; records before
+   that default trained it at the full rate) started from the AIMv2 trunk and from scratch: their few-shot
    evaluations at the end.
 
 Writes the record benchmarks/results/encoder_pretraining/cpu_2core.json (with the machine it

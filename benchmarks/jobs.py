@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -36,3 +37,12 @@ def write_record(path: Path, result: dict, git: tuple | None = None, benchmark: 
 
   record.write(Path(path).resolve(), benchmark or Path(path).stem, result, git=git)
   print(f"wrote {path}")
+
+
+def supervised_encoder(py: str, out: Path, log: Path, gin_files=(), bindings=()) -> dict:
+  """`mm1-supervised` on the quickstart's MODEL (and `gin_files`, `bindings`) into `out` (reused when
+  it holds the same trunk); its command and result.json, for a record."""
+  cmd = [py, "-m", "mm1_jax", "supervised", "--gin_file=gin/experiments/quickstart.gin",
+         *(f"--gin_file={f}" for f in gin_files), *bindings, f"--out={out}", "--no_progress"]
+  run_logged(cmd, log)
+  return {"command": " ".join(cmd[1:]), **json.loads((Path(out) / "result.json").read_text())}

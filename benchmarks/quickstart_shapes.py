@@ -6,13 +6,13 @@
       --json_out=benchmarks/results/quickstart_shapes/encoder_lr_cpu_2core.json
   python -m benchmarks.quickstart_shapes --sweep= --gin_file=gin/encoders/aim_tiny.gin \
       --grid='init/train.train.init_from={"aim": ["/tmp/aim/checkpoints:encoder"], "scratch": []}' \
-      --gin.optim.OptimizerConfig.lr_multipliers="{'encoder': 0.1}" --json_out=...   # a hand-over
+      --json_out=...   # a hand-over (the quickstart trains the encoder at a tenth of the rate)
   python -m benchmarks.quickstart_shapes --sweep= --encoder=/tmp/qs_encoder --seeds=2 \
       --grid='init/ENCODER_INIT={"supervised": ["/tmp/qs_encoder:encoder"], "scratch": []}' --json_out=...
       # the quickstart as the README runs it (mm1-supervised first) beside the same model from scratch
 
 1. `mm1-sweep` over gin/ablations/trunk.sweep (or --sweep) on gin/experiments/quickstart.gin
-   (the trunk as shipped, sin-cos positions, a conv stem with sin-cos positions), each run evaluated at its
+   (learned positions, sin-cos positions as shipped, a conv stem with sin-cos positions), each run evaluated at its
    last step on all 512 held-out VQA questions, zero-shot and 4-shot.
 2. `mm1-probe` of each run's trunk (frozen features, the leftmost shape's kind and colour, the
    count) beside the trunk as the model initialises it (`--baseline`; a run's own start unless
@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import record
-from benchmarks.jobs import REPO, record_header, run_logged, write_record
+from benchmarks.jobs import REPO, record_header, run_logged, supervised_encoder, write_record
 from benchmarks.sft_vqa import _blind_guess
 from mm1_jax.eval import report
 
@@ -78,21 +78,22 @@ def main(argv=None) -> int:
   p.add_argument("--gin_file", action="append", default=[],
                  help="gin files every run reads after gin/experiments/quickstart.gin (repeatable)")
   p.add_argument("--encoder", default=None, metavar="DIR",
-                 help="first train the quickstart's encoder on labelled scenes (mm1-supervised --out=DIR, reused "
-                      "when there) and keep its result in the record; runs take it with ENCODER_INIT=['DIR:encoder']")
+                 help="first train the quickstart's encoder on labelled scenes (mm1-supervised --out=DIR, with the "
+                      "--gin_file and --gin. bindings; reused when there) and keep its result in the record; "
+                      "--grid or --gin.ENCODER_INIT must hand it to runs ('DIR:encoder')")
   p.add_argument("--json_out", default=str(OUT))
   args, bindings = p.parse_known_args(argv)
   if bad := [b for b in bindings if not b.startswith("--gin.")]:
     p.error(f"unrecognised arguments: {' '.join(bad)} (only --gin.NAME=VALUE bindings pass to every run)")
+  if args.encoder and "ENCODER_INIT" not in " ".join([args.grid or "", *bindings]):
+    p.error("--encoder trains a trunk that no run would take: name it in --grid (an ENCODER_INIT axis) "
+            "or in --gin.ENCODER_INIT")
   py, root = sys.executable, Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
   git = record.git_state()
   encoder = None
   if args.encoder:
-    enc_cmd = [py, "-m", "mm1_jax", "supervised", "--gin_file=gin/experiments/quickstart.gin",
-               *(f"--gin_file={f}" for f in args.gin_file), f"--out={args.encoder}", "--no_progress"]
-    run_logged(enc_cmd, root / "supervised_output.txt")
-    encoder = {"command": " ".join(enc_cmd[1:]), **json.loads((Path(args.encoder) / "result.json").read_text())}
+    encoder = supervised_encoder(py, Path(args.encoder), root / "supervised_output.txt", args.gin_file, bindings)
   sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin",
                *(f"--gin_file={f}" for f in args.gin_file), *([f"--sweep={args.sweep}"] if args.sweep else []),
                *([f"--grid={args.grid}"] if args.grid else []),

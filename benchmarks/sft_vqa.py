@@ -1,6 +1,6 @@
 """Does supervised fine-tuning raise VQA accuracy on the bundled data? Measured per answer type.
 
-  python -m benchmarks.sft_vqa                      # about 45 minutes on 2 cores from nothing
+  python -m benchmarks.sft_vqa                      # about 50 minutes on 2 cores from nothing
   python -m benchmarks.sft_vqa --pretrain_steps=3000 --sft_runs=sft_300
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
@@ -33,7 +33,7 @@ from pathlib import Path
 
 
 from benchmarks import record
-from benchmarks.jobs import REPO, record_header, run_logged, write_record
+from benchmarks.jobs import REPO, record_header, run_logged, supervised_encoder, write_record
 from mm1_jax.eval import fewshot
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -114,11 +114,8 @@ def main(argv=None) -> int:
   git = record.git_state()  # the code this run loads
   result = {**record_header(), "blind_guess": _blind_guess(), "runs": {}}
   encoder = Path(args.encoder) if args.encoder else work / "encoder"
-  enc_cmd = [py, "-m", "mm1_jax", "supervised", "--gin_file=gin/experiments/quickstart.gin", f"--out={encoder}",
-             "--no_progress"]
-  run_logged(enc_cmd, work / "encoder.log")  # reuses a trunk of the same settings
-  result["encoder"] = {"command": " ".join(enc_cmd[1:]), **json.loads((encoder / "result.json").read_text())}
-  pre = work / f"pretrain_{args.pretrain_steps}"
+  result["encoder"] = supervised_encoder(py, encoder, work / "encoder.log")
+  pre = work / f"pretrain_{args.pretrain_steps}_supervised"  # from the supervised encoder, as the README runs it
   flags = ["--gin_file=gin/experiments/quickstart.gin", f"--gin.ENCODER_INIT=['{encoder}:encoder']"]
   if args.pretrain_steps != 600:  # a longer run: checkpoints every 500, all 512 questions every 1,000
     flags += [f"--gin.TRAIN_STEPS={args.pretrain_steps}", "--gin.EVAL_EVERY=1000", "--gin.CHECKPOINT_EVERY=500",

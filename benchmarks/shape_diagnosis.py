@@ -105,6 +105,7 @@ VARIANTS = {
 DEFAULT_VARIANTS = ("cnn", "vit_p8", "vit_p4", "vit_p8_sincos", "vit_p8_long")
 SHORT_VARIANTS = ("cnn", "vit_p8", "vit_p8_long")  # --short: one compilation per architecture dominates
 VAL_OFFSET = 100_000_000  # validation indices of the training stream; training never gets there
+BG_RANGE = (225, 256)  # shapes_world.render's background tint, per channel
 
 
 # --- data --------------------------------------------------------------------
@@ -113,6 +114,23 @@ VAL_OFFSET = 100_000_000  # validation indices of the training stream; training 
 def scenes(stream: str, start: int, n: int, seed: int = 0):
   """(uint8[n, 64, 64, 3], {task: int32[n]}) of scenes start..start+n-1 of a probe stream."""
   return probe.scenes(stream, start, n, IMAGE_SIZE, TASKS, seed)
+
+
+def augment(key, images: jax.Array, max_shift: int) -> jax.Array:
+  """Label-preserving: a fresh background tint, then a shift of up to max_shift px (edge-extended).
+  No flips: they change which shape is leftmost."""
+  b, s, _, _ = images.shape
+  k_bg, k_shift = jax.random.split(key)
+  corner = images[:, :1, :1, :]  # the generator leaves every border pixel as background
+  is_bg = jnp.all(images == corner, axis=-1, keepdims=True)
+  tint = jax.random.randint(k_bg, (b, 1, 1, 3), *BG_RANGE).astype(jnp.uint8)
+  x = jnp.where(is_bg, tint, images)
+  if max_shift <= 0:
+    return x
+  x = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+  offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * max_shift + 1)
+  return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (s, s, 3)))(x, offsets)
+
 
 
 # --- models ------------------------------------------------------------------
@@ -180,7 +198,7 @@ def compiled(model, augment_images: bool, max_shift: int, weight_decay: float):
   @jax.jit
   def step(params, opt, lr, rng, images, labels):
     if augment_images:
-      images = supervised.augment(rng, images, max_shift)
+      images = augment(rng, images, max_shift)
 
     def loss_fn(p):
       logits = model.apply({"params": p}, images)

@@ -52,11 +52,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mm1_jax import checkpoint, gin_cli, paths, probe, vit
+from mm1_jax import checkpoint, gin_cli, optim, paths, probe, vit
 
 TASKS = probe.TASKS
 STREAM = "supervised_train"
-BG_RANGE = (225, 256)  # shapes_world.render's background tint, per channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +85,7 @@ class ViTClassifier(nn.Module):
       pooled = jnp.broadcast_to(tokens.mean(axis=1, keepdims=True), (b, len(self.classes), d))
     else:
       queries = self.param("queries", nn.initializers.normal(0.02), (1, len(self.classes), d))
-      pooled = nn.MultiHeadDotProductAttention(num_heads=4, name="pool")(
+      pooled = nn.MultiHeadDotProductAttention(num_heads=self.config.num_heads, name="pool")(
         jnp.broadcast_to(queries, (b, len(self.classes), d)), tokens)
     pooled = nn.LayerNorm(name="ln_head")(pooled)
     return {t: nn.Dense(n, name=f"head_{t}")(pooled[:, i]) for i, (t, n) in enumerate(self.classes)}
@@ -97,29 +96,6 @@ def num_classes(tasks=TASKS) -> dict[str, int]:
   return {t: len(names[t][0]) for t in tasks}
 
 
-def augment(key, images: jax.Array, max_shift: int) -> jax.Array:
-  """Label-preserving: a fresh background tint, then a shift of up to max_shift px (edge-extended).
-  No flips: they change which shape is leftmost."""
-  b, s, _, _ = images.shape
-  k_bg, k_shift = jax.random.split(key)
-  corner = images[:, :1, :1, :]  # the generator leaves every border pixel as background
-  is_bg = jnp.all(images == corner, axis=-1, keepdims=True)
-  tint = jax.random.randint(k_bg, (b, 1, 1, 3), *BG_RANGE).astype(jnp.uint8)
-  x = jnp.where(is_bg, tint, images)
-  if max_shift <= 0:
-    return x
-  x = jnp.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
-  offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * max_shift + 1)
-  return jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (s, s, 3)))(x, offsets)
-
-
-def decay_mask(params):
-  """Weight decay on matrices (kernels) only: not on biases, norms, queries or position embeddings."""
-  return jax.tree_util.tree_map_with_path(
-    lambda path, leaf: leaf.ndim >= 2 and "pos_embed" not in jax.tree_util.keystr(path)
-    and "queries" not in jax.tree_util.keystr(path), params)
-
-
 def lr_schedule(lr: float, steps: int):
   """Linear warm-up over the first 5% of the steps, then cosine decay to 1% of the peak."""
   warmup = max(1, steps // 20)
@@ -127,15 +103,17 @@ def lr_schedule(lr: float, steps: int):
 
 
 def make_optimizer(learning_rate, weight_decay):
-  """Global-norm clip at 1, then AdamW (b2 0.999) with `decay_mask`."""
+  """Global-norm clip at 1, then AdamW (b2 0.999), decaying the weight matrices only (mm1-train's rule,
+  by name: not norms, biases, position tables or the heads' queries)."""
   return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(learning_rate, b1=0.9, b2=0.999, weight_decay=weight_decay, mask=decay_mask))
+                     optax.adamw(learning_rate, b1=0.9, b2=0.999, weight_decay=weight_decay,
+                                 mask=optim._decay_mask))  # noqa: SLF001
 
 
-def accuracy(predict, params, images, labels, chunk: int = 256) -> dict[str, float]:
+def accuracy(predict, params, images, labels, chunk: int = 256, progress: bool = False) -> dict[str, float]:
   """Per task, the share of `images` whose predicted class is the label; one compiled shape."""
   correct = {t: 0 for t in labels}
-  for i in range(0, len(images), chunk):
+  for i in tqdm(range(0, len(images), chunk), desc="test", unit="batch", disable=not progress, leave=False):
     x = images[i:i + chunk]
     n = len(x)
     if n < chunk:
@@ -196,7 +174,7 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
         bar.set_postfix(loss=f"{float(loss):.3f}")
   jax.block_until_ready(params)
   train_s = time.perf_counter() - t_start
-  test = accuracy(predict, params, *probe.make_split("test", config.num_test, size, TASKS))
+  test = accuracy(predict, params, *probe.make_split("test", config.num_test, size, TASKS), progress=progress)
   result = {"settings": dataclasses.asdict(config), "encoder": _encoder_fields(encoder),
             "test_accuracy": {t: round(v, 4) for t, v in test.items()},
             "chance": {t: round(1 / n, 4) for t, n in num_classes().items()},
@@ -227,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch_size", type=int, default=d.batch_size, help=f"scenes a step (default {d.batch_size})")
   p.add_argument("--learning_rate", type=float, default=d.learning_rate,
                  help=f"peak learning rate (default {d.learning_rate})")
-  p.add_argument("--weight_decay", type=float, default=d.weight_decay)
+  p.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW's, on weight matrices")
   p.add_argument("--seed", type=int, default=d.seed, help="initialisation and the scenes drawn")
   p.add_argument("--num_test", type=int, default=d.num_test, help="held-out scenes scored (mm1-probe's test split)")
-  p.add_argument("--overwrite", action="store_true", help="retrain although OUT holds a trunk of other settings")
-  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="retrain although OUT holds a trunk of other settings (or parameters of unknown origin)")
+  p.add_argument("--no_progress", action="store_true", help="no progress bars")
+  p.add_argument("--json", action="store_true", help="print OUT/result.json's content as the last line")
   args = p.parse_args(rest)
   if min(args.steps, args.batch_size, args.num_test) < 1:
     p.error("--steps, --batch_size and --num_test must be positive")
@@ -245,23 +225,30 @@ def main(argv: list[str] | None = None) -> int:
                             args.num_test)
   out = paths.path(args.out)
   done = out / "result.json"
-  if done.exists() and (out / "params").is_dir():
-    old = json.loads(done.read_text())
-    if _same_run(old, config, encoder):
-      print(f"mm1-supervised: {out} already holds this trunk (test accuracy {old['test_accuracy']}); reusing it")
-      return 0
-    if not args.overwrite:
-      print(f"mm1-supervised: {out} holds a trunk of other settings or another encoder; "
-            "--overwrite retrains, or choose another --out", file=sys.stderr)
-      return 2
+  old = json.loads(done.read_text()) if done.exists() else None
+  if (out / "params").exists() and old is not None and _same_run(old, config, encoder):
+    print(f"mm1-supervised: {out} already holds this trunk; reusing it")
+    return _report(old, out, args.json)
+  if (out / "params").exists() and not args.overwrite:
+    what = "a trunk of other settings or another encoder" if old else "parameters this command did not write"
+    print(f"mm1-supervised: {out} holds {what}; --overwrite retrains, or choose another --out", file=sys.stderr)
+    return 2
+  if done.exists():
+    done.unlink()  # OUT is complete again only when result.json is written, after the parameters
   trunk, result = train_encoder(encoder, config, progress=not args.no_progress)
   out.mkdir(parents=True, exist_ok=True)
   checkpoint.save_params({"encoder": trunk}, out / "params")
-  paths.write_text_atomic(done, json.dumps(result, indent=1) + "\n")  # last: marks OUT complete
+  paths.write_text_atomic(done, json.dumps(result, indent=1) + "\n")
+  return _report(result, out, args.json)
+
+
+def _report(result: dict, out, as_json: bool) -> int:
   acc = "  ".join(f"{t} {v:.3f} (chance {result['chance'][t]:.3f})" for t, v in result["test_accuracy"].items())
-  print(f"held-out accuracy on {config.num_test} scenes: {acc}")
-  print(f"trunk written to {out}/params in {result['seconds']:.0f} s: "
+  print(f"held-out accuracy on {result['settings']['num_test']} scenes: {acc}")
+  print(f"trunk in {out}/params ({result['seconds']:.0f} s to train): "
         f"train.train.init_from = [\"{out}:encoder\"] hands it to MM1")
+  if as_json:
+    print(json.dumps(result))
   return 0
 
 

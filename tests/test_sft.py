@@ -195,7 +195,7 @@ def test_sft_runs_end_to_end_from_a_pretraining_checkpoint(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/sft.gin",
                          f"--workdir={sft}", f"--gin.INIT_FROM='{pre / 'checkpoints'}'", "--gin.TRAIN_STEPS=20",
                          "--gin.CHECKPOINT_EVERY=20", "--gin.fewshot.FewShotConfig.benchmarks=('shapes_vqa',)",
-                         "--gin.fewshot.FewShotConfig.max_new_tokens=4",
+                         "--gin.fewshot.FewShotConfig.max_new_tokens=4", "--gin.fewshot.FewShotConfig.num_samples=None",
                          "--gin.fewshot.FewShotConfig.train_mixture=None",  # the corpus writer keeps eval images out
                          *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -219,7 +219,7 @@ def _check_vqa_scores(results: dict, samples: list[dict], key: str = "shapes_vqa
   each answer type's accuracy times its number of questions is a whole count, and the
   overall accuracy is those counts over all 512 questions (not the mean of the per-type
   accuracies: the types hold 275, 119 and 118 questions). The samples are the first test
-  questions in order, with their own answers. Catches per-type scores computed on the
+  questions in order, with their own answers, all 512 of them. Catches per-type scores computed on the
   wrong questions or with misaligned predictions, an overall score that averages the
   types, questions left out of the scores (a num_queries limit still applied),
   and samples paired with another question's answers."""
@@ -237,10 +237,18 @@ def _check_vqa_scores(results: dict, samples: list[dict], key: str = "shapes_vqa
     correct[t] = round(acc * counts[t])
     assert acc == pytest.approx(correct[t] / counts[t], abs=1e-9), (t, acc, counts[t])
   assert results[f"{key}/accuracy"] == pytest.approx(sum(correct.values()) / len(test), abs=1e-9)
-  assert [s["id"] for s in samples] == [q["id"] for q in test[:len(samples)]] and len(samples) == 8
+  # num_samples=None: every query's prediction, in test order, with its answer type; scored
+  # again here, they give the written accuracies (a prediction paired with another question,
+  # or a sample list cut short, does not).
+  assert [s["id"] for s in samples] == [q["id"] for q in test] and len(samples) == 512
+  again = {}
   for s, q in zip(samples, test):
     assert s["question"] == q["question"] and s["targets"] == q["answers"][:5]
-    assert metrics.vqa_accuracy(s["prediction"], q["answers"]) in (0.0, 1.0)
+    assert s["answer_type"] == q["answer_type"]
+    hit = metrics.vqa_accuracy(s["prediction"], q["answers"])
+    assert hit in (0.0, 1.0)
+    again[q["answer_type"]] = again.get(q["answer_type"], 0) + int(hit)
+  assert {t: again.get(t, 0) for t in correct} == correct
 
 
 def test_pretrained_weights_start_a_higher_resolution_encoder(tmp_path, tiny_config):

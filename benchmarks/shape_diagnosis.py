@@ -190,28 +190,8 @@ def compiled(model, augment_images: bool, max_shift: int, weight_decay: float):
     return _COMPILED[key]
   tx = optax.inject_hyperparams(supervised.make_optimizer)(learning_rate=0.0, weight_decay=weight_decay)
 
-  @jax.jit
-  def init(rng):
-    params = nn.meta.unbox(model.init(rng, jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8))["params"])
-    return params, tx.init(params)
-
-  @jax.jit
-  def step(params, opt, lr, rng, images, labels):
-    if augment_images:
-      images = augment(rng, images, max_shift)
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, images)
-      losses = {t: optax.softmax_cross_entropy_with_integer_labels(logits[t], labels[t]).mean()
-                for t in TASKS}
-      return sum(losses.values()), losses
-
-    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    opt.hyperparams["learning_rate"] = lr
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, losses
-
-  predict = jax.jit(lambda p, x: {t: jnp.argmax(v, -1) for t, v in model.apply({"params": p}, x).items()})
+  preprocess = (lambda rng, images: augment(rng, images, max_shift)) if augment_images else None
+  init, step, predict = supervised.compile_steps(model, tx, IMAGE_SIZE, preprocess)
   _COMPILED[key] = (init, step, predict, tx)
   return _COMPILED[key]
 

@@ -124,6 +124,38 @@ def accuracy(predict, params, images, labels, chunk: int = 256, progress: bool =
   return {t: correct[t] / len(images) for t in labels}
 
 
+def compile_steps(model: nn.Module, tx, image_size: int, preprocess=None):
+  """(init, step, predict), jitted, for a model that maps uint8 images to {task: logits}:
+    init(key) -> (params, opt state)
+    step(params, opt, lr, key, images, labels) -> (params, opt, {task: mean cross-entropy}),
+      training on the sum of the tasks' losses; `preprocess(key, images)` (an augmentation)
+      runs first when given; `tx` is an `optax.inject_hyperparams` optimizer, lr its rate
+    predict(params, images) -> {task: class index}
+  """
+  @jax.jit
+  def init(key):
+    params = nn.meta.unbox(model.init(key, jnp.zeros((2, image_size, image_size, 3), jnp.uint8))["params"])
+    return params, tx.init(params)
+
+  @jax.jit
+  def step(params, opt, lr, key, images, labels):
+    if preprocess is not None:
+      images = preprocess(key, images)
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, images)
+      losses = {t: optax.softmax_cross_entropy_with_integer_labels(logits[t], labels[t]).mean() for t in labels}
+      return sum(losses.values()), losses
+
+    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    opt.hyperparams["learning_rate"] = lr
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, losses
+
+  predict = jax.jit(lambda p, x: {t: jnp.argmax(v, -1) for t, v in model.apply({"params": p}, x).items()})
+  return init, step, predict
+
+
 def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedConfig(), *,
                   progress: bool = True) -> tuple[dict, dict]:
   """Trains `encoder` with the heads on fresh labelled scenes; returns (trunk params, result)."""
@@ -133,24 +165,7 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
   schedule = lr_schedule(config.learning_rate, config.steps)
   size = encoder.image_size
 
-  @jax.jit
-  def init(key):
-    params = nn.meta.unbox(model.init(key, jnp.zeros((2, size, size, 3), jnp.uint8))["params"])
-    return params, tx.init(params)
-
-  @jax.jit
-  def step(params, opt, lr, images, labels):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, images)
-      losses = {t: optax.softmax_cross_entropy_with_integer_labels(logits[t], labels[t]).mean() for t in TASKS}
-      return sum(losses.values()), losses
-
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    opt.hyperparams["learning_rate"] = lr
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
-
-  predict = jax.jit(lambda p, x: {t: jnp.argmax(v, -1) for t, v in model.apply({"params": p}, x).items()})
+  init, step, predict = compile_steps(model, tx, size)
   params, opt = init(jax.random.PRNGKey(config.seed))
   bs = config.batch_size
 
@@ -165,8 +180,9 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
       images, labels = nxt.result()
       if k + 1 < config.steps:
         nxt = pool.submit(batch, k + 1)
-      params, opt, loss = step(params, opt, jnp.float32(schedule(k)), jnp.asarray(images),
-                               {t: jnp.asarray(v) for t, v in labels.items()})
+      params, opt, task_losses = step(params, opt, jnp.float32(schedule(k)), None, jnp.asarray(images),
+                                      {t: jnp.asarray(v) for t, v in labels.items()})
+      loss = sum(task_losses.values())
       if k >= config.steps - max(1, config.steps // 10):
         losses.append(loss)
       bar.update()

@@ -48,12 +48,13 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
 
 
 def _train(cmd: list[str], run: Path, log: Path) -> dict:
-  """A training run (kept if it finished before) and its median step time."""
-  if not (run / "train_done.json").exists():
-    run_logged(cmd, log)
+  """A training run (kept if it finished before), its median step time and, when it ran here, its
+  wall time (the command's, evaluations included)."""
+  wall = None if (run / "train_done.json").exists() else run_logged(cmd, log)
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   times = [r["step_time_s"] for r in records if "step_time_s" in r]
-  return {"steps": records[-1]["step"], "median_step_time_s": statistics.median(times) if times else None}
+  return {"steps": records[-1]["step"], "median_step_time_s": statistics.median(times) if times else None,
+          "wall_s": wall}
 
 
 def _evaluate(py: str, gin_file: str, run: Path, work: Path, name: str) -> dict:

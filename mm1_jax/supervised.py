@@ -8,9 +8,9 @@ world its pre-trained encoder by the original ViT recipe, supervised classificat
 
   the trunk        MODEL's `encoder` (a `vit.ViTConfig`), exactly as MM1 builds it, so
                    that it hands over with `train.train.init_from = ["OUT:encoder"]`
-  heads            per task a learned query cross-attending to the trunk's tokens, a
-                   LayerNorm and a linear classifier, trained end to end with the trunk
-                   on the sum of the tasks' softmax cross-entropies
+  heads            one attention layer pooling the trunk's tokens with a learned query per
+                   task, a shared LayerNorm, a linear classifier per task; trained end to
+                   end with the trunk on the sum of the tasks' softmax cross-entropies
   labels           read off generated scenes (`mm1_jax.probe.task_labels`): the kind and
                    the colour of the leftmost shape, and the number of shapes
   data             fresh scenes every step from the world's own "supervised_train"
@@ -19,7 +19,7 @@ world its pre-trained encoder by the original ViT recipe, supervised classificat
                    5 % of the steps, cosine decay to 1 % of the peak, clip at global norm 1
 
 Writes OUT/params ({"encoder": the trunk}, the layout `mm1-convert import` writes),
-OUT/result.json (settings, held-out accuracy per task on mm1-probe's test scenes,
+OUT/result.json (settings, held-out accuracy per task on scenes of mm1-probe's test stream,
 seconds) and prints the accuracies. The heads are left behind. An OUT that already holds
 a trunk trained with the same encoder and settings is reused (the quickstart can be
 rerun); other settings stop with an error unless --overwrite. The job keeps no

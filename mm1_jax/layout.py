@@ -4,7 +4,7 @@ Nothing is allocated (jax.eval_shape) and no devices are needed: the mesh is onl
 shape. tests/golden/sharding/ holds the layout of each preset on a few meshes; a test
 fails on any change, so a change of rules or model structure is reviewed as a diff.
 
-  python -m mm1_jax layout --write      # regenerate the golden files after a reviewed change
+  python -m mm1_jax layout --write      # regenerate the golden files after an intended change
   python -m mm1_jax layout --gin_file=gin/models/mm1_7b.gin --mesh=data=2,fsdp=16,tensor=4
 """
 
@@ -87,7 +87,7 @@ def golden_text(model_name: str, mesh_shape: dict[str, int]) -> str:
   model, rules = _config_and_rules([f"gin/models/{model_name}.gin"])
   mesh = ", ".join(f"{k}={v}" for k, v in mesh_shape.items())
   header = (f"# {model_name} on mesh {mesh}, rules of gin/runs/pretrain.gin (mm1_jax/sharding.py's)\n"
-            f"# regenerate after a reviewed change: python -m mm1_jax.layout --write\n")
+            f"# regenerate after an intended change: python -m mm1_jax.layout --write\n")
   return header + format_layout(layout(model, mesh_shape, rules))
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -214,12 +215,18 @@ def resolve_spec(shape: Sequence[int], logical: Sequence[str | None] | None, rul
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a tree whose leaves may be flax LogicallyPartitioned boxes."""
+  """NamedShardings for a tree whose leaves may be flax LogicallyPartitioned boxes.
+
+  A box around an `optax.MaskedNode` (what a per-component optimizer such as
+  `optax.multi_transform` keeps in place of another component's parameters) stays a
+  MaskedNode: unboxed, the state holds no array there, so it takes no sharding."""
   mesh_shape = dict(mesh.shape)
 
   def one(leaf):
     names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else None
     value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
+    if isinstance(value, optax.MaskedNode):
+      return value
     return NamedSharding(mesh, resolve_spec(np.shape(value), names, rules, mesh_shape)[0])
 
   return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

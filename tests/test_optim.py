@@ -111,3 +111,24 @@ def test_lr_multiplier_names_must_be_components():
   tx, _ = optim.make_optimizer(optim.OptimizerConfig(lr_multipliers={"vision": 0.0}), 10)
   with pytest.raises(ValueError, match="vision"):
     tx.init(params)
+
+
+@pytest.mark.parametrize("multipliers", [{"encoder": 0.1}, {"encoder": 0.0, "connector": 0.5}])
+def test_per_component_state_shards_and_checkpoints_like_the_params(multipliers, tiny_config, tmp_path):
+  """The optimizer state of per-component rates holds MaskedNodes where a transform skips
+  another component's parameters. Its shardings must have the same structure, or a resumed run
+  (which builds its restore target from state and shardings) and mm1-aot stop with a pytree
+  error; and the state must survive a checkpoint."""
+  from mm1_jax import sharding, train
+  from mm1_jax.checkpoint import Checkpointer
+
+  tx, _ = optim.make_optimizer(optim.OptimizerConfig(lr_multipliers=multipliers), 10)
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  state, shardings = train.init_train_state(tiny_config.build(), tx, train.dummy_batch(2, 32, 1, tiny_config),
+                                            jax.random.PRNGKey(0), mesh, sharding.DECODER_RULES)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=1)
+  ckpt.save(1, state, {"batches_consumed": 1}, force=True)
+  ckpt.wait()
+  restored, _ = ckpt.restore(1, abstract)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)

@@ -6,7 +6,7 @@
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
    from it (--pretrain_steps overrides its 600 steps). The fine-tuned runs are named after it
-   (sft_300_from_pretrain_600, ...).
+   (sft_300_from_pretrain_600_supervised, ...).
 2. Fine-tuning from its last checkpoint: gin/experiments/sft.gin as shipped (300 steps), the same
    for 1,000 steps, and gin/experiments/sft_highres.gin (overview + 2x2 sub-images) for 600 steps.
 3. `mm1-eval` of every final checkpoint on the whole held-out VQA split (512 questions),
@@ -30,7 +30,6 @@ import math
 import statistics
 import sys
 from pathlib import Path
-
 
 from benchmarks import record
 from benchmarks.jobs import REPO, record_header, run_logged, supervised_encoder, write_record
@@ -88,11 +87,12 @@ def _blind_guess() -> dict:
 
 
 def _change(before: dict, after: dict, blind: dict) -> dict:
-  """Per answer type: after - before, and that difference in standard errors of the difference
-  (sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), n the type's questions)."""
+  """Per answer type and over all questions ("all"): after - before, and that difference in
+  standard errors of the difference (sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), n the questions)."""
   out = {}
-  for t in ("number", "colour", "shape"):
-    p1, p2, n = before[f"accuracy/{t}"], after[f"accuracy/{t}"], blind[t]["questions"]
+  for t in ("number", "colour", "shape", "all"):
+    key, n = ("accuracy", blind["questions"]) if t == "all" else (f"accuracy/{t}", blind[t]["questions"])
+    p1, p2 = before[key], after[key]
     se = math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
     out[t] = {"difference": round(p2 - p1, 4), "se_of_difference": round(se, 4),
               "in_se": round((p2 - p1) / se, 2) if se else None}

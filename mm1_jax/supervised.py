@@ -191,7 +191,7 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
   jax.block_until_ready(params)
   train_s = time.perf_counter() - t_start
   test = accuracy(predict, params, *probe.make_split("test", config.num_test, size, TASKS), progress=progress)
-  result = {"settings": dataclasses.asdict(config), "encoder": _encoder_fields(encoder),
+  result = {"settings": dataclasses.asdict(config), "encoder": dataclasses.asdict(encoder),
             "test_accuracy": {t: round(v, 4) for t, v in test.items()},
             "chance": {t: round(1 / n, 4) for t, n in num_classes().items()},
             "final_train_loss": round(float(np.mean([float(x) for x in losses])), 4),
@@ -199,13 +199,8 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
   return params["trunk"], result
 
 
-def _encoder_fields(encoder: vit.ViTConfig) -> dict:
-  return {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)
-          if isinstance(getattr(encoder, f.name), (int, float, str, bool, type(None), tuple))}
-
-
 def _same_run(result: dict, config: SupervisedConfig, encoder: vit.ViTConfig) -> bool:
-  want = json.loads(json.dumps({"settings": dataclasses.asdict(config), "encoder": _encoder_fields(encoder)}))
+  want = json.loads(json.dumps({"settings": dataclasses.asdict(config), "encoder": dataclasses.asdict(encoder)}))
   return all(result.get(k) == v for k, v in want.items())
 
 

@@ -551,7 +551,7 @@ class Evaluator:
         samples[key] = [{"id": q["id"], "prediction": p, "targets": t[:5],
                          **({"question": q["question"]} if "question" in q else {}),
                          **({"answer_type": q["answer_type"]} if q.get("answer_type") else {})}
-                        for q, p, t in zip(qs[:c.num_samples], preds[:c.num_samples], targets[:c.num_samples])]
+                        for q, p, t in list(zip(qs, preds, targets))[:c.num_samples]]
     bar.close()
     return results, samples
 

@@ -446,8 +446,8 @@ def _is_score(metric: str) -> bool:
 
 
 def run_results(workdir: str) -> dict[str, float]:
-  """A run's final eval scores (eval/step_<N>.json of its newest step) and `train/loss`
-  (the last metrics.jsonl record's loss)."""
+  """A run's final eval scores (eval/step_<N>.json of its newest step, per-type scores
+  included) and `train/loss` (the last metrics.jsonl record's loss)."""
   from mm1_jax import paths  # noqa: PLC0415
   from mm1_jax.eval import report  # noqa: PLC0415
 
@@ -456,7 +456,7 @@ def run_results(workdir: str) -> dict[str, float]:
   if (wd / "eval").exists():
     results = report.load_results(wd / "eval")
     if results:
-      out.update({k: float(v) for k, v in results[max(results)].items() if _is_score(k)})
+      out.update({k: float(v) for k, v in results[max(results)].items()})
   metrics = wd / "metrics.jsonl"
   if metrics.exists():
     lines = [line for line in metrics.read_text().splitlines() if line.strip()]
@@ -487,7 +487,7 @@ def build_table(record: dict, metrics: Sequence[str] | None = None) -> dict:
   for run in record["runs"]:
     by_cell.setdefault(run["cell"], {})[run["seed"]] = run_results(run["workdir"])
   if not metrics:
-    found = sorted({m for runs in by_cell.values() for r in runs.values() for m in r if m != LOSS})
+    found = sorted({m for runs in by_cell.values() for r in runs.values() for m in r if m != LOSS and _is_score(m)})
     metrics = found + ([LOSS] if any(LOSS in r for runs in by_cell.values() for r in runs.values()) else [])
   cells = []
   for cell in record["cells"]:

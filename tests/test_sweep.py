@@ -171,6 +171,7 @@ def _finish(workdir: Path, step: int, score: float, loss: float, eval_file: bool
     (workdir / "eval").mkdir(exist_ok=True)
     (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(
         {"step": step, "results": {"shapes_vqa/0shot/accuracy": score,
+                                   "shapes_vqa/0shot/accuracy/shape": score / 2,
                                    "shapes_vqa/0shot/tokens_per_s": 1e3}}))
   (workdir / "train_done.json").write_text(json.dumps({"step": step}))
 
@@ -275,7 +276,7 @@ def test_table_mean_and_standard_error_over_seeds(tmp_path, capsys):
   (root / sweep.SWEEP_FILE).write_text(json.dumps(record))
   assert sweep.main(["--report_only", f"--root={root}"]) == 0
   table = json.loads((root / "table.json").read_text())
-  assert table["metrics"] == ["shapes_vqa/0shot/accuracy", "train/loss"]  # no throughput
+  assert table["metrics"] == ["shapes_vqa/0shot/accuracy", "train/loss"]  # no throughput, no per-type score
   a, b = table["cells"]
   acc = a["stats"]["shapes_vqa/0shot/accuracy"]
   assert acc["n"] == 3 and acc["mean"] == pytest.approx(0.4) and acc["se"] == pytest.approx(0.11547, abs=1e-5)
@@ -288,6 +289,10 @@ def test_table_mean_and_standard_error_over_seeds(tmp_path, capsys):
   # --metrics picks and orders the columns.
   assert sweep.main(["--report_only", f"--root={root}", "--metrics=train/loss"]) == 0
   assert json.loads((root / "table.json").read_text())["metrics"] == ["train/loss"]
+  # A per-type score is left out by default but reported when named.
+  assert sweep.main(["--report_only", f"--root={root}", "--metrics=shapes_vqa/0shot/accuracy/shape"]) == 0
+  shape = json.loads((root / "table.json").read_text())["cells"][0]["stats"]["shapes_vqa/0shot/accuracy/shape"]
+  assert shape["n"] == 3 and shape["mean"] == pytest.approx(0.2)
 
 
 def test_summarize():

@@ -1,11 +1,19 @@
-"""Do MM1's lessons hold at the quickstart? gin/ablations/mm1_lessons.sweep, recorded with standard errors.
+"""Do MM1's lessons hold at the quickstart? Two sweeps, recorded with standard errors.
 
-  python -m benchmarks.mm1_lessons                    # 6 levels x 2 seeds, about 80 minutes on 2 cores
+  python -m benchmarks.mm1_lessons                    # data and connector: 6 levels x 2 seeds, about 80 minutes
+  python -m benchmarks.mm1_lessons --study=encoder    # encoder objective: 4 encoders, then 5 levels x 2 seeds
   python -m benchmarks.mm1_lessons --seeds=3 --root=/tmp/mm1_lessons3
 
+Study "lessons" (gin/ablations/mm1_lessons.sweep; each level against "base", the quickstart):
 1. `mm1-supervised` trains the quickstart's encoder (as the README's first command does; reused
-   when <root>/encoder already holds it).
-2. `mm1-sweep` runs every level of the sweep file from that encoder, each for the quickstart's
+   when <root>/encoder already holds it); every level starts from it.
+Study "encoder" (gin/ablations/encoder_objective.sweep; each level against "none", no encoder):
+1. The four encoders, compute-matched by images seen (19,200 each), into /tmp/mm1_encoders,
+   where the sweep file names them: `mm1-supervised --steps=300` (300 x 64 labelled scenes),
+   the shipped AIM and AIMv2 experiments (600 x 32 captioned images) and the contrastive one
+   (300 x 64); a finished one is kept. Each is probed (`mm1-probe --baseline`).
+Both:
+2. `mm1-sweep` runs every level of the sweep file, each for the quickstart's
    600 steps, and evaluates the final step on every test question of the bundled benchmarks:
    captioning (CIDEr) and VQA, zero- and 4-shot, and the text-only ones (held-out text
    perplexity, text questions). A rerun resumes the sweep (runs already done are kept).
@@ -17,7 +25,8 @@
    seed-based one only. The sweep's table and plots are copied beside the record.
 
 Which level tests which lesson is the sweep file's comment and docs/results.md; the record
-holds the numbers only. Writes benchmarks/results/mm1_lessons/cpu_2core.json (+ table.md, plots/).
+holds the numbers only. Writes benchmarks/results/mm1_lessons/<study>_cpu_2core.json (+
+<study>_table.md, <study>_plots/).
 """
 
 from __future__ import annotations
@@ -33,9 +42,16 @@ from pathlib import Path
 from benchmarks import record
 from benchmarks.jobs import REPO, record_header, run_logged, supervised_encoder, write_record
 
-OUT = REPO / "benchmarks" / "results" / "mm1_lessons" / "cpu_2core.json"
-SWEEP = "gin/ablations/mm1_lessons.sweep"
-BASE = "lesson-base"
+RESULTS = REPO / "benchmarks" / "results" / "mm1_lessons"
+# study: (sweep file, the level every other is compared with, default root)
+STUDIES = {"lessons": ("gin/ablations/mm1_lessons.sweep", "lesson-base", "/tmp/mm1_lessons"),
+           "encoder": ("gin/ablations/encoder_objective.sweep", "encoder-none", "/tmp/mm1_encoder_objective")}
+ENCODERS = Path("/tmp/mm1_encoders")  # where gin/ablations/encoder_objective.sweep finds them
+IMAGES_SEEN = 19_200
+# objective: (experiment, batch); steps = IMAGES_SEEN / batch
+ENCODER_RUNS = {"contrastive": ("gin/experiments/contrastive_pretrain.gin", 64),
+                "aim": ("gin/experiments/aim_pretrain.gin", 32), "aimv2": ("gin/experiments/aimv2_pretrain.gin", 32)}
+SUPERVISED_BATCH = 64
 BENCHMARKS = ("shapes_caption", "shapes_vqa", "shapes_text_ppl", "shapes_textqa")
 # Scored metrics of the record, its table and its plots (the final step's eval).
 METRICS = (
@@ -69,7 +85,33 @@ def _questions(metric: str, counts: dict) -> int | None:
   return counts[bench].get(kind[0] if kind else "all")
 
 
-def contrasts(table: dict, counts: dict, base: str = BASE) -> dict:
+def train_encoders(py: str, folder: Path) -> dict:
+  """The encoder study's four encoders (kept when finished), each with its probe."""
+  out = {"images_seen": IMAGES_SEEN}
+  steps = IMAGES_SEEN // SUPERVISED_BATCH
+  enc = supervised_encoder(py, folder / "supervised", folder / "supervised_output.txt",
+                           bindings=[f"--steps={steps}", f"--batch_size={SUPERVISED_BATCH}"])
+  out["supervised"] = {"steps": steps, "batch_size": SUPERVISED_BATCH, "result": enc}
+  probes = {"supervised": ("gin/experiments/quickstart.gin", folder / "supervised")}
+  for name, (gin_file, batch) in ENCODER_RUNS.items():
+    run, steps = folder / name, IMAGES_SEEN // batch
+    cmd = [py, "-m", "mm1_jax", "train", f"--gin_file={gin_file}", f"--workdir={run}", f"--gin.BATCH_SIZE={batch}",
+           f"--gin.TRAIN_STEPS={steps}", f"--gin.CHECKPOINT_EVERY={steps}", "--gin.train.train.progress=False"]
+    wall = None if (run / "train_done.json").exists() else run_logged(cmd, folder / f"{name}_output.txt")
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    out[name] = {"command": " ".join(cmd[1:]), "steps": steps, "batch_size": batch, "wall_s": wall,
+                 "last_step": last["step"], "last_loss": last["loss"]}
+    probes[name] = (gin_file, run / "checkpoints")
+  for name, (gin_file, init) in probes.items():
+    probe = folder / f"{name}_probe.json"
+    if not probe.exists():
+      run_logged([py, "-m", "mm1_jax", "probe", f"--gin_file={gin_file}", f"--init_from={init}", "--baseline",
+                  "--no_progress", f"--json_out={probe}"], folder / f"{name}_probe_output.txt")
+    out[name]["probe"] = json.loads(probe.read_text())
+  return out
+
+
+def contrasts(table: dict, counts: dict, base: str) -> dict:
   """Each level against `base`, per metric: difference, its standard errors, and in_se."""
   cells = {c["cell"]: c["stats"] for c in table["cells"]}
   if base not in cells:
@@ -100,18 +142,22 @@ def contrasts(table: dict, counts: dict, base: str = BASE) -> dict:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--root", default="/tmp/mm1_lessons", help="the study's folder (runs and the encoder are kept)")
+  p.add_argument("--study", choices=sorted(STUDIES), default="lessons")
+  p.add_argument("--root", default=None, help="the study's folder (runs and the encoder are kept; default per study)")
   p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--sweep", default=SWEEP, help="the sweep file; it must have a 'base' level on axis 'lesson'")
-  p.add_argument("--json_out", default=str(OUT))
+  p.add_argument("--json_out", default=None, help="default: benchmarks/results/mm1_lessons/<study>_cpu_2core.json")
   args = p.parse_args(argv)
-  py, root = sys.executable, Path(args.root)
+  sweep_file, base, default_root = STUDIES[args.study]
+  py, root = sys.executable, Path(args.root or default_root)
   root.mkdir(parents=True, exist_ok=True)
   git = record.git_state()
-  encoder = supervised_encoder(py, root / "encoder", root / "supervised_output.txt")
-  sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin", f"--sweep={args.sweep}",
-               f"--seeds={args.seeds}", f"--root={root}", f"--metrics={','.join(METRICS)}",
-               f"--gin.ENCODER_INIT=['{root / 'encoder'}:encoder']",
+  if args.study == "lessons":
+    encoder = {"supervised": supervised_encoder(py, root / "encoder", root / "supervised_output.txt")}
+    init = [f"--gin.ENCODER_INIT=['{root / 'encoder'}:encoder']"]
+  else:
+    encoder, init = train_encoders(py, ENCODERS), []  # each level names its encoder
+  sweep_cmd = [py, "-m", "mm1_jax", "sweep", "--gin_file=gin/experiments/quickstart.gin", f"--sweep={sweep_file}",
+               f"--seeds={args.seeds}", f"--root={root}", f"--metrics={','.join(METRICS)}", *init,
                f"--gin.fewshot.FewShotConfig.benchmarks={BENCHMARKS!r}",
                "--gin.fewshot.FewShotConfig.shots=(0, 4)", "--gin.fewshot.FewShotConfig.num_queries=None",
                "--gin.train.train.eval_at_start=False", "--gin.train.train.progress=False", "--no_progress"]
@@ -121,16 +167,17 @@ def main(argv=None) -> int:
   counts = question_counts()
   cells = {c["cell"]: {m: {k: s[k] for k in ("n", "mean", "se", "values")} for m, s in c["stats"].items()}
            for c in table["cells"]}
-  result = {**record_header(), "command": " ".join(sweep_cmd[1:]), "sweep_wall_s": wall,
-            "encoder": encoder, "test_questions": counts,
+  result = {**record_header(), "study": args.study, "command": " ".join(sweep_cmd[1:]), "sweep_wall_s": wall,
+            "encoders": encoder, "test_questions": counts,
             "run_seconds": {f"{r['cell']}/seed{r['seed']}": r.get("seconds") for r in plan["runs"]},
-            "cells": cells, "against_base": contrasts(table, counts)}
-  out = Path(args.json_out)
+            "cells": cells, "base": base, "against_base": contrasts(table, counts, base)}
+  out = Path(args.json_out) if args.json_out else RESULTS / f"{args.study}_cpu_2core.json"
   write_record(out, result, git=git, benchmark="mm1_lessons")
-  shutil.copyfile(root / "table.md", out.with_name("table.md"))
-  if (out.parent / "plots").exists():
-    shutil.rmtree(out.parent / "plots")
-  shutil.copytree(root / "plots", out.parent / "plots")
+  shutil.copyfile(root / "table.md", out.with_name(f"{args.study}_table.md"))
+  plots = out.with_name(f"{args.study}_plots")
+  if plots.exists():
+    shutil.rmtree(plots)
+  shutil.copytree(root / "plots", plots)
   for name, per in result["against_base"].items():
     print(name, json.dumps({m: e["in_se"] for m, e in per.items()}), flush=True)
   return 0

@@ -2,22 +2,27 @@
 
   python -m benchmarks.sft_vqa                      # about 50 minutes on 2 cores from nothing
   python -m benchmarks.sft_vqa --pretrain_steps=3000 --sft_runs=sft_300
+  python -m benchmarks.sft_vqa --sft_runs=detail_300,detail_highres_300 \
+      --json_out=benchmarks/results/sft_vqa/detail_pretrain600_cpu.json   # the high-resolution test
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
    from it (--pretrain_steps overrides its 600 steps). The fine-tuned runs are named after it
    (sft_300_from_pretrain_600_supervised, ...).
 2. Fine-tuning from its last checkpoint: gin/experiments/sft.gin as shipped (300 steps), the same
-   for 1,000 steps, and gin/experiments/sft_highres.gin (overview + 2x2 sub-images) for 600 steps.
-3. `mm1-eval` of every final checkpoint on the whole held-out VQA split (512 questions),
-   zero-shot, with accuracy per answer type (number, colour, shape): the pre-trained model
-   in its pre-training format, the fine-tuned ones in the chat format. The share of the
+   for 1,000 steps, and gin/experiments/sft_highres.gin (overview + 2x2 sub-images) for 600 steps;
+   and the high-resolution test: both files for 300 steps on the detail corpus
+   (gin/experiments/sft_detail.gin: 128 px scenes whose shapes a 64 px overview halves).
+3. `mm1-eval` of every final checkpoint on the whole held-out VQA split (512 questions; the
+   detail corpus's for the detail runs), zero-shot, with accuracy per answer type (number,
+   colour, shape): the pre-trained model in its pre-training format (on each split a chosen
+   run is scored on), the fine-tuned ones in the chat format. The share of the
    most frequent answer of each type is recorded beside them (what a blind guess scores), and
    per answer type the change of each fine-tuned model over the pre-trained one in standard
    errors of the difference (binomial over the questions, the two models' errors taken as
    independent).
 
-Writes benchmarks/results/sft_vqa_pretrain<steps>_cpu.json (with the machine it ran on). Runs are kept
+Writes benchmarks/results/sft_vqa_pretrain<steps>_cpu.json (or --json_out; with the machine it ran on). Runs are kept
 under --workdir; a finished run is not trained again.
 """
 
@@ -43,7 +48,24 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
                  "--gin.CHECKPOINT_EVERY=250"],
     "sft_highres_600": ["--gin_file=gin/experiments/sft_highres.gin", "--gin.TRAIN_STEPS=600", "--gin.EVAL_EVERY=200",
                         "--gin.CHECKPOINT_EVERY=200", "--gin.train.train.eval_at_start=False"],
+    # The high-resolution test: the same 300 steps on the detail corpus, the whole image at 64 px
+    # against an overview and four 64 px crops of the 128 px image; scored by mm1-eval only.
+    "detail_300": ["--gin_file=gin/experiments/sft.gin", "--gin_file=gin/experiments/sft_detail.gin",
+                   "--gin.EVALUATION=None"],
+    "detail_highres_300": ["--gin_file=gin/experiments/sft_highres.gin", "--gin_file=gin/experiments/sft_detail.gin",
+                           "--gin.EVALUATION=None"],
 }
+# The VQA benchmark and its seqio task, by world.
+VQA = {"shapes": ("shapes_vqa", "mm1_shapes_vqa_eval"), "detail": ("shapes_vqa_detail", "mm1_shapes_vqa_detail_eval")}
+
+
+def _world(flags: list[str]) -> str:
+  return "detail" if "--gin_file=gin/experiments/sft_detail.gin" in flags else "shapes"
+
+
+def _key(world: str) -> str:
+  """A run's scores in the record: vqa_0shot (the shapes world), vqa_detail_0shot."""
+  return "vqa_0shot" if world == "shapes" else f"vqa_{world}_0shot"
 
 
 def _train(cmd: list[str], run: Path, log: Path) -> dict:
@@ -56,24 +78,26 @@ def _train(cmd: list[str], run: Path, log: Path) -> dict:
           "wall_s": wall}
 
 
-def _evaluate(py: str, gin_file: str, run: Path, work: Path, name: str) -> dict:
-  """Zero-shot VQA on all 512 held-out questions, per answer type, from the newest checkpoint."""
-  out = work / f"eval_{name}"
-  run_logged([py, "-m", "mm1_jax.cli", "eval", f"--gin_file={gin_file}", f"--workdir={out}",
-        f"--checkpoint_dir={run / 'checkpoints'}", "--no_run_config", "--benchmarks=shapes_vqa",
-        "--shots=0", "--num_queries=0", "--force"], work / f"eval_{name}.log")
+def _evaluate(py: str, gin_files: list[str], run: Path, work: Path, name: str, world: str = "shapes") -> dict:
+  """Zero-shot VQA on all 512 held-out questions of the world's split, per answer type, from
+  the newest checkpoint."""
+  bench = VQA[world][0]
+  out = work / f"eval_{name}" if world == "shapes" else work / f"eval_{name}_{world}"
+  run_logged([py, "-m", "mm1_jax.cli", "eval", *(f"--gin_file={f}" for f in gin_files), f"--workdir={out}",
+        f"--checkpoint_dir={run / 'checkpoints'}", "--no_run_config", f"--benchmarks={bench}",
+        "--shots=0", "--num_queries=0", "--force"], work / f"{out.name}.log")
   step_file = max(out.glob("eval/step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))
   results = json.loads(step_file.read_text())["results"]
-  return {k.removeprefix("shapes_vqa/0shot/"): round(v, 4) for k, v in results.items()
+  return {k.removeprefix(f"{bench}/0shot/"): round(v, 4) for k, v in results.items()
           if "accuracy" in k}
 
 
-def _blind_guess() -> dict:
+def _blind_guess(world: str = "shapes") -> dict:
   """Share of the most frequent answer of each answer type, and over all questions when
   each type is answered with its own most frequent answer."""
   import tasks  # noqa: F401, PLC0415  (tasks: registers the shapes-world seqio tasks; only for the blind guess)
 
-  test = fewshot.load_split("mm1_shapes_vqa_eval", "test")
+  test = fewshot.load_split(VQA[world][1], "test")
   by_type = collections.defaultdict(collections.Counter)
   for q in test:
     by_type[q["answer_type"]][q["answers"][0]] += 1
@@ -105,6 +129,7 @@ def main(argv=None) -> int:
   p.add_argument("--pretrain_steps", type=int, default=600, help="quickstart steps before fine-tuning")
   p.add_argument("--sft_runs", default=",".join(SFT_RUNS), help=f"comma-separated, of {', '.join(SFT_RUNS)}")
   p.add_argument("--encoder", default=None, help="mm1-supervised's --out (default: <workdir>/encoder)")
+  p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
   if unknown := sorted(set(chosen) - set(SFT_RUNS)):
@@ -113,7 +138,10 @@ def main(argv=None) -> int:
   work.mkdir(parents=True, exist_ok=True)
   py = sys.executable
   git = record.git_state()  # the code this run loads
-  result = {**record_header(), "blind_guess": _blind_guess(), "runs": {}}
+  worlds = sorted({_world(SFT_RUNS[n]) for n in chosen}, reverse=True)  # "shapes" first
+  blind = {w: _blind_guess(w) for w in worlds}
+  result = {**record_header(), "blind_guess": blind["shapes"] if "shapes" in blind else None,
+            **({"blind_guess_detail": blind["detail"]} if "detail" in blind else {}), "runs": {}}
   encoder = Path(args.encoder) if args.encoder else work / "encoder"
   result["encoder"] = supervised_encoder(py, encoder, work / "encoder.log")
   pre = work / f"pretrain_{args.pretrain_steps}_supervised"  # from the supervised encoder, as the README runs it
@@ -126,18 +154,20 @@ def main(argv=None) -> int:
       "command": "mm1-train " + " ".join(flags),
       **_train([py, "-m", "mm1_jax.cli", "train", *flags, f"--workdir={pre}", "--gin.train.train.progress=False"],
                pre, work / f"{pre.name}.log"),
-      "vqa_0shot": _evaluate(py, "gin/experiments/quickstart.gin", pre, work, pre.name)}
+      **{_key(w): _evaluate(py, ["gin/experiments/quickstart.gin"], pre, work, pre.name, w) for w in worlds}}
   for name in chosen:
-    flags = SFT_RUNS[name]
+    flags, world = SFT_RUNS[name], _world(SFT_RUNS[name])
     run = work / f"{name}_from_{pre.name}"
     cmd = [py, "-m", "mm1_jax.cli", "train", f"--workdir={run}", *flags,
            f"--gin.INIT_FROM='{pre / 'checkpoints'}'", "--gin.train.train.progress=False"]
+    files = [f.split("=", 1)[1] for f in flags if f.startswith("--gin_file=")]
     result["runs"][name] = {"command": "mm1-train " + " ".join(flags), **_train(cmd, run, work / f"{run.name}.log"),
-                            "vqa_0shot": _evaluate(py, flags[0].split("=", 1)[1], run, work, run.name)}
-    result["runs"][name]["change_over_pretrained"] = _change(result["runs"]["pretrained"]["vqa_0shot"],
-                                                             result["runs"][name]["vqa_0shot"], result["blind_guess"])
+                            _key(world): _evaluate(py, files, run, work, run.name, world)}
+    result["runs"][name]["change_over_pretrained"] = _change(
+        result["runs"]["pretrained"][_key(world)], result["runs"][name][_key(world)], blind[world])
     print(json.dumps(result["runs"][name]), flush=True)
-  write_record(RESULTS / f"sft_vqa_pretrain{args.pretrain_steps}_cpu.json", result, git=git)
+  write_record(Path(args.json_out) if args.json_out else RESULTS / f"sft_vqa_pretrain{args.pretrain_steps}_cpu.json",
+               result, git=git)
   return 0
 
 

@@ -303,3 +303,54 @@ def test_chat_task_through_seqio_and_the_tfdata_pipeline():
   w, t = batch["loss_weights"], batch["targets"]
   trained = sp.decode([int(x) for x in t[0][w[0] > 0] if x != EOS_ID])
   assert trained and "user:" not in trained and "?" not in trained
+
+
+def _foreground(image) -> int:
+  """Pixels of an RGB image that belong to a shape (the background is light: every channel >= 225)."""
+  return int((np.asarray(image).min(axis=-1) < 200).sum())
+
+
+@pytest.mark.xdist_group("detail_corpus")
+def test_detail_corpus_renders_the_64px_worlds_shapes_on_a_larger_canvas():
+  """The detail VQA split: 128 px images whose shapes cover as many pixels as the 64 px
+  world's (the mean over the 512 test images of each split), so downsizing them to a 64 px
+  encoder input leaves a quarter of the pixels. Catches shapes scaled with the canvas
+  (object_scale not passed on: four times the area), a detail task that reads the 64 px
+  corpus, and detail questions that repeat the 64 px world's scenes."""
+  import io
+
+  import tasks  # noqa: F401  (registers the shapes-world tasks)
+  from mm1_jax.eval import fewshot
+
+  detail = fewshot.load_split("mm1_shapes_vqa_detail_eval", "test")
+  plain = fewshot.load_split("mm1_shapes_vqa_eval", "test")
+  assert len(detail) == len(plain) == 512
+  sizes = {Image.open(io.BytesIO(q["image"])).size for q in detail}
+  assert sizes == {(128, 128)}
+  area = [np.mean([_foreground(Image.open(io.BytesIO(q["image"])).convert("RGB")) for q in split])
+          for split in (detail, plain)]
+  assert 0.75 < area[0] / area[1] < 1.33, area
+  assert not {q["image"] for q in detail} & {q["image"] for q in plain}
+  assert [q["question"] for q in detail[:64]] != [q["question"] for q in plain[:64]]  # its own stream
+
+
+@pytest.mark.xdist_group("detail_corpus")
+def test_detail_sft_mixture_gives_crops_with_the_detail_the_overview_loses():
+  """mm1_shapes_detail_sft through the grain loader with 2x2 sub-images at 64 px: the four
+  crops hold the 128 px image at full size, so together they show about four times the shape
+  pixels of the overview (the image downsized to 64 px)."""
+  from mm1_jax.data import loader, pipeline
+
+  sub = highres.SubImages(grid=(2, 2))
+  cfg = pipeline.DataConfig(mixture_or_task_name="mm1_shapes_detail_sft", batch_size=4, seq_len=512, max_images=2,
+                            num_threads=1, subimages=sub, pack=False)
+  batch = next(loader.make_loader(cfg, tokens_per_image=4, image_size=64))
+  ratios = []
+  for row in batch["images"]:
+    for first in range(0, row.shape[0], 5):
+      slots = row[first:first + 5]
+      if slots.max() == 0:
+        continue  # an empty image slot (a text row or a single-image conversation)
+      assert slots.shape[1:] == (64, 64, 3)
+      ratios.append(sum(_foreground(c) for c in slots[1:]) / max(_foreground(slots[0]), 1))
+  assert ratios and all(2.5 < r < 6 for r in ratios), ratios

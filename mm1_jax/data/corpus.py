@@ -11,6 +11,10 @@ Layout under the data dir (default `$MM1_DATA_DIR`, else ~/.cache/mm1_jax/shapes
   text_eval/test-...tfrecord                 text, id (held-out text documents, for perplexity)
   textqa_eval/{support,test}-...tfrecord     question, answers (list), answer_type, id (no image)
 
+The detail corpus (`DetailSpec`, under `detail_data_dir()`: the data dir's name + "_detail")
+holds chat/ and vqa_eval/ alone, laid out as above, with scenes rendered larger than the
+encoder's input: the test of high-resolution SFT (docs/sft_and_encoders.md).
+
 Training splits are ArrayRecord, the layout `mm1-data build` writes (random access for
 the grain loader); the small eval splits are read once, in order, as TFRecord.
   manifest.json                              the spec it was written from and the counts
@@ -53,8 +57,30 @@ class CorpusSpec:
   num_shards: int = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class DetailSpec:
+  """The detail corpus: conversations and VQA questions about scenes of image_size pixels
+  whose shapes are sized for an object_scale image, so as large in pixels as the 64 px
+  world's on a canvas twice as wide. A 64 px encoder's input, the whole image downsized,
+  halves them (a small circle is then about 6 px across); a 2x2 grid of 64 px crops
+  (`highres.SubImages`) keeps them at full size."""
+  seed: int = 0
+  image_size: int = 128
+  object_scale: int = 64
+  num_chat: int = 8_000
+  num_eval_support: int = 64
+  num_eval_test: int = 512
+  num_shards: int = 8
+
+
 def default_data_dir() -> Path:
   return Path(os.environ.get("MM1_DATA_DIR", Path.home() / ".cache" / "mm1_jax" / "shapes_world"))
+
+
+def detail_data_dir() -> Path:
+  """The detail corpus's folder: beside the corpus's, its name + "_detail"."""
+  base = default_data_dir()
+  return base.with_name(base.name + "_detail")
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -180,39 +206,15 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   w.close()
   counts["text/train"] = w.count
 
-  w = _train_writer(out_dir / "chat", s.num_shards)
-  for i in range(s.num_chat):
-    ex = sw.chat_example(s.seed, i, s.image_size)
-    pngs = [sw.encode_png(im) for im in ex["images"]]
-    train_digests.update(_digest(p) for p in pngs)
-    w.write(tf_example({"id": ex["id"], "images": pngs, "conversations": json.dumps(ex["conversations"])}))
-    bar.update()
-  w.close()
-  counts["chat/train"] = w.count
+  counts["chat/train"] = _write_chat(out_dir, s.seed, s.num_chat, s.image_size, s.num_shards, train_digests, bar)
 
   # Eval splits: support (demonstrations) and test (queries) from their own streams;
   # any image that also occurs in training is dropped and counted.
   leaked = 0
   for task, make in (("caption_eval", sw.caption_example), ("vqa_eval", sw.vqa_example)):
-    index = 0
-    for split, n in (("support", s.num_eval_support), ("test", s.num_eval_test)):
-      w = _ShardedWriter(out_dir / task, split, 1)
-      while w.count < n:
-        ex = make(s.seed, index, s.image_size, stream=task)
-        index += 1
-        png = sw.encode_png(ex["image"])
-        if _digest(png) in train_digests:
-          leaked += 1
-          continue
-        fields = {"id": ex["id"], "image": png}
-        if task == "caption_eval":
-          fields.update(caption=ex["caption"], references=ex["references"])
-        else:
-          fields.update(question=ex["question"], answers=ex["answers"], answer_type=ex["answer_type"])
-        w.write(tf_example(fields))
-        bar.update()
-      w.close()
-      counts[f"{task}/{split}"] = w.count
+    leaked += _write_image_eval(out_dir, task, make, s.seed, s.image_size,
+                                (("support", s.num_eval_support), ("test", s.num_eval_test)), train_digests,
+                                bar, counts)
 
   # Held-out text documents from their own stream; any whose exact text is also a
   # training text document is dropped and counted.
@@ -250,10 +252,72 @@ def write_corpus(out_dir: Path, spec: CorpusSpec, progress: bool = True) -> dict
   return manifest
 
 
-def ensure_corpus(data_dir: Path | None = None, spec: CorpusSpec = CorpusSpec(),
+def _write_chat(out_dir: Path, seed: int, n: int, image_size: int, num_shards: int, digests: set[str], bar,
+                stream: str = "chat", object_scale: int | None = None) -> int:
+  """Conversations into out_dir/chat (train shards), their images' digests into `digests`."""
+  w = _train_writer(out_dir / "chat", num_shards)
+  for i in range(n):
+    ex = sw.chat_example(seed, i, image_size, stream=stream, object_scale=object_scale)
+    pngs = [sw.encode_png(im) for im in ex["images"]]
+    digests.update(_digest(p) for p in pngs)
+    w.write(tf_example({"id": ex["id"], "images": pngs, "conversations": json.dumps(ex["conversations"])}))
+    bar.update()
+  w.close()
+  return w.count
+
+
+def _write_image_eval(out_dir: Path, folder: str, make, seed: int, image_size: int, splits, train_digests: set[str],
+                      bar, counts: dict, stream: str | None = None, **scene) -> int:
+  """An image eval set (caption or VQA records from `make`) into out_dir/folder, split by
+  split ((name, n) pairs) from one stream (default: the folder's name); any record whose
+  image is also a training image is dropped. Returns the number dropped."""
+  leaked, index = 0, 0
+  for split, n in splits:
+    w = _ShardedWriter(out_dir / folder, split, 1)
+    while w.count < n:
+      ex = make(seed, index, image_size, stream=stream or folder, **scene)
+      index += 1
+      png = sw.encode_png(ex["image"])
+      if _digest(png) in train_digests:
+        leaked += 1
+        continue
+      fields = {"id": ex["id"], "image": png}
+      if "caption" in ex:
+        fields.update(caption=ex["caption"], references=ex["references"])
+      else:
+        fields.update(question=ex["question"], answers=ex["answers"], answer_type=ex["answer_type"])
+      w.write(tf_example(fields))
+      bar.update()
+    w.close()
+    counts[f"{folder}/{split}"] = w.count
+  return leaked
+
+
+def write_detail_corpus(out_dir: Path, spec: DetailSpec, progress: bool = True) -> dict:
+  """The detail corpus (`DetailSpec`) into out_dir: chat/ and vqa_eval/; returns the manifest."""
+  out_dir, s = Path(out_dir), spec
+  bar = tqdm(total=s.num_chat + s.num_eval_support + s.num_eval_test, desc="shapes world detail corpus",
+             unit="ex", disable=not progress)
+  counts: dict[str, int] = {}
+  digests: set[str] = set()
+  counts["chat/train"] = _write_chat(out_dir, s.seed, s.num_chat, s.image_size, s.num_shards, digests, bar,
+                                     stream="chat_detail", object_scale=s.object_scale)
+  leaked = _write_image_eval(out_dir, "vqa_eval", sw.vqa_example, s.seed, s.image_size,
+                             (("support", s.num_eval_support), ("test", s.num_eval_test)), digests, bar, counts,
+                             stream="vqa_eval_detail", object_scale=s.object_scale)
+  bar.close()
+  manifest = {"version": VERSION, "spec": dataclasses.asdict(spec), "counts": counts,
+              "eval_images_dropped_as_seen_in_training": leaked}
+  (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+  return manifest
+
+
+def ensure_corpus(data_dir: Path | None = None, spec: CorpusSpec | DetailSpec = CorpusSpec(),
                   progress: bool = True) -> Path:
-  """Returns data_dir, generating the corpus there first if it is missing or stale."""
-  data_dir = Path(data_dir or default_data_dir())
+  """Returns data_dir, generating the corpus (or, for a `DetailSpec`, the detail corpus) there
+  first if it is missing or stale."""
+  detail = isinstance(spec, DetailSpec)
+  data_dir = Path(data_dir or (detail_data_dir() if detail else default_data_dir()))
   manifest = data_dir / "manifest.json"
   if manifest.exists():
     m = json.loads(manifest.read_text())
@@ -262,7 +326,7 @@ def ensure_corpus(data_dir: Path | None = None, spec: CorpusSpec = CorpusSpec(),
   data_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=".tmp_corpus_", dir=data_dir.parent))
   try:
-    write_corpus(tmp, spec, progress)
+    (write_detail_corpus if detail else write_corpus)(tmp, spec, progress)
     if data_dir.exists():
       stale = data_dir.with_name(data_dir.name + f".stale.{os.getpid()}")
       data_dir.rename(stale)

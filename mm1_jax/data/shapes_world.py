@@ -35,7 +35,8 @@ SIDES = {"circle": 0, "square": 4, "triangle": 3}
 STREAMS = {"caption": 1, "interleaved": 2, "text": 3, "chat": 4, "caption_eval": 11, "vqa_eval": 12,
            "text_eval": 13, "textqa_eval": 14,  # held-out text documents, questions on their facts
            "probe_train": 21, "probe_test": 22,  # mm1-probe's labelled scenes
-           "supervised_train": 23}  # mm1-supervised's (encoder pre-training on labels)
+           "supervised_train": 23,  # mm1-supervised's (encoder pre-training on labels)
+           "chat_detail": 31, "vqa_eval_detail": 32}  # the detail corpus (corpus.DetailSpec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +53,22 @@ def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, STREAMS[stream], index])
 
 
-def sample_scene(rng: np.random.Generator, image_size: int = 64, max_shapes: int = 4) -> list[Shape]:
-  """1..max_shapes non-overlapping shapes, sorted left to right."""
+def sample_scene(rng: np.random.Generator, image_size: int = 64, max_shapes: int = 4,
+                 object_scale: int | None = None) -> list[Shape]:
+  """1..max_shapes non-overlapping shapes, sorted left to right, on an image_size canvas.
+
+  Shapes are sized for an image of `object_scale` pixels (default: image_size), so a larger
+  canvas with object_scale = 64 holds shapes as large in pixels as the 64 px world's, which a
+  64 px downsizing of the whole image then shrinks.
+  """
+  scale = object_scale or image_size
   n = int(rng.integers(1, max_shapes + 1))
   shapes: list[Shape] = []
   tries = 0
   while len(shapes) < n and tries < 200:
     tries += 1
     size = "large" if rng.random() < 0.5 else "small"
-    r = image_size * (rng.uniform(0.13, 0.17) if size == "large" else rng.uniform(0.08, 0.11))
+    r = scale * (rng.uniform(0.13, 0.17) if size == "large" else rng.uniform(0.08, 0.11))
     x, y = rng.uniform(r + 1, image_size - r - 1, size=2)
     if any((x - s.x) ** 2 + (y - s.y) ** 2 < (r + s.r + 2) ** 2 for s in shapes):
       continue
@@ -246,9 +254,10 @@ def caption_example(seed: int, index: int, image_size: int = 64, stream: str = "
           "caption": refs[int(rng.integers(len(refs)))], "references": refs}
 
 
-def vqa_example(seed: int, index: int, image_size: int = 64, stream: str = "vqa_eval") -> dict:
+def vqa_example(seed: int, index: int, image_size: int = 64, stream: str = "vqa_eval",
+                object_scale: int | None = None) -> dict:
   rng = _rng(seed, stream, index)
-  scene = sample_scene(rng, image_size)
+  scene = sample_scene(rng, image_size, object_scale=object_scale)
   image = render(scene, rng, image_size)
   q, a = questions(scene, rng)[0]
   return {"id": f"{stream}-{index}", "image": image, "question": q, "answers": [a] * 10,
@@ -333,9 +342,10 @@ def chat_turns(rng: np.random.Generator, scenes: list[list[Shape]]) -> list[dict
   return turns
 
 
-def chat_example(seed: int, index: int, image_size: int = 64, stream: str = "chat") -> dict:
+def chat_example(seed: int, index: int, image_size: int = 64, stream: str = "chat",
+                 object_scale: int | None = None) -> dict:
   rng = _rng(seed, stream, index)
   n = 2 if rng.random() < 0.2 else 1
-  scenes = [sample_scene(rng, image_size) for _ in range(n)]
+  scenes = [sample_scene(rng, image_size, object_scale=object_scale) for _ in range(n)]
   images = [render(s, rng, image_size) for s in scenes]
   return {"id": f"{stream}-{index}", "images": images, "conversations": chat_turns(rng, scenes)}

@@ -1,0 +1,47 @@
+"""benchmarks/mm1_lessons.py: each level's difference from the base level and its standard errors."""
+
+import math
+
+import pytest
+
+from benchmarks import mm1_lessons
+from mm1_jax import sweep
+
+COUNTS = {"shapes_vqa": {"all": 400, "shape": 100, "colour": 100, "number": 200}}
+
+
+def _table(values: dict[str, dict[str, list[float]]]) -> dict:
+  cells = [{"cell": cell, "stats": {m: {**sweep.summarize(v), "values": v} for m, v in per.items()}}
+           for cell, per in values.items()]
+  return {"cells": cells}
+
+
+def test_contrast_against_the_base_with_seed_and_question_errors():
+  table = _table({
+      "lesson-base": {"shapes_vqa/0shot/accuracy/shape": [0.4, 0.5], "shapes_caption/0shot/cider": [1.0, 1.2]},
+      "lesson-x": {"shapes_vqa/0shot/accuracy/shape": [0.6, 0.7], "shapes_caption/0shot/cider": [1.5, 1.5]},
+  })
+  out = mm1_lessons.contrasts(table, COUNTS, "lesson-base")
+  assert set(out) == {"lesson-x"}  # the base is not compared with itself
+  acc = out["lesson-x"]["shapes_vqa/0shot/accuracy/shape"]
+  # Worked by hand: SE over seeds 0.05 per level; over questions 100 shape questions x 2 seeds.
+  assert acc["difference"] == pytest.approx(0.2)
+  assert acc["se_over_seeds"] == pytest.approx(math.sqrt(2) * 0.05, abs=1e-4)
+  assert acc["se_over_questions"] == pytest.approx(math.sqrt(0.65 * 0.35 / 200 + 0.45 * 0.55 / 200), abs=1e-4)
+  assert acc["in_se"] == pytest.approx(0.2 / (math.sqrt(2) * 0.05), abs=0.01)  # the larger of the two
+  cider = out["lesson-x"]["shapes_caption/0shot/cider"]
+  assert "se_over_questions" not in cider  # not a share of questions
+  assert cider["difference"] == pytest.approx(0.4) and cider["in_se"] == pytest.approx(0.4 / 0.1, abs=0.01)
+
+
+def test_a_study_without_its_base_level_stops():
+  with pytest.raises(SystemExit, match="no 'lesson-base' cell"):
+    mm1_lessons.contrasts(_table({"lesson-x": {"m": [1.0]}}), COUNTS, "lesson-base")
+
+
+def test_every_study_names_a_shipped_sweep_whose_levels_include_its_base():
+  from mm1_jax import gin_files
+
+  for sweep_file, base, _ in mm1_lessons.STUDIES.values():
+    cells = sweep.expand(sweep.read_sweep_file(sweep_file, gin_files.search_paths()))
+    assert base in {c.slug for c in cells}

@@ -1,6 +1,6 @@
 """Do MM1's lessons hold at the quickstart? Two sweeps, recorded with standard errors.
 
-  python -m benchmarks.mm1_lessons                    # data and connector: 6 levels x 2 seeds, about 80 minutes
+  python -m benchmarks.mm1_lessons                    # data and connector: 6 levels x 2 seeds
   python -m benchmarks.mm1_lessons --study=encoder    # encoder objective: 4 encoders, then 5 levels x 2 seeds
   python -m benchmarks.mm1_lessons --seeds=3 --root=/tmp/mm1_lessons3
 
@@ -20,11 +20,12 @@ Both:
 3. The record: per level and metric the mean and the standard error over seeds; per level its
    difference from "base" with two standard errors of that difference, one from the spread
    over seeds (sqrt(se_a^2 + se_b^2), from few seeds, so itself rough) and, for accuracies,
-   one from the questions alone (binomial, sqrt(p (1 - p) / n) per level, n = seeds x
-   questions); `in_se` divides by the larger of the two. CIDEr and perplexity get the
+   one from the questions alone (binomial, p (1 - p) / n per level with n the questions: the
+   seeds answer the same questions, so more seeds do not shrink it); `in_se` divides by the
+   larger of the two. CIDEr and perplexity get the
    seed-based one only. The sweep's table and plots are copied beside the record.
 
-Which level tests which lesson is the sweep file's comment and docs/results.md; the record
+Which level tests which lesson is the sweep files' comment (docs/ablations.md); the record
 holds the numbers only. Writes benchmarks/results/mm1_lessons/<study>_cpu_2core.json (+
 <study>_table.md, <study>_plots/).
 """
@@ -58,7 +59,7 @@ METRICS = (
     *(f"shapes_vqa/{k}shot/accuracy{t}" for k in (0, 4) for t in ("", "/shape", "/colour", "/number")),
     *(f"shapes_caption/{k}shot/cider" for k in (0, 4)),
     "shapes_text_ppl/0shot/nll",
-    *(f"shapes_textqa/{k}shot/exact_match{t}" for k in (0, 4) for t in ("", "/corners")),
+    *(f"shapes_textqa/{k}shot/exact_match{t}" for k in (0, 4) for t in ("", "/corners", "/group")),
     "train/loss",
 )
 # The test split behind each accuracy, and the field that names a question's type.
@@ -79,9 +80,10 @@ def question_counts() -> dict[str, dict[str, int]]:
 
 def _questions(metric: str, counts: dict) -> int | None:
   """The questions behind an accuracy metric (<bench>/<k>shot/<accuracy|exact_match>[/type]), else None."""
-  bench, _, score, *kind = metric.split("/")
-  if bench not in counts or score not in ("accuracy", "exact_match"):
-    return None
+  parts = metric.split("/")
+  if len(parts) < 3 or parts[0] not in counts or parts[2] not in ("accuracy", "exact_match"):
+    return None  # train/loss, CIDEr, perplexity
+  bench, _, _, *kind = parts
   return counts[bench].get(kind[0] if kind else "all")
 
 
@@ -99,6 +101,9 @@ def train_encoders(py: str, folder: Path) -> dict:
            f"--gin.TRAIN_STEPS={steps}", f"--gin.CHECKPOINT_EVERY={steps}", "--gin.train.train.progress=False"]
     wall = None if (run / "train_done.json").exists() else run_logged(cmd, folder / f"{name}_output.txt")
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    if last["step"] != steps:
+      raise SystemExit(f"{run} ran {last['step']} steps, not {steps}: the encoders would not be compute-matched; "
+                       "delete it to train it again")
     out[name] = {"command": " ".join(cmd[1:]), "steps": steps, "batch_size": batch, "wall_s": wall,
                  "last_step": last["step"], "last_loss": last["loss"]}
     probes[name] = (gin_file, run / "checkpoints")
@@ -131,8 +136,7 @@ def contrasts(table: dict, counts: dict, base: str) -> dict:
         entry["se_over_seeds"] = round(math.sqrt(s["se"] ** 2 + b["se"] ** 2), 4)
       n = _questions(metric, counts)
       if n:
-        entry["se_over_questions"] = round(math.sqrt(sum(
-            p * (1 - p) / (n * k) for p, k in ((s["mean"], s["n"]), (b["mean"], b["n"])))), 4)
+        entry["se_over_questions"] = round(math.sqrt(sum(p * (1 - p) / n for p in (s["mean"], b["mean"]))), 4)
       se = max(entry.get("se_over_seeds", 0.0), entry.get("se_over_questions", 0.0))
       entry["in_se"] = round(diff / se, 2) if se else None
       per[metric] = entry

@@ -18,20 +18,24 @@ def _table(values: dict[str, dict[str, list[float]]]) -> dict:
 
 def test_contrast_against_the_base_with_seed_and_question_errors():
   table = _table({
-      "lesson-base": {"shapes_vqa/0shot/accuracy/shape": [0.4, 0.5], "shapes_caption/0shot/cider": [1.0, 1.2]},
-      "lesson-x": {"shapes_vqa/0shot/accuracy/shape": [0.6, 0.7], "shapes_caption/0shot/cider": [1.5, 1.5]},
+      "lesson-base": {"shapes_vqa/0shot/accuracy/shape": [0.4, 0.5], "shapes_caption/0shot/cider": [1.0, 1.2],
+                      "train/loss": [1.0, 1.1]},
+      "lesson-x": {"shapes_vqa/0shot/accuracy/shape": [0.6, 0.7], "shapes_caption/0shot/cider": [1.5, 1.5],
+                   "train/loss": [0.9, 1.0]},
   })
   out = mm1_lessons.contrasts(table, COUNTS, "lesson-base")
   assert set(out) == {"lesson-x"}  # the base is not compared with itself
   acc = out["lesson-x"]["shapes_vqa/0shot/accuracy/shape"]
-  # Worked by hand: SE over seeds 0.05 per level; over questions 100 shape questions x 2 seeds.
+  # Worked by hand: SE over seeds 0.05 per level. Over questions: the 100 shape questions (not
+  # all 400; the two seeds answer the same ones, so not 200 either), at the means 0.65 and 0.45.
   assert acc["difference"] == pytest.approx(0.2)
-  assert acc["se_over_seeds"] == pytest.approx(math.sqrt(2) * 0.05, abs=1e-4)
-  assert acc["se_over_questions"] == pytest.approx(math.sqrt(0.65 * 0.35 / 200 + 0.45 * 0.55 / 200), abs=1e-4)
+  assert acc["se_over_seeds"] == pytest.approx(0.0707, abs=1e-4)
+  assert acc["se_over_questions"] == pytest.approx(0.0689, abs=1e-4)
   assert acc["in_se"] == pytest.approx(0.2 / (math.sqrt(2) * 0.05), abs=0.01)  # the larger of the two
   cider = out["lesson-x"]["shapes_caption/0shot/cider"]
   assert "se_over_questions" not in cider  # not a share of questions
   assert cider["difference"] == pytest.approx(0.4) and cider["in_se"] == pytest.approx(0.4 / 0.1, abs=0.01)
+  assert "se_over_questions" not in out["lesson-x"]["train/loss"]
 
 
 def test_a_study_without_its_base_level_stops():

@@ -11,8 +11,9 @@
    (sft_300_from_pretrain_600_supervised, ...).
 2. Fine-tuning from its last checkpoint: gin/experiments/sft.gin as shipped (300 steps), the same
    for 1,000 steps, and gin/experiments/sft_highres.gin (overview + 2x2 sub-images) for 600 steps;
-   and the high-resolution test: both files for 300 steps on the detail corpus
-   (gin/experiments/sft_detail.gin: 128 px scenes whose shapes a 64 px overview halves).
+   and, when --sft_runs names them, the high-resolution test: both files for 300 steps on the
+   detail corpus (gin/experiments/sft_detail.gin: 128 px scenes whose shapes a 64 px overview
+   halves), detail_highres_300 also compared with detail_300 (the sub-images' own effect).
 3. `mm1-eval` of every final checkpoint on the whole held-out VQA split (512 questions; the
    detail corpus's for the detail runs), zero-shot, with accuracy per answer type (number,
    colour, shape): the pre-trained model in its pre-training format (on each split a chosen
@@ -55,6 +56,7 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
     "detail_highres_300": ["--gin_file=gin/experiments/sft_highres.gin", "--gin_file=gin/experiments/sft_detail.gin",
                            "--gin.EVALUATION=None"],
 }
+DEFAULT_RUNS = ("sft_300", "sft_1000", "sft_highres_600")  # the detail runs are the high-resolution test's
 # The VQA benchmark and its seqio task, by world.
 VQA = {"shapes": ("shapes_vqa", "mm1_shapes_vqa_eval"), "detail": ("shapes_vqa_detail", "mm1_shapes_vqa_detail_eval")}
 
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="/tmp/mm1_sft_vqa")
   p.add_argument("--pretrain_steps", type=int, default=600, help="quickstart steps before fine-tuning")
-  p.add_argument("--sft_runs", default=",".join(SFT_RUNS), help=f"comma-separated, of {', '.join(SFT_RUNS)}")
+  p.add_argument("--sft_runs", default=",".join(DEFAULT_RUNS),
+                 help=f"comma-separated, of {', '.join(SFT_RUNS)} (default {','.join(DEFAULT_RUNS)})")
   p.add_argument("--encoder", default=None, help="mm1-supervised's --out (default: <workdir>/encoder)")
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
@@ -165,6 +168,9 @@ def main(argv=None) -> int:
                             _key(world): _evaluate(py, files, run, work, run.name, world)}
     result["runs"][name]["change_over_pretrained"] = _change(
         result["runs"]["pretrained"][_key(world)], result["runs"][name][_key(world)], blind[world])
+    if name == "detail_highres_300" and "detail_300" in result["runs"]:
+      result["runs"][name]["change_over_detail_300"] = _change(
+          result["runs"]["detail_300"][_key(world)], result["runs"][name][_key(world)], blind[world])
     print(json.dumps(result["runs"][name]), flush=True)
   write_record(Path(args.json_out) if args.json_out else RESULTS / f"sft_vqa_pretrain{args.pretrain_steps}_cpu.json",
                result, git=git)

@@ -330,27 +330,37 @@ def test_detail_corpus_renders_the_64px_worlds_shapes_on_a_larger_canvas():
   area = [np.mean([_foreground(Image.open(io.BytesIO(q["image"])).convert("RGB")) for q in split])
           for split in (detail, plain)]
   assert 0.75 < area[0] / area[1] < 1.33, area
-  assert not {q["image"] for q in detail} & {q["image"] for q in plain}
   assert [q["question"] for q in detail[:64]] != [q["question"] for q in plain[:64]]  # its own stream
 
 
 @pytest.mark.xdist_group("detail_corpus")
-def test_detail_sft_mixture_gives_crops_with_the_detail_the_overview_loses():
-  """mm1_shapes_detail_sft through the grain loader with 2x2 sub-images at 64 px: the four
-  crops hold the 128 px image at full size, so together they show about four times the shape
-  pixels of the overview (the image downsized to 64 px)."""
+def test_detail_sft_crops_are_the_128px_image_itself():
+  """mm1_shapes_detail_chat through the grain loader with 2x2 sub-images at 64 px: the four
+  crops of the first conversation's image tile back to its 128 px record exactly (the crops
+  are the image at full size, not an upsampled 64 px one), and the overview is that image
+  downsized, with about a quarter of its shape pixels. Catches a detail task that reads the
+  64 px corpus, a loader that decodes to the encoder's size before cutting, and a mixture
+  that does not reach the detail conversations."""
+  import io
+
+  import seqio
+
+  import tasks  # noqa: F401  (registers the shapes-world tasks)
   from mm1_jax.data import loader, pipeline
 
+  assert {t.name for t in seqio.get_mixture_or_task("mm1_shapes_detail_sft").tasks} == {
+      "mm1_shapes_detail_chat", "mm1_shapes_text"}
+  import tensorflow as tf
+
+  source_records = seqio.get_mixture_or_task("mm1_shapes_detail_chat").source.random_access("train")
+  record = tf.train.Example.FromString(source_records[0])
+  png = record.features.feature["images"].bytes_list.value[0]
+  source = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+  assert source.shape == (128, 128, 3)
   sub = highres.SubImages(grid=(2, 2))
-  cfg = pipeline.DataConfig(mixture_or_task_name="mm1_shapes_detail_sft", batch_size=4, seq_len=512, max_images=2,
-                            num_threads=1, subimages=sub, pack=False)
-  batch = next(loader.make_loader(cfg, tokens_per_image=4, image_size=64))
-  ratios = []
-  for row in batch["images"]:
-    for first in range(0, row.shape[0], 5):
-      slots = row[first:first + 5]
-      if slots.max() == 0:
-        continue  # an empty image slot (a text row or a single-image conversation)
-      assert slots.shape[1:] == (64, 64, 3)
-      ratios.append(sum(_foreground(c) for c in slots[1:]) / max(_foreground(slots[0]), 1))
-  assert ratios and all(2.5 < r < 6 for r in ratios), ratios
+  cfg = pipeline.DataConfig(mixture_or_task_name="mm1_shapes_detail_chat", batch_size=1, seq_len=512, max_images=2,
+                            num_threads=1, subimages=sub, pack=False, shuffle=False)
+  slots = next(loader.make_loader(cfg, tokens_per_image=4, image_size=64))["images"][0][:5]
+  tiled = np.concatenate([np.concatenate([slots[1], slots[2]], 1), np.concatenate([slots[3], slots[4]], 1)], 0)
+  np.testing.assert_array_equal(tiled, source)
+  assert 2.5 < _foreground(source) / _foreground(slots[0]) < 6

@@ -282,7 +282,7 @@ def _write_image_eval(out_dir: Path, folder: str, make, seed: int, image_size: i
         leaked += 1
         continue
       fields = {"id": ex["id"], "image": png}
-      if "caption" in ex:
+      if make is sw.caption_example:
         fields.update(caption=ex["caption"], references=ex["references"])
       else:
         fields.update(question=ex["question"], answers=ex["answers"], answer_type=ex["answer_type"])

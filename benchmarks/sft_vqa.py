@@ -4,6 +4,8 @@
   python -m benchmarks.sft_vqa --pretrain_steps=3000 --sft_runs=sft_300
   python -m benchmarks.sft_vqa --sft_runs=detail_300,detail_highres_300 \
       --json_out=benchmarks/results/sft_vqa/detail_pretrain600_cpu.json   # the high-resolution test
+  python -m benchmarks.sft_vqa --pretrained=/tmp/mm1_lessons/lesson-base/seed0 --encoder=/tmp/mm1_lessons/encoder ...
+      # fine-tunes a finished quickstart run instead of pre-training one
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
@@ -132,6 +134,10 @@ def main(argv=None) -> int:
   p.add_argument("--sft_runs", default=",".join(DEFAULT_RUNS),
                  help=f"comma-separated, of {', '.join(SFT_RUNS)} (default {','.join(DEFAULT_RUNS)})")
   p.add_argument("--encoder", default=None, help="mm1-supervised's --out (default: <workdir>/encoder)")
+  p.add_argument("--pretrained", default=None, metavar="RUN",
+                 help="a finished quickstart run (e.g. a base run of benchmarks/mm1_lessons.py) to fine-tune instead "
+                      "of pre-training one; its command is recorded from its operative config, and --encoder must "
+                      "name the encoder it started from")
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
@@ -148,19 +154,26 @@ def main(argv=None) -> int:
   encoder = Path(args.encoder) if args.encoder else work / "encoder"
   result["encoder"] = supervised_encoder(py, encoder, work / "encoder.log")
   pre = work / f"pretrain_{args.pretrain_steps}_supervised"  # from the supervised encoder, as the README runs it
+  if args.pretrained:
+    pre = Path(args.pretrained)
+    if not (pre / "train_done.json").exists():
+      p.error(f"--pretrained={pre} is not a finished run (no train_done.json)")
+    if f"{encoder}:encoder" not in (pre / "operative_config.gin").read_text():
+      p.error(f"--pretrained={pre} did not start from --encoder={encoder}")
+  label = f"{pre.parent.name}_{pre.name}" if args.pretrained else pre.name  # names its SFT runs and evaluations
   flags = ["--gin_file=gin/experiments/quickstart.gin", f"--gin.ENCODER_INIT=['{encoder}:encoder']"]
   if args.pretrain_steps != 600:  # a longer run: checkpoints every 500, all 512 questions every 1,000
     flags += [f"--gin.TRAIN_STEPS={args.pretrain_steps}", "--gin.EVAL_EVERY=1000", "--gin.CHECKPOINT_EVERY=500",
               "--gin.train.train.eval_at_start=False", "--gin.fewshot.FewShotConfig.shots=(0,)",
               "--gin.fewshot.FewShotConfig.num_queries=None"]
   result["runs"]["pretrained"] = {
-      "command": "mm1-train " + " ".join(flags),
+      "command": f"reused {pre} (its config.gin)" if args.pretrained else "mm1-train " + " ".join(flags),
       **_train([py, "-m", "mm1_jax.cli", "train", *flags, f"--workdir={pre}", "--gin.train.train.progress=False"],
-               pre, work / f"{pre.name}.log"),
-      **{_key(w): _evaluate(py, ["gin/experiments/quickstart.gin"], pre, work, pre.name, w) for w in worlds}}
+               pre, work / f"{label}.log"),
+      **{_key(w): _evaluate(py, ["gin/experiments/quickstart.gin"], pre, work, label, w) for w in worlds}}
   for name in chosen:
     flags, world = SFT_RUNS[name], _world(SFT_RUNS[name])
-    run = work / f"{name}_from_{pre.name}"
+    run = work / f"{name}_from_{label}"
     cmd = [py, "-m", "mm1_jax.cli", "train", f"--workdir={run}", *flags,
            f"--gin.INIT_FROM='{pre / 'checkpoints'}'", "--gin.train.train.progress=False"]
     files = [f.split("=", 1)[1] for f in flags if f.startswith("--gin_file=")]

@@ -174,6 +174,8 @@ def main(argv=None) -> int:
   result = {**record_header(), "study": args.study, "command": " ".join(sweep_cmd[1:]), "sweep_wall_s": wall,
             "encoders": encoder, "test_questions": counts,
             "run_seconds": {f"{r['cell']}/seed{r['seed']}": r.get("seconds") for r in plan["runs"]},
+            # the git commit of each attempt of each run (a sweep resumed later, at other code, shows it)
+            "run_code_versions": {f"{r['cell']}/seed{r['seed']}": r.get("code_versions") for r in plan["runs"]},
             "cells": cells, "base": base, "against_base": contrasts(table, counts, base)}
   out = Path(args.json_out) if args.json_out else RESULTS / f"{args.study}_cpu_2core.json"
   write_record(out, result, git=git, benchmark="mm1_lessons")

@@ -21,7 +21,8 @@ each cell x seed is one run in <root>/<cell>/seed<k>, run in sequence (or, with
 --jobs=tpu, one `tpu_scripts/launch.py` command each). A run whose workdir holds
 train_done.json (and its final eval result, when the run evaluates) is skipped; any other
 is started with the same command, which resumes it from its newest checkpoint: running the
-sweep again continues it. <root>/sweep.json records the plan and each run's state.
+sweep again continues it. <root>/sweep.json records the plan and each run's state, with the
+code version (git commit) of each of its attempts.
 """
 
 from __future__ import annotations
@@ -343,6 +344,19 @@ def subprocess_runner(command: Sequence[str], log: Path) -> int:
     return subprocess.run(list(command), stdout=f, stderr=subprocess.STDOUT, check=False).returncode
 
 
+def code_version() -> str | None:
+  """The git commit of the code the runs load (with "+dirty" when tracked files differ from
+  it), or None outside a git checkout: a resumed sweep records each run's own."""
+  try:
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+dirty" if dirty else "")
+
+
 def _write_json(path: Path, data: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
@@ -379,7 +393,8 @@ def run_sweep(root: Path, record: dict, *, evaluates: dict[str, bool],
   for run in record["runs"]:  # keep what earlier invocations recorded (times, attempts)
     prev = old.get((run["cell"], run["seed"]))
     if prev:
-      run.update({k: prev[k] for k in ("started", "finished", "seconds", "attempts", "returncode") if k in prev})
+      run.update({k: prev[k] for k in ("started", "finished", "seconds", "attempts", "returncode", "code_versions")
+                  if k in prev})
   _write_json(path, record)
   failed = 0
   bar = tqdm(record["runs"], desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
@@ -391,7 +406,8 @@ def run_sweep(root: Path, record: dict, *, evaluates: dict[str, bool],
       run["state"] = "done"
       _write_json(path, record)
       continue
-    run.update(state="running", started=time.time(), attempts=run.get("attempts", 0) + 1)
+    run.update(state="running", started=time.time(), attempts=run.get("attempts", 0) + 1,
+               code_versions=[*run.get("code_versions", []), code_version()])  # one per attempt
     _write_json(path, record)
     code = runner(run["command"], workdir / "sweep_log.txt")
     run.update(returncode=code, finished=time.time())

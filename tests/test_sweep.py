@@ -242,6 +242,17 @@ def test_a_failed_run_is_recorded_and_retried_on_the_next_pass(tmp_path, capsys)
       f"--workdir={root}/image_size-32/seed1"]
   runs = json.loads((root / "sweep.json").read_text())["runs"]
   assert [(r["state"], r["attempts"]) for r in runs] == [("done", 1), ("done", 2)]
+  # Each attempt's code version is kept, so that a sweep resumed at another commit says so.
+  assert [len(r["code_versions"]) for r in runs] == [1, 2]
+  assert all(re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", v) for r in runs for v in r["code_versions"])
+
+
+def test_code_version_is_none_outside_a_checkout(monkeypatch):
+  def no_git(*args, **kwargs):
+    raise OSError("git: not found")
+
+  monkeypatch.setattr(sweep.subprocess, "run", no_git)
+  assert sweep.code_version() is None
 
 
 def test_run_is_done_needs_the_final_eval_only_when_the_run_evaluates(tmp_path):

@@ -14,7 +14,7 @@
 2. Fine-tuning from its last checkpoint: gin/experiments/sft.gin as shipped (300 steps), the same
    for 1,000 steps, and gin/experiments/sft_highres.gin (overview + 2x2 sub-images) for 600 steps;
    and, when --sft_runs names them, the high-resolution test: both files for 300 steps on the
-   detail corpus (gin/experiments/sft_detail.gin: 128 px scenes whose shapes a 64 px overview
+   detail corpus (gin/experiments/sft_detail.gin, sft_highres_detail.gin: 128 px scenes whose shapes a 64 px overview
    halves), detail_highres_300 also compared with detail_300 (the sub-images' own effect).
 3. `mm1-eval` of every final checkpoint on the whole held-out VQA split (512 questions; the
    detail corpus's for the detail runs), zero-shot, with accuracy per answer type (number,
@@ -53,10 +53,8 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
                         "--gin.CHECKPOINT_EVERY=200", "--gin.train.train.eval_at_start=False"],
     # The high-resolution test: the same 300 steps on the detail corpus, the whole image at 64 px
     # against an overview and four 64 px crops of the 128 px image; scored by mm1-eval only.
-    "detail_300": ["--gin_file=gin/experiments/sft.gin", "--gin_file=gin/experiments/sft_detail.gin",
-                   "--gin.EVALUATION=None"],
-    "detail_highres_300": ["--gin_file=gin/experiments/sft_highres.gin", "--gin_file=gin/experiments/sft_detail.gin",
-                           "--gin.EVALUATION=None"],
+    "detail_300": ["--gin_file=gin/experiments/sft_detail.gin", "--gin.EVALUATION=None"],
+    "detail_highres_300": ["--gin_file=gin/experiments/sft_highres_detail.gin", "--gin.EVALUATION=None"],
 }
 DEFAULT_RUNS = ("sft_300", "sft_1000", "sft_highres_600")  # the detail runs are the high-resolution test's
 # The VQA benchmark and its seqio task, by world.
@@ -64,7 +62,7 @@ VQA = {"shapes": ("shapes_vqa", "mm1_shapes_vqa_eval"), "detail": ("shapes_vqa_d
 
 
 def _world(flags: list[str]) -> str:
-  return "detail" if "--gin_file=gin/experiments/sft_detail.gin" in flags else "shapes"
+  return "detail" if any(f.startswith("--gin_file=") and f.endswith("_detail.gin") for f in flags) else "shapes"
 
 
 def _key(world: str) -> str:

@@ -16,8 +16,6 @@ NEEDS_MODEL = {"gin/eval/fewshot.gin", *(str(p) for p in GIN_FILES if p.parts[1]
 # experiment would set.
 RUNS = {str(p) for p in GIN_FILES if p.parts[1] == "runs"}
 RUN_MACROS = ["TRAIN_STEPS = 1", "BATCH_SIZE = 8", "MIXTURE_OR_TASK_NAME = 'x'", "INIT_FROM = '/tmp/x'"]
-# Experiment files read after another (the high-resolution test after sft_highres.gin).
-OVERLAYS = {"gin/experiments/sft_detail.gin": "gin/experiments/sft_highres.gin"}
 
 
 pytestmark = pytest.mark.usefixtures("clean_gin")  # conftest.py
@@ -34,8 +32,6 @@ def test_gin_file_parses(path):
     files = ["gin/models/mm1_tiny.gin", path]
   elif path in RUNS:
     files = [path, "gin/models/mm1_tiny.gin"]
-  elif path in OVERLAYS:
-    files = [OVERLAYS[path], path]
   bindings = RUN_MACROS if path in RUNS else []
   gin.parse_config_files_and_bindings(files, bindings)
   gin_checks.check_types(files, bindings)  # every shipped binding has the type its parameter wants

@@ -17,6 +17,7 @@ def run_logged(cmd: list[str], log: Path) -> float:
   A failure stops the benchmark, naming the log."""
   print("$", " ".join(cmd), flush=True)
   t0 = time.perf_counter()
+  log.parent.mkdir(parents=True, exist_ok=True)
   with log.open("w") as f:
     proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
   if proc.returncode:

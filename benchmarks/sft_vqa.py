@@ -132,6 +132,8 @@ def main(argv=None) -> int:
   p.add_argument("--sft_runs", default=",".join(DEFAULT_RUNS),
                  help=f"comma-separated, of {', '.join(SFT_RUNS)} (default {','.join(DEFAULT_RUNS)})")
   p.add_argument("--encoder", default=None, help="mm1-supervised's --out (default: <workdir>/encoder)")
+  p.add_argument("--encoder_labels", default="leftmost", choices=("leftmost", "every_shape"),
+                 help="mm1-supervised's --labels (default leftmost, as the README's quickstart)")
   p.add_argument("--pretrained", default=None, metavar="RUN",
                  help="a finished quickstart run (e.g. a base run of benchmarks/mm1_lessons.py) to fine-tune instead "
                       "of pre-training one; its command is recorded from its operative config, and --encoder must "
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
   result = {**record_header(), "blind_guess": blind["shapes"] if "shapes" in blind else None,
             **({"blind_guess_detail": blind["detail"]} if "detail" in blind else {}), "runs": {}}
   encoder = Path(args.encoder) if args.encoder else work / "encoder"
-  result["encoder"] = supervised_encoder(py, encoder, work / "encoder.log")
+  result["encoder"] = supervised_encoder(py, encoder, work / "encoder.log", bindings=[f"--labels={args.encoder_labels}"])
   pre = work / f"pretrain_{args.pretrain_steps}_supervised"  # from the supervised encoder, as the README runs it
   if args.pretrained:
     pre = Path(args.pretrained)

@@ -6,9 +6,12 @@ cross-attending to the patches, LayerNorm, a linear classifier -- is trained on 
 task. Better features give higher held-out accuracy from the same probe and budget.
 
 Tasks, labels read off generated shapes-world scenes (streams disjoint from the corpus):
-  count   how many shapes the image holds (1-4)
-  colour  the colour of the leftmost shape (6 colours)
-  shape   the kind of the leftmost shape (circle, square, triangle)
+  count     how many shapes the image holds (1-4)
+  colour    the colour of the leftmost shape (6 colours)
+  shape     the kind of the leftmost shape (circle, square, triangle)
+  colour@i  the colour of the i-th shape from the left (i = 1, 2, 3; 0 is the leftmost),
+  shape@i   its kind; "none" when the scene has no i-th shape. Not probed by default:
+            --tasks names them (`mm1-supervised --labels=every_shape` trains on them)
 
   mm1-probe --gin_file=gin/experiments/aim_pretrain.gin --init_from=/tmp/aim/checkpoints --baseline
   mm1-probe --gin_file=gin/experiments/quickstart.gin --init_from=/tmp/mm1_quickstart/checkpoints
@@ -45,6 +48,8 @@ from mm1_jax import gin_checks, gin_cli, pretrained, vit
 from mm1_jax.data import shapes_world as sw
 
 TASKS = ("count", "colour", "shape")
+# The shapes right of the leftmost, by position: mm1-supervised --labels=every_shape.
+POSITION_TASKS = tuple(f"{a}@{i}" for i in range(1, sw.MAX_SHAPES) for a in ("colour", "shape"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +68,17 @@ class ProbeConfig:
 def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
   """{task: (class names, scene -> class index)}."""
   colours = tuple(sw.COLOURS)
-  return {
-      "count": (("1", "2", "3", "4"), lambda scene: len(scene) - 1),
+  out = {
+      "count": (tuple(str(n) for n in range(1, sw.MAX_SHAPES + 1)), lambda scene: len(scene) - 1),
       "colour": (colours, lambda scene: colours.index(scene[0].colour)),
       "shape": (sw.SHAPES, lambda scene: sw.SHAPES.index(scene[0].kind)),
   }
+  for i in range(1, sw.MAX_SHAPES):  # "none" (the last class) when the scene has no i-th shape
+    out[f"colour@{i}"] = ((*colours, "none"),
+                          lambda scene, i=i: colours.index(scene[i].colour) if i < len(scene) else len(colours))
+    out[f"shape@{i}"] = ((*sw.SHAPES, "none"),
+                         lambda scene, i=i: sw.SHAPES.index(scene[i].kind) if i < len(scene) else len(sw.SHAPES))
+  return out
 
 
 def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
@@ -228,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--init_from", default=None,
                  help="a run's checkpoints/ folder or an mm1-convert import (default: random init)")
   p.add_argument("--baseline", action="store_true", help="also probe the randomly initialised trunk")
-  p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+  p.add_argument("--tasks", default=",".join(TASKS),
+                 help=f"comma-separated, from {', '.join(TASKS + POSITION_TASKS)} (default {','.join(TASKS)})")
   p.add_argument("--num_train", type=int, default=ProbeConfig.num_train)
   p.add_argument("--num_test", type=int, default=ProbeConfig.num_test)
   p.add_argument("--steps", type=int, default=ProbeConfig.steps, help="probe optimizer steps per task")
@@ -239,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(rest)
   tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-  unknown = [t for t in tasks if t not in TASKS]
+  unknown = [t for t in tasks if t not in TASKS + POSITION_TASKS]
   if unknown or not tasks:
-    p.error(f"unknown task {unknown[0] if unknown else '(none)'}; choose from {', '.join(TASKS)}")
+    p.error(f"unknown task {unknown[0] if unknown else '(none)'}; choose from {', '.join(TASKS + POSITION_TASKS)}")
   if args.init_from is not None and not Path(pretrained_dir(args.init_from)).exists():
     p.error(f"--init_from={args.init_from}: no such folder")
   gin_cli.parse(args, bindings, read_by_command=("MODEL",))

@@ -74,3 +74,16 @@ def test_labelled_scenes_come_from_their_own_stream():
   for stream in ("probe_train", "probe_test", "caption", "vqa_eval"):
     theirs, _ = probe.scenes(stream, 0, 16, 64)
     assert not any((a == b).all() for a in ours for b in theirs), stream
+
+
+def test_every_shape_labels_train_a_head_per_place(tmp_path, clean_gin):
+  # --labels=every_shape reaches the training: a head (and a held-out score) per place from the
+  # left, and the setting in result.json, so a leftmost trunk in OUT is not reused for it.
+  out = tmp_path / "encoder"
+  argv = [f"--gin_file={QUICKSTART}", f"--out={out}", "--steps=2", "--batch_size=8", "--num_test=16",
+          "--labels=every_shape", "--no_progress"]
+  assert _run(argv) == 0
+  result = json.loads((out / "result.json").read_text())
+  assert set(result["test_accuracy"]) == set(probe.TASKS + probe.POSITION_TASKS)
+  assert result["settings"]["labels"] == "every_shape"
+  assert _run([a for a in argv if a != "--labels=every_shape"]) == 2  # another trunk: refused without --overwrite

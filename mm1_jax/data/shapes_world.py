@@ -53,7 +53,10 @@ def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, STREAMS[stream], index])
 
 
-def sample_scene(rng: np.random.Generator, image_size: int = 64, max_shapes: int = 4,
+MAX_SHAPES = 4  # shapes in a scene, at most
+
+
+def sample_scene(rng: np.random.Generator, image_size: int = 64, max_shapes: int = MAX_SHAPES,
                  object_scale: int | None = None) -> list[Shape]:
   """1..max_shapes non-overlapping shapes, sorted left to right, on an image_size canvas.
 

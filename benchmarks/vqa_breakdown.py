@@ -1,0 +1,137 @@
+"""Where do the VQA answers go wrong? Every zero-shot answer of a run on the shapes-world
+test split, broken down by what the question points at.
+
+  python -m benchmarks.vqa_breakdown --run=/tmp/mm1_lessons/lesson-base/seed0
+  python -m benchmarks.vqa_breakdown --run=A --run=B --json_out=benchmarks/results/vqa_breakdown/x.json
+
+For each run, `mm1-eval` scores its newest checkpoint on every test question of
+`shapes_vqa` (0-shot) and keeps every prediction (`fewshot.FewShotConfig.num_samples =
+None`), into <out>/<run name>/ so the run's own eval/ folder is left alone. Each test
+question's scene is then drawn again from the world's generator (its id names the scene;
+the regenerated question must equal the stored one, or the script stops), and the answers
+are grouped:
+
+  colour, shape questions   by where the object asked about stands in the scene, left to
+                            right (0 = leftmost), and by the scene's number of shapes
+  number questions          by the true count and by the scene's number of shapes
+
+`mm1-supervised` trains the quickstart's encoder on the leftmost shape's kind and colour
+and the number of shapes (`mm1_jax.probe.task_labels`), so its probe does not say whether
+the trunk holds the other shapes; the position split shows what the model makes of them.
+Each cell has its count and accuracy; the standard error of a share p over n questions is
+sqrt(p (1 - p) / n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from benchmarks import record
+from benchmarks.jobs import record_header, run_logged, write_record
+
+DEFAULT_OUT = Path("/tmp/mm1_vqa_breakdown")
+_COLOUR_Q = re.compile(r"what colour is the (\w+)\?")
+_SHAPE_Q = re.compile(r"what shape is the (\w+) object\?")
+_NUMBER_Q = re.compile(r"how many (\w+)s are there\?")
+
+
+def scene_of(sample_id: str, question: str, seed: int, image_size: int):
+  """The shapes (left to right) of the test question `sample_id` ("vqa_eval-<index>"),
+  drawn again as the corpus writer drew them; stops when the question does not match."""
+  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
+
+  stream, index = sample_id.rsplit("-", 1)
+  ex_rng = sw._rng(seed, stream, int(index))
+  shapes = sw.sample_scene(ex_rng, image_size)
+  sw.render(shapes, ex_rng, image_size)  # the corpus writer draws the image before the question
+  q, _ = sw.questions(shapes, ex_rng)[0]
+  if q != question:
+    raise SystemExit(f"{sample_id}: the world draws {q!r}, the eval asked {question!r}: "
+                     "another corpus seed or image size")
+  return shapes
+
+
+def groups(question: str, shapes) -> dict[str, str]:
+  """The cells a question falls in: {grouping: value}."""
+  out = {"shapes_in_scene": str(len(shapes))}
+  if m := _COLOUR_Q.fullmatch(question):
+    out["position"] = str(next(i for i, s in enumerate(shapes) if s.kind == m.group(1)))
+  elif m := _SHAPE_Q.fullmatch(question):
+    out["position"] = str(next(i for i, s in enumerate(shapes) if s.colour == m.group(1)))
+  elif m := _NUMBER_Q.fullmatch(question):
+    out["true_count"] = str(sum(s.kind == m.group(1) for s in shapes))
+  else:
+    raise SystemExit(f"not a shapes-world question: {question!r}")
+  return out
+
+
+def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
+  """{answer_type: {grouping: {value: {"n", "accuracy", "se"}}}} over every sample."""
+  from mm1_jax.eval import metrics  # noqa: PLC0415
+
+  scores: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
+  for s in samples:
+    shapes = scene_of(s["id"], s["question"], seed, image_size)
+    acc = metrics.vqa_accuracy(s["prediction"], s["targets"])
+    for grouping, value in {"all": "all", **groups(s["question"], shapes)}.items():
+      scores[s["answer_type"]][grouping][value].append(acc)
+  out = {}
+  for qtype, by in sorted(scores.items()):
+    out[qtype] = {}
+    for grouping, cells in by.items():
+      out[qtype][grouping] = {}
+      for value in sorted(cells, key=lambda v: (len(v), v)):
+        xs = cells[value]
+        p = sum(xs) / len(xs)
+        out[qtype][grouping][value] = {"n": len(xs), "accuracy": round(p, 4),
+                                       "se": round(math.sqrt(p * (1 - p) / len(xs)), 4)}
+  return out
+
+
+def evaluate(py: str, run: Path, out: Path) -> tuple[list[dict], dict]:
+  """mm1-eval of `run`'s newest checkpoint (shapes_vqa, 0-shot, all questions, all
+  predictions) into `out`; (samples, the eval's result file)."""
+  cmd = [py, "-m", "mm1_jax", "eval", f"--workdir={out}", f"--checkpoint_dir={run / 'checkpoints'}",
+         "--no_run_config", f"--gin_file={run / 'config.gin'}", "--benchmarks=shapes_vqa", "--shots=0",
+         "--num_queries=0", "--steps=latest", "--gin.fewshot.FewShotConfig.num_samples=None"]
+  results = sorted(out.glob("eval/step_*[0-9].json"))
+  if not results:
+    run_logged(cmd, out / "eval_output.txt")
+    results = sorted(out.glob("eval/step_*[0-9].json"))
+  result = json.loads(results[-1].read_text())
+  samples = json.loads(results[-1].with_name(results[-1].stem + "_samples.json").read_text())
+  return samples["shapes_vqa/0shot"], {"command": " ".join(cmd[1:]), "step": result["step"],
+                                       "scores": {k: round(v, 4) for k, v in result["results"].items()
+                                                  if k.startswith("shapes_vqa/0shot/accuracy")}}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--run", action="append", required=True, help="a training run's folder (repeatable)")
+  p.add_argument("--out", default=str(DEFAULT_OUT), help="where the evaluations go (reused when there)")
+  p.add_argument("--json_out", default=None, help="write the record here")
+  args = p.parse_args(argv)
+  import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
+
+  spec = tasks.shapes.CORPUS_SPEC
+  git = record.git_state()
+  rec = {**record_header(), "corpus": {"seed": spec.seed, "image_size": spec.image_size}, "runs": {}}
+  for run in map(Path, args.run):
+    samples, result = evaluate(sys.executable, run, Path(args.out) / run.parent.name / run.name)
+    if len(samples) != spec.num_eval_test:
+      raise SystemExit(f"{run}: {len(samples)} predictions kept, not the {spec.num_eval_test} test questions")
+    rec["runs"][str(run)] = {**result, "breakdown": tabulate(samples, spec.seed, spec.image_size)}
+    print(json.dumps({str(run): rec["runs"][str(run)]["breakdown"]}, indent=1))
+  if args.json_out:
+    write_record(Path(args.json_out), rec, git=git, benchmark="vqa_breakdown")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,68 @@
+"""benchmarks/vqa_breakdown.py and the probe's position tasks: where VQA answers are lost."""
+
+import dataclasses
+import json
+
+import pytest
+
+from benchmarks import vqa_breakdown
+from mm1_jax import probe, supervised, vit
+from mm1_jax.data import shapes_world as sw
+
+
+def _scene(*shapes):
+  return [sw.Shape(kind, colour, "small", x, 32.0, 5.0) for kind, colour, x in shapes]
+
+
+def test_position_labels_name_each_shape_by_its_place_and_none_past_the_last():
+  labels = probe.task_labels()
+  scene = _scene(("circle", "red", 10.0), ("triangle", "blue", 30.0))
+  colours = list(sw.COLOURS)
+  named = {t: labels[t][0][labels[t][1](scene)] for t in probe.TASKS + probe.POSITION_TASKS}
+  assert named == {"count": "2", "colour": "red", "shape": "circle", "colour@1": "blue", "shape@1": "triangle",
+                   "colour@2": "none", "shape@2": "none", "colour@3": "none", "shape@3": "none"}
+  assert labels["colour@1"][0] == (*colours, "none")
+
+
+def test_an_encoder_result_from_before_labels_counts_as_leftmost():
+  # result.json files written before --labels existed have no "labels" setting: they were
+  # trained on the leftmost shape, so the quickstart reuses them instead of refusing its own folder.
+  encoder = vit.ViTConfig(image_size=64, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+  old = {"settings": {k: v for k, v in dataclasses.asdict(supervised.SupervisedConfig()).items()
+                      if k != "labels"},
+         "encoder": json.loads(json.dumps(dataclasses.asdict(encoder)))}
+  assert supervised._same_run(old, supervised.SupervisedConfig(), encoder)
+  assert not supervised._same_run(old, supervised.SupervisedConfig(labels="every_shape"), encoder)
+
+
+def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
+  from mm1_jax.eval import fewshot
+
+  test = fewshot.load_split("mm1_shapes_vqa_eval", "test")[:120]
+  # A model that answers right exactly when the object asked about is the leftmost shape (and
+  # every number question right): position 0 scores 1, every other position 0.
+  samples, positions = [], []
+  for q in test:
+    shapes = vqa_breakdown.scene_of(q["id"], q["question"], 0, 64)
+    g = vqa_breakdown.groups(q["question"], shapes)
+    right = g.get("position", "0") == "0"
+    positions.append(g.get("position"))
+    samples.append({"id": q["id"], "question": q["question"], "targets": q["answers"][:5],
+                    "answer_type": q["answer_type"], "prediction": q["answers"][0] if right else "nothing"})
+  assert {"0", "1"} <= set(positions)  # the split holds both kinds of question
+  table = vqa_breakdown.tabulate(samples, 0, 64)
+  for qtype in ("colour", "shape"):
+    by_pos = table[qtype]["position"]
+    assert by_pos["0"]["accuracy"] == 1.0
+    assert all(cell["accuracy"] == 0.0 for pos, cell in by_pos.items() if pos != "0")
+    assert sum(cell["n"] for cell in by_pos.values()) == table[qtype]["all"]["all"]["n"]
+  assert table["number"]["all"]["all"]["accuracy"] == 1.0
+  assert set(table["number"]) == {"all", "shapes_in_scene", "true_count"}
+
+
+def test_breakdown_stops_on_a_scene_that_does_not_match_the_question():
+  from mm1_jax.eval import fewshot
+
+  q = fewshot.load_split("mm1_shapes_vqa_eval", "test")[0]
+  with pytest.raises(SystemExit, match="another corpus seed"):
+    vqa_breakdown.scene_of(q["id"], q["question"], 1, 64)  # another seed draws another scene

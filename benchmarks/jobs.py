@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -47,3 +48,15 @@ def supervised_encoder(py: str, out: Path, log: Path, gin_files=(), bindings=())
          *(f"--gin_file={f}" for f in gin_files), *bindings, f"--out={out}", "--no_progress"]
   run_logged(cmd, log)
   return {"command": " ".join(cmd[1:]), **json.loads((Path(out) / "result.json").read_text())}
+
+
+def answers_by_type(task: str) -> dict[str, collections.Counter]:
+  """The test split of a question task (seqio `task`, e.g. mm1_shapes_vqa_eval): per answer
+  type, how often each first answer occurs."""
+  import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
+  from mm1_jax.eval import fewshot  # noqa: PLC0415
+
+  out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for q in fewshot.load_split(task, "test"):
+    out[q["answer_type"]][q["answers"][0]] += 1
+  return dict(out)

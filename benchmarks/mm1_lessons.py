@@ -33,7 +33,6 @@ holds the numbers only. Writes benchmarks/results/mm1_lessons/<study>_cpu_2core.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import shutil
@@ -41,7 +40,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import record
-from benchmarks.jobs import REPO, record_header, run_logged, supervised_encoder, write_record
+from benchmarks.jobs import REPO, answers_by_type, record_header, run_logged, supervised_encoder, write_record
 
 RESULTS = REPO / "benchmarks" / "results" / "mm1_lessons"
 # study: (sweep file, the level every other is compared with, default root)
@@ -68,13 +67,10 @@ SPLITS = {"shapes_vqa": "mm1_shapes_vqa_eval", "shapes_textqa": "mm1_shapes_text
 
 def question_counts() -> dict[str, dict[str, int]]:
   """Test questions per benchmark: {"all": n, <answer_type>: n, ...}."""
-  import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
-  from mm1_jax.eval import fewshot  # noqa: PLC0415
-
   out = {}
   for bench, task in SPLITS.items():
-    test = fewshot.load_split(task, "test")
-    out[bench] = {"all": len(test), **collections.Counter(q["answer_type"] for q in test)}
+    per_type = {t: sum(c.values()) for t, c in answers_by_type(task).items()}
+    out[bench] = {"all": sum(per_type.values()), **per_type}
   return out
 
 

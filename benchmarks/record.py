@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mm1_jax import hardware
+from mm1_jax import hardware, sweep
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -38,14 +38,7 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_v
 
 def git_state(repo: Path = REPO) -> tuple[str | None, bool | None]:
   """(commit, whether the tracked tree differs from it); (None, None) outside a checkout."""
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                capture_output=True, text=True, check=True).stdout.strip())
-    return commit, dirty
-  except (OSError, subprocess.CalledProcessError):
-    return None, None
+  return sweep.git_state(repo)
 
 
 def packages() -> dict[str, str]:

@@ -32,7 +32,6 @@ under --workdir; a finished run is not trained again.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import statistics
@@ -40,8 +39,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import record
-from benchmarks.jobs import REPO, record_header, run_logged, supervised_encoder, write_record
-from mm1_jax.eval import fewshot
+from benchmarks.jobs import REPO, answers_by_type, record_header, run_logged, supervised_encoder, write_record
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -97,14 +95,10 @@ def _evaluate(py: str, gin_files: list[str], run: Path, work: Path, name: str, w
 def _blind_guess(world: str = "shapes") -> dict:
   """Share of the most frequent answer of each answer type, and over all questions when
   each type is answered with its own most frequent answer."""
-  import tasks  # noqa: F401, PLC0415  (tasks: registers the shapes-world seqio tasks; only for the blind guess)
-
-  test = fewshot.load_split(VQA[world][1], "test")
-  by_type = collections.defaultdict(collections.Counter)
-  for q in test:
-    by_type[q["answer_type"]][q["answers"][0]] += 1
-  out = {"questions": len(test),
-         "overall_share": round(sum(c.most_common(1)[0][1] for c in by_type.values()) / len(test), 4)}
+  by_type = answers_by_type(VQA[world][1])
+  total = sum(sum(c.values()) for c in by_type.values())
+  out = {"questions": total,
+         "overall_share": round(sum(c.most_common(1)[0][1] for c in by_type.values()) / total, 4)}
   for t, counts in sorted(by_type.items()):
     answer, n = counts.most_common(1)[0]
     out[t] = {"questions": sum(counts.values()), "most_frequent": answer,

@@ -344,17 +344,24 @@ def subprocess_runner(command: Sequence[str], log: Path) -> int:
     return subprocess.run(list(command), stdout=f, stderr=subprocess.STDOUT, check=False).returncode
 
 
-def code_version() -> str | None:
-  """The git commit of the code the runs load (with "+dirty" when tracked files differ from
-  it), or None outside a git checkout: a resumed sweep records each run's own."""
+def git_state(folder: Path | str) -> tuple[str | None, bool | None]:
+  """(the commit checked out at `folder`, whether tracked files differ from it); (None, None)
+  outside a git checkout or without git."""
+  git = ["git", "-C", str(folder)]
   try:
-    git = ["git", "-C", str(Path(__file__).resolve().parent)]
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
-    return None
-  return commit + ("+dirty" if dirty else "")
+    return None, None
+  return commit, bool(dirty)
+
+
+def code_version() -> str | None:
+  """The git commit of the code the runs load (with "+dirty" when tracked files differ from
+  it), or None outside a git checkout: a resumed sweep records each run's own."""
+  commit, dirty = git_state(Path(__file__).resolve().parent)
+  return None if commit is None else commit + ("+dirty" if dirty else "")
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -6,6 +6,8 @@
       --json_out=benchmarks/results/sft_vqa/detail_pretrain600_cpu.json   # the high-resolution test
   python -m benchmarks.sft_vqa --pretrained=/tmp/mm1_lessons/lesson-base/seed0 --encoder=/tmp/mm1_lessons/encoder ...
       # fine-tunes a finished quickstart run instead of pre-training one
+  python -m benchmarks.sft_vqa --encoder_labels=every_shape --sft_runs=sft_300
+      # the encoder taught every shape by its place (mm1-supervised --labels=every_shape)
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
@@ -145,9 +147,13 @@ def main(argv=None) -> int:
   blind = {w: _blind_guess(w) for w in worlds}
   result = {**record_header(), "blind_guess": blind["shapes"] if "shapes" in blind else None,
             **({"blind_guess_detail": blind["detail"]} if "detail" in blind else {}), "runs": {}}
-  encoder = Path(args.encoder) if args.encoder else work / "encoder"
-  result["encoder"] = supervised_encoder(py, encoder, work / "encoder.log", bindings=[f"--labels={args.encoder_labels}"])
-  pre = work / f"pretrain_{args.pretrain_steps}_supervised"  # from the supervised encoder, as the README runs it
+  labels = "" if args.encoder_labels == "leftmost" else f"_{args.encoder_labels}"  # names the encoder and its runs
+  encoder = Path(args.encoder) if args.encoder else work / f"encoder{labels}"
+  result["encoder"] = supervised_encoder(py, encoder, work / f"encoder{labels}.log",
+                                         bindings=[f"--labels={args.encoder_labels}"])
+  pre = work / f"pretrain_{args.pretrain_steps}_supervised{labels}"  # from the supervised encoder, as the README runs it
+  if (pre / "operative_config.gin").exists() and f"{encoder}:encoder" not in (pre / "operative_config.gin").read_text():
+    p.error(f"{pre} did not start from --encoder={encoder}: choose another --workdir")
   if args.pretrained:
     pre = Path(args.pretrained)
     if not (pre / "train_done.json").exists():

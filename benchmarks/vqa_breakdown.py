@@ -6,7 +6,8 @@ test split, broken down by what the question points at.
 
 For each run, `mm1-eval` scores its newest checkpoint on every test question of
 `shapes_vqa` (0-shot) and keeps every prediction (`fewshot.FewShotConfig.num_samples =
-None`), into <out>/<run name>/ so the run's own eval/ folder is left alone. Each test
+None`), into <out>/<run's parent folder>/<run's folder>/ (evaluated afresh each time), so
+the run's own eval/ folder is left alone. Each test
 question's scene is then drawn again from the world's generator (its id names the scene;
 the regenerated question must equal the stored one, or the script stops), and the answers
 are grouped:
@@ -29,6 +30,7 @@ import collections
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -100,12 +102,12 @@ def evaluate(py: str, run: Path, out: Path) -> tuple[list[dict], dict]:
   cmd = [py, "-m", "mm1_jax", "eval", f"--workdir={out}", f"--checkpoint_dir={run / 'checkpoints'}",
          "--no_run_config", f"--gin_file={run / 'config.gin'}", "--benchmarks=shapes_vqa", "--shots=0",
          "--num_queries=0", "--steps=latest", "--gin.fewshot.FewShotConfig.num_samples=None"]
-  results = sorted(out.glob("eval/step_*[0-9].json"))
-  if not results:
-    run_logged(cmd, out / "eval_output.txt")
-    results = sorted(out.glob("eval/step_*[0-9].json"))
-  result = json.loads(results[-1].read_text())
-  samples = json.loads(results[-1].with_name(results[-1].stem + "_samples.json").read_text())
+  if out.exists():
+    shutil.rmtree(out)  # another run's evaluation of the same folder name, or of an older step
+  run_logged(cmd, out / "eval_output.txt")
+  newest = max(out.glob("eval/step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))
+  result = json.loads(newest.read_text())
+  samples = json.loads(newest.with_name(newest.stem + "_samples.json").read_text())
   return samples["shapes_vqa/0shot"], {"command": " ".join(cmd[1:]), "step": result["step"],
                                        "scores": {k: round(v, 4) for k, v in result["results"].items()
                                                   if k.startswith("shapes_vqa/0shot/accuracy")}}
@@ -114,7 +116,7 @@ def evaluate(py: str, run: Path, out: Path) -> tuple[list[dict], dict]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--run", action="append", required=True, help="a training run's folder (repeatable)")
-  p.add_argument("--out", default=str(DEFAULT_OUT), help="where the evaluations go (reused when there)")
+  p.add_argument("--out", default=str(DEFAULT_OUT), help="where the evaluations go (replaced on each call)")
   p.add_argument("--json_out", default=None, help="write the record here")
   args = p.parse_args(argv)
   import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
@@ -122,8 +124,8 @@ def main(argv=None) -> int:
   spec = tasks.shapes.CORPUS_SPEC
   git = record.git_state()
   rec = {**record_header(), "corpus": {"seed": spec.seed, "image_size": spec.image_size}, "runs": {}}
-  for run in map(Path, args.run):
-    samples, result = evaluate(sys.executable, run, Path(args.out) / run.parent.name / run.name)
+  for run in (Path(r).resolve() for r in args.run):  # mm1-eval runs from the repository root
+    samples, result = evaluate(sys.executable, run, Path(args.out).resolve() / run.parent.name / run.name)
     if len(samples) != spec.num_eval_test:
       raise SystemExit(f"{run}: {len(samples)} predictions kept, not the {spec.num_eval_test} test questions")
     rec["runs"][str(run)] = {**result, "breakdown": tabulate(samples, spec.seed, spec.image_size)}

@@ -15,9 +15,9 @@ world its pre-trained encoder by the original ViT recipe, supervised classificat
                    leftmost     the kind and the colour of the leftmost shape, and the
                                 number of shapes (mm1-probe's default tasks)
                    every_shape  also the kind and the colour of every other shape, by its
-                                place from the left ("none" past the last): a trunk
-                                taught the leftmost shape alone holds little of the others,
-                                and VQA asks about any of them (docs/results.md)
+                                place from the left ("none" past the last), as VQA
+                                asks about any of them (docs/results.md, "Where the VQA
+                                answers are lost")
   data             fresh scenes every step from the world's own "supervised_train"
                    stream, apart from the corpus, the evaluation and mm1-probe's scenes
   recipe           AdamW (weight decay on matrices only), linear warm-up over the first

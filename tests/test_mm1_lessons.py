@@ -49,3 +49,11 @@ def test_every_study_names_a_shipped_sweep_whose_levels_include_its_base():
   for sweep_file, base, _ in mm1_lessons.STUDIES.values():
     cells = sweep.expand(sweep.read_sweep_file(sweep_file, gin_files.search_paths()))
     assert base in {c.slug for c in cells}
+
+
+def test_question_counts_of_the_test_splits():
+  # The standard errors over questions divide by these: the 512 VQA test questions by answer
+  # type (the split test_sft checks its scores against) and the 256 text questions.
+  counts = mm1_lessons.question_counts()
+  assert counts["shapes_vqa"] == {"all": 512, "number": 275, "shape": 119, "colour": 118}
+  assert counts["shapes_textqa"] == {"all": 256, "corners": 128, "group": 128}

@@ -1,5 +1,6 @@
 """`mm1-supervised`: MODEL's image encoder trained on labelled scenes, then handed to MM1."""
 
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mm1_jax import checkpoint, console, model, pretrained, probe, sharding, supervised, train
+from mm1_jax import checkpoint, console, model, pretrained, probe, sharding, supervised, train, vit
 from mm1_jax.data import shapes_world as sw
 
 QUICKSTART = "gin/experiments/quickstart.gin"
@@ -76,6 +77,7 @@ def test_labelled_scenes_come_from_their_own_stream():
     assert not any((a == b).all() for a in ours for b in theirs), stream
 
 
+@pytest.mark.slow
 def test_every_shape_labels_train_a_head_per_place(tmp_path, clean_gin):
   # --labels=every_shape reaches the training: a head (and a held-out score) per place from the
   # left, and the setting in result.json, so a leftmost trunk in OUT is not reused for it.
@@ -87,3 +89,14 @@ def test_every_shape_labels_train_a_head_per_place(tmp_path, clean_gin):
   assert set(result["test_accuracy"]) == set(probe.TASKS + probe.POSITION_TASKS)
   assert result["settings"]["labels"] == "every_shape"
   assert _run([a for a in argv if a != "--labels=every_shape"]) == 2  # another trunk: refused without --overwrite
+
+
+def test_an_encoder_result_from_before_labels_counts_as_leftmost():
+  # result.json files written before --labels existed have no "labels" setting: they were
+  # trained on the leftmost shape, so the quickstart reuses them instead of refusing its own folder.
+  encoder = vit.ViTConfig(image_size=64, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+  old = {"settings": {k: v for k, v in dataclasses.asdict(supervised.SupervisedConfig()).items()
+                      if k != "labels"},
+         "encoder": json.loads(json.dumps(dataclasses.asdict(encoder)))}
+  assert supervised._same_run(old, supervised.SupervisedConfig(), encoder)
+  assert not supervised._same_run(old, supervised.SupervisedConfig(labels="every_shape"), encoder)

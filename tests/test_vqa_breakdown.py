@@ -1,13 +1,13 @@
 """benchmarks/vqa_breakdown.py and the probe's position tasks: where VQA answers are lost."""
 
-import dataclasses
-import json
-
 import pytest
 
 from benchmarks import vqa_breakdown
-from mm1_jax import probe, supervised, vit
+from mm1_jax import probe
 from mm1_jax.data import shapes_world as sw
+from tasks import shapes as shapes_tasks
+
+SPEC = shapes_tasks.CORPUS_SPEC  # the corpus the test split was written from
 
 
 def _scene(*shapes):
@@ -24,15 +24,13 @@ def test_position_labels_name_each_shape_by_its_place_and_none_past_the_last():
   assert labels["colour@1"][0] == (*colours, "none")
 
 
-def test_an_encoder_result_from_before_labels_counts_as_leftmost():
-  # result.json files written before --labels existed have no "labels" setting: they were
-  # trained on the leftmost shape, so the quickstart reuses them instead of refusing its own folder.
-  encoder = vit.ViTConfig(image_size=64, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
-  old = {"settings": {k: v for k, v in dataclasses.asdict(supervised.SupervisedConfig()).items()
-                      if k != "labels"},
-         "encoder": json.loads(json.dumps(dataclasses.asdict(encoder)))}
-  assert supervised._same_run(old, supervised.SupervisedConfig(), encoder)
-  assert not supervised._same_run(old, supervised.SupervisedConfig(labels="every_shape"), encoder)
+def test_groups_count_places_from_the_left():
+  scene = _scene(("circle", "red", 10.0), ("triangle", "blue", 30.0), ("square", "red", 50.0))
+  assert vqa_breakdown.groups("what colour is the triangle?", scene) == {"shapes_in_scene": "3", "position": "1"}
+  assert vqa_breakdown.groups("what colour is the square?", scene)["position"] == "2"
+  assert vqa_breakdown.groups("what shape is the blue object?", scene)["position"] == "1"
+  assert vqa_breakdown.groups("how many circles are there?", _scene(("square", "red", 10.0))) == {
+      "shapes_in_scene": "1", "true_count": "0"}
 
 
 def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
@@ -43,14 +41,14 @@ def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
   # every number question right): position 0 scores 1, every other position 0.
   samples, positions = [], []
   for q in test:
-    shapes = vqa_breakdown.scene_of(q["id"], q["question"], 0, 64)
+    shapes = vqa_breakdown.scene_of(q["id"], q["question"], SPEC.seed, SPEC.image_size)
     g = vqa_breakdown.groups(q["question"], shapes)
     right = g.get("position", "0") == "0"
     positions.append(g.get("position"))
     samples.append({"id": q["id"], "question": q["question"], "targets": q["answers"][:5],
                     "answer_type": q["answer_type"], "prediction": q["answers"][0] if right else "nothing"})
   assert {"0", "1"} <= set(positions)  # the split holds both kinds of question
-  table = vqa_breakdown.tabulate(samples, 0, 64)
+  table = vqa_breakdown.tabulate(samples, SPEC.seed, SPEC.image_size)
   for qtype in ("colour", "shape"):
     by_pos = table[qtype]["position"]
     assert by_pos["0"]["accuracy"] == 1.0
@@ -64,5 +62,5 @@ def test_breakdown_stops_on_a_scene_that_does_not_match_the_question():
   from mm1_jax.eval import fewshot
 
   q = fewshot.load_split("mm1_shapes_vqa_eval", "test")[0]
-  with pytest.raises(SystemExit, match="another corpus seed"):
-    vqa_breakdown.scene_of(q["id"], q["question"], 1, 64)  # another seed draws another scene
+  with pytest.raises(SystemExit, match="another corpus seed"):  # no scene of the world asks this
+    vqa_breakdown.scene_of(q["id"], "what colour is the hexagon?", SPEC.seed, SPEC.image_size)

@@ -134,6 +134,9 @@ def main(argv=None) -> int:
                  help="a finished quickstart run (e.g. a base run of benchmarks/mm1_lessons.py) to fine-tune instead "
                       "of pre-training one; its command is recorded from its operative config, and --encoder must "
                       "name the encoder it started from")
+  p.add_argument("--pretrain_seed", type=int, default=0,
+                 help="the pre-training's seed (train.train.seed and pipeline.DataConfig.seed, as mm1-sweep sets them); "
+                      "not 0: the run's folder says it")
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
@@ -151,7 +154,9 @@ def main(argv=None) -> int:
   encoder = Path(args.encoder) if args.encoder else work / f"encoder{labels}"
   result["encoder"] = supervised_encoder(py, encoder, work / f"encoder{labels}.log",
                                          bindings=[f"--labels={args.encoder_labels}"])
-  pre = work / f"pretrain_{args.pretrain_steps}_supervised{labels}"  # from the supervised encoder, as the README runs it
+  seed = f"_seed{args.pretrain_seed}" if args.pretrain_seed else ""
+  # From the supervised encoder, as the README runs it.
+  pre = work / f"pretrain_{args.pretrain_steps}_supervised{labels}{seed}"
   if (pre / "operative_config.gin").exists() and f"{encoder}:encoder" not in (pre / "operative_config.gin").read_text():
     p.error(f"{pre} did not start from --encoder={encoder}: choose another --workdir")
   if args.pretrained:
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
       p.error(f"--pretrained={pre} did not start from --encoder={encoder}")
   label = f"{pre.parent.name}_{pre.name}" if args.pretrained else pre.name  # names its SFT runs and evaluations
   flags = ["--gin_file=gin/experiments/quickstart.gin", f"--gin.ENCODER_INIT=['{encoder}:encoder']"]
+  if args.pretrain_seed:
+    flags += [f"--gin.train.train.seed={args.pretrain_seed}", f"--gin.pipeline.DataConfig.seed={args.pretrain_seed}"]
   if args.pretrain_steps != 600:  # a longer run: checkpoints every 500, all 512 questions every 1,000
     flags += [f"--gin.TRAIN_STEPS={args.pretrain_steps}", "--gin.EVAL_EVERY=1000", "--gin.CHECKPOINT_EVERY=500",
               "--gin.train.train.eval_at_start=False", "--gin.fewshot.FewShotConfig.shots=(0,)",

@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.jobs import REPO, record_header, run_logged, write_record
+from benchmarks.jobs import REPO, newest_eval, record_header, run_logged, write_record
 
 OUT = REPO / "benchmarks" / "results" / "encoder_pretraining" / "cpu_2core.json"
 OBJECTIVES = {"aim": "gin/experiments/aim_pretrain.gin", "aimv2": "gin/experiments/aimv2_pretrain.gin",
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
       wall = _train([py, "-m", "mm1_jax.cli", "train", "--gin_file=gin/experiments/quickstart.gin",
                      "--gin_file=gin/encoders/aimv2_tiny.gin", f"--workdir={run}",
                      "--gin.train.train.progress=False", *train_flags, *extra], run, work / f"mm1_{name}.log")
-      final = sorted((run / "eval").glob("step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))[-1]
+      final = newest_eval(run)
       result["mm1_quickstart_aimv2_encoder"][name] = {
           "train_wall_s": wall, "eval_step": int(final.stem.split("_")[1]),
           "results": json.loads(final.read_text())["results"], "losses": _losses(run)}

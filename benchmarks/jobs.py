@@ -50,6 +50,11 @@ def supervised_encoder(py: str, out: Path, log: Path, gin_files=(), bindings=())
   return {"command": " ".join(cmd[1:]), **json.loads((Path(out) / "result.json").read_text())}
 
 
+def newest_eval(folder: Path) -> Path:
+  """The eval/step_<N>.json of `folder` with the largest N (by number: step_1000 after step_200)."""
+  return max(Path(folder).glob("eval/step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))
+
+
 def answers_by_type(task: str) -> dict[str, collections.Counter]:
   """The test split of a question task (seqio `task`, e.g. mm1_shapes_vqa_eval): per answer
   type, how often each first answer occurs."""

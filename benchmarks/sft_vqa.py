@@ -41,7 +41,8 @@ import sys
 from pathlib import Path
 
 from benchmarks import record
-from benchmarks.jobs import REPO, answers_by_type, record_header, run_logged, supervised_encoder, write_record
+from benchmarks.jobs import (REPO, answers_by_type, newest_eval, record_header, run_logged, supervised_encoder,
+                             write_record)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -88,7 +89,7 @@ def _evaluate(py: str, gin_files: list[str], run: Path, work: Path, name: str, w
   run_logged([py, "-m", "mm1_jax.cli", "eval", *(f"--gin_file={f}" for f in gin_files), f"--workdir={out}",
         f"--checkpoint_dir={run / 'checkpoints'}", "--no_run_config", f"--benchmarks={bench}",
         "--shots=0", "--num_queries=0", "--force"], work / f"{out.name}.log")
-  step_file = max(out.glob("eval/step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))
+  step_file = newest_eval(out)
   results = json.loads(step_file.read_text())["results"]
   return {k.removeprefix(f"{bench}/0shot/"): round(v, 4) for k, v in results.items()
           if "accuracy" in k}
@@ -135,8 +136,8 @@ def main(argv=None) -> int:
                       "of pre-training one; its command is recorded from its operative config, and --encoder must "
                       "name the encoder it started from")
   p.add_argument("--pretrain_seed", type=int, default=0,
-                 help="the pre-training's seed (train.train.seed and pipeline.DataConfig.seed, as mm1-sweep sets them); "
-                      "not 0: the run's folder says it")
+                 help="the pre-training's seed (train.train.seed and pipeline.DataConfig.seed, as mm1-sweep sets "
+                      "them); not 0: the run's folder says it")
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
@@ -157,14 +158,12 @@ def main(argv=None) -> int:
   seed = f"_seed{args.pretrain_seed}" if args.pretrain_seed else ""
   # From the supervised encoder, as the README runs it.
   pre = work / f"pretrain_{args.pretrain_steps}_supervised{labels}{seed}"
-  if (pre / "operative_config.gin").exists() and f"{encoder}:encoder" not in (pre / "operative_config.gin").read_text():
-    p.error(f"{pre} did not start from --encoder={encoder}: choose another --workdir")
   if args.pretrained:
     pre = Path(args.pretrained)
     if not (pre / "train_done.json").exists():
       p.error(f"--pretrained={pre} is not a finished run (no train_done.json)")
-    if f"{encoder}:encoder" not in (pre / "operative_config.gin").read_text():
-      p.error(f"--pretrained={pre} did not start from --encoder={encoder}")
+  if (pre / "operative_config.gin").exists() and f"{encoder}:encoder" not in (pre / "operative_config.gin").read_text():
+    p.error(f"{pre} did not start from --encoder={encoder}" + ("" if args.pretrained else ": choose another --workdir"))
   label = f"{pre.parent.name}_{pre.name}" if args.pretrained else pre.name  # names its SFT runs and evaluations
   flags = ["--gin_file=gin/experiments/quickstart.gin", f"--gin.ENCODER_INIT=['{encoder}:encoder']"]
   if args.pretrain_seed:

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import record
-from benchmarks.jobs import record_header, run_logged, write_record
+from benchmarks.jobs import newest_eval, record_header, run_logged, write_record
 
 DEFAULT_OUT = Path("/tmp/mm1_vqa_breakdown")
 _COLOUR_Q = re.compile(r"what colour is the (\w+)\?")
@@ -49,14 +49,11 @@ def scene_of(sample_id: str, question: str, seed: int, image_size: int):
   from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
 
   stream, index = sample_id.rsplit("-", 1)
-  ex_rng = sw._rng(seed, stream, int(index))
-  shapes = sw.sample_scene(ex_rng, image_size)
-  sw.render(shapes, ex_rng, image_size)  # the corpus writer draws the image before the question
-  q, _ = sw.questions(shapes, ex_rng)[0]
-  if q != question:
-    raise SystemExit(f"{sample_id}: the world draws {q!r}, the eval asked {question!r}: "
+  ex = sw.vqa_example(seed, int(index), image_size, stream=stream)  # what the corpus writer wrote
+  if ex["question"] != question:
+    raise SystemExit(f"{sample_id}: the world draws {ex['question']!r}, the eval asked {question!r}: "
                      "another corpus seed or image size")
-  return shapes
+  return ex["shapes"]
 
 
 def groups(question: str, shapes) -> dict[str, str]:
@@ -105,7 +102,7 @@ def evaluate(py: str, run: Path, out: Path) -> tuple[list[dict], dict]:
   if out.exists():
     shutil.rmtree(out)  # another run's evaluation of the same folder name, or of an older step
   run_logged(cmd, out / "eval_output.txt")
-  newest = max(out.glob("eval/step_*[0-9].json"), key=lambda f: int(f.stem.split("_")[1]))
+  newest = newest_eval(out)
   result = json.loads(newest.read_text())
   samples = json.loads(newest.with_name(newest.stem + "_samples.json").read_text())
   return samples["shapes_vqa/0shot"], {"command": " ".join(cmd[1:]), "step": result["step"],

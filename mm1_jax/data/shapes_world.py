@@ -264,7 +264,7 @@ def vqa_example(seed: int, index: int, image_size: int = 64, stream: str = "vqa_
   image = render(scene, rng, image_size)
   q, a = questions(scene, rng)[0]
   return {"id": f"{stream}-{index}", "image": image, "question": q, "answers": [a] * 10,
-          "answer_type": answer_type(q)}
+          "answer_type": answer_type(q), "shapes": scene}
 
 
 def interleaved_example(seed: int, index: int, image_size: int = 64, max_images: int = 3) -> dict:

@@ -12,12 +12,12 @@ world its pre-trained encoder by the original ViT recipe, supervised classificat
                    task, a shared LayerNorm, a linear classifier per task; trained end to
                    end with the trunk on the sum of the tasks' softmax cross-entropies
   labels           read off generated scenes (`mm1_jax.probe.task_labels`), --labels:
-                   leftmost     the kind and the colour of the leftmost shape, and the
-                                number of shapes (mm1-probe's default tasks)
-                   every_shape  also the kind and the colour of every other shape, by its
-                                place from the left ("none" past the last), as VQA
-                                asks about any of them (docs/results.md, "Where the VQA
-                                answers are lost")
+                   every_shape  (the default) the kind and the colour of every shape, by
+                                its place from the left ("none" past the last), and the
+                                number of shapes, as VQA asks about any of them
+                                (docs/results.md, "Where the VQA answers are lost")
+                   leftmost     the kind and the colour of the leftmost shape only, and
+                                the number of shapes (mm1-probe's default tasks)
   data             fresh scenes every step from the world's own "supervised_train"
                    stream, apart from the corpus, the evaluation and mm1-probe's scenes
   recipe           AdamW (weight decay on matrices only), linear warm-up over the first
@@ -74,7 +74,7 @@ class SupervisedConfig:
   weight_decay: float = 0.05
   seed: int = 0
   num_test: int = 1024
-  labels: str = "leftmost"  # a key of LABELS
+  labels: str = "every_shape"  # a key of LABELS
 
 
 class ViTClassifier(nn.Module):
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--seed", type=int, default=d.seed, help="initialisation and the scenes drawn")
   p.add_argument("--num_test", type=int, default=d.num_test, help="held-out scenes scored (mm1-probe's test split)")
   p.add_argument("--labels", choices=sorted(LABELS), default=d.labels,
-                 help=f"the shapes labelled: the leftmost, or every one by its place (default {d.labels})")
+                 help=f"the shapes labelled: every one by its place, or the leftmost only (default {d.labels})")
   p.add_argument("--overwrite", action="store_true",
                  help="retrain although OUT holds a trunk of other settings (or parameters of unknown origin)")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")

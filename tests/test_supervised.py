@@ -27,7 +27,7 @@ def _run(argv) -> int:
 def test_trained_trunk_learns_and_loads_into_mm1_unchanged(tmp_path, clean_gin, capsys):
   out = tmp_path / "encoder"
   argv = [f"--gin_file={QUICKSTART}", f"--out={out}", "--steps=40", "--batch_size=32", "--num_test=64",
-          "--no_progress"]
+          "--labels=leftmost", "--no_progress"]
   assert _run(argv) == 0
   result = json.loads((out / "result.json").read_text())
   # The summed cross-entropy of the three heads starts near log 4 + log 6 + log 3 (4.28): a
@@ -78,17 +78,18 @@ def test_labelled_scenes_come_from_their_own_stream():
 
 
 @pytest.mark.slow
-def test_every_shape_labels_train_a_head_per_place(tmp_path, clean_gin):
-  # --labels=every_shape reaches the training: a head (and a held-out score) per place from the
-  # left, and the setting in result.json, so a leftmost trunk in OUT is not reused for it.
+def test_every_shape_labels_are_the_default_and_train_a_head_per_place(tmp_path, clean_gin):
+  # The quickstart's encoder (no --labels) is taught every shape: a head (and a held-out score)
+  # per place from the left, and the setting in result.json, so a leftmost trunk in OUT is not
+  # reused for it.
   out = tmp_path / "encoder"
   argv = [f"--gin_file={QUICKSTART}", f"--out={out}", "--steps=2", "--batch_size=8", "--num_test=16",
-          "--labels=every_shape", "--no_progress"]
+          "--no_progress"]
   assert _run(argv) == 0
   result = json.loads((out / "result.json").read_text())
   assert set(result["test_accuracy"]) == set(probe.TASKS + probe.POSITION_TASKS)
   assert result["settings"]["labels"] == "every_shape"
-  assert _run([a for a in argv if a != "--labels=every_shape"]) == 2  # another trunk: refused without --overwrite
+  assert _run([*argv, "--labels=leftmost"]) == 2  # another trunk: refused without --overwrite
 
 
 def test_an_encoder_result_from_before_labels_counts_as_leftmost():
@@ -98,5 +99,5 @@ def test_an_encoder_result_from_before_labels_counts_as_leftmost():
   old = {"settings": {k: v for k, v in dataclasses.asdict(supervised.SupervisedConfig()).items()
                       if k != "labels"},
          "encoder": json.loads(json.dumps(dataclasses.asdict(encoder)))}
-  assert supervised._same_run(old, supervised.SupervisedConfig(), encoder)
-  assert not supervised._same_run(old, supervised.SupervisedConfig(labels="every_shape"), encoder)
+  assert supervised._same_run(old, supervised.SupervisedConfig(labels="leftmost"), encoder)
+  assert not supervised._same_run(old, supervised.SupervisedConfig(), encoder)  # the default is every_shape

@@ -16,11 +16,16 @@ are grouped:
                             right (0 = leftmost), and by the scene's number of shapes
   number questions          by the true count and by the scene's number of shapes
 
-`mm1-supervised` trains the quickstart's encoder on the leftmost shape's kind and colour
-and the number of shapes (`mm1_jax.probe.task_labels`), so its probe does not say whether
-the trunk holds the other shapes; the position split shows what the model makes of them.
-Each cell has its count and accuracy; the standard error of a share p over n questions is
-sqrt(p (1 - p) / n).
+With --probe, `mm1-probe` also probes each run's trunk (its newest checkpoint) on the kind
+and colour of every shape by its place (`colour`, `shape`, `colour@i`, `shape@i`; the place
+tasks also on the scenes that hold that place), and --probe_encoder=DIR the trunk a run
+started from (an `mm1-supervised` --out): whether a shape the answers miss is in the trunk's
+features at all, before and after MM1 pre-training, or is lost between the trunk and the
+answer. Each cell has its count and accuracy; the standard error of a share p over n
+questions is sqrt(p (1 - p) / n).
+
+  python -m benchmarks.vqa_breakdown --run=/tmp/mm1_quickstart --probe \
+      --probe_encoder=/tmp/mm1_quickstart_encoder --json_out=...
 """
 
 from __future__ import annotations
@@ -110,10 +115,24 @@ def evaluate(py: str, run: Path, out: Path) -> tuple[list[dict], dict]:
                                                   if k.startswith("shapes_vqa/0shot/accuracy")}}
 
 
+PROBE_TASKS = "colour,shape,colour@1,shape@1,colour@2,shape@2,colour@3,shape@3"
+
+
+def probe(py: str, gin_file: Path, init_from: Path, out: Path) -> dict:
+  """mm1-probe of the trunk in `init_from` (MODEL of `gin_file`) on PROBE_TASKS; its command and result."""
+  cmd = [py, "-m", "mm1_jax", "probe", f"--gin_file={gin_file}", f"--init_from={init_from}", f"--tasks={PROBE_TASKS}",
+         "--no_progress", f"--json_out={out / 'probe.json'}"]
+  run_logged(cmd, out / "probe_output.txt")
+  return {"command": " ".join(cmd[1:]), **json.loads((out / "probe.json").read_text())}
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--run", action="append", required=True, help="a training run's folder (repeatable)")
   p.add_argument("--out", default=str(DEFAULT_OUT), help="where the evaluations go (replaced on each call)")
+  p.add_argument("--probe", action="store_true", help="also probe each run's trunk on every shape's place")
+  p.add_argument("--probe_encoder", action="append", default=[], metavar="DIR",
+                 help="also probe this trunk (an mm1-supervised --out) with the first run's MODEL (repeatable)")
   p.add_argument("--json_out", default=None, help="write the record here")
   args = p.parse_args(argv)
   import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
@@ -127,6 +146,14 @@ def main(argv=None) -> int:
       raise SystemExit(f"{run}: {len(samples)} predictions kept, not the {spec.num_eval_test} test questions")
     rec["runs"][str(run)] = {**result, "breakdown": tabulate(samples, spec.seed, spec.image_size)}
     print(json.dumps({str(run): rec["runs"][str(run)]["breakdown"]}, indent=1))
+    if args.probe:
+      out = Path(args.out).resolve() / run.parent.name / run.name
+      rec["runs"][str(run)]["probe"] = probe(sys.executable, run / "config.gin", run / "checkpoints", out)
+  if args.probe_encoder:
+    first = Path(args.run[0]).resolve()
+    rec["encoders"] = {str(Path(d).resolve()): probe(sys.executable, first / "config.gin", Path(d).resolve(),
+                                                     Path(args.out).resolve() / "encoders" / Path(d).name)
+                       for d in args.probe_encoder}
   if args.json_out:
     write_record(Path(args.json_out), rec, git=git, benchmark="vqa_breakdown")
   return 0

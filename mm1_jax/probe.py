@@ -11,7 +11,9 @@ Tasks, labels read off generated shapes-world scenes (streams disjoint from the 
   shape     the kind of the leftmost shape (circle, square, triangle)
   colour@i  the colour of the i-th shape from the left (i = 1, 2, 3; 0 is the leftmost),
   shape@i   its kind; "none" when the scene has no i-th shape. Not probed by default:
-            --tasks names them (`mm1-supervised --labels=every_shape` trains on them)
+            --tasks names them (`mm1-supervised` trains on them). They are also scored on
+            the scenes that hold an i-th shape ("where present"): over all scenes "none"
+            dominates, and reading the count alone scores well
 
   mm1-probe --gin_file=gin/experiments/aim_pretrain.gin --init_from=/tmp/aim/checkpoints --baseline
   mm1-probe --gin_file=gin/experiments/quickstart.gin --init_from=/tmp/mm1_quickstart/checkpoints
@@ -162,6 +164,11 @@ def _probe_module(num_classes: int, num_heads: int):
 def train_probe(train_feats, train_labels, test_feats, test_labels, num_classes: int,
                 config: ProbeConfig) -> float:
   """Trains one attentive probe; returns its accuracy on the test features."""
+  return float((probe_predictions(train_feats, train_labels, test_feats, num_classes, config) == test_labels).mean())
+
+
+def probe_predictions(train_feats, train_labels, test_feats, num_classes: int, config: ProbeConfig) -> np.ndarray:
+  """Trains one attentive probe; returns its predicted class per test feature."""
 
   module = _probe_module(num_classes, config.num_heads)
   key = jax.random.PRNGKey(config.seed)
@@ -185,10 +192,23 @@ def train_probe(train_feats, train_labels, test_feats, test_labels, num_classes:
     idx = rng.choice(n, size=min(config.batch_size, n), replace=False)
     params, opt, _ = step(params, opt, jnp.asarray(train_feats[idx]), jnp.asarray(train_labels[idx]))
   predict = jax.jit(lambda p, x: jnp.argmax(module.apply({"params": p}, x), -1))
-  correct = 0
-  for i in range(0, len(test_feats), 256):
-    correct += int((np.asarray(predict(params, jnp.asarray(test_feats[i:i + 256]))) == test_labels[i:i + 256]).sum())
-  return correct / len(test_feats)
+  return np.concatenate([np.asarray(predict(params, jnp.asarray(test_feats[i:i + 256])))
+                         for i in range(0, len(test_feats), 256)])
+
+
+def place_scores(predicted: np.ndarray, labels: np.ndarray, none_class: int) -> dict:
+  """A place task (`colour@i`, `shape@i`) scored on the scenes that hold an i-th shape only.
+
+  Over all scenes "none" dominates these tasks (most scenes have fewer than four shapes), so a
+  probe that reads the count alone scores well; here the kind or colour itself is asked for.
+  """
+  present = labels != none_class
+  n = int(present.sum())
+  if not n:
+    return {"present_scenes": 0}
+  counts = np.bincount(labels[present], minlength=none_class)
+  return {"present_scenes": n, "accuracy_where_present": float((predicted[present] == labels[present]).mean()),
+          "majority_class_where_present": float(counts.max() / n)}
 
 
 def run_probe(model_config, init_from: str | None, *, tasks=TASKS, config: ProbeConfig = ProbeConfig(),
@@ -214,11 +234,18 @@ def run_probe(model_config, init_from: str | None, *, tasks=TASKS, config: Probe
     say(f"{trunk}: features {tr.shape} in {time.perf_counter() - t0:.1f} s")
     for task in tasks:
       classes = names[task][0]
-      acc = train_probe(tr, train_labels[task], te, test_labels[task], len(classes), config)
+      predicted = probe_predictions(tr, train_labels[task], te, len(classes), config)
+      acc = float((predicted == test_labels[task]).mean())
       majority = float(max((test_labels[task] == k).mean() for k in range(len(classes))))
       entry = result["tasks"].setdefault(task, {"classes": len(classes), "majority_class": majority})
       entry[trunk] = acc
       say(f"  {task:<7} {trunk:<12} accuracy {acc:.3f} (majority class {majority:.3f})")
+      if task in POSITION_TASKS:  # the last class is "none"
+        place = place_scores(predicted, test_labels[task], len(classes) - 1)
+        entry["present_scenes"] = place["present_scenes"]
+        if "majority_class_where_present" in place:
+          entry["majority_class_where_present"] = place["majority_class_where_present"]
+          entry[f"{trunk}_where_present"] = place["accuracy_where_present"]
   return result
 
 
@@ -227,6 +254,9 @@ def format_table(result: dict) -> str:
   rows = [("task", *cols, "majority class")]
   for task, t in result["tasks"].items():
     rows.append((task, *(f"{t[c]:.3f}" for c in cols), f"{t['majority_class']:.3f}"))
+    if "majority_class_where_present" in t:  # a place task, on the scenes that hold that place
+      rows.append((f"  where present ({t['present_scenes']})", *(f"{t[f'{c}_where_present']:.3f}" for c in cols),
+                   f"{t['majority_class_where_present']:.3f}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
 

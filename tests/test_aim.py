@@ -410,6 +410,31 @@ def test_attentive_probe_finds_a_label_that_one_token_carries():
   assert probe.train_probe(feats[:512], shuffled, feats[512:], labels[512:], classes, config) < 0.45
 
 
+def test_a_place_probe_that_reads_only_presence_is_caught_where_present():
+  # A place task's "none" class is right whenever the probe can tell how many shapes there are:
+  # features that say only whether an i-th shape exists score well over all scenes, and at the
+  # majority level on the scenes that hold it. Features that carry its kind score high on both.
+  from mm1_jax import probe
+  rng = np.random.default_rng(1)
+  n, tokens, dim, kinds = 768, 8, 16, 3
+  labels = np.where(rng.random(n) < 0.5, kinds, rng.integers(0, kinds, n)).astype(np.int32)  # kinds = "none"
+  config = probe.ProbeConfig(steps=150, batch_size=64)
+  scores = {}
+  for carries in ("presence", "kind"):
+    feats = rng.normal(size=(n, tokens, dim)).astype(np.float32)
+    signal = (labels < kinds)[:, None] * np.ones(kinds + 1) if carries == "presence" else np.eye(kinds + 1)[labels]
+    feats[:, 0, :kinds + 1] += 4 * signal
+    feats[:, 0, -1] = 4.0  # a marker the query can attend to
+    predicted = probe.probe_predictions(feats[:512], labels[:512], feats[512:], kinds + 1, config)
+    scores[carries] = probe.place_scores(predicted, labels[512:], none_class=kinds)
+    scores[carries]["all"] = float((predicted == labels[512:]).mean())
+  present = scores["presence"]
+  assert present["present_scenes"] == int((labels[512:] < kinds).sum())
+  assert present["all"] > present["accuracy_where_present"] + 0.2  # diluted by the "none" scenes
+  assert present["accuracy_where_present"] < present["majority_class_where_present"] + 0.1
+  assert scores["kind"]["accuracy_where_present"] > present["accuracy_where_present"] + 0.3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 3])
 def test_probe_baseline_is_the_trunk_the_training_starts_from(tiny_config, seed):
@@ -433,13 +458,19 @@ def test_probe_baseline_is_the_trunk_the_training_starts_from(tiny_config, seed)
 def test_probe_command_writes_its_result(tmp_path):
   out = tmp_path / "probe.json"
   proc = subprocess.run([sys.executable, "-m", "mm1_jax.probe", "--gin_file=gin/experiments/aim_pretrain.gin",
-                         "--num_train=64", "--num_test=32", "--steps=5", "--tasks=count,shape", "--no_progress",
+                         "--num_train=64", "--num_test=32", "--steps=5", "--tasks=count,shape,shape@2", "--no_progress",
                          f"--json_out={out}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())
-  assert r["init_from"] is None and list(r["tasks"]) == ["count", "shape"]
+  assert r["init_from"] is None and list(r["tasks"]) == ["count", "shape", "shape@2"]
   assert r["tasks"]["count"]["classes"] == 4 and 0 <= r["tasks"]["count"]["random_init"] <= 1
   assert "random_init" in proc.stdout.splitlines()[0]
+  # The place task is also scored on the test scenes that have a third shape, and so printed.
+  from mm1_jax import probe
+  _, labels = probe.make_split("test", 32, 64, ("count",))
+  assert r["tasks"]["shape@2"]["present_scenes"] == int((labels["count"] >= 2).sum()) > 0
+  assert 0 <= r["tasks"]["shape@2"]["random_init_where_present"] <= 1
+  assert "where present" in proc.stdout
   bad = subprocess.run([sys.executable, "-m", "mm1_jax.probe", "--gin_file=gin/experiments/aim_pretrain.gin",
                         "--tasks=size"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "unknown task size" in bad.stderr

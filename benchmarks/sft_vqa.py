@@ -1,6 +1,6 @@
 """Does supervised fine-tuning raise VQA accuracy on the bundled data? Measured per answer type.
 
-  python -m benchmarks.sft_vqa                      # about 60 minutes on 2 cores from nothing
+  python -m benchmarks.sft_vqa                      # every default run, from nothing (each record holds its times)
   python -m benchmarks.sft_vqa --sft_runs=sft --pretrain_seed=1   # SFT as shipped, from the seed-1 quickstart
   python -m benchmarks.sft_vqa --pretrain_steps=3000 --sft_runs=sft_300
   python -m benchmarks.sft_vqa --sft_runs=detail_300,detail_highres_300 \
@@ -61,7 +61,8 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
     "detail_300": ["--gin_file=gin/experiments/sft_detail.gin", "--gin.EVALUATION=None"],
     "detail_highres_300": ["--gin_file=gin/experiments/sft_highres_detail.gin", "--gin.EVALUATION=None"],
 }
-DEFAULT_RUNS = ("sft", "sft_300", "sft_encoder_full_lr", "sft_highres_600")  # the detail runs are the high-resolution test's
+# The detail runs are the high-resolution test's.
+DEFAULT_RUNS = ("sft", "sft_300", "sft_encoder_full_lr", "sft_highres_600")
 # The VQA benchmark and its seqio task, by world.
 VQA = {"shapes": ("shapes_vqa", "mm1_shapes_vqa_eval"), "detail": ("shapes_vqa_detail", "mm1_shapes_vqa_detail_eval")}
 

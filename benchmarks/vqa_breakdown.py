@@ -17,7 +17,7 @@ are grouped:
   number questions          by the true count and by the scene's number of shapes
 
 With --probe, `mm1-probe` also probes each run's trunk (its newest checkpoint) on the kind
-and colour of every shape by its place (`colour`, `shape`, `colour@i`, `shape@i`; the place
+and colour of every shape by its place and the count (`mm1_jax.probe`'s tasks; the place
 tasks also on the scenes that hold that place), and --probe_encoder=DIR the trunk a run
 started from (an `mm1-supervised` --out): whether a shape the answers miss is in the trunk's
 features at all, before and after MM1 pre-training, or is lost between the trunk and the
@@ -41,6 +41,7 @@ from pathlib import Path
 
 from benchmarks import record
 from benchmarks.jobs import newest_eval, record_header, run_logged, write_record
+from mm1_jax import probe as probe_tasks
 
 DEFAULT_OUT = Path("/tmp/mm1_vqa_breakdown")
 _COLOUR_Q = re.compile(r"what colour is the (\w+)\?")
@@ -115,7 +116,7 @@ def evaluate(py: str, run: Path, out: Path) -> tuple[list[dict], dict]:
                                                   if k.startswith("shapes_vqa/0shot/accuracy")}}
 
 
-PROBE_TASKS = "colour,shape,colour@1,shape@1,colour@2,shape@2,colour@3,shape@3"
+PROBE_TASKS = ",".join(probe_tasks.TASKS + probe_tasks.POSITION_TASKS)  # every shape by its place, and the count
 
 
 def probe(py: str, gin_file: Path, init_from: Path, out: Path) -> dict:

@@ -242,10 +242,7 @@ def run_probe(model_config, init_from: str | None, *, tasks=TASKS, config: Probe
       say(f"  {task:<7} {trunk:<12} accuracy {acc:.3f} (majority class {majority:.3f})")
       if task in POSITION_TASKS:  # the last class is "none"
         place = place_scores(predicted, test_labels[task], len(classes) - 1)
-        entry["present_scenes"] = place["present_scenes"]
-        if "majority_class_where_present" in place:
-          entry["majority_class_where_present"] = place["majority_class_where_present"]
-          entry[f"{trunk}_where_present"] = place["accuracy_where_present"]
+        entry.update({k.replace("accuracy", trunk): v for k, v in place.items()})
   return result
 
 

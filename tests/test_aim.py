@@ -458,7 +458,8 @@ def test_probe_baseline_is_the_trunk_the_training_starts_from(tiny_config, seed)
 def test_probe_command_writes_its_result(tmp_path):
   out = tmp_path / "probe.json"
   proc = subprocess.run([sys.executable, "-m", "mm1_jax.probe", "--gin_file=gin/experiments/aim_pretrain.gin",
-                         "--num_train=64", "--num_test=32", "--steps=5", "--tasks=count,shape,shape@2", "--no_progress",
+                         "--num_train=64", "--num_test=32", "--steps=5", "--tasks=count,shape,shape@2",
+                         "--no_progress",
                          f"--json_out={out}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(out.read_text())

@@ -13,7 +13,11 @@ the regenerated question must equal the stored one, or the script stops), and th
 are grouped:
 
   colour, shape questions   by where the object asked about stands in the scene, left to
-                            right (0 = leftmost), and by the scene's number of shapes
+                            right (0 = leftmost), and by the scene's number of shapes; each
+                            wrong answer also by what it names ("misses"): the colour or kind
+                            of another shape in the scene (the right kind of fact about the
+                            wrong shape), one that no shape in the scene has, or no colour or
+                            kind at all
   number questions          by the true count and by the scene's number of shapes
 
 With --probe, `mm1-probe` also probes each run's trunk (its newest checkpoint) on the kind
@@ -76,19 +80,47 @@ def groups(question: str, shapes) -> dict[str, str]:
   return out
 
 
+def miss(question: str, prediction: str, shapes) -> str | None:
+  """What a wrong answer to a colour or shape question names: "another_shape" (the colour or
+  kind of a shape in the scene other than the one asked about), "not_in_scene" (a colour or
+  kind no shape in the scene has), "no_attribute" (neither); None for a number question or a
+  right answer."""
+  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
+  from mm1_jax.eval import metrics  # noqa: PLC0415
+
+  if m := _COLOUR_Q.fullmatch(question):
+    asked = next(i for i, s in enumerate(shapes) if s.kind == m.group(1))
+    values, vocabulary = [s.colour for s in shapes], set(sw.COLOURS)
+  elif m := _SHAPE_Q.fullmatch(question):
+    asked = next(i for i, s in enumerate(shapes) if s.colour == m.group(1))
+    values, vocabulary = [s.kind for s in shapes], set(sw.SHAPES)
+  else:
+    return None
+  answer = metrics.normalize_answer(prediction)
+  if answer == values[asked]:
+    return None
+  if answer in {v for i, v in enumerate(values) if i != asked}:
+    return "another_shape"
+  return "not_in_scene" if answer in vocabulary else "no_attribute"
+
+
 def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
-  """{answer_type: {grouping: {value: {"n", "accuracy", "se"}}}} over every sample."""
+  """{answer_type: {grouping: {value: {"n", "accuracy", "se"}}}} over every sample; for
+  colour and shape also "misses": {what the wrong answers name: how many} (`miss`)."""
   from mm1_jax.eval import metrics  # noqa: PLC0415
 
   scores: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
+  misses: dict = collections.defaultdict(collections.Counter)
   for s in samples:
     shapes = scene_of(s["id"], s["question"], seed, image_size)
     acc = metrics.vqa_accuracy(s["prediction"], s["targets"])
     for grouping, value in {"all": "all", **groups(s["question"], shapes)}.items():
       scores[s["answer_type"]][grouping][value].append(acc)
+    if kind := miss(s["question"], s["prediction"], shapes):
+      misses[s["answer_type"]][kind] += 1
   out = {}
   for qtype, by in sorted(scores.items()):
-    out[qtype] = {}
+    out[qtype] = {"misses": dict(sorted(misses[qtype].items()))} if qtype in ("colour", "shape") else {}
     for grouping, cells in by.items():
       out[qtype][grouping] = {}
       for value in sorted(cells, key=lambda v: (len(v), v)):

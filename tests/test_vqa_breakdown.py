@@ -33,6 +33,20 @@ def test_groups_count_places_from_the_left():
       "shapes_in_scene": "1", "true_count": "0"}
 
 
+def test_misses_say_whether_a_wrong_answer_names_another_shape_in_the_scene():
+  scene = _scene(("circle", "red", 10.0), ("triangle", "blue", 30.0), ("square", "red", 50.0))
+  miss = vqa_breakdown.miss
+  assert miss("what colour is the triangle?", "Blue.", scene) is None  # right, after VQA normalisation
+  assert miss("what colour is the triangle?", "red", scene) == "another_shape"  # the circle's and the square's
+  assert miss("what colour is the triangle?", "green", scene) == "not_in_scene"
+  assert miss("what colour is the triangle?", "a triangle", scene) == "no_attribute"
+  assert miss("what shape is the blue object?", "circle", scene) == "another_shape"
+  two = _scene(("circle", "red", 10.0), ("triangle", "blue", 30.0))
+  assert miss("what shape is the blue object?", "square", two) == "not_in_scene"
+  assert miss("what shape is the blue object?", "blue", two) == "no_attribute"
+  assert miss("how many circles are there?", "7", two) is None
+
+
 def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
   from mm1_jax.eval import fewshot
 
@@ -54,8 +68,10 @@ def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
     assert by_pos["0"]["accuracy"] == 1.0
     assert all(cell["accuracy"] == 0.0 for pos, cell in by_pos.items() if pos != "0")
     assert sum(cell["n"] for cell in by_pos.values()) == table[qtype]["all"]["all"]["n"]
+    wrong = sum(cell["n"] for pos, cell in by_pos.items() if pos != "0")
+    assert table[qtype]["misses"] == {"no_attribute": wrong}  # "nothing" names no colour or kind
   assert table["number"]["all"]["all"]["accuracy"] == 1.0
-  assert set(table["number"]) == {"all", "shapes_in_scene", "true_count"}
+  assert set(table["number"]) == {"all", "shapes_in_scene", "true_count"}  # no misses: counts are not attributes
 
 
 def test_breakdown_stops_on_a_scene_that_does_not_match_the_question():

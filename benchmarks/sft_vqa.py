@@ -15,7 +15,8 @@
    from it (--pretrain_steps overrides its 600 steps). The fine-tuned runs are named after it
    (sft_from_pretrain_600_supervised_every_shape, ...).
 2. Fine-tuning from its last checkpoint: gin/experiments/sft.gin as shipped (1,000 steps, the
-   encoder at a tenth of the rate), the same for 300 steps (sft_300), the same with the encoder
+   encoder at a tenth of the rate), the same for 300 steps (sft_300) or, when --sft_runs names
+   it, 2,000 (sft_2000), the same with the encoder
    at the full rate (sft_encoder_full_lr) or frozen (sft_encoder_frozen, when --sft_runs names it),
    and gin/experiments/sft_highres.gin (overview + 2x2
    sub-images) for 600 steps;
@@ -55,6 +56,8 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
     "sft_300": ["--gin_file=gin/experiments/sft.gin", "--gin.TRAIN_STEPS=300", "--gin.EVAL_EVERY=100",
                 "--gin.CHECKPOINT_EVERY=100"],
     "sft_encoder_full_lr": ["--gin_file=gin/experiments/sft.gin", "--gin.optim.OptimizerConfig.lr_multipliers=None"],
+    "sft_2000": ["--gin_file=gin/experiments/sft.gin", "--gin.TRAIN_STEPS=2000", "--gin.EVAL_EVERY=500",
+                 "--gin.CHECKPOINT_EVERY=500"],
     "sft_encoder_frozen": ["--gin_file=gin/experiments/sft.gin",
                            "--gin.optim.OptimizerConfig.lr_multipliers={'encoder': 0.0}"],
     "sft_highres_600": ["--gin_file=gin/experiments/sft_highres.gin", "--gin.TRAIN_STEPS=600", "--gin.EVAL_EVERY=200",

@@ -81,10 +81,11 @@ def groups(question: str, shapes) -> dict[str, str]:
 
 
 def miss(question: str, prediction: str, shapes) -> str | None:
-  """What a wrong answer to a colour or shape question names: "another_shape" (the colour or
-  kind of a shape in the scene other than the one asked about), "not_in_scene" (a colour or
-  kind no shape in the scene has), "no_attribute" (neither); None for a number question or a
-  right answer."""
+  """What a wrong answer to a colour or shape question names, the answer taken whole (after VQA
+  normalisation): "another_shape" (the colour or kind of a shape in the scene other than the
+  one asked about), "not_in_scene" (a colour or kind no shape in the scene has),
+  "no_attribute" (anything else, "red triangle" included); None for a number question or a
+  right answer (one that another shape shares with the shape asked about included)."""
   from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
   from mm1_jax.eval import metrics  # noqa: PLC0415
 

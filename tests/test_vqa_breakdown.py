@@ -45,6 +45,11 @@ def test_misses_say_whether_a_wrong_answer_names_another_shape_in_the_scene():
   assert miss("what shape is the blue object?", "square", two) == "not_in_scene"
   assert miss("what shape is the blue object?", "blue", two) == "no_attribute"
   assert miss("how many circles are there?", "7", two) is None
+  # The right answer is right even when another shape shares it (the red circle beside the red triangle).
+  shared = _scene(("circle", "red", 10.0), ("triangle", "red", 30.0), ("triangle", "blue", 50.0))
+  assert miss("what colour is the circle?", "red", shared) is None
+  assert miss("what shape is the blue object?", "triangle", shared) is None
+  assert miss("what shape is the blue object?", "circle", shared) == "another_shape"
 
 
 def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():

@@ -15,14 +15,13 @@
    from it (--pretrain_steps overrides its 600 steps). The fine-tuned runs are named after it
    (sft_from_pretrain_600_supervised_every_shape, ...).
 2. Fine-tuning from its last checkpoint: gin/experiments/sft.gin as shipped (1,000 steps, the
-   encoder at a tenth of the rate), the same for 300 steps (sft_300) or, when --sft_runs names
-   it, 2,000 (sft_2000), the same with the encoder
-   at the full rate (sft_encoder_full_lr) or frozen (sft_encoder_frozen, when --sft_runs names it),
-   and gin/experiments/sft_highres.gin (overview + 2x2
-   sub-images) for 600 steps;
-   and, when --sft_runs names them, the high-resolution test: both files for 300 steps on the
-   detail corpus (gin/experiments/sft_detail.gin, sft_highres_detail.gin: 128 px scenes whose shapes a 64 px overview
-   halves), detail_highres_300 also compared with detail_300 (the sub-images' own effect).
+   encoder at a tenth of the rate), the same for 300 steps (sft_300), the same with the encoder at
+   the full rate (sft_encoder_full_lr), and gin/experiments/sft_highres.gin (overview + 2x2
+   sub-images) for 600 steps. Only when --sft_runs names them: the same for 2,000 steps
+   (sft_2000) or with the encoder frozen (sft_encoder_frozen), and the high-resolution test:
+   both files for 300 steps on the detail corpus (gin/experiments/sft_detail.gin,
+   sft_highres_detail.gin: 128 px scenes whose shapes a 64 px overview halves),
+   detail_highres_300 also compared with detail_300 (the sub-images' own effect).
 3. `mm1-eval` of every final checkpoint on the whole held-out VQA split (512 questions; the
    detail corpus's for the detail runs), zero-shot, with accuracy per answer type (number,
    colour, shape): the pre-trained model in its pre-training format (on each split a chosen

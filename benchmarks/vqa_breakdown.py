@@ -66,13 +66,21 @@ def scene_of(sample_id: str, question: str, seed: int, image_size: int):
   return ex["shapes"]
 
 
+def asked_about(question: str, shapes) -> int | None:
+  """The place (0 = leftmost) of the shape a colour or shape question asks about (the world asks
+  by an attribute only one shape in the scene has); None for any other question."""
+  if m := _COLOUR_Q.fullmatch(question):
+    return next(i for i, s in enumerate(shapes) if s.kind == m.group(1))
+  if m := _SHAPE_Q.fullmatch(question):
+    return next(i for i, s in enumerate(shapes) if s.colour == m.group(1))
+  return None
+
+
 def groups(question: str, shapes) -> dict[str, str]:
   """The cells a question falls in: {grouping: value}."""
   out = {"shapes_in_scene": str(len(shapes))}
-  if m := _COLOUR_Q.fullmatch(question):
-    out["position"] = str(next(i for i, s in enumerate(shapes) if s.kind == m.group(1)))
-  elif m := _SHAPE_Q.fullmatch(question):
-    out["position"] = str(next(i for i, s in enumerate(shapes) if s.colour == m.group(1)))
+  if (asked := asked_about(question, shapes)) is not None:
+    out["position"] = str(asked)
   elif m := _NUMBER_Q.fullmatch(question):
     out["true_count"] = str(sum(s.kind == m.group(1) for s in shapes))
   else:
@@ -89,18 +97,17 @@ def miss(question: str, prediction: str, shapes) -> str | None:
   from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
   from mm1_jax.eval import metrics  # noqa: PLC0415
 
-  if m := _COLOUR_Q.fullmatch(question):
-    asked = next(i for i, s in enumerate(shapes) if s.kind == m.group(1))
-    values, vocabulary = [s.colour for s in shapes], set(sw.COLOURS)
-  elif m := _SHAPE_Q.fullmatch(question):
-    asked = next(i for i, s in enumerate(shapes) if s.colour == m.group(1))
-    values, vocabulary = [s.kind for s in shapes], set(sw.SHAPES)
-  else:
+  asked = asked_about(question, shapes)
+  if asked is None:
     return None
+  if _COLOUR_Q.fullmatch(question):
+    values, vocabulary = [s.colour for s in shapes], set(sw.COLOURS)
+  else:
+    values, vocabulary = [s.kind for s in shapes], set(sw.SHAPES)
   answer = metrics.normalize_answer(prediction)
   if answer == values[asked]:
     return None
-  if answer in {v for i, v in enumerate(values) if i != asked}:
+  if answer in values:  # the right answer returned above, so another shape's
     return "another_shape"
   return "not_in_scene" if answer in vocabulary else "no_attribute"
 

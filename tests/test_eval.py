@@ -68,9 +68,10 @@ def test_greedy_decoding_matches_step_by_step_full_forward(tiny_config):
                                 jnp.arange(seq.shape[1])[None]))["params"]
   # Reference: re-run the whole sequence for every new token.
   ref = []
+  forward = jax.jit(m.apply)
   for _ in range(5):
     t = seq.shape[1]
-    logits = m.apply({"params": params}, seq, images, jnp.ones_like(seq), jnp.arange(t)[None])
+    logits = forward({"params": params}, seq, images, jnp.ones_like(seq), jnp.arange(t)[None])
     tok = int(jnp.argmax(logits[0, -1].at[jnp.asarray(ids.banned)].set(-jnp.inf)))
     ref.append(tok)
     if tok in ids.stops:

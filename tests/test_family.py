@@ -1,6 +1,7 @@
 """The model family: encoder trunks, connectors, sparse MoE decoders, sliding windows."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -225,7 +226,9 @@ def test_train_step_adds_and_logs_moe_losses(tiny_config):
   params = nn.meta.unbox(train._boxed_params(m, batch, jax.random.PRNGKey(0)))
   tx = optax.sgd(0.0)
   state = train.TrainState.create(params, tx.init(params))
-  _, metrics = train.train_step(state, batch, model=m, tx=tx, schedule=lambda s: 0.0)
+  # Compiled as one program, as training runs it (op by op it costs several times longer).
+  step = jax.jit(functools.partial(train.train_step, model=m, tx=tx, schedule=lambda s: 0.0))
+  _, metrics = step(state, batch)
   for k in ("moe_load_balance", "moe_router_z", "moe_drop_rate"):
     assert np.isfinite(float(metrics[k]))
   assert float(metrics["moe_load_balance"]) >= 0.99  # E * sum f_e P_e >= 1 up to routing noise

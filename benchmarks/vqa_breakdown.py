@@ -17,7 +17,8 @@ are grouped:
                             wrong answer also by what it names ("misses"): the colour or kind
                             of another shape in the scene (the right kind of fact about the
                             wrong shape), one that no shape in the scene has, or no colour or
-                            kind at all
+                            kind at all; and those that name another shape's, by the places
+                            of the shape asked about and of the shapes named ("misses_by_place")
   number questions          by the true count and by the scene's number of shapes
 
 With --probe, `mm1-probe` also probes each run's trunk (its newest checkpoint) on the kind
@@ -112,13 +113,30 @@ def miss(question: str, prediction: str, shapes) -> str | None:
   return "not_in_scene" if answer in vocabulary else "no_attribute"
 
 
+def named_places(question: str, prediction: str, shapes) -> str | None:
+  """For a wrong answer that names another shape's colour or kind ("another_shape" in `miss`):
+  "<asked>-><named>", the place of the shape asked about and the places (left to right, joined
+  by "+") of the other shapes that have the named colour or kind; None for any other answer."""
+  from mm1_jax.eval import metrics  # noqa: PLC0415
+
+  if miss(question, prediction, shapes) != "another_shape":
+    return None
+  attribute = "colour" if _COLOUR_Q.fullmatch(question) else "kind"
+  answer = metrics.normalize_answer(prediction)
+  named = [str(i) for i, s in enumerate(shapes) if getattr(s, attribute) == answer]
+  return f"{asked_about(question, shapes)}->{'+'.join(named)}"
+
+
 def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
   """{answer_type: {grouping: {value: {"n", "accuracy", "se"}}}} over every sample; for
-  colour and shape also "misses": {what the wrong answers name: how many} (`miss`)."""
+  colour and shape also "misses": {what the wrong answers name: how many} (`miss`), and
+  "misses_by_place": {"<asked>-><named>": how many} for those that name another shape's
+  (`named_places`)."""
   from mm1_jax.eval import metrics  # noqa: PLC0415
 
   scores: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
   misses: dict = collections.defaultdict(collections.Counter)
+  misses_by_place: dict = collections.defaultdict(collections.Counter)
   for s in samples:
     shapes = scene_of(s["id"], s["question"], seed, image_size)
     acc = metrics.vqa_accuracy(s["prediction"], s["targets"])
@@ -126,9 +144,13 @@ def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
       scores[s["answer_type"]][grouping][value].append(acc)
     if kind := miss(s["question"], s["prediction"], shapes):
       misses[s["answer_type"]][kind] += 1
+    if places := named_places(s["question"], s["prediction"], shapes):
+      misses_by_place[s["answer_type"]][places] += 1
   out = {}
   for qtype, by in sorted(scores.items()):
-    out[qtype] = {"misses": dict(sorted(misses[qtype].items()))} if qtype in ("colour", "shape") else {}
+    out[qtype] = ({"misses": dict(sorted(misses[qtype].items())),
+                   "misses_by_place": dict(sorted(misses_by_place[qtype].items()))}
+                  if qtype in ("colour", "shape") else {})
     for grouping, cells in by.items():
       out[qtype][grouping] = {}
       for value in sorted(cells, key=lambda v: (len(v), v)):

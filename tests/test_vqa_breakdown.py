@@ -52,6 +52,17 @@ def test_misses_say_whether_a_wrong_answer_names_another_shape_in_the_scene():
   assert miss("what shape is the blue object?", "circle", shared) == "another_shape"
 
 
+def test_named_places_say_which_shapes_a_wrong_answer_names():
+  scene = _scene(("circle", "red", 10.0), ("triangle", "blue", 30.0), ("square", "red", 50.0))
+  named = vqa_breakdown.named_places
+  assert named("what colour is the triangle?", "Red.", scene) == "1->0+2"  # the circle's and the square's
+  assert named("what colour is the square?", "blue", scene) == "2->1"
+  assert named("what shape is the blue object?", "square", scene) == "1->2"
+  for answer in ("blue", "green"):  # right; no shape's colour: neither names another shape's
+    assert named("what colour is the triangle?", answer, scene) is None
+  assert named("how many circles are there?", "2", scene) is None
+
+
 def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
   from mm1_jax.eval import fewshot
 

@@ -18,7 +18,9 @@ are grouped:
                             of another shape in the scene (the right kind of fact about the
                             wrong shape), one that no shape in the scene has, or no colour or
                             kind at all; and those that name another shape's, by the places
-                            of the shape asked about and of the shapes named ("misses_by_place")
+                            of the shape asked about and of the shapes named ("misses_by_place"),
+                            and whether they name the shape nearest to the one asked about,
+                            against how many would by chance ("misses_nearest")
   number questions          by the true count and by the scene's number of shapes
 
 With --probe, `mm1-probe` also probes each run's trunk (its newest checkpoint) on the kind
@@ -127,16 +129,35 @@ def named_places(question: str, prediction: str, shapes) -> str | None:
   return f"{asked_about(question, shapes)}->{'+'.join(named)}"
 
 
+def names_the_nearest(question: str, prediction: str, shapes) -> tuple[bool, float] | None:
+  """For a wrong answer that names another shape's colour or kind: (whether the shape nearest to
+  the one asked about, centre to centre, has the named colour or kind; the chance of that if the
+  answer named a shape other than the one asked about drawn at random); None for any other answer."""
+  from mm1_jax.eval import metrics  # noqa: PLC0415
+
+  if miss(question, prediction, shapes) != "another_shape":
+    return None
+  attribute = "colour" if _COLOUR_Q.fullmatch(question) else "kind"
+  asked = shapes[asked_about(question, shapes)]
+  others = [s for s in shapes if s is not asked]
+  nearest = min(others, key=lambda s: math.hypot(s.x - asked.x, s.y - asked.y))
+  value = getattr(nearest, attribute)
+  chance = sum(getattr(s, attribute) == value for s in others) / len(others)
+  return value == metrics.normalize_answer(prediction), chance
+
+
 def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
   """{answer_type: {grouping: {value: {"n", "accuracy", "se"}}}} over every sample; for
   colour and shape also "misses": {what the wrong answers name: how many} (`miss`), and
   "misses_by_place": {"<asked>-><named>": how many} for those that name another shape's
-  (`named_places`)."""
+  (`named_places`), and "misses_nearest": how many of those name the shape nearest to the one
+  asked about, and how many would by chance (`names_the_nearest`)."""
   from mm1_jax.eval import metrics  # noqa: PLC0415
 
   scores: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
   misses: dict = collections.defaultdict(collections.Counter)
   misses_by_place: dict = collections.defaultdict(collections.Counter)
+  nearest: dict = collections.defaultdict(list)
   for s in samples:
     shapes = scene_of(s["id"], s["question"], seed, image_size)
     acc = metrics.vqa_accuracy(s["prediction"], s["targets"])
@@ -146,10 +167,15 @@ def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
       misses[s["answer_type"]][kind] += 1
     if places := named_places(s["question"], s["prediction"], shapes):
       misses_by_place[s["answer_type"]][places] += 1
+    if near := names_the_nearest(s["question"], s["prediction"], shapes):
+      nearest[s["answer_type"]].append(near)
   out = {}
   for qtype, by in sorted(scores.items()):
     out[qtype] = ({"misses": dict(sorted(misses[qtype].items())),
-                   "misses_by_place": dict(sorted(misses_by_place[qtype].items()))}
+                   "misses_by_place": dict(sorted(misses_by_place[qtype].items())),
+                   "misses_nearest": {"another_shape": len(nearest[qtype]),
+                                      "names_the_nearest": sum(hit for hit, _ in nearest[qtype]),
+                                      "expected_by_chance": round(sum(c for _, c in nearest[qtype]), 2)}}
                   if qtype in ("colour", "shape") else {})
     for grouping, cells in by.items():
       out[qtype][grouping] = {}

@@ -63,6 +63,22 @@ def test_named_places_say_which_shapes_a_wrong_answer_names():
   assert named("how many circles are there?", "2", scene) is None
 
 
+def test_a_wrong_answer_is_checked_against_the_nearest_shape_and_chance():
+  near = vqa_breakdown.names_the_nearest
+  # Asked about the triangle at x=30: the circle at x=22 is nearest, the squares at x=50 and 60 are not.
+  scene = [sw.Shape("circle", "red", "small", 22.0, 32.0, 5.0), sw.Shape("triangle", "blue", "small", 30.0, 32.0, 5.0),
+           sw.Shape("square", "green", "small", 50.0, 32.0, 5.0), sw.Shape("square", "green", "small", 60.0, 32.0, 5.0)]
+  assert near("what colour is the triangle?", "red", scene) == (True, 1 / 3)
+  assert near("what colour is the triangle?", "green", scene) == (False, 1 / 3)
+  assert near("what colour is the triangle?", "blue", scene) is None  # right
+  # Nearest by centre distance in the plane, not by place from the left: the circle, far below,
+  # gives way to the green square at x=50, which two of the three other shapes share.
+  scene[0] = sw.Shape("circle", "red", "small", 28.0, 60.0, 5.0)
+  assert near("what colour is the triangle?", "red", scene) == (False, 2 / 3)
+  assert near("what colour is the triangle?", "green", scene) == (True, 2 / 3)
+  assert near("what shape is the blue object?", "square", scene) == (True, 2 / 3)  # both squares are green
+
+
 def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
   from mm1_jax.eval import fewshot
 

@@ -19,8 +19,9 @@ are grouped:
                             wrong shape), one that no shape in the scene has, or no colour or
                             kind at all; and those that name another shape's, by the places
                             of the shape asked about and of the shapes named ("misses_by_place"),
-                            and whether they name the shape nearest to the one asked about,
-                            against how many would by chance ("misses_nearest")
+                            and whether they name the nearest shape (of those that could make
+                            the answer wrong) to the one asked about, against how many would by
+                            chance ("misses_nearest")
   number questions          by the true count and by the scene's number of shapes
 
 With --probe, `mm1-probe` also probes each run's trunk (its newest checkpoint) on the kind
@@ -130,16 +131,17 @@ def named_places(question: str, prediction: str, shapes) -> str | None:
 
 
 def names_the_nearest(question: str, prediction: str, shapes) -> tuple[bool, float] | None:
-  """For a wrong answer that names another shape's colour or kind: (whether the shape nearest to
-  the one asked about, centre to centre, has the named colour or kind; the chance of that if the
-  answer named a shape other than the one asked about drawn at random); None for any other answer."""
+  """For a wrong answer that names another shape's colour or kind: (whether it is that of the
+  nearest shape, centre to centre, to the one asked about; the chance of that if the answer named
+  a shape drawn at random), None for any other answer. Only the shapes whose colour (or kind)
+  differs from the asked one's can make a wrong answer, so nearest and chance are over those."""
   from mm1_jax.eval import metrics  # noqa: PLC0415
 
   if miss(question, prediction, shapes) != "another_shape":
     return None
   attribute = "colour" if _COLOUR_Q.fullmatch(question) else "kind"
   asked = shapes[asked_about(question, shapes)]
-  others = [s for s in shapes if s is not asked]
+  others = [s for s in shapes if getattr(s, attribute) != getattr(asked, attribute)]
   nearest = min(others, key=lambda s: math.hypot(s.x - asked.x, s.y - asked.y))
   value = getattr(nearest, attribute)
   chance = sum(getattr(s, attribute) == value for s in others) / len(others)

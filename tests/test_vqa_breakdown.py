@@ -77,6 +77,12 @@ def test_a_wrong_answer_is_checked_against_the_nearest_shape_and_chance():
   assert near("what colour is the triangle?", "red", scene) == (False, 2 / 3)
   assert near("what colour is the triangle?", "green", scene) == (True, 2 / 3)
   assert near("what shape is the blue object?", "square", scene) == (True, 2 / 3)  # both squares are green
+  # A shape of the asked colour cannot make a wrong answer: the nearest and the chance skip it.
+  shared = [sw.Shape("circle", "blue", "small", 26.0, 32.0, 5.0),
+            sw.Shape("triangle", "blue", "small", 30.0, 32.0, 5.0),
+            sw.Shape("square", "red", "small", 40.0, 32.0, 5.0), sw.Shape("square", "green", "small", 60.0, 32.0, 5.0)]
+  assert near("what colour is the triangle?", "red", shared) == (True, 1 / 2)
+  assert near("what colour is the triangle?", "green", shared) == (False, 1 / 2)
 
 
 def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
@@ -104,6 +110,42 @@ def test_breakdown_regenerates_the_corpus_questions_and_groups_by_position():
     assert table[qtype]["misses"] == {"no_attribute": wrong}  # "nothing" names no colour or kind
   assert table["number"]["all"]["all"]["accuracy"] == 1.0
   assert set(table["number"]) == {"all", "shapes_in_scene", "true_count"}  # no misses: counts are not attributes
+
+
+@pytest.mark.parametrize("named", ["nearest", "farthest"])
+def test_breakdown_counts_the_places_and_the_nearest_shapes_that_wrong_answers_name(named):
+  import math
+
+  from mm1_jax.eval import fewshot
+
+  # A model that, asked about a shape, names the colour (or kind) of the nearest, or the
+  # farthest, of the shapes whose colour differs from the asked one's; right otherwise.
+  samples = []
+  for q in fewshot.load_split("mm1_shapes_vqa_eval", "test")[:120]:
+    shapes = vqa_breakdown.scene_of(q["id"], q["question"], SPEC.seed, SPEC.image_size)
+    prediction = q["answers"][0]
+    if (asked := vqa_breakdown.asked_about(q["question"], shapes)) is not None:
+      attribute = "colour" if q["answer_type"] == "colour" else "kind"
+      value = lambda s: getattr(s, attribute)  # noqa: B023, E731
+      others = sorted((s for s in shapes if value(s) != value(shapes[asked])),
+                      key=lambda s: math.hypot(s.x - shapes[asked].x, s.y - shapes[asked].y))  # noqa: B023
+      pick = (others[0] if named == "nearest" else others[-1]) if others else None
+      if pick is not None and (named == "nearest" or value(pick) != value(others[0])):
+        prediction = value(pick)
+    samples.append({"id": q["id"], "question": q["question"], "targets": q["answers"][:5],
+                    "answer_type": q["answer_type"], "prediction": prediction})
+  table = vqa_breakdown.tabulate(samples, SPEC.seed, SPEC.image_size)
+  for qtype in ("colour", "shape"):
+    wrong = table[qtype]["misses"]
+    nearest, by_place = table[qtype]["misses_nearest"], table[qtype]["misses_by_place"]
+    assert set(wrong) == {"another_shape"} and wrong["another_shape"] > 0
+    assert nearest["another_shape"] == sum(by_place.values()) == wrong["another_shape"]
+    assert nearest["names_the_nearest"] == (wrong["another_shape"] if named == "nearest" else 0)
+    # Some scenes hold more than one colour (kind) besides the asked one's: chance is below all, above none.
+    assert 0 < nearest["expected_by_chance"] < wrong["another_shape"]
+    for key in by_place:  # "<asked>-><named>": the asked shape is never among those named
+      asked, names = key.split("->")
+      assert asked not in names.split("+")
 
 
 def test_breakdown_stops_on_a_scene_that_does_not_match_the_question():

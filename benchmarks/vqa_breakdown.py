@@ -153,7 +153,8 @@ def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
   colour and shape also "misses": {what the wrong answers name: how many} (`miss`), and
   "misses_by_place": {"<asked>-><named>": how many} for those that name another shape's
   (`named_places`), and "misses_nearest": how many of those name the shape nearest to the one
-  asked about, and how many would by chance (`names_the_nearest`)."""
+  asked about, how many would by chance, and the standard deviation of that chance count (each
+  answer an independent draw; `names_the_nearest`)."""
   from mm1_jax.eval import metrics  # noqa: PLC0415
 
   scores: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
@@ -177,7 +178,8 @@ def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
                    "misses_by_place": dict(sorted(misses_by_place[qtype].items())),
                    "misses_nearest": {"another_shape": len(nearest[qtype]),
                                       "names_the_nearest": sum(hit for hit, _ in nearest[qtype]),
-                                      "expected_by_chance": round(sum(c for _, c in nearest[qtype]), 2)}}
+                                      "expected_by_chance": round(sum(c for _, c in nearest[qtype]), 2),
+                                      "chance_sd": round(math.sqrt(sum(c * (1 - c) for _, c in nearest[qtype])), 2)}}
                   if qtype in ("colour", "shape") else {})
     for grouping, cells in by.items():
       out[qtype][grouping] = {}

@@ -142,7 +142,7 @@ def test_breakdown_counts_the_places_and_the_nearest_shapes_that_wrong_answers_n
     assert nearest["another_shape"] == sum(by_place.values()) == wrong["another_shape"]
     assert nearest["names_the_nearest"] == (wrong["another_shape"] if named == "nearest" else 0)
     # Some scenes hold more than one colour (kind) besides the asked one's: chance is below all, above none.
-    assert 0 < nearest["expected_by_chance"] < wrong["another_shape"]
+    assert 0 < nearest["expected_by_chance"] < wrong["another_shape"] and nearest["chance_sd"] > 0
     for key in by_place:  # "<asked>-><named>": the asked shape is never among those named
       asked, names = key.split("->")
       assert asked not in names.split("+")

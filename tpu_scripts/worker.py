@@ -274,7 +274,9 @@ def _run(exit_path: str, command: list[str], upload: list[str] | None = None) ->
     signal.signal(sig, forward)
   code = child.wait()
   code = 128 - code if code < 0 else code
-  print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}", flush=True)
+  # One write: unbuffered, a separate newline could land after another thread's line (a bucket
+  # client's warning during an upload).
+  print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n", end="", flush=True)
   if uploader is not None:
     uploader.finish(timeout_s=120)
   _write(Path(exit_path), {"pid": os.getpid(), "exit_code": code, "ended": time.time()})

@@ -7,7 +7,7 @@ Process 0 writes {"losses": [...], "checksum": ..., "restored_checksum": ...} to
 
 import json
 
-from multihost_setup import parser, start
+from multihost_setup import compile_together, parser, start
 
 p = parser()
 p.add_argument("--steps", type=int, default=5)
@@ -55,6 +55,7 @@ import flax.linen as nn  # noqa: E402
 
 losses = []
 with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  step = compile_together(step, state, train.global_batch(local, bsh), name="train step")
   for _ in range(args.steps):
     state, metrics = step(state, train.global_batch(local, bsh))
     losses.append(float(metrics["loss"]))

@@ -9,6 +9,8 @@
       # fine-tunes a finished quickstart run instead of pre-training one
   python -m benchmarks.sft_vqa --encoder_labels=leftmost --sft_runs=sft_300
       # the encoder taught the leftmost shape only (mm1-supervised --labels=leftmost)
+  python -m benchmarks.sft_vqa --encoder_labels=patches --sft_runs=sft --pretrain_seed=2
+      # the encoder also taught each patch's shape (mm1-supervised --labels=patches)
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
   p.add_argument("--sft_runs", default=",".join(DEFAULT_RUNS),
                  help=f"comma-separated, of {', '.join(SFT_RUNS)} (default {','.join(DEFAULT_RUNS)})")
   p.add_argument("--encoder", default=None, help="mm1-supervised's --out (default: <workdir>/encoder)")
-  p.add_argument("--encoder_labels", default="every_shape", choices=("leftmost", "every_shape"),
+  p.add_argument("--encoder_labels", default="every_shape", choices=("leftmost", "every_shape", "patches"),
                  help="mm1-supervised's --labels (default every_shape, as the README's quickstart)")
   p.add_argument("--pretrained", default=None, metavar="RUN",
                  help="a finished quickstart run (e.g. a base run of benchmarks/mm1_lessons.py) to fine-tune instead "

@@ -83,22 +83,55 @@ def task_labels() -> dict[str, tuple[tuple[str, ...], Callable]]:
   return out
 
 
-def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0):
-  """(uint8[n, S, S, 3] images, {task: int32[n] labels}) of the probe's generated scenes."""
-  return scenes({"train": "probe_train", "test": "probe_test"}[split], 0, n, image_size, tasks, seed)
+# Dense labels, one per patch of the trunk's grid (row-major, as its tokens): the kind and the
+# colour of the shape covering most of the patch, "none" (the last class) where shapes cover
+# less than a quarter of it. mm1-supervised --labels=patches trains on them.
+PATCH_TASKS = ("shape@patch", "colour@patch")
+PATCH_MIN_COVER = 0.25
 
 
-def scenes(stream: str, start: int, n: int, image_size: int, tasks=TASKS, seed: int = 0):
-  """Scenes start .. start + n - 1 of a shapes-world stream, labelled: (uint8[n, S, S, 3], {task: int32[n]})."""
+def patch_classes() -> dict[str, tuple[str, ...]]:
+  return {"shape@patch": (*sw.SHAPES, "none"), "colour@patch": (*sw.COLOURS, "none")}
+
+
+def patch_labels(scene: list[sw.Shape], image_size: int, patch_size: int) -> dict[str, np.ndarray]:
+  """{"shape@patch", "colour@patch": int32[(image_size // patch_size) ** 2]} of one scene."""
+  g = image_size // patch_size
+  own = sw.owners(scene, image_size)[:g * patch_size, :g * patch_size]
+  patches = own.reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3).reshape(g * g, -1)
+  cover = np.stack([(patches == i + 1).sum(-1) for i in range(len(scene))], -1)  # [patches, shapes]
+  top = cover.argmax(-1)
+  shown = cover.max(-1) >= PATCH_MIN_COVER * patch_size ** 2
+  colours = tuple(sw.COLOURS)
+  kind = np.array([sw.SHAPES.index(s.kind) for s in scene])[top]
+  colour = np.array([colours.index(s.colour) for s in scene])[top]
+  return {"shape@patch": np.where(shown, kind, len(sw.SHAPES)).astype(np.int32),
+          "colour@patch": np.where(shown, colour, len(colours)).astype(np.int32)}
+
+
+def make_split(split: str, n: int, image_size: int, tasks=TASKS, seed: int = 0, patch_size: int | None = None):
+  """(uint8[n, S, S, 3] images, {task: int32[n] labels}) of the probe's generated scenes (`scenes`)."""
+  return scenes({"train": "probe_train", "test": "probe_test"}[split], 0, n, image_size, tasks, seed, patch_size)
+
+
+def scenes(stream: str, start: int, n: int, image_size: int, tasks=TASKS, seed: int = 0,
+           patch_size: int | None = None):
+  """Scenes start .. start + n - 1 of a shapes-world stream, labelled: (uint8[n, S, S, 3], {task: int32[n]});
+  with `patch_size` also the PATCH_TASKS' labels, int32[n, patches]."""
   labels_of = task_labels()
   images = np.zeros((n, image_size, image_size, 3), np.uint8)
   labels = {t: np.zeros(n, np.int32) for t in tasks}
+  if patch_size:
+    labels.update({t: np.zeros((n, (image_size // patch_size) ** 2), np.int32) for t in PATCH_TASKS})
   for i in range(n):
     rng = sw._rng(seed, stream, start + i)
     scene = sw.sample_scene(rng, image_size)
     images[i] = sw.render(scene, rng, image_size)
     for t in tasks:
       labels[t][i] = labels_of[t][1](scene)
+    if patch_size:
+      for t, v in patch_labels(scene, image_size, patch_size).items():
+        labels[t][i] = v
   return images, labels
 
 

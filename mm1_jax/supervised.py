@@ -18,6 +18,10 @@ world its pre-trained encoder by the original ViT recipe, supervised classificat
                                 (docs/results.md, "Where the VQA answers are lost")
                    leftmost     the kind and the colour of the leftmost shape only, and
                                 the number of shapes (mm1-probe's default tasks)
+                   patches      every_shape's, and per patch of the trunk's grid the kind
+                                and the colour of the shape covering it ("none" on the
+                                background; `probe.patch_labels`), read by a linear head
+                                from each token, so that every token says what it shows
   data             fresh scenes every step from the world's own "supervised_train"
                    stream, apart from the corpus, the evaluation and mm1-probe's scenes
   recipe           AdamW (weight decay on matrices only), linear warm-up over the first
@@ -60,7 +64,10 @@ from tqdm import tqdm
 from mm1_jax import checkpoint, gin_cli, optim, paths, probe, vit
 
 TASKS = probe.TASKS
-LABELS = {"leftmost": probe.TASKS, "every_shape": probe.TASKS + probe.POSITION_TASKS}  # --labels: the tasks
+# --labels: the scene tasks; the choices in PER_PATCH also train probe.PATCH_TASKS, a label per token.
+LABELS = {"leftmost": probe.TASKS, "every_shape": probe.TASKS + probe.POSITION_TASKS,
+          "patches": probe.TASKS + probe.POSITION_TASKS}
+PER_PATCH = ("patches",)
 STREAM = "supervised_train"
 
 
@@ -78,11 +85,13 @@ class SupervisedConfig:
 
 
 class ViTClassifier(nn.Module):
-  """A `vit.ViT` trunk (named "trunk"); per task an attentive pool (or the token mean), LayerNorm, linear."""
+  """A `vit.ViT` trunk (named "trunk"); per task an attentive pool (or the token mean), LayerNorm, linear.
+  Per `dense` task, a linear head on every token (after a LayerNorm): logits [B, tokens, classes]."""
 
   config: vit.ViTConfig
   classes: tuple[tuple[str, int], ...]
   pool: str = "attn"
+  dense: tuple[tuple[str, int], ...] = ()
 
   @nn.compact
   def __call__(self, images):
@@ -95,12 +104,16 @@ class ViTClassifier(nn.Module):
       pooled = nn.MultiHeadDotProductAttention(num_heads=self.config.num_heads, name="pool")(
         jnp.broadcast_to(queries, (b, len(self.classes), d)), tokens)
     pooled = nn.LayerNorm(name="ln_head")(pooled)
-    return {t: nn.Dense(n, name=f"head_{t}")(pooled[:, i]) for i, (t, n) in enumerate(self.classes)}
+    out = {t: nn.Dense(n, name=f"head_{t}")(pooled[:, i]) for i, (t, n) in enumerate(self.classes)}
+    if self.dense:
+      normed = nn.LayerNorm(name="ln_dense")(tokens)
+      out.update({t: nn.Dense(n, name=f"head_{t}")(normed) for t, n in self.dense})
+    return out
 
 
 def num_classes(tasks=TASKS) -> dict[str, int]:
-  names = probe.task_labels()
-  return {t: len(names[t][0]) for t in tasks}
+  names = {**{t: v[0] for t, v in probe.task_labels().items()}, **probe.patch_classes()}
+  return {t: len(names[t]) for t in tasks}
 
 
 def lr_schedule(lr: float, steps: int):
@@ -118,8 +131,12 @@ def make_optimizer(learning_rate, weight_decay):
 
 
 def accuracy(predict, params, images, labels, chunk: int = 256, progress: bool = False) -> dict[str, float]:
-  """Per task, the share of `images` whose predicted class is the label; one compiled shape."""
+  """Per task, the share of `images` whose predicted class is the label; one compiled shape. A per-patch
+  task (labels [images, patches]) scores over all patches, and as "TASK/shown" over the patches a shape
+  covers (label not "none", the last class), which the background's majority does not flatter."""
   correct = {t: 0 for t in labels}
+  shown = {t: [0, 0] for t in labels if labels[t].ndim == 2}  # [right, patches] where a shape is shown
+  none = {t: num_classes((t,))[t] - 1 for t in shown}
   for i in tqdm(range(0, len(images), chunk), desc="test", unit="batch", disable=not progress, leave=False):
     x = images[i:i + chunk]
     n = len(x)
@@ -127,8 +144,15 @@ def accuracy(predict, params, images, labels, chunk: int = 256, progress: bool =
       x = np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
     pred = predict(params, jnp.asarray(x))
     for t in labels:
-      correct[t] += int((np.asarray(pred[t])[:n] == labels[t][i:i + n]).sum())
-  return {t: correct[t] / len(images) for t in labels}
+      right = np.asarray(pred[t])[:n] == labels[t][i:i + n]
+      correct[t] += int(right.sum())
+      if t in shown:
+        mask = labels[t][i:i + n] != none[t]
+        shown[t][0] += int(right[mask].sum())
+        shown[t][1] += int(mask.sum())
+  out = {t: correct[t] / labels[t].size for t in labels}
+  out.update({f"{t}/shown": r / max(m, 1) for t, (r, m) in shown.items()})
+  return out
 
 
 def compile_steps(model: nn.Module, tx, image_size: int, preprocess=None):
@@ -168,7 +192,9 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
   """Trains `encoder` with the heads on fresh labelled scenes; returns (trunk params, result)."""
   t_start = time.perf_counter()
   tasks = LABELS[config.labels]
-  model = ViTClassifier(encoder, tuple(num_classes(tasks).items()))
+  patch = encoder.patch_size if config.labels in PER_PATCH else None  # also a label per token
+  dense = probe.PATCH_TASKS if patch else ()
+  model = ViTClassifier(encoder, tuple(num_classes(tasks).items()), dense=tuple(num_classes(dense).items()))
   tx = optax.inject_hyperparams(make_optimizer)(learning_rate=0.0, weight_decay=config.weight_decay)
   schedule = lr_schedule(config.learning_rate, config.steps)
   size = encoder.image_size
@@ -178,7 +204,7 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
   bs = config.batch_size
 
   def batch(k):
-    return probe.scenes(STREAM, k * bs, bs, size, tasks, seed=config.seed)
+    return probe.scenes(STREAM, k * bs, bs, size, tasks, seed=config.seed, patch_size=patch)
 
   losses = []
   with concurrent.futures.ThreadPoolExecutor(1) as pool, \
@@ -198,10 +224,13 @@ def train_encoder(encoder: vit.ViTConfig, config: SupervisedConfig = SupervisedC
         bar.set_postfix(loss=f"{float(loss):.3f}")
   jax.block_until_ready(params)
   train_s = time.perf_counter() - t_start
-  test = accuracy(predict, params, *probe.make_split("test", config.num_test, size, tasks), progress=progress)
+  test = accuracy(predict, params, *probe.make_split("test", config.num_test, size, tasks, patch_size=patch),
+                  progress=progress)
+  chance = {t: 1 / n for t, n in num_classes(tasks + dense).items()}
+  chance.update({f"{t}/shown": 1 / (num_classes((t,))[t] - 1) for t in dense})
   result = {"settings": dataclasses.asdict(config), "encoder": dataclasses.asdict(encoder),
             "test_accuracy": {t: round(v, 4) for t, v in test.items()},
-            "chance": {t: round(1 / n, 4) for t, n in num_classes(tasks).items()},
+            "chance": {t: round(v, 4) for t, v in chance.items()},
             "final_train_loss": round(float(np.mean([float(x) for x in losses])), 4),
             "train_s": round(train_s, 1), "seconds": round(time.perf_counter() - t_start, 1)}
   return params["trunk"], result
@@ -230,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--seed", type=int, default=d.seed, help="initialisation and the scenes drawn")
   p.add_argument("--num_test", type=int, default=d.num_test, help="held-out scenes scored (mm1-probe's test split)")
   p.add_argument("--labels", choices=sorted(LABELS), default=d.labels,
-                 help=f"the shapes labelled: every one by its place, or the leftmost only (default {d.labels})")
+                 help="the shapes labelled: every one by its place, that and each patch's shape, or the "
+                      f"leftmost only (default {d.labels})")
   p.add_argument("--overwrite", action="store_true",
                  help="retrain although OUT holds a trunk of other settings (or parameters of unknown origin)")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")

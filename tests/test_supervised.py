@@ -101,3 +101,54 @@ def test_an_encoder_result_from_before_labels_counts_as_leftmost():
          "encoder": json.loads(json.dumps(dataclasses.asdict(encoder)))}
   assert supervised._same_run(old, supervised.SupervisedConfig(labels="leftmost"), encoder)
   assert not supervised._same_run(old, supervised.SupervisedConfig(), encoder)  # the default is every_shape
+
+
+def test_patch_labels_name_the_shape_each_patch_shows():
+  # Rows are y and columns x, in the trunk's row-major token order: a transposed grid would
+  # label the square's mirror patch (row 2, column 5) and leave its own (row 5, column 2) empty.
+  scene = [sw.Shape("square", "blue", "large", x=20.0, y=44.0, r=8.0),
+           sw.Shape("circle", "red", "small", x=50.0, y=12.0, r=6.0)]
+  labels = probe.patch_labels(scene, 64, 8)
+  kind, colour = labels["shape@patch"].reshape(8, 8), labels["colour@patch"].reshape(8, 8)
+  none_kind, none_colour = len(sw.SHAPES), len(sw.COLOURS)
+  assert (kind[5, 2], colour[5, 2]) == (sw.SHAPES.index("square"), list(sw.COLOURS).index("blue"))
+  assert (kind[1, 6], colour[1, 6]) == (sw.SHAPES.index("circle"), list(sw.COLOURS).index("red"))
+  assert (kind[2, 5], colour[2, 5]) == (none_kind, none_colour)
+  assert (kind[7, 0], kind[0, 0]) == (none_kind, none_kind)
+  # On drawn scenes, a patch labelled with a colour shows that colour on at least the minimum
+  # cover of its pixels in the very image the trunk sees (the labels and `render` agree).
+  images, labels = probe.scenes(supervised.STREAM, 0, 32, 64, patch_size=8)
+  rgb = np.array(list(sw.COLOURS.values()), np.uint8)
+  checked = 0
+  for image, colours in zip(images, labels["colour@patch"]):
+    patches = image.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, 64, 3)
+    for patch, c in zip(patches, colours):
+      if c != none_colour:
+        assert (patch == rgb[c]).all(-1).mean() >= probe.PATCH_MIN_COVER
+        checked += 1
+  assert checked > 100
+
+
+def test_patch_accuracy_is_also_scored_where_a_shape_is_shown():
+  # Most patches are background: a trunk that answers "none" everywhere scores the background's
+  # share over all patches and nothing on the patches that show a shape.
+  images, labels = probe.scenes(supervised.STREAM, 0, 8, 64, tasks=(), patch_size=8)
+  def predict(params, x):
+    return {t: np.full((len(x), 64), n - 1) for t, n in supervised.num_classes(probe.PATCH_TASKS).items()}
+  acc = supervised.accuracy(predict, None, images, labels, chunk=4)
+  background = (labels["shape@patch"] == len(sw.SHAPES)).mean()
+  assert 0.5 < background < 1 and acc["shape@patch"] == pytest.approx(background)
+  assert acc["shape@patch/shown"] == acc["colour@patch/shown"] == 0
+
+
+@pytest.mark.slow
+def test_patch_labels_train_a_head_on_every_token(tmp_path, clean_gin):
+  out = tmp_path / "encoder"
+  argv = [f"--gin_file={QUICKSTART}", f"--out={out}", "--steps=2", "--batch_size=8", "--num_test=16",
+          "--labels=patches", "--no_progress"]
+  assert _run(argv) == 0
+  result = json.loads((out / "result.json").read_text())
+  dense = {*probe.PATCH_TASKS, *(f"{t}/shown" for t in probe.PATCH_TASKS)}
+  assert set(result["test_accuracy"]) == set(probe.TASKS + probe.POSITION_TASKS) | dense
+  assert set(result["chance"]) == set(result["test_accuracy"])
+  assert set(checkpoint.load_params(out)) == {"encoder"}  # the heads stay behind

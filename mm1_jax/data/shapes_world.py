@@ -86,15 +86,27 @@ def render(shapes: list[Shape], rng: np.random.Generator, image_size: int = 64) 
   img = Image.new("RGB", (image_size, image_size), bg)
   draw = ImageDraw.Draw(img)
   for s in shapes:
-    colour = COLOURS[s.colour]
-    box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
-    if s.kind == "circle":
-      draw.ellipse(box, fill=colour)
-    elif s.kind == "square":
-      draw.rectangle(box, fill=colour)
-    else:
-      draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=colour)
+    _draw(draw, s, COLOURS[s.colour])
   return np.asarray(img, np.uint8)
+
+
+def owners(shapes: list[Shape], image_size: int = 64) -> np.ndarray:
+  """uint8[H, W]: per pixel, 1 + the index in `shapes` of the shape `render` paints there, 0 for background."""
+  img = Image.new("L", (image_size, image_size), 0)
+  draw = ImageDraw.Draw(img)
+  for i, s in enumerate(shapes):
+    _draw(draw, s, i + 1)
+  return np.asarray(img, np.uint8)
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: Shape, fill) -> None:
+  box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
+  if s.kind == "circle":
+    draw.ellipse(box, fill=fill)
+  elif s.kind == "square":
+    draw.rectangle(box, fill=fill)
+  else:
+    draw.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill)
 
 
 def encode_png(image: np.ndarray) -> bytes:

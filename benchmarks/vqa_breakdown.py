@@ -70,6 +70,13 @@ def scene_of(sample_id: str, question: str, seed: int, image_size: int):
   return ex["shapes"]
 
 
+def _attribute(question: str) -> str | None:
+  """The `Shape` field a question's answer names: "colour" or "kind"; None for a number question."""
+  if _COLOUR_Q.fullmatch(question):
+    return "colour"
+  return "kind" if _SHAPE_Q.fullmatch(question) else None
+
+
 def asked_about(question: str, shapes) -> int | None:
   """The place (0 = leftmost) of the shape a colour or shape question asks about (the world asks
   by an attribute only one shape in the scene has); None for any other question."""
@@ -104,10 +111,9 @@ def miss(question: str, prediction: str, shapes) -> str | None:
   asked = asked_about(question, shapes)
   if asked is None:
     return None
-  if _COLOUR_Q.fullmatch(question):
-    values, vocabulary = [s.colour for s in shapes], set(sw.COLOURS)
-  else:
-    values, vocabulary = [s.kind for s in shapes], set(sw.SHAPES)
+  attribute = _attribute(question)
+  values = [getattr(s, attribute) for s in shapes]
+  vocabulary = set(sw.COLOURS) if attribute == "colour" else set(sw.SHAPES)
   answer = metrics.normalize_answer(prediction)
   if answer == values[asked]:
     return None
@@ -124,7 +130,7 @@ def named_places(question: str, prediction: str, shapes) -> str | None:
 
   if miss(question, prediction, shapes) != "another_shape":
     return None
-  attribute = "colour" if _COLOUR_Q.fullmatch(question) else "kind"
+  attribute = _attribute(question)
   answer = metrics.normalize_answer(prediction)
   named = [str(i) for i, s in enumerate(shapes) if getattr(s, attribute) == answer]
   return f"{asked_about(question, shapes)}->{'+'.join(named)}"
@@ -139,7 +145,7 @@ def names_the_nearest(question: str, prediction: str, shapes) -> tuple[bool, flo
 
   if miss(question, prediction, shapes) != "another_shape":
     return None
-  attribute = "colour" if _COLOUR_Q.fullmatch(question) else "kind"
+  attribute = _attribute(question)
   asked = shapes[asked_about(question, shapes)]
   others = [s for s in shapes if getattr(s, attribute) != getattr(asked, attribute)]
   nearest = min(others, key=lambda s: math.hypot(s.x - asked.x, s.y - asked.y))
@@ -166,12 +172,12 @@ def tabulate(samples: list[dict], seed: int, image_size: int) -> dict:
     acc = metrics.vqa_accuracy(s["prediction"], s["targets"])
     for grouping, value in {"all": "all", **groups(s["question"], shapes)}.items():
       scores[s["answer_type"]][grouping][value].append(acc)
-    if kind := miss(s["question"], s["prediction"], shapes):
+    kind = miss(s["question"], s["prediction"], shapes)
+    if kind:
       misses[s["answer_type"]][kind] += 1
-    if places := named_places(s["question"], s["prediction"], shapes):
-      misses_by_place[s["answer_type"]][places] += 1
-    if near := names_the_nearest(s["question"], s["prediction"], shapes):
-      nearest[s["answer_type"]].append(near)
+    if kind == "another_shape":
+      misses_by_place[s["answer_type"]][named_places(s["question"], s["prediction"], shapes)] += 1
+      nearest[s["answer_type"]].append(names_the_nearest(s["question"], s["prediction"], shapes))
   out = {}
   for qtype, by in sorted(scores.items()):
     out[qtype] = ({"misses": dict(sorted(misses[qtype].items())),

@@ -226,7 +226,7 @@ def test_train_step_adds_and_logs_moe_losses(tiny_config):
   params = nn.meta.unbox(train._boxed_params(m, batch, jax.random.PRNGKey(0)))
   tx = optax.sgd(0.0)
   state = train.TrainState.create(params, tx.init(params))
-  # Compiled as one program, as training runs it (op by op it costs several times longer).
+  # Compiled as one program, as training runs it.
   step = jax.jit(functools.partial(train.train_step, model=m, tx=tx, schedule=lambda s: 0.0))
   _, metrics = step(state, batch)
   for k in ("moe_load_balance", "moe_router_z", "moe_drop_rate"):

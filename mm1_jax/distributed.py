@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax._src import distributed as jax_distributed  # the runtime's client: jax has no public barrier
 
 
 def on_multihost_tpu() -> bool:
@@ -52,3 +53,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize()
     return True
   return False
+
+
+def compile_together(jitted, *args, name: str):
+  """`jitted` compiled for `args`; with several processes, returned only once every process
+  has compiled it. Processes that compile a large step at different speeds otherwise meet
+  first inside its collectives, and CPU gloo collectives give up after 30 s waiting for a
+  peer at start-up, whatever XLA's collective timeouts say; the distributed runtime's
+  barrier (10 minutes) waits for the slowest compile instead."""
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    client = jax_distributed.global_state.client
+    if client is not None:
+      client.wait_at_barrier(f"mm1 compiled {name}", 600_000)
+  return compiled

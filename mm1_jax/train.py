@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from mm1_jax import distributed
 from mm1_jax import flops as flops_lib
 from mm1_jax import goodput as goodput_lib
 from mm1_jax import hardware
@@ -468,6 +469,8 @@ def train(*, workdir: str, model: MM1Config | ImageObjectiveConfig = MM1Config()
         with ledger.timed("data"):
           local = next(batches)
           inputs = global_batch(local, batch_shardings)
+        if step == start and host[1] > 1:  # every process compiles before any enters the step's collectives
+          step_fn = distributed.compile_together(step_fn, state, inputs, name="train step")
         state, metrics = step_fn(state, inputs)
         step += 1
         # The previous step's fault counters, read while this step runs (no stall).

@@ -40,16 +40,3 @@ def start(args):
   mesh = sharding.make_mesh(mesh_cfg)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
   return mesh_cfg, mesh
-
-
-def compile_together(jitted, *args, name: str):
-  """`jitted` compiled for `args`, returned once every process has compiled it. A gloo
-  collective gives up after 30 s waiting for its peers at start-up (whatever the XLA
-  collective timeouts say), and on a loaded machine one process can finish compiling the
-  train step that much later than the other; the distributed runtime's barrier waits longer."""
-  from jax._src import distributed as jax_distributed
-
-  compiled = jitted.lower(*args).compile()
-  if jax_distributed.global_state.client is not None:
-    jax_distributed.global_state.client.wait_at_barrier(f"compiled {name}", 600_000)
-  return compiled

@@ -7,7 +7,7 @@ Process 0 writes {"losses": [...], "checksum": ..., "restored_checksum": ...} to
 
 import json
 
-from multihost_setup import compile_together, parser, start
+from multihost_setup import parser, start
 
 p = parser()
 p.add_argument("--steps", type=int, default=5)
@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 from conftest import tiny_model_config  # noqa: E402
 from mm1_jax import optim, sharding, train  # noqa: E402
+from mm1_jax.distributed import compile_together  # noqa: E402
 from mm1_jax.checkpoint import Checkpointer  # noqa: E402
 from mm1_jax.model import MM1  # noqa: E402
 

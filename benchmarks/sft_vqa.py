@@ -20,7 +20,8 @@
    encoder at a tenth of the rate), the same for 300 steps (sft_300), the same with the encoder at
    the full rate (sft_encoder_full_lr), and gin/experiments/sft_highres.gin (overview + 2x2
    sub-images) for 600 steps. Only when --sft_runs names them: the same for 2,000 steps
-   (sft_2000) or with the encoder frozen (sft_encoder_frozen), and the high-resolution test:
+   (sft_2000), with the encoder frozen (sft_encoder_frozen) or with SFT's own seed set to 1 (sft_seed1:
+   its data order), and the high-resolution test:
    both files for 300 steps on the detail corpus (gin/experiments/sft_detail.gin,
    sft_highres_detail.gin: 128 px scenes whose shapes a 64 px overview halves),
    detail_highres_300 also compared with detail_300 (the sub-images' own effect).
@@ -61,6 +62,8 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
                  "--gin.CHECKPOINT_EVERY=500"],
     "sft_encoder_frozen": ["--gin_file=gin/experiments/sft.gin",
                            "--gin.optim.OptimizerConfig.lr_multipliers={'encoder': 0.0}"],
+    # SFT's own seed (its data order; every parameter comes from the pre-trained run) set to 1.
+    "sft_seed1": ["--gin_file=gin/experiments/sft.gin", "--gin.train.train.seed=1", "--gin.pipeline.DataConfig.seed=1"],
     "sft_highres_600": ["--gin_file=gin/experiments/sft_highres.gin", "--gin.TRAIN_STEPS=600", "--gin.EVAL_EVERY=200",
                         "--gin.CHECKPOINT_EVERY=200", "--gin.train.train.eval_at_start=False"],
     # The high-resolution test: the same 300 steps on the detail corpus, the whole image at 64 px

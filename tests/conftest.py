@@ -75,3 +75,11 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.get_closest_marker("libtpu"):
       item.add_marker(pytest.mark.xdist_group("libtpu"))
+  # Modules with the most slow tests first, each module's tests together and in order (so a
+  # module-scoped fixture is set up once): xdist hands out tests in this order, so the many
+  # short tests fill the end and no worker idles while the other finishes a long one that
+  # happened to be collected last.
+  slow: dict[str, int] = {}
+  for item in items:
+    slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker("slow"))
+  items.sort(key=lambda item: -slow[item.module.__name__])

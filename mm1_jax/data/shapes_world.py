@@ -326,44 +326,21 @@ def all_text(seed: int, n: int, image_size: int = 64) -> Iterator[str]:
 # --- instruction conversations (SFT) ---------------------------------------------
 
 
-def scene_asks(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str]]:
-  """One question about every shape of a scene, plus one count, none giving another away.
-
-  Each shape is asked its colour by its kind or its kind by its colour (whichever the scene
-  answers unambiguously; a coin decides when both do), so no answer is named by an earlier
-  turn of the same conversation, as it would be if one shape were asked both ways. Shuffled.
-  """
-  asks = []
-  for s in shapes:
-    options = []
-    if sum(o.kind == s.kind for o in shapes) == 1:
-      options.append((f"what colour is the {s.kind}?", s.colour))
-    if sum(o.colour == s.colour for o in shapes) == 1:
-      options.append((f"what shape is the {s.colour} object?", s.kind))
-    if options:
-      asks.append(options[int(rng.integers(len(options)))])
-  kind = SHAPES[int(rng.integers(len(SHAPES)))]
-  asks.append((f"how many {kind}s are there?", str(sum(s.kind == kind for s in shapes))))
-  order = rng.permutation(len(asks))
-  return [asks[i] for i in order]
-
-
 def chat_turns(rng: np.random.Generator, scenes: list[list[Shape]]) -> list[dict]:
   """A LLaVA-style conversation about one or two scenes: questions, descriptions, comparisons.
 
-  About one scene: every shape asked about once (`scene_asks`), then, three times in ten, a
-  description, last so that it names no answer before its question. The first user turn
-  carries the `<image>` markers; answers use the VQA answer forms (digits, colour and shape
-  words).
+  The first user turn carries the `<image>` markers; answers use the VQA answer forms
+  (digits, colour and shape words).
   """
   turns: list[dict] = []
   markers = "\n".join(["<image>"] * len(scenes)) + "\n"
   asks: list[tuple[str, str]] = []
   if len(scenes) == 1:
-    asks += scene_asks(scenes[0], rng)
+    qa = questions(scenes[0], rng)
+    asks += qa[: int(rng.integers(1, 4))]
     if rng.random() < 0.3:
       refs = captions(scenes[0])
-      asks.append(("describe the picture.", refs[int(rng.integers(len(refs)))]))
+      asks.insert(int(rng.integers(len(asks) + 1)), ("describe the picture.", refs[int(rng.integers(len(refs)))]))
   else:
     a, b = (len(s) for s in scenes)
     answer = "the first" if a > b else "the second" if b > a else "neither"

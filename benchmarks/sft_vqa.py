@@ -20,8 +20,8 @@
    encoder at a tenth of the rate), the same for 300 steps (sft_300), the same with the encoder at
    the full rate (sft_encoder_full_lr), and gin/experiments/sft_highres.gin (overview + 2x2
    sub-images) for 600 steps. Only when --sft_runs names them: the same for 2,000 steps
-   (sft_2000), with the encoder frozen (sft_encoder_frozen) or with SFT's own seed set to 1 (sft_seed1:
-   its data order), and the high-resolution test:
+   (sft_2000), with the encoder frozen (sft_encoder_frozen), with SFT's own seed set to 1 (sft_seed1:
+   its data order) or at a lower peak learning rate (sft_lr3e-4, sft_lr1e-4), and the high-resolution test:
    both files for 300 steps on the detail corpus (gin/experiments/sft_detail.gin,
    sft_highres_detail.gin: 128 px scenes whose shapes a 64 px overview halves),
    detail_highres_300 also compared with detail_300 (the sub-images' own effect).
@@ -64,6 +64,9 @@ SFT_RUNS = {  # name: gin flags after --gin.INIT_FROM
                            "--gin.optim.OptimizerConfig.lr_multipliers={'encoder': 0.0}"],
     # SFT's own seed (its data order; every parameter comes from the pre-trained run) set to 1.
     "sft_seed1": ["--gin_file=gin/experiments/sft.gin", "--gin.train.train.seed=1", "--gin.pipeline.DataConfig.seed=1"],
+    # A lower peak learning rate (the shipped file's is 1e-3; the quickstart pre-trains at 2e-3).
+    "sft_lr3e-4": ["--gin_file=gin/experiments/sft.gin", "--gin.PEAK_LR=3e-4"],
+    "sft_lr1e-4": ["--gin_file=gin/experiments/sft.gin", "--gin.PEAK_LR=1e-4"],
     "sft_highres_600": ["--gin_file=gin/experiments/sft_highres.gin", "--gin.TRAIN_STEPS=600", "--gin.EVAL_EVERY=200",
                         "--gin.CHECKPOINT_EVERY=200", "--gin.train.train.eval_at_start=False"],
     # The high-resolution test: the same 300 steps on the detail corpus, the whole image at 64 px

@@ -149,6 +149,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
 KVCache = tuple[jax.Array, jax.Array]
 
 
+def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """softmax(q k^T / sqrt(H), masked) in float32: [B, K, N // K, T, S], query head k * (N // K) + g
+  at [:, k, g]. Shapes as `attend`'s."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  q = (q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)).reshape(b, t, kh, n // kh, h)
+  s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(s, axis=-1)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
   """softmax(q k^T / sqrt(H), masked) v, with grouped heads; scores and softmax in float32.
 
@@ -159,12 +171,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
     float[B, T, N, H] in q's dtype.
   """
   b, t, n, h = q.shape
-  kh = k.shape[2]
-  q = (q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)).reshape(b, t, kh, n // kh, h)
-  s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  p = attention_probs(q, k, mask).astype(v.dtype)
   return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
 
 
@@ -205,6 +212,12 @@ def cache_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   out = jax.lax.dot_general(p, v, (((3,), (2,)), batch))  # [B, K, G*T, H]
   return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+# Applied with this collection mutable, every `Attention` also sows its softmax weights,
+# float32[B, K, N // K, T, S] (`attention_probs`; in a scanned stack with a leading layer
+# axis), under "probs"; read by benchmarks/attention_lookup.py. The output does not change.
+PROBS_COLLECTION = "attention"
 
 
 class Attention(nn.Module):
@@ -263,6 +276,8 @@ class Attention(nn.Module):
                          f"got slot {cache_index}; give a mask over the cache's slots")
 
     k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if self.is_mutable_collection(PROBS_COLLECTION):  # diagnostics: where each query looks
+      self.sow(PROBS_COLLECTION, "probs", attention_probs(q, k, mask))
     # Initialisation needs no kernel (the parameters are the same) and may use any length.
     if self.impl == "splash" and segment_ids is not None and cache is None and not self.is_initializing():
       out = splash.attend(q, k, v, segment_ids, self.window)
@@ -309,8 +324,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 # Variable collections that a scanned stack stacks along its leading 'layers' axis:
-# the parameters, and per-layer statistics sown by sparse layers (mm1_jax.moe).
-STACKED_COLLECTIONS = ("params", "moe")
+# the parameters, per-layer statistics sown by sparse layers (mm1_jax.moe) and the
+# attention weights sown for diagnostics (PROBS_COLLECTION).
+STACKED_COLLECTIONS = ("params", "moe", PROBS_COLLECTION)
 
 REMAT_POLICIES = {
     "none": None,  # keep every activation

@@ -1,0 +1,209 @@
+"""Where the decoder looks when it answers a VQA question about one shape of several.
+
+"what colour is the triangle?" names the shape by its kind, "what shape is the red object?"
+by its colour. For every such question of the held-out split whose scene has two or more
+shapes, the zero-shot prompt, built as mm1-eval builds it, runs through the model once; from
+each decoder layer's attention at the last prompt position (the one that predicts the
+answer) this takes the weights on the image tokens, and of the weight on the cells that
+shapes cover, the share on the cells of the shape asked about. Attention spread evenly over
+the shapes' cells gives that share by chance (`chance`, the asked shape's cells over all
+shapes' cells); a layer that finds the asked shape puts more there.
+
+  python -m benchmarks.attention_lookup --run=/tmp/mm1_sft/run [--run=...] \\
+      [--json_out=benchmarks/results/attention_lookup/NAME.json]
+
+Each --run is a finished run folder (its config.gin and checkpoints/, newest step); the
+prompt format is the run's own evaluation's (the chat template after SFT). The image tokens
+are the connector's pooled grid in row-major order (the C-Abstractor's and average pooling's,
+side x side over the image); a cell belongs to the shape that covers most of its pixels if
+that is at least MIN_CELL_PIXELS of them. Questions whose shape owns no cell (a small shape
+split over four cells) are counted and left out.
+
+What it leaves out: attention weight is not use (the value vectors and the later layers decide
+what is read); heads are reported each and averaged; one prompt format, zero-shot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import record
+from benchmarks.jobs import record_header, write_record
+
+MIN_CELL_PIXELS = 16
+TYPES = {"colour": re.compile(r"what colour is the (\w+)\?"), "shape": re.compile(r"what shape is the (\w+) object\?")}
+
+
+def cell_owners(shapes, image_size: int, side: int) -> np.ndarray:
+  """int[side * side], row-major: per cell of the pooled grid the index in `shapes` of the shape
+  covering most of its pixels (at least MIN_CELL_PIXELS), else -1."""
+  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
+
+  own = sw.owners(shapes, image_size)
+  edges = np.linspace(0, image_size, side + 1).round().astype(int)
+  out = np.full(side * side, -1, np.int64)
+  for r in range(side):
+    for c in range(side):
+      cell = own[edges[r]:edges[r + 1], edges[c]:edges[c + 1]]
+      counts = np.bincount(cell.ravel(), minlength=len(shapes) + 1)[1:]
+      if counts.size and counts.max() >= MIN_CELL_PIXELS:
+        out[r * side + c] = int(counts.argmax())
+  return out
+
+
+def asked_index(question: str, shapes) -> tuple[str, int] | None:
+  """(question type, index in `shapes` of the shape asked about), None for other questions."""
+  for kind, pattern in TYPES.items():
+    m = pattern.fullmatch(question)
+    if m:
+      field = "kind" if kind == "colour" else "colour"
+      match = [i for i, s in enumerate(shapes) if getattr(s, field) == m.group(1)]
+      return (kind, match[0]) if len(match) == 1 else None
+  return None
+
+
+def lookup_share(weights: np.ndarray, owners: np.ndarray, asked: int) -> tuple[np.ndarray, float]:
+  """weights float[..., cells] on the image tokens -> (share of the weight on shape cells that is on
+  the asked shape's cells, float[...]; the share by chance, uniform over the shapes' cells)."""
+  on_shapes = owners >= 0
+  mine = owners == asked
+  total = (weights * on_shapes).sum(-1)
+  return (weights * mine).sum(-1) / np.maximum(total, 1e-30), mine.sum() / on_shapes.sum()
+
+
+def _decoder_probs(state) -> list[np.ndarray]:
+  """The decoder's sown attention weights, in layer order: each float[B, K, G, ...] (a scanned
+  stack's [layers, B, K, G, ...] split into its layers)."""
+  import jax  # noqa: PLC0415
+
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+    if "decoder" in names:
+      found.append((names, np.asarray(leaf)))
+  natural = lambda names: [int(t) if t.isdigit() else t for n in names for t in re.split(r"(\d+)", n)]  # noqa: E731
+  out = []
+  for names, leaf in sorted(found, key=lambda f: natural(f[0])):
+    out += list(leaf) if "layers" in names else [leaf]  # "layers": the scanned stack's submodule
+  return out
+
+
+def analyse(run: Path, progress: bool = True) -> dict:
+  """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
+  import flax.linen as nn  # noqa: PLC0415
+  import gin  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  from tqdm import tqdm  # noqa: PLC0415
+
+  import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
+  from benchmarks.vqa_breakdown import scene_of  # noqa: PLC0415
+  from mm1_jax import connector, gin_files, layers  # noqa: PLC0415
+  from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
+  from mm1_jax import sharding as sharding_lib  # noqa: PLC0415
+  from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
+  from mm1_jax.data import corpus  # noqa: PLC0415
+  from mm1_jax.eval import fewshot  # noqa: PLC0415
+  from mm1_jax.model import MM1  # noqa: PLC0415
+  from mm1_jax.train import dummy_batch, init_param_shardings  # noqa: PLC0415
+
+  gin.clear_config(clear_constants=True)
+  gin.add_config_file_search_path(str(gin_files.root()))
+  gin.parse_config_files_and_bindings([str(run / "config.gin")], [])
+  config = gin.query_parameter("%MODEL").scoped_configurable_fn()
+  evaluation = gin.query_parameter("%EVALUATION").scoped_configurable_fn()
+  mesh_cfg = gin.query_parameter("%MESH").scoped_configurable_fn()
+  gin.clear_config(clear_constants=True)
+  if not isinstance(config.connector, (connector.CAbstractorConfig, connector.AvgPoolConfig)):
+    raise SystemExit(f"{run}: the image tokens of a {type(config.connector).__name__} are not a pooled grid")
+  side = int(round(config.tokens_per_image ** 0.5))
+  evaluation = dataclasses.replace(evaluation, benchmarks=("shapes_vqa",), shots=(0,), train_mixture=None,
+                                   num_queries=None)
+  mm1 = MM1(config)
+  mesh = sharding_lib.make_mesh(mesh_cfg)
+  abstract, shardings = init_param_shardings(mm1, dummy_batch(1, 8, 1, config), mesh, mesh_cfg.rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  ckpt = Checkpointer(run / "checkpoints")
+  step = ckpt.all_steps()[-1]
+  params = ckpt.restore_params(step, target)
+  ckpt.close()
+  ev = fewshot.Evaluator(evaluation, mm1, mesh, mesh_cfg.rules)
+  bench = ev.benchmarks["shapes_vqa"]
+
+  def forward(params, tokens, images, valid):
+    cache = decoder_lib.init_cache(config.decoder, tokens.shape[0], tokens.shape[1])
+    _, state = mm1.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,
+                         mutable=[layers.PROBS_COLLECTION])
+    # Only the last prompt position's weights leave the device: [B, K, G, S] per layer.
+    return jax.tree.map(lambda p: p[..., -1, :], state)
+
+  forward = jax.jit(forward)
+  per_type: dict[str, dict] = {k: {"shares": [], "chance": []} for k in TYPES}
+  skipped = {"one_shape": 0, "no_cell": 0}
+  seed, size = corpus.CorpusSpec().seed, config.encoder.image_size
+  for q in tqdm(bench.test, desc="questions", unit="q", disable=not progress):
+    shapes = scene_of(q["id"], q["question"], seed, size)
+    found = asked_index(q["question"], shapes)
+    if found is None:
+      continue
+    kind, asked = found
+    if len(shapes) < 2:
+      skipped["one_shape"] += 1
+      continue
+    owners = cell_owners(shapes, size, side)
+    if not (owners == asked).any():
+      skipped["no_cell"] += 1
+      continue
+    tokens = ev._encode(fewshot.build_prompt(bench.template, [], q, evaluation.chat_template))
+    image = ev.images(q)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
+      state = forward(params, tokens[None], image[None, None], np.ones((1, len(tokens)), bool))
+    at_image = np.flatnonzero(tokens == ev.ids.image)
+    assert len(at_image) == config.tokens_per_image, (q["id"], len(at_image))
+    probs = [p[0].reshape(-1, p.shape[-1])[:, at_image] for p in _decoder_probs(state)]  # [heads, cells]
+    shares, chance = lookup_share(np.stack(probs), owners, asked)  # [layers, heads]
+    per_type[kind]["shares"].append(shares)
+    per_type[kind]["chance"].append(chance)
+  out = {"run": str(run), "step": step, "cells": side * side, "skipped": skipped}
+  for kind, d in per_type.items():
+    shares = np.stack(d["shares"])  # [questions, layers, heads]
+    n = len(shares)
+    out[kind] = {
+        "questions": n,
+        "chance": round(float(np.mean(d["chance"])), 4),
+        "share_mean_of_heads": [round(float(v), 4) for v in shares.mean((0, 2))],
+        "share_by_head": [[round(float(v), 4) for v in layer] for layer in shares.mean(0)],
+        "share_se_by_head": [[round(float(v), 4) for v in layer] for layer in shares.std(0, ddof=1) / np.sqrt(n)],
+    }
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--run", action="append", required=True, help="a finished run folder (repeatable)")
+  p.add_argument("--json_out", default=None, help="the record, e.g. benchmarks/results/attention_lookup/NAME.json")
+  p.add_argument("--no_progress", action="store_true")
+  args = p.parse_args(argv)
+  git = record.git_state()  # the code this run loads
+  result = {**record_header(), "runs": {}}
+  for run in args.run:
+    path = Path(run)
+    if not (path / "config.gin").exists() or not (path / "checkpoints").exists():
+      p.error(f"--run={run}: no config.gin and checkpoints/ there")
+    r = analyse(path, progress=not args.no_progress)
+    result["runs"][path.name] = r
+    for kind in TYPES:
+      print(f"{path.name} {kind}: {r[kind]['questions']} questions, chance {r[kind]['chance']}, "
+            f"share on the asked shape by layer {r[kind]['share_mean_of_heads']}")
+  if args.json_out:
+    write_record(Path(args.json_out), result, git=git, benchmark="attention_lookup")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,77 @@
+"""benchmarks/attention_lookup.py: the sown attention weights and the cell arithmetic."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import attention_lookup as al
+from mm1_jax import decoder as decoder_lib
+from mm1_jax import layers
+from mm1_jax.data import shapes_world as sw
+from mm1_jax.model import MM1
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_sown_weights_are_each_decoder_layers_softmax_over_the_keys_the_mask_allows(tiny_config, scan):
+  """Catches weights sown before the mask (padding or later keys weighted), query and key axes
+  swapped (the causal zeros would sit above the diagonal's mirror), encoder layers taken for
+  decoder ones, a scanned stack's layers lost or taken for one, and a sow that changes the output."""
+  tiny_config = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, scan_layers=scan))
+  model = MM1(tiny_config)
+  b, p = 2, 24
+  tokens = np.full((b, p), 7, np.int32)
+  tokens[:, 4:4 + tiny_config.tokens_per_image] = tiny_config.image_token_id
+  valid = np.ones((b, p), bool)
+  valid[1, :3] = False  # row 1 left-padded
+  images = np.random.default_rng(0).integers(0, 256, (b, 1, 64, 64, 3), dtype=np.uint8)
+  params = model.init(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(images), jnp.asarray(valid),
+                      decoder_lib.init_cache(tiny_config.decoder, b, p), method=MM1.prefill)["params"]
+  cache = decoder_lib.init_cache(tiny_config.decoder, b, p)
+  plain, _ = model.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill)
+  (logits, _), state = model.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,
+                                   mutable=[layers.PROBS_COLLECTION])
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain))
+  probs = al._decoder_probs(state)
+  assert len(probs) == tiny_config.decoder.depth
+  c = tiny_config.decoder
+  for w in probs:
+    assert w.shape == (b, c.num_kv_heads, c.num_heads // c.num_kv_heads, p, p)
+    later = np.triu_indices(p, 1)
+    for row, first in ((0, 0), (1, 3)):  # the real queries of each row
+      real = w[row][..., first:, :]
+      np.testing.assert_allclose(real.sum(-1), 1.0, rtol=1e-5)
+      assert np.all(real[..., :first] == 0)  # no padding key
+      assert np.all(w[row][..., later[0], later[1]][..., later[0] >= first] == 0)  # no later key
+    assert np.all(w[0][..., p - 1, :] > 0)  # the last query weighs every key of a full row
+
+
+def test_cells_are_the_pooled_grid_in_row_major_order():
+  """A square filling the top-right quarter owns cells 2, 3, 6, 7 of a 4 x 4 grid (a transposed
+  grid gives 8, 9, 12, 13); a circle too small to cover MIN_CELL_PIXELS of any cell owns none."""
+  square = sw.Shape("square", "red", "large", x=48, y=16, r=15)
+  owners = al.cell_owners([square], 64, 4)
+  assert sorted(np.flatnonzero(owners == 0)) == [2, 3, 6, 7]
+  speck = sw.Shape("circle", "blue", "small", x=16, y=48, r=1.5)  # centred where four cells meet
+  owners = al.cell_owners([square, speck], 64, 4)
+  assert not (owners == 1).any() and sorted(np.flatnonzero(owners == 0)) == [2, 3, 6, 7]
+
+
+def test_share_on_the_asked_shape_and_its_chance():
+  owners = np.array([0, 0, 1, -1])  # two cells of shape 0, one of shape 1, one background
+  share, chance = al.lookup_share(np.array([[0.5, 0.3, 0.0, 0.2], [0.1, 0.1, 0.6, 0.2]]), owners, 0)
+  np.testing.assert_allclose(share, [1.0, 0.2 / 0.8])  # background weight does not count
+  assert chance == 2 / 3
+  uniform, _ = al.lookup_share(np.array([0.25, 0.25, 0.25, 0.25]), owners, 1)
+  np.testing.assert_allclose(uniform, 1 / 3)
+
+
+def test_the_asked_shape_is_found_by_the_attribute_the_question_names():
+  shapes = [sw.Shape("circle", "red", "small", 10, 10, 5), sw.Shape("triangle", "blue", "small", 40, 40, 5),
+            sw.Shape("circle", "green", "small", 50, 10, 5)]
+  assert al.asked_index("what colour is the triangle?", shapes) == ("colour", 1)
+  assert al.asked_index("what shape is the green object?", shapes) == ("shape", 2)
+  assert al.asked_index("what colour is the circle?", shapes) is None  # two circles
+  assert al.asked_index("how many circles are there?", shapes) is None

@@ -2,12 +2,13 @@
 
 "what colour is the triangle?" names the shape by its kind, "what shape is the red object?"
 by its colour. For every such question of the held-out split whose scene has two or more
-shapes, the zero-shot prompt, built as mm1-eval builds it, runs through the model once; from
-each decoder layer's attention at the last prompt position (the one that predicts the
-answer) this takes the weights on the image tokens, and of the weight on the cells that
-shapes cover, the share on the cells of the shape asked about. Attention spread evenly over
-the shapes' cells gives that share by chance (`chance`, the asked shape's cells over all
-shapes' cells); a layer that finds the asked shape puts more there.
+shapes, the zero-shot prompt, built as mm1-eval builds it, runs through the model once. At
+two query positions, the last token of the naming word ("triangle", "red") and the last
+prompt position (the one that predicts the answer), this takes each decoder layer's and
+head's attention weights on the image tokens and, of the weight on the cells that shapes
+cover, the share on the cells of the shape asked about. Attention spread evenly over the
+shapes' cells gives that share by chance (`chance`, the asked shape's cells over all shapes'
+cells); a head that finds the asked shape puts more there.
 
   python -m benchmarks.attention_lookup --run=/tmp/mm1_sft/run [--run=...] \\
       [--json_out=benchmarks/results/attention_lookup/NAME.json]
@@ -17,7 +18,8 @@ prompt format is the run's own evaluation's (the chat template after SFT). The i
 are the connector's pooled grid in row-major order (the C-Abstractor's and average pooling's,
 side x side over the image); a cell belongs to the shape that covers most of its pixels if
 that is at least MIN_CELL_PIXELS of them. Questions whose shape owns no cell (a small shape
-split over four cells) are counted and left out.
+split over four cells), or whose naming word does not end a token of the prompt, are counted
+and left out.
 
 What it leaves out: attention weight is not use (the value vectors and the later layers decide
 what is read); heads are reported each and averaged; one prompt format, zero-shot.
@@ -37,6 +39,9 @@ from benchmarks import record
 from benchmarks.jobs import record_header, write_record
 
 MIN_CELL_PIXELS = 16
+# Query positions: the last token of the word that names the shape ("triangle", "red") and the
+# last prompt position, which predicts the answer.
+POSITIONS = ("named", "answer")
 TYPES = {"colour": re.compile(r"what colour is the (\w+)\?"), "shape": re.compile(r"what shape is the (\w+) object\?")}
 
 
@@ -139,12 +144,12 @@ def analyse(run: Path, progress: bool = True) -> dict:
     cache = decoder_lib.init_cache(config.decoder, tokens.shape[0], tokens.shape[1])
     _, state = mm1.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,
                          mutable=[layers.PROBS_COLLECTION])
-    # Only the last prompt position's weights leave the device: [B, K, G, S] per layer.
-    return jax.tree.map(lambda p: p[..., -1, :], state)
+    return state
 
   forward = jax.jit(forward)
-  per_type: dict[str, dict] = {k: {"shares": [], "chance": []} for k in TYPES}
-  skipped = {"one_shape": 0, "no_cell": 0}
+  shares: dict[tuple[str, str], list] = {(k, at): [] for k in TYPES for at in POSITIONS}
+  chances: dict[str, list] = {k: [] for k in TYPES}
+  skipped = {"one_shape": 0, "no_cell": 0, "word_not_a_token_prefix": 0}
   seed, size = corpus.CorpusSpec().seed, config.encoder.image_size
   for q in tqdm(bench.test, desc="questions", unit="q", disable=not progress):
     shapes = scene_of(q["id"], q["question"], seed, size)
@@ -159,27 +164,34 @@ def analyse(run: Path, progress: bool = True) -> dict:
     if not (owners == asked).any():
       skipped["no_cell"] += 1
       continue
-    tokens = ev._encode(fewshot.build_prompt(bench.template, [], q, evaluation.chat_template))
+    prompt = fewshot.build_prompt(bench.template, [], q, evaluation.chat_template)
+    tokens = ev._encode(prompt)
+    word = TYPES[kind].fullmatch(q["question"]).group(1)
+    upto = ev._encode(prompt[:prompt.rindex(word) + len(word)])  # through the naming word
+    if not np.array_equal(upto, tokens[:len(upto)]):
+      skipped["word_not_a_token_prefix"] += 1
+      continue
     image = ev.images(q)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
       state = forward(params, tokens[None], image[None, None], np.ones((1, len(tokens)), bool))
     at_image = np.flatnonzero(tokens == ev.ids.image)
     assert len(at_image) == config.tokens_per_image, (q["id"], len(at_image))
-    probs = [p[0].reshape(-1, p.shape[-1])[:, at_image] for p in _decoder_probs(state)]  # [heads, cells]
-    shares, chance = lookup_share(np.stack(probs), owners, asked)  # [layers, heads]
-    per_type[kind]["shares"].append(shares)
-    per_type[kind]["chance"].append(chance)
+    layer_probs = _decoder_probs(state)  # each [1, K, G, T, S]
+    for at, row in (("named", len(upto) - 1), ("answer", len(tokens) - 1)):
+      probs = np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
+      share, chance = lookup_share(probs, owners, asked)  # [layers, heads]
+      shares[(kind, at)].append(share)
+    chances[kind].append(chance)
   out = {"run": str(run), "step": step, "cells": side * side, "skipped": skipped}
-  for kind, d in per_type.items():
-    shares = np.stack(d["shares"])  # [questions, layers, heads]
-    n = len(shares)
-    out[kind] = {
-        "questions": n,
-        "chance": round(float(np.mean(d["chance"])), 4),
-        "share_mean_of_heads": [round(float(v), 4) for v in shares.mean((0, 2))],
-        "share_by_head": [[round(float(v), 4) for v in layer] for layer in shares.mean(0)],
-        "share_se_by_head": [[round(float(v), 4) for v in layer] for layer in shares.std(0, ddof=1) / np.sqrt(n)],
-    }
+  for kind in TYPES:
+    out[kind] = {"questions": len(chances[kind]), "chance": round(float(np.mean(chances[kind])), 4)}
+    for at in POSITIONS:
+      v = np.stack(shares[(kind, at)])  # [questions, layers, heads]
+      out[kind][at] = {
+          "share_mean_of_heads": [round(float(x), 4) for x in v.mean((0, 2))],
+          "share_by_head": [[round(float(x), 4) for x in layer] for layer in v.mean(0)],
+          "share_se_by_head": [[round(float(x), 4) for x in layer] for layer in v.std(0, ddof=1) / np.sqrt(len(v))],
+      }
   return out
 
 
@@ -198,8 +210,9 @@ def main(argv=None) -> int:
     r = analyse(path, progress=not args.no_progress)
     result["runs"][path.name] = r
     for kind in TYPES:
-      print(f"{path.name} {kind}: {r[kind]['questions']} questions, chance {r[kind]['chance']}, "
-            f"share on the asked shape by layer {r[kind]['share_mean_of_heads']}")
+      for at in POSITIONS:
+        print(f"{path.name} {kind} at the {at} position: {r[kind]['questions']} questions, chance "
+              f"{r[kind]['chance']}, share on the asked shape by layer {r[kind][at]['share_mean_of_heads']}")
   if args.json_out:
     write_record(Path(args.json_out), result, git=git, benchmark="attention_lookup")
   return 0

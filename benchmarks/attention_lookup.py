@@ -18,8 +18,9 @@ prompt format is the run's own evaluation's (the chat template after SFT). The i
 are the connector's pooled grid in row-major order (the C-Abstractor's and average pooling's,
 side x side over the image); a cell belongs to the shape that covers most of its pixels if
 that is at least MIN_CELL_PIXELS of them. Questions whose shape owns no cell (a small shape
-split over four cells), or whose naming word does not end a token of the prompt, are counted
-and left out.
+split over four cells), whose other shapes own none, or whose naming word does not end a
+token of the prompt, are counted and left out. Dense decoders only (a sparse one's grouped
+stacks are not read in layer order).
 
 What it leaves out: attention weight is not use (the value vectors and the later layers decide
 what is read); heads are reported each and averaged; one prompt format, zero-shot.
@@ -124,6 +125,8 @@ def analyse(run: Path, progress: bool = True) -> dict:
   evaluation = gin.query_parameter("%EVALUATION").scoped_configurable_fn()
   mesh_cfg = gin.query_parameter("%MESH").scoped_configurable_fn()
   gin.clear_config(clear_constants=True)
+  if config.decoder.moe is not None:
+    raise SystemExit(f"{run}: a sparse decoder's grouped stacks are not read in layer order here")
   if not isinstance(config.connector, (connector.CAbstractorConfig, connector.AvgPoolConfig)):
     raise SystemExit(f"{run}: the image tokens of a {type(config.connector).__name__} are not a pooled grid")
   side = int(round(config.tokens_per_image ** 0.5))
@@ -149,7 +152,7 @@ def analyse(run: Path, progress: bool = True) -> dict:
   forward = jax.jit(forward)
   shares: dict[tuple[str, str], list] = {(k, at): [] for k in TYPES for at in POSITIONS}
   chances: dict[str, list] = {k: [] for k in TYPES}
-  skipped = {"one_shape": 0, "no_cell": 0, "word_not_a_token_prefix": 0}
+  skipped = {"one_shape": 0, "no_cell": 0, "no_other_cell": 0, "word_not_a_token_prefix": 0}
   seed, size = corpus.CorpusSpec().seed, config.encoder.image_size
   for q in tqdm(bench.test, desc="questions", unit="q", disable=not progress):
     shapes = scene_of(q["id"], q["question"], seed, size)
@@ -163,6 +166,9 @@ def analyse(run: Path, progress: bool = True) -> dict:
     owners = cell_owners(shapes, size, side)
     if not (owners == asked).any():
       skipped["no_cell"] += 1
+      continue
+    if not ((owners >= 0) & (owners != asked)).any():  # the share would be 1 whatever the weights
+      skipped["no_other_cell"] += 1
       continue
     prompt = fewshot.build_prompt(bench.template, [], q, evaluation.chat_template)
     tokens = ev._encode(prompt)
@@ -187,10 +193,14 @@ def analyse(run: Path, progress: bool = True) -> dict:
     out[kind] = {"questions": len(chances[kind]), "chance": round(float(np.mean(chances[kind])), 4)}
     for at in POSITIONS:
       v = np.stack(shares[(kind, at)])  # [questions, layers, heads]
+      excess = v - np.asarray(chances[kind])[:, None, None]  # over each question's own chance
       out[kind][at] = {
           "share_mean_of_heads": [round(float(x), 4) for x in v.mean((0, 2))],
           "share_by_head": [[round(float(x), 4) for x in layer] for layer in v.mean(0)],
           "share_se_by_head": [[round(float(x), 4) for x in layer] for layer in v.std(0, ddof=1) / np.sqrt(len(v))],
+          "excess_over_chance_by_head": [[round(float(x), 4) for x in layer] for layer in excess.mean(0)],
+          "excess_se_by_head": [[round(float(x), 4) for x in layer]
+                                for layer in excess.std(0, ddof=1) / np.sqrt(len(v))],
       }
   return out
 

@@ -276,7 +276,7 @@ class Attention(nn.Module):
                          f"got slot {cache_index}; give a mask over the cache's slots")
 
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if self.is_mutable_collection(PROBS_COLLECTION):  # diagnostics: where each query looks
+    if self.is_mutable_collection(PROBS_COLLECTION) and not self.is_initializing():  # diagnostics
       self.sow(PROBS_COLLECTION, "probs", attention_probs(q, k, mask))
     # Initialisation needs no kernel (the parameters are the same) and may use any length.
     if self.impl == "splash" and segment_ids is not None and cache is None and not self.is_initializing():

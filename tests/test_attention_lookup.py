@@ -27,8 +27,10 @@ def test_sown_weights_are_each_decoder_layers_softmax_over_the_keys_the_mask_all
   valid = np.ones((b, p), bool)
   valid[1, :3] = False  # row 1 left-padded
   images = np.random.default_rng(0).integers(0, 256, (b, 1, 64, 64, 3), dtype=np.uint8)
-  params = model.init(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(images), jnp.asarray(valid),
-                      decoder_lib.init_cache(tiny_config.decoder, b, p), method=MM1.prefill)["params"]
+  variables = model.init(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(images), jnp.asarray(valid),
+                         decoder_lib.init_cache(tiny_config.decoder, b, p), method=MM1.prefill)
+  assert set(variables) == {"params"}  # init (every collection mutable) sows nothing
+  params = variables["params"]
   cache = decoder_lib.init_cache(tiny_config.decoder, b, p)
   plain, _ = model.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill)
   (logits, _), state = model.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,

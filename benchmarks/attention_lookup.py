@@ -36,14 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import record
+from benchmarks import record, vqa_breakdown
 from benchmarks.jobs import record_header, write_record
 
 MIN_CELL_PIXELS = 16
 # Query positions: the last token of the word that names the shape ("triangle", "red") and the
 # last prompt position, which predicts the answer.
 POSITIONS = ("named", "answer")
-TYPES = {"colour": re.compile(r"what colour is the (\w+)\?"), "shape": re.compile(r"what shape is the (\w+) object\?")}
+# Question type: its pattern, whose group is the naming word (vqa_breakdown's).
+TYPES = {"colour": vqa_breakdown._COLOUR_Q, "shape": vqa_breakdown._SHAPE_Q}
 
 
 def cell_owners(shapes, image_size: int, side: int) -> np.ndarray:
@@ -100,6 +101,10 @@ def _decoder_probs(state) -> list[np.ndarray]:
   return out
 
 
+def _rounded(a: np.ndarray) -> list:
+  return np.round(np.asarray(a, np.float64), 4).tolist()
+
+
 def analyse(run: Path, progress: bool = True) -> dict:
   """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
   import flax.linen as nn  # noqa: PLC0415
@@ -108,7 +113,6 @@ def analyse(run: Path, progress: bool = True) -> dict:
   from tqdm import tqdm  # noqa: PLC0415
 
   import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
-  from benchmarks.vqa_breakdown import scene_of  # noqa: PLC0415
   from mm1_jax import connector, gin_files, layers  # noqa: PLC0415
   from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
   from mm1_jax import sharding as sharding_lib  # noqa: PLC0415
@@ -155,7 +159,7 @@ def analyse(run: Path, progress: bool = True) -> dict:
   skipped = {"one_shape": 0, "no_cell": 0, "no_other_cell": 0, "word_not_a_token_prefix": 0}
   seed, size = corpus.CorpusSpec().seed, config.encoder.image_size
   for q in tqdm(bench.test, desc="questions", unit="q", disable=not progress):
-    shapes = scene_of(q["id"], q["question"], seed, size)
+    shapes = vqa_breakdown.scene_of(q["id"], q["question"], seed, size)
     found = asked_index(q["question"], shapes)
     if found is None:
       continue
@@ -195,12 +199,11 @@ def analyse(run: Path, progress: bool = True) -> dict:
       v = np.stack(shares[(kind, at)])  # [questions, layers, heads]
       excess = v - np.asarray(chances[kind])[:, None, None]  # over each question's own chance
       out[kind][at] = {
-          "share_mean_of_heads": [round(float(x), 4) for x in v.mean((0, 2))],
-          "share_by_head": [[round(float(x), 4) for x in layer] for layer in v.mean(0)],
-          "share_se_by_head": [[round(float(x), 4) for x in layer] for layer in v.std(0, ddof=1) / np.sqrt(len(v))],
-          "excess_over_chance_by_head": [[round(float(x), 4) for x in layer] for layer in excess.mean(0)],
-          "excess_se_by_head": [[round(float(x), 4) for x in layer]
-                                for layer in excess.std(0, ddof=1) / np.sqrt(len(v))],
+          "share_mean_of_heads": _rounded(v.mean((0, 2))),
+          "share_by_head": _rounded(v.mean(0)),
+          "share_se_by_head": _rounded(v.std(0, ddof=1) / np.sqrt(len(v))),
+          "excess_over_chance_by_head": _rounded(excess.mean(0)),
+          "excess_se_by_head": _rounded(excess.std(0, ddof=1) / np.sqrt(len(v))),
       }
   return out
 

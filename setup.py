@@ -24,7 +24,6 @@ setup(
         "pillow>=10",
         "sentencepiece>=0.2,<0.2.3",  # 0.2.3's generated protos need protobuf >= 7, which apache-beam excludes
         "tqdm>=4.66",
-        "tensorboardX>=2.6,<3",
         "matplotlib>=3.7",  # eval report plots
         "safetensors>=0.4",  # mm1-convert reads Hugging Face checkpoints with numpy
         "tokenizers>=0.20,<1",  # Hugging Face tokenizer.json vocabularies (Llama 3, Qwen)

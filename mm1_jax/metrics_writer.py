@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from mm1_jax import paths
+from mm1_jax import paths, tb_events
 
 QUIET_PREFIXES = ("badput_",)
 METRICS_FILE = "metrics.jsonl"
@@ -42,8 +42,7 @@ class MetricWriter:
     self._echo = echo
     self._tb = None
     if tensorboard and files:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415  (no tensorflow needed)
-      self._tb = SummaryWriter(str(local / TENSORBOARD_DIR))
+      self._tb = tb_events.ScalarWriter(local / TENSORBOARD_DIR)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     record = {"step": int(step), "time": round(time.time(), 3)}
@@ -52,9 +51,7 @@ class MetricWriter:
       with self.path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(k, float(v), int(step))
-      self._tb.flush()
+      self._tb.add_scalars(step, metrics)
     if self._echo:
       shown = {k: v for k, v in metrics.items() if not k.startswith(QUIET_PREFIXES)}
       self._echo(f"step {step:>6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mm1_jax import protowire
 from mm1_jax.data import shapes_world as sw
 
 VERSION = 8  # bump when generated content changes, so cached corpora are rebuilt
@@ -83,20 +84,6 @@ def detail_data_dir() -> Path:
   return base.with_name(base.name + "_detail")
 
 
-def _field(number: int, payload: bytes) -> bytes:
-  """One length-delimited protobuf field (wire type 2)."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while n > 0x7F:
-    out.append(n & 0x7F | 0x80)
-    n >>= 7
-  out.append(n)
-  return bytes(out)
-
-
 def tf_example(features: dict) -> bytes:
   """{name: str | bytes | list of them} -> a serialised tf.train.Example of bytes features.
 
@@ -105,14 +92,15 @@ def tf_example(features: dict) -> bytes:
   deterministic=True)` (features in name order; tests/test_beam_build.py checks): equal
   records give equal bytes in any process.
   """
+  field = protowire.field
   entries = []
   for name in sorted(features):
     values = features[name]
     values = values if isinstance(values, list) else [values]
-    byte_list = b"".join(_field(1, v if isinstance(v, bytes) else v.encode("utf-8")) for v in values)
-    feature = _field(1, byte_list)  # Feature.bytes_list = 1; BytesList.value = 1
-    entries.append(_field(1, _field(1, name.encode("utf-8")) + _field(2, feature)))  # map entry: key 1, value 2
-  return _field(1, b"".join(entries))  # Example.features = 1; Features.feature = 1 (a map)
+    byte_list = b"".join(field(1, v if isinstance(v, bytes) else v.encode("utf-8")) for v in values)
+    feature = field(1, byte_list)  # Feature.bytes_list = 1; BytesList.value = 1
+    entries.append(field(1, field(1, name.encode("utf-8")) + field(2, feature)))  # map entry: key 1, value 2
+  return field(1, b"".join(entries))  # Example.features = 1; Features.feature = 1 (a map)
 
 
 class ShardWriter:

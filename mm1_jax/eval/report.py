@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import io
 
-from mm1_jax import paths
+from mm1_jax import paths, tb_events
 
 
 def load_results(eval_dir: paths.PathLike) -> dict[int, dict[str, float]]:
@@ -90,18 +90,15 @@ def find_regressions(eval_dir: paths.PathLike, max_regression: float, steps: lis
 
 def write_tensorboard(eval_dir: paths.PathLike, logged: list[int]) -> list[int]:
   """Adds eval/<metric> scalars for steps not yet logged; returns all logged steps."""
-  from tensorboardX import SummaryWriter  # noqa: PLC0415  (tensorboardX: only for eval scalars)
-
   runs = load_results(eval_dir)
   new = [s for s in runs if s not in set(logged)]
   if new:
     # A bucket takes whole objects only: events are written locally, then uploaded.
     mirror = paths.Mirror(eval_dir) if paths.is_remote(eval_dir) else None
     folder = (mirror.local if mirror else paths.path(eval_dir)) / "tensorboard"
-    writer = SummaryWriter(str(folder))
+    writer = tb_events.ScalarWriter(folder)
     for step in new:
-      for metric, value in runs[step].items():
-        writer.add_scalar(f"eval/{metric}", value, step)
+      writer.add_scalars(step, {f"eval/{metric}": value for metric, value in runs[step].items()})
     writer.close()
     failed = mirror.close() if mirror else []
     if failed:  # not logged: these steps are written again on the next pass

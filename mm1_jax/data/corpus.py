@@ -38,7 +38,7 @@ from tqdm import tqdm
 from mm1_jax import protowire
 from mm1_jax.data import shapes_world as sw
 
-VERSION = 8  # bump when generated content changes, so cached corpora are rebuilt
+VERSION = 6  # bump when generated content changes, so cached corpora are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)

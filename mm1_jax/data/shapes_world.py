@@ -122,14 +122,12 @@ def _plural(kind: str, n: int) -> str:
   return kind if n == 1 else kind + "s"
 
 
-def describe(shapes: list[Shape], kind_first: bool = False) -> str:
-  """'two red circles and a blue square' (groups in left-to-right order); with kind_first,
-  'two circles in red and a square in blue'."""
+def describe(shapes: list[Shape]) -> str:
+  """'two red circles and a blue square' (groups in left-to-right order)."""
   groups: dict[tuple[str, str], int] = {}
   for s in shapes:
     groups[(s.colour, s.kind)] = groups.get((s.colour, s.kind), 0) + 1
-  words = lambda c, k, n: f"{_plural(k, n)} in {c}" if kind_first else f"{c} {_plural(k, n)}"  # noqa: E731
-  parts = [f"{'a' if n == 1 else NUMBER_WORDS[n]} {words(c, k, n)}" for (c, k), n in groups.items()]
+  parts = [f"{'a' if n == 1 else NUMBER_WORDS[n]} {c} {_plural(k, n)}" for (c, k), n in groups.items()]
   return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -143,11 +141,10 @@ CAPTION_TEMPLATES = (
 
 
 def captions(shapes: list[Shape]) -> list[str]:
-  """All reference captions of a scene: each template with the shapes named colour first
-  ('a red circle'), then each with them named kind first ('a circle in red'), so that
-  writing a caption asks for a shape's colour given its kind as often as the reverse."""
+  """All reference captions of a scene, one per template."""
+  d = describe(shapes)
   be = "there is" if len(shapes) == 1 else "there are"
-  return [t.format(d=describe(shapes, kind_first), be=be) for kind_first in (False, True) for t in CAPTION_TEMPLATES]
+  return [t.format(d=d, be=be) for t in CAPTION_TEMPLATES]
 
 
 def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str]]:

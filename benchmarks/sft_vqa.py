@@ -11,6 +11,9 @@
       # the encoder taught the leftmost shape only (mm1-supervised --labels=leftmost)
   python -m benchmarks.sft_vqa --encoder_labels=patches --sft_runs=sft --pretrain_seed=2
       # the encoder also taught each patch's shape (mm1-supervised --labels=patches)
+  python -m benchmarks.sft_vqa --sft_runs=sft --pretrain_seed=2 --binding=connector.CAbstractorConfig.num_tokens=64 \
+      --binding=SEQ_LEN=320 --workdir=/tmp/mm1_sft_vqa_64
+      # --binding: gin bindings for every run here (pre-training, fine-tuning, evaluation), e.g. another model
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
@@ -41,6 +44,7 @@ under --workdir; a finished run is not trained again.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -99,14 +103,15 @@ def _train(cmd: list[str], run: Path, log: Path) -> dict:
           "wall_s": wall}
 
 
-def _evaluate(py: str, gin_files: list[str], run: Path, work: Path, name: str, world: str = "shapes") -> dict:
+def _evaluate(py: str, gin_files: list[str], run: Path, work: Path, name: str, world: str = "shapes",
+              bindings: tuple[str, ...] = ()) -> dict:
   """Zero-shot VQA on all 512 held-out questions of the world's split, per answer type, from
   the newest checkpoint."""
   bench = VQA[world][0]
   out = work / f"eval_{name}" if world == "shapes" else work / f"eval_{name}_{world}"
   run_logged([py, "-m", "mm1_jax.cli", "eval", *(f"--gin_file={f}" for f in gin_files), f"--workdir={out}",
         f"--checkpoint_dir={run / 'checkpoints'}", "--no_run_config", f"--benchmarks={bench}",
-        "--shots=0", "--num_queries=0", "--force"], work / f"{out.name}.log")
+        "--shots=0", "--num_queries=0", "--force", *(f"--gin.{b}" for b in bindings)], work / f"{out.name}.log")
   step_file = newest_eval(out)
   results = json.loads(step_file.read_text())["results"]
   return {k.removeprefix(f"{bench}/0shot/"): round(v, 4) for k, v in results.items()
@@ -156,6 +161,9 @@ def main(argv=None) -> int:
   p.add_argument("--pretrain_seed", type=int, default=0,
                  help="the pre-training's seed (train.train.seed and pipeline.DataConfig.seed, as mm1-sweep sets "
                       "them); not 0: the run's folder says it")
+  p.add_argument("--binding", action="append", default=[], metavar="NAME=VALUE",
+                 help="a gin binding for every run and evaluation here (repeatable), e.g. "
+                      "connector.CAbstractorConfig.num_tokens=64; the pre-trained run's folder is named after them")
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
@@ -174,6 +182,9 @@ def main(argv=None) -> int:
   result["encoder"] = supervised_encoder(py, encoder, work / f"encoder{labels}.log",
                                          bindings=[f"--labels={args.encoder_labels}"])
   seed = f"_seed{args.pretrain_seed}" if args.pretrain_seed else ""
+  if args.binding:  # another model or data: its own folders
+    seed += "_bindings_" + hashlib.sha1("\n".join(args.binding).encode()).hexdigest()[:8]
+  extra = [f"--gin.{b}" for b in args.binding]
   # From the supervised encoder, as the README runs it.
   pre = work / f"pretrain_{args.pretrain_steps}_supervised{labels}{seed}"
   if args.pretrained:
@@ -186,6 +197,7 @@ def main(argv=None) -> int:
   flags = ["--gin_file=gin/experiments/quickstart.gin", f"--gin.ENCODER_INIT=['{encoder}:encoder']"]
   if args.pretrain_seed:
     flags += [f"--gin.train.train.seed={args.pretrain_seed}", f"--gin.pipeline.DataConfig.seed={args.pretrain_seed}"]
+  flags += extra
   if args.pretrain_steps != 600:  # a longer run: checkpoints every 500, all 512 questions every 1,000
     flags += [f"--gin.TRAIN_STEPS={args.pretrain_steps}", "--gin.EVAL_EVERY=1000", "--gin.CHECKPOINT_EVERY=500",
               "--gin.train.train.eval_at_start=False", "--gin.fewshot.FewShotConfig.shots=(0,)",
@@ -194,15 +206,16 @@ def main(argv=None) -> int:
       "command": f"reused {pre} (its config.gin)" if args.pretrained else "mm1-train " + " ".join(flags),
       **_train([py, "-m", "mm1_jax.cli", "train", *flags, f"--workdir={pre}", "--gin.train.train.progress=False"],
                pre, work / f"{label}.log"),
-      **{_key(w): _evaluate(py, ["gin/experiments/quickstart.gin"], pre, work, label, w) for w in worlds}}
+      **{_key(w): _evaluate(py, ["gin/experiments/quickstart.gin"], pre, work, label, w, args.binding)
+         for w in worlds}}
   for name in chosen:
-    flags, world = SFT_RUNS[name], _world(SFT_RUNS[name])
+    flags, world = SFT_RUNS[name] + extra, _world(SFT_RUNS[name])
     run = work / f"{name}_from_{label}"
     cmd = [py, "-m", "mm1_jax.cli", "train", f"--workdir={run}", *flags,
            f"--gin.INIT_FROM='{pre / 'checkpoints'}'", "--gin.train.train.progress=False"]
     files = [f.split("=", 1)[1] for f in flags if f.startswith("--gin_file=")]
     result["runs"][name] = {"command": "mm1-train " + " ".join(flags), **_train(cmd, run, work / f"{run.name}.log"),
-                            _key(world): _evaluate(py, files, run, work, run.name, world)}
+                            _key(world): _evaluate(py, files, run, work, run.name, world, args.binding)}
     result["runs"][name]["change_over_pretrained"] = _change(
         result["runs"]["pretrained"][_key(world)], result["runs"][name][_key(world)], blind[world])
     if name == "detail_highres_300" and "detail_300" in result["runs"]:

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
   work.mkdir(parents=True, exist_ok=True)
   py = sys.executable
   git = record.git_state()  # the code this run loads
-  worlds = sorted({_world(SFT_RUNS[n]) for n in chosen}, reverse=True)  # "shapes" first
+  worlds = sorted({_world(SFT_RUNS[n]) for n in chosen} or {"shapes"}, reverse=True)  # "shapes" first
   blind = {w: _blind_guess(w) for w in worlds}
   result = {**record_header(), "blind_guess": blind["shapes"] if "shapes" in blind else None,
             **({"blind_guess_detail": blind["detail"]} if "detail" in blind else {}), "runs": {}}

@@ -162,11 +162,15 @@ def main(argv=None) -> int:
                  help="the pre-training's seed (train.train.seed and pipeline.DataConfig.seed, as mm1-sweep sets "
                       "them); not 0: the run's folder says it")
   p.add_argument("--binding", action="append", default=[], metavar="NAME=VALUE",
-                 help="a gin binding for every run and evaluation here (repeatable), e.g. "
-                      "connector.CAbstractorConfig.num_tokens=64; the pre-trained run's folder is named after them")
+                 help="a gin binding for the pre-training, every SFT run and every evaluation here, not the "
+                      "supervised encoder (repeatable), e.g. connector.CAbstractorConfig.num_tokens=64; the runs' "
+                      "folders are named after them; not with --pretrained")
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
+  if args.binding and args.pretrained:  # its checkpoint may not fit the bindings, and a wrong fit can load silently
+    p.error("--binding applies to a run trained here; with --pretrained, name a run trained with those bindings "
+            "and leave --binding out")
   if unknown := sorted(set(chosen) - set(SFT_RUNS)):
     p.error(f"unknown --sft_runs {unknown}; known: {', '.join(SFT_RUNS)}")
   work = Path(args.workdir)
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
   git = record.git_state()  # the code this run loads
   worlds = sorted({_world(SFT_RUNS[n]) for n in chosen} or {"shapes"}, reverse=True)  # "shapes" first
   blind = {w: _blind_guess(w) for w in worlds}
-  result = {**record_header(), "blind_guess": blind["shapes"] if "shapes" in blind else None,
+  result = {**record_header(), "bindings": args.binding, "blind_guess": blind["shapes"] if "shapes" in blind else None,
             **({"blind_guess_detail": blind["detail"]} if "detail" in blind else {}), "runs": {}}
   labels = "" if args.encoder_labels == "leftmost" else f"_{args.encoder_labels}"  # names the encoder and its runs
   encoder = Path(args.encoder) if args.encoder else work / f"encoder{labels}"

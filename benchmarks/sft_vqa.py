@@ -13,7 +13,7 @@
       # the encoder also taught each patch's shape (mm1-supervised --labels=patches)
   python -m benchmarks.sft_vqa --sft_runs=sft --pretrain_seed=2 --binding=connector.CAbstractorConfig.num_tokens=64 \
       --binding=SEQ_LEN=320 --workdir=/tmp/mm1_sft_vqa_64
-      # --binding: gin bindings for every run here (pre-training, fine-tuning, evaluation), e.g. another model
+      # --binding: gin bindings for the pre-training, fine-tuning and evaluations (not the encoder): another model
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
@@ -104,14 +104,14 @@ def _train(cmd: list[str], run: Path, log: Path) -> dict:
 
 
 def _evaluate(py: str, gin_files: list[str], run: Path, work: Path, name: str, world: str = "shapes",
-              bindings: tuple[str, ...] = ()) -> dict:
+              extra: tuple[str, ...] | list[str] = ()) -> dict:
   """Zero-shot VQA on all 512 held-out questions of the world's split, per answer type, from
   the newest checkpoint."""
   bench = VQA[world][0]
   out = work / f"eval_{name}" if world == "shapes" else work / f"eval_{name}_{world}"
   run_logged([py, "-m", "mm1_jax.cli", "eval", *(f"--gin_file={f}" for f in gin_files), f"--workdir={out}",
         f"--checkpoint_dir={run / 'checkpoints'}", "--no_run_config", f"--benchmarks={bench}",
-        "--shots=0", "--num_queries=0", "--force", *(f"--gin.{b}" for b in bindings)], work / f"{out.name}.log")
+        "--shots=0", "--num_queries=0", "--force", *extra], work / f"{out.name}.log")
   step_file = newest_eval(out)
   results = json.loads(step_file.read_text())["results"]
   return {k.removeprefix(f"{bench}/0shot/"): round(v, 4) for k, v in results.items()
@@ -185,12 +185,12 @@ def main(argv=None) -> int:
   encoder = Path(args.encoder) if args.encoder else work / f"encoder{labels}"
   result["encoder"] = supervised_encoder(py, encoder, work / f"encoder{labels}.log",
                                          bindings=[f"--labels={args.encoder_labels}"])
-  seed = f"_seed{args.pretrain_seed}" if args.pretrain_seed else ""
+  suffix = f"_seed{args.pretrain_seed}" if args.pretrain_seed else ""  # names the pre-trained run
   if args.binding:  # another model or data: its own folders
-    seed += "_bindings_" + hashlib.sha1("\n".join(args.binding).encode()).hexdigest()[:8]
+    suffix += "_bindings_" + hashlib.sha1("\n".join(args.binding).encode()).hexdigest()[:8]
   extra = [f"--gin.{b}" for b in args.binding]
   # From the supervised encoder, as the README runs it.
-  pre = work / f"pretrain_{args.pretrain_steps}_supervised{labels}{seed}"
+  pre = work / f"pretrain_{args.pretrain_steps}_supervised{labels}{suffix}"
   if args.pretrained:
     pre = Path(args.pretrained)
     if not (pre / "train_done.json").exists():
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
       "command": f"reused {pre} (its config.gin)" if args.pretrained else "mm1-train " + " ".join(flags),
       **_train([py, "-m", "mm1_jax.cli", "train", *flags, f"--workdir={pre}", "--gin.train.train.progress=False"],
                pre, work / f"{label}.log"),
-      **{_key(w): _evaluate(py, ["gin/experiments/quickstart.gin"], pre, work, label, w, args.binding)
+      **{_key(w): _evaluate(py, ["gin/experiments/quickstart.gin"], pre, work, label, w, extra)
          for w in worlds}}
   for name in chosen:
     flags, world = SFT_RUNS[name] + extra, _world(SFT_RUNS[name])
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
            f"--gin.INIT_FROM='{pre / 'checkpoints'}'", "--gin.train.train.progress=False"]
     files = [f.split("=", 1)[1] for f in flags if f.startswith("--gin_file=")]
     result["runs"][name] = {"command": "mm1-train " + " ".join(flags), **_train(cmd, run, work / f"{run.name}.log"),
-                            _key(world): _evaluate(py, files, run, work, run.name, world, args.binding)}
+                            _key(world): _evaluate(py, files, run, work, run.name, world, extra)}
     result["runs"][name]["change_over_pretrained"] = _change(
         result["runs"]["pretrained"][_key(world)], result["runs"][name][_key(world)], blind[world])
     if name == "detail_highres_300" and "detail_300" in result["runs"]:

@@ -14,6 +14,8 @@
   python -m benchmarks.sft_vqa --sft_runs=sft --pretrain_seed=2 --binding=connector.CAbstractorConfig.num_tokens=64 \
       --binding=SEQ_LEN=320 --workdir=/tmp/mm1_sft_vqa_64
       # --binding: gin bindings for the pre-training, fine-tuning and evaluations (not the encoder): another model
+  python -m benchmarks.sft_vqa --sft_runs=sft --pretrain_seed=2 --encoder_steps=3600
+      # the encoder trained three times as long (mm1-supervised --steps=3600); its folder and runs say so
 
 1. Pre-training: the quickstart as the README runs it: `mm1-supervised` trains the encoder on
    labelled scenes (into --encoder, reused when it is there), then gin/experiments/quickstart.gin
@@ -54,6 +56,7 @@ from pathlib import Path
 from benchmarks import record
 from benchmarks.jobs import (REPO, answers_by_type, newest_eval, record_header, run_logged, supervised_encoder,
                              write_record)
+from mm1_jax import supervised
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -154,6 +157,9 @@ def main(argv=None) -> int:
   p.add_argument("--encoder", default=None, help="mm1-supervised's --out (default: <workdir>/encoder)")
   p.add_argument("--encoder_labels", default="every_shape", choices=("leftmost", "every_shape", "patches"),
                  help="mm1-supervised's --labels (default every_shape, as the README's quickstart)")
+  p.add_argument("--encoder_steps", type=int, default=supervised.SupervisedConfig.steps,
+                 help="mm1-supervised's --steps (default %(default)s, as the README's quickstart); another number "
+                      "names the encoder's folder and the runs from it")
   p.add_argument("--pretrained", default=None, metavar="RUN",
                  help="a finished quickstart run (e.g. a base run of benchmarks/mm1_lessons.py) to fine-tune instead "
                       "of pre-training one; its command is recorded from its operative config, and --encoder must "
@@ -182,9 +188,13 @@ def main(argv=None) -> int:
   result = {**record_header(), "bindings": args.binding, "blind_guess": blind["shapes"] if "shapes" in blind else None,
             **({"blind_guess_detail": blind["detail"]} if "detail" in blind else {}), "runs": {}}
   labels = "" if args.encoder_labels == "leftmost" else f"_{args.encoder_labels}"  # names the encoder and its runs
+  encoder_flags = [f"--labels={args.encoder_labels}"]
+  if args.encoder_steps != supervised.SupervisedConfig.steps:
+    labels += f"_steps{args.encoder_steps}"
+    encoder_flags.append(f"--steps={args.encoder_steps}")
   encoder = Path(args.encoder) if args.encoder else work / f"encoder{labels}"
   result["encoder"] = supervised_encoder(py, encoder, work / f"encoder{labels}.log",
-                                         bindings=[f"--labels={args.encoder_labels}"])
+                                         bindings=encoder_flags)
   suffix = f"_seed{args.pretrain_seed}" if args.pretrain_seed else ""  # names the pre-trained run
   if args.binding:  # another model or data: its own folders
     suffix += "_bindings_" + hashlib.sha1("\n".join(args.binding).encode()).hexdigest()[:8]

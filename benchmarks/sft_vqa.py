@@ -159,7 +159,8 @@ def main(argv=None) -> int:
                  help="mm1-supervised's --labels (default every_shape, as the README's quickstart)")
   p.add_argument("--encoder_steps", type=int, default=supervised.SupervisedConfig.steps,
                  help="mm1-supervised's --steps (default %(default)s, as the README's quickstart); another number "
-                      "names the encoder's folder and the runs from it")
+                      "names the encoder's folder and the runs from it; with --pretrained, the steps of the encoder "
+                      "that run started from")
   p.add_argument("--pretrained", default=None, metavar="RUN",
                  help="a finished quickstart run (e.g. a base run of benchmarks/mm1_lessons.py) to fine-tune instead "
                       "of pre-training one; its command is recorded from its operative config, and --encoder must "
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
+  if args.encoder_steps < 1:
+    p.error("--encoder_steps must be positive")
   if args.binding and args.pretrained:  # its checkpoint may not fit the bindings, and a wrong fit can load silently
     p.error("--binding applies to a run trained here; with --pretrained, name a run trained with those bindings "
             "and leave --binding out")

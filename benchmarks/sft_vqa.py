@@ -56,7 +56,6 @@ from pathlib import Path
 from benchmarks import record
 from benchmarks.jobs import (REPO, answers_by_type, newest_eval, record_header, run_logged, supervised_encoder,
                              write_record)
-from mm1_jax import supervised
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -157,10 +156,10 @@ def main(argv=None) -> int:
   p.add_argument("--encoder", default=None, help="mm1-supervised's --out (default: <workdir>/encoder)")
   p.add_argument("--encoder_labels", default="every_shape", choices=("leftmost", "every_shape", "patches"),
                  help="mm1-supervised's --labels (default every_shape, as the README's quickstart)")
-  p.add_argument("--encoder_steps", type=int, default=supervised.SupervisedConfig.steps,
-                 help="mm1-supervised's --steps (default %(default)s, as the README's quickstart); another number "
-                      "names the encoder's folder and the runs from it; with --pretrained, the steps of the encoder "
-                      "that run started from")
+  p.add_argument("--encoder_steps", type=int, default=None,
+                 help="mm1-supervised's --steps (default: its own, as the README's quickstart); when given, it names "
+                      "the encoder's folder and the runs from it; with --pretrained, the steps of the encoder that "
+                      "run started from")
   p.add_argument("--pretrained", default=None, metavar="RUN",
                  help="a finished quickstart run (e.g. a base run of benchmarks/mm1_lessons.py) to fine-tune instead "
                       "of pre-training one; its command is recorded from its operative config, and --encoder must "
@@ -175,7 +174,7 @@ def main(argv=None) -> int:
   p.add_argument("--json_out", default=None, help="the record (default: results/sft_vqa_pretrain<steps>_cpu.json)")
   args = p.parse_args(argv)
   chosen = [n.strip() for n in args.sft_runs.split(",") if n.strip()]
-  if args.encoder_steps < 1:
+  if args.encoder_steps is not None and args.encoder_steps < 1:
     p.error("--encoder_steps must be positive")
   if args.binding and args.pretrained:  # its checkpoint may not fit the bindings, and a wrong fit can load silently
     p.error("--binding applies to a run trained here; with --pretrained, name a run trained with those bindings "
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
             **({"blind_guess_detail": blind["detail"]} if "detail" in blind else {}), "runs": {}}
   labels = "" if args.encoder_labels == "leftmost" else f"_{args.encoder_labels}"  # names the encoder and its runs
   encoder_flags = [f"--labels={args.encoder_labels}"]
-  if args.encoder_steps != supervised.SupervisedConfig.steps:
+  if args.encoder_steps is not None:
     labels += f"_steps{args.encoder_steps}"
     encoder_flags.append(f"--steps={args.encoder_steps}")
   encoder = Path(args.encoder) if args.encoder else work / f"encoder{labels}"

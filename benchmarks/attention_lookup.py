@@ -84,15 +84,16 @@ def lookup_share(weights: np.ndarray, owners: np.ndarray, asked: int) -> tuple[n
   return (weights * mine).sum(-1) / np.maximum(total, 1e-30), mine.sum() / on_shapes.sum()
 
 
-def _decoder_probs(state) -> list[np.ndarray]:
-  """The decoder's sown attention weights, in layer order: each float[B, K, G, ...] (a scanned
-  stack's [layers, B, K, G, ...] split into its layers)."""
+def decoder_sown(state, name: str = "probs") -> list[np.ndarray]:
+  """What every decoder `Attention` sowed under `name` ("probs": the softmax weights, each
+  float[B, K, G, T, S]; "keys", "inputs": `layers.PROBS_COLLECTION`), in layer order (a scanned
+  stack's [layers, B, ...] split into its layers)."""
   import jax  # noqa: PLC0415
 
   found = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-    if "decoder" in names:
+    if "decoder" in names and name in names:
       found.append((names, np.asarray(leaf)))
   natural = lambda names: [int(t) if t.isdigit() else t for n in names for t in re.split(r"(\d+)", n)]  # noqa: E731
   out = []
@@ -105,19 +106,29 @@ def _rounded(a: np.ndarray) -> list:
   return np.round(np.asarray(a, np.float64), 4).tolist()
 
 
-def analyse(run: Path, progress: bool = True) -> dict:
-  """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
-  import flax.linen as nn  # noqa: PLC0415
+@dataclasses.dataclass
+class LoadedRun:
+  """A finished run's model, newest parameters and zero-shot VQA evaluator (`load_run`)."""
+  config: object  # MM1Config
+  model: object  # MM1
+  params: object
+  step: int
+  mesh: object
+  rules: object
+  evaluator: object  # fewshot.Evaluator, shapes_vqa at 0 shots with the run's prompt format
+  bench: object  # the evaluator's shapes_vqa benchmark
+  side: int  # the pooled grid's side: tokens_per_image = side * side
+
+
+def load_run(run: Path) -> LoadedRun:
+  """Loads the run's config.gin and newest checkpoint (dense decoders with a pooled-grid connector)."""
   import gin  # noqa: PLC0415
   import jax  # noqa: PLC0415
-  from tqdm import tqdm  # noqa: PLC0415
 
   import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
-  from mm1_jax import connector, gin_files, layers  # noqa: PLC0415
-  from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
+  from mm1_jax import connector, gin_files  # noqa: PLC0415
   from mm1_jax import sharding as sharding_lib  # noqa: PLC0415
   from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
-  from mm1_jax.data import corpus  # noqa: PLC0415
   from mm1_jax.eval import fewshot  # noqa: PLC0415
   from mm1_jax.model import MM1  # noqa: PLC0415
   from mm1_jax.train import dummy_batch, init_param_shardings  # noqa: PLC0415
@@ -133,7 +144,6 @@ def analyse(run: Path, progress: bool = True) -> dict:
     raise SystemExit(f"{run}: a sparse decoder's grouped stacks are not read in layer order here")
   if not isinstance(config.connector, (connector.CAbstractorConfig, connector.AvgPoolConfig)):
     raise SystemExit(f"{run}: the image tokens of a {type(config.connector).__name__} are not a pooled grid")
-  side = int(round(config.tokens_per_image ** 0.5))
   evaluation = dataclasses.replace(evaluation, benchmarks=("shapes_vqa",), shots=(0,), train_mixture=None,
                                    num_queries=None)
   mm1 = MM1(config)
@@ -145,7 +155,27 @@ def analyse(run: Path, progress: bool = True) -> dict:
   params = ckpt.restore_params(step, target)
   ckpt.close()
   ev = fewshot.Evaluator(evaluation, mm1, mesh, mesh_cfg.rules)
-  bench = ev.benchmarks["shapes_vqa"]
+  return LoadedRun(config=config, model=mm1, params=params, step=step, mesh=mesh, rules=mesh_cfg.rules,
+                   evaluator=ev, bench=ev.benchmarks["shapes_vqa"],
+                   side=int(round(config.tokens_per_image ** 0.5)))
+
+
+def analyse(run: Path, progress: bool = True) -> dict:
+  """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
+  import flax.linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from mm1_jax import layers  # noqa: PLC0415
+  from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
+  from mm1_jax.data import corpus  # noqa: PLC0415
+  from mm1_jax.eval import fewshot  # noqa: PLC0415
+  from mm1_jax.model import MM1  # noqa: PLC0415
+
+  loaded = load_run(run)
+  config, mm1, params, step, mesh = loaded.config, loaded.model, loaded.params, loaded.step, loaded.mesh
+  ev, bench, side = loaded.evaluator, loaded.bench, loaded.side
+  evaluation = ev.config
 
   def forward(params, tokens, images, valid):
     cache = decoder_lib.init_cache(config.decoder, tokens.shape[0], tokens.shape[1])
@@ -182,11 +212,11 @@ def analyse(run: Path, progress: bool = True) -> dict:
       skipped["word_not_a_token_prefix"] += 1
       continue
     image = ev.images(q)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(loaded.rules):
       state = forward(params, tokens[None], image[None, None], np.ones((1, len(tokens)), bool))
     at_image = np.flatnonzero(tokens == ev.ids.image)
     assert len(at_image) == config.tokens_per_image, (q["id"], len(at_image))
-    layer_probs = _decoder_probs(state)  # each [1, K, G, T, S]
+    layer_probs = decoder_sown(state)  # each [1, K, G, T, S]
     for at, row in (("named", len(upto) - 1), ("answer", len(tokens) - 1)):
       probs = np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
       share, chance = lookup_share(probs, owners, asked)  # [layers, heads]

@@ -215,8 +215,10 @@ def cache_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> j
 
 
 # Applied with this collection mutable, every `Attention` also sows its softmax weights,
-# float32[B, K, N // K, T, S] (`attention_probs`; in a scanned stack with a leading layer
-# axis), under "probs"; read by benchmarks/attention_lookup.py. The output does not change.
+# float32[B, K, N // K, T, S] (`attention_probs`), under "probs", its keys as the queries
+# meet them (after RoPE), float[B, T, K, H], under "keys", and its input x under "inputs"
+# (in a scanned stack each with a leading layer axis); read by benchmarks/attention_lookup.py
+# and benchmarks/token_probe.py. The output does not change.
 PROBS_COLLECTION = "attention"
 
 
@@ -278,6 +280,8 @@ class Attention(nn.Module):
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if self.is_mutable_collection(PROBS_COLLECTION) and not self.is_initializing():  # diagnostics
       self.sow(PROBS_COLLECTION, "probs", attention_probs(q, k, mask))
+      self.sow(PROBS_COLLECTION, "keys", k)
+      self.sow(PROBS_COLLECTION, "inputs", x)
     # Initialisation needs no kernel (the parameters are the same) and may use any length.
     if self.impl == "splash" and segment_ids is not None and cache is None and not self.is_initializing():
       out = splash.attend(q, k, v, segment_ids, self.window)

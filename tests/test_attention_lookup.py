@@ -36,7 +36,7 @@ def test_sown_weights_are_each_decoder_layers_softmax_over_the_keys_the_mask_all
   (logits, _), state = model.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,
                                    mutable=[layers.PROBS_COLLECTION])
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain))
-  probs = al._decoder_probs(state)
+  probs = al.decoder_sown(state)
   assert len(probs) == tiny_config.decoder.depth
   c = tiny_config.decoder
   for w in probs:

@@ -1,0 +1,189 @@
+"""Can a query find a shape by its kind? Linear probes on the decoder's image tokens and keys.
+
+A head that answers "what colour is the triangle?" must give the image cells of the triangle
+higher scores q . k than the other shapes' cells, with one query vector q for every cell. So
+whether ANY query could find a shape by its kind, in a given layer and head, is whether one
+linear map of that head's keys tells the cells' kinds apart: a linear probe on the keys. This
+fits such probes (multinomial logistic regression, one weight vector per class, as the query is
+one vector per question) on the image cells of fresh shapes-world scenes:
+
+- `inputs`: each decoder layer's attention input (the block's normed residual stream) at the
+  image cells; layer 0's is the connector's output as the decoder sees it;
+- `keys`: each layer's keys, per key head, after RoPE (as the queries meet them).
+
+Labels: a cell's kind and colour are those of the shape covering most of its pixels (at least
+attention_lookup.MIN_CELL_PIXELS); cells of the background are left out. Scenes are drawn from
+their own random stream (none is a training or evaluation scene), rendered as the corpus renders
+them, and each goes through the model in the run's zero-shot VQA prompt (images come first, so
+under causal attention the image cells do not depend on the question). The first `--train`
+scenes fit the probes, the rest test them; `majority` is the test accuracy of always answering
+the training cells' most common class.
+
+  python -m benchmarks.token_probe --run=/tmp/mm1_sft/run [--run=...] \\
+      [--json_out=benchmarks/results/token_probe/NAME.json]
+
+What it leaves out: a probe says what a linear readout could find, not what the model reads; a
+cell holds a fragment of a shape (16 x 16 px of a 64 px scene on MM1-tiny's 4 x 4 grid), so the
+kind of one cell may be undecidable from that cell alone; cells of one scene are not independent
+(the standard errors treat them as if they were). Dense decoders only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import attention_lookup, record
+from benchmarks.jobs import record_header, write_record
+
+STREAM_SEED = 9173  # the probe's own scene stream: not a corpus seed
+ATTRIBUTES = ("kind", "colour")
+
+
+def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+              num_classes: int, l2: float = 1e-3, steps: int = 400) -> dict:
+  """Multinomial logistic regression on standardised features (full-batch Adam); test accuracy,
+  its standard error over cells, and the majority-class accuracy on the same test cells."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+  xt, xs = (x_train - mean) / std, (x_test - mean) / std
+  params = {"w": jnp.zeros((xt.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
+  opt = optax.adam(0.05)
+
+  def loss(p):
+    logits = xt @ p["w"] + p["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y_train).mean() + l2 * (p["w"] ** 2).sum()
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = opt.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  pred = np.asarray(jnp.argmax(xs @ params["w"] + params["b"], -1))
+  acc = float((pred == y_test).mean())
+  majority = int(np.bincount(y_train, minlength=num_classes).argmax())
+  return {"accuracy": round(acc, 4), "se": round(float(np.sqrt(acc * (1 - acc) / len(y_test))), 4),
+          "majority": round(float((y_test == majority).mean()), 4)}
+
+
+def cell_labels(shapes, image_size: int, side: int) -> dict[str, np.ndarray]:
+  """{"kind": int[cells], "colour": int[cells]}: the class index of the shape owning each cell
+  of the pooled grid (row-major), -1 for background cells."""
+  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
+
+  owners = attention_lookup.cell_owners(shapes, image_size, side)
+  names = {"kind": list(sw.SHAPES), "colour": list(sw.COLOURS)}
+  return {a: np.array([names[a].index(getattr(shapes[o], a)) if o >= 0 else -1 for o in owners])
+          for a in ATTRIBUTES}
+
+
+def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool = True) -> dict:
+  """Loads the run's newest checkpoint and probes every layer's inputs and keys (module docstring)."""
+  import flax.linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
+  from mm1_jax import layers  # noqa: PLC0415
+  from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
+  from mm1_jax.eval import fewshot  # noqa: PLC0415
+  from mm1_jax.model import MM1  # noqa: PLC0415
+
+  loaded = attention_lookup.load_run(run)
+  config, mm1, ev = loaded.config, loaded.model, loaded.evaluator
+  size = config.encoder.image_size
+  q = loaded.bench.test[0]
+  tokens = ev._encode(fewshot.build_prompt(loaded.bench.template, [], q, ev.config.chat_template))
+  at_image = np.flatnonzero(tokens == ev.ids.image)
+  if len(at_image) != config.tokens_per_image:
+    raise SystemExit(f"{run}: the prompt holds {len(at_image)} image tokens, not one image's "
+                     f"{config.tokens_per_image}")
+
+  def forward(params, tokens, images, valid):
+    cache = decoder_lib.init_cache(config.decoder, tokens.shape[0], tokens.shape[1])
+    _, state = mm1.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,
+                         mutable=[layers.PROBS_COLLECTION])
+    return state
+
+  forward = jax.jit(forward)
+  feats: dict[str, list] = {"inputs": [], "keys": []}
+  labels: dict[str, list] = {a: [] for a in ATTRIBUTES}
+  scene_of_cell = []
+  for start in tqdm(range(0, scenes, batch), desc="scenes", unit="batch", disable=not progress):
+    idx = range(start, min(start + batch, scenes))
+    drawn = []
+    for i in idx:
+      rng = np.random.default_rng([STREAM_SEED, i])
+      shapes = sw.sample_scene(rng, size)
+      drawn.append((shapes, sw.render(shapes, rng, size)))
+    images = np.stack([image for _, image in drawn])[:, None]
+    toks = np.repeat(tokens[None], len(drawn), 0)
+    with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
+      state = forward(loaded.params, toks, images, np.ones(toks.shape, bool))
+    for name in feats:
+      per_layer = attention_lookup.decoder_sown(state, name)  # each [B, T, D] or [B, T, K, H]
+      feats[name].append(np.stack([a[:, at_image] for a in per_layer], 1))  # [B, layers, cells, ...]
+    for i, (shapes, _) in zip(idx, drawn):
+      for a, v in cell_labels(shapes, size, loaded.side).items():
+        labels[a].append(v)
+      scene_of_cell.append(np.full(loaded.side ** 2, i))
+  x = {name: np.concatenate(v) for name, v in feats.items()}  # [scenes, layers, cells, ...]
+  y = {a: np.stack(v) for a, v in labels.items()}  # [scenes, cells]
+  owned = y["kind"] >= 0
+  split = np.arange(scenes) < train
+  tr, te = owned & split[:, None], owned & ~split[:, None]
+  classes = {"kind": len(sw.SHAPES), "colour": len(sw.COLOURS)}
+  layers_n = x["inputs"].shape[1]
+  out = {"run": str(run), "step": loaded.step, "cells": loaded.side ** 2, "scenes": scenes, "train_scenes": train,
+         "train_cells": int(tr.sum()), "test_cells": int(te.sum())}
+  for a in ATTRIBUTES:
+    res = {"inputs": [], "keys": []}
+    for layer in range(layers_n):
+      xi = x["inputs"][:, layer]  # [scenes, cells, D]
+      res["inputs"].append(fit_probe(xi[tr], y[a][tr], xi[te], y[a][te], classes[a]))
+      xk = x["keys"][:, layer]  # [scenes, cells, K, H]
+      res["keys"].append([fit_probe(xk[..., h, :][tr], y[a][tr], xk[..., h, :][te], y[a][te], classes[a])
+                          for h in range(xk.shape[2])])
+    out[a] = res
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--run", action="append", required=True, help="a finished run folder (repeatable)")
+  p.add_argument("--scenes", type=int, default=600, help="scenes drawn (default 600)")
+  p.add_argument("--train", type=int, default=400, help="of which the first N fit the probes (default 400)")
+  p.add_argument("--json_out", default=None, help="the record, e.g. benchmarks/results/token_probe/NAME.json")
+  p.add_argument("--no_progress", action="store_true")
+  args = p.parse_args(argv)
+  if not 0 < args.train < args.scenes:
+    p.error(f"--train={args.train} must be between 0 and --scenes={args.scenes}, exclusive")
+  git = record.git_state()  # the code this run loads
+  result = {**record_header(), "runs": {}}
+  for run in args.run:
+    path = Path(run)
+    if not (path / "config.gin").exists() or not (path / "checkpoints").exists():
+      p.error(f"--run={run}: no config.gin and checkpoints/ there")
+    r = analyse(path, args.scenes, args.train, progress=not args.no_progress)
+    result["runs"][path.name] = r
+    for a in ATTRIBUTES:
+      best_keys = [max(h["accuracy"] for h in layer) for layer in r[a]["keys"]]
+      print(f"{path.name} {a} ({r['test_cells']} test cells, majority {r[a]['inputs'][0]['majority']}): "
+            f"inputs by layer {[l['accuracy'] for l in r[a]['inputs']]}, best key head by layer {best_keys}")
+  if args.json_out:
+    write_record(Path(args.json_out), result, git=git, benchmark="token_probe")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

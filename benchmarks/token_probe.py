@@ -25,7 +25,10 @@ the training cells' most common class.
 What it leaves out: a probe says what a linear readout could find, not what the model reads; a
 cell holds a fragment of a shape (16 x 16 px of a 64 px scene on MM1-tiny's 4 x 4 grid), so the
 kind of one cell may be undecidable from that cell alone; cells of one scene are not independent
-(the standard errors treat them as if they were). Dense decoders only.
+(the standard errors treat them as if they were). A probe standardises the features, so it
+finds a class however little of the vectors' variance it holds; `variance_share` (the share of the
+raw features' variance between the class means, on the training cells) says how much that is,
+for a query's dot product sees the raw vectors. Dense decoders only.
 """
 
 from __future__ import annotations
@@ -73,7 +76,17 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
   acc = float((pred == y_test).mean())
   majority = int(np.bincount(y_train, minlength=num_classes).argmax())
   return {"accuracy": round(acc, 4), "se": round(float(np.sqrt(acc * (1 - acc) / len(y_test))), 4),
-          "majority": round(float((y_test == majority).mean()), 4)}
+          "majority": round(float((y_test == majority).mean()), 4),
+          "variance_share": round(variance_share(x_train, y_train), 4)}
+
+
+def variance_share(x: np.ndarray, y: np.ndarray) -> float:
+  """The share of the features' total variance (raw, not standardised) that lies between the
+  class means: how much of what a dot product with these vectors sees varies with the class."""
+  mu = x.mean(0)
+  total = ((x - mu) ** 2).sum(-1).mean()
+  between = sum((y == c).mean() * ((x[y == c].mean(0) - mu) ** 2).sum() for c in np.unique(y))
+  return float(between / max(total, 1e-30))
 
 
 def cell_labels(shapes, image_size: int, side: int) -> dict[str, np.ndarray]:

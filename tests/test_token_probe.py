@@ -64,3 +64,12 @@ def test_the_probe_reads_a_linear_feature_and_not_noise():
   assert r["majority"] == pytest.approx((y[400:] == np.bincount(y[:400]).argmax()).mean(), abs=1e-4)
   noise = tp.fit_probe(x[:400], rng.integers(0, 3, 400), x[400:], y[400:], 3)
   assert noise["accuracy"] < 0.5
+
+
+def test_variance_share_is_the_between_class_part_of_the_raw_variance():
+  """Two classes at -1 and +1 in one feature, and a second feature of variance 3 that ignores them:
+  the classes hold 1 / (1 + 3) of the variance; standardising would have hidden the difference."""
+  y = np.repeat([0, 1], 4)
+  x = np.stack([np.where(y == 0, -1.0, 1.0), np.sqrt(3.0) * np.tile([1.0, -1.0], 4)], 1)
+  assert tp.variance_share(x, y) == pytest.approx(0.25)
+  assert tp.variance_share(x[:, ::-1] * [1.0, 0.0], y) == pytest.approx(0.0, abs=1e-12)

@@ -22,6 +22,11 @@ split over four cells), whose other shapes own none, or whose naming word does n
 token of the prompt, are counted and left out. Dense decoders only (a sparse one's grouped
 stacks are not read in layer order).
 
+`after_named` gives the same share for every position after the naming word through the answer
+position (the question mark, the prompt's answer cue, a chat template's turn tokens), and the
+best head and position of all: a kind-keyed lookup made between the two would show there. (The
+best of many heads and positions is a maximum: it lies above chance even where no head looks.)
+
 What it leaves out: attention weight is not use (the value vectors and the later layers decide
 what is read); heads are reported each and averaged; one prompt format, zero-shot.
 """
@@ -186,6 +191,7 @@ def analyse(run: Path, progress: bool = True) -> dict:
   forward = jax.jit(forward)
   shares: dict[tuple[str, str], list] = {(k, at): [] for k in TYPES for at in POSITIONS}
   chances: dict[str, list] = {k: [] for k in TYPES}
+  after: dict[str, list] = {k: [] for k in TYPES}  # every position after the naming word
   skipped = {"one_shape": 0, "no_cell": 0, "no_other_cell": 0, "word_not_a_token_prefix": 0}
   seed, size = corpus.CorpusSpec().seed, config.encoder.image_size
   for q in tqdm(bench.test, desc="questions", unit="q", disable=not progress):
@@ -221,6 +227,9 @@ def analyse(run: Path, progress: bool = True) -> dict:
       probs = np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
       share, chance = lookup_share(probs, owners, asked)  # [layers, heads]
       shares[(kind, at)].append(share)
+    later = np.stack([np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
+                      for row in range(len(upto), len(tokens))])  # [positions, layers, heads, cells]
+    after[kind].append(lookup_share(later, owners, asked)[0])  # [positions, layers, heads]
     chances[kind].append(chance)
   out = {"run": str(run), "step": step, "cells": side * side, "skipped": skipped}
   for kind in TYPES:
@@ -235,6 +244,16 @@ def analyse(run: Path, progress: bool = True) -> dict:
           "excess_over_chance_by_head": _rounded(excess.mean(0)),
           "excess_se_by_head": _rounded(excess.std(0, ddof=1) / np.sqrt(len(v))),
       }
+    # Positions after the naming word, counted back from the answer position (questions of a type
+    # may differ in length after the word; the shortest sets how many are compared).
+    n = min(len(a) for a in after[kind])
+    v = np.stack([a[len(a) - n:] for a in after[kind]]).mean(0)  # [positions, layers, heads]
+    best = np.unravel_index(int(v.argmax()), v.shape)
+    out[kind]["after_named"] = {
+        "positions": n, "share_by_position_and_head": _rounded(v),
+        "best": {"share": round(float(v[best]), 4), "from_answer": int(n - 1 - best[0]), "layer": int(best[1]),
+                 "head": int(best[2])},
+    }
   return out
 
 
@@ -256,6 +275,8 @@ def main(argv=None) -> int:
       for at in POSITIONS:
         print(f"{path.name} {kind} at the {at} position: {r[kind]['questions']} questions, chance "
               f"{r[kind]['chance']}, share on the asked shape by layer {r[kind][at]['share_mean_of_heads']}")
+      print(f"{path.name} {kind}, best head at any position after the naming word: "
+            f"{r[kind]['after_named']['best']}")
   if args.json_out:
     write_record(Path(args.json_out), result, git=git, benchmark="attention_lookup")
   return 0

@@ -123,15 +123,18 @@ class LoadedRun:
   evaluator: object  # fewshot.Evaluator, shapes_vqa at 0 shots with the run's prompt format
   bench: object  # the evaluator's shapes_vqa benchmark
   side: int  # the pooled grid's side: tokens_per_image = side * side
+  sown: object  # (tokens, images, valid) -> what the prefill sowed (`layers.PROBS_COLLECTION`), jitted
 
 
 def load_run(run: Path) -> LoadedRun:
   """Loads the run's config.gin and newest checkpoint (dense decoders with a pooled-grid connector)."""
+  import flax.linen as nn  # noqa: PLC0415
   import gin  # noqa: PLC0415
   import jax  # noqa: PLC0415
 
   import tasks  # noqa: F401, PLC0415  (registers the shapes-world seqio tasks)
-  from mm1_jax import connector, gin_files  # noqa: PLC0415
+  from mm1_jax import connector, gin_files, layers  # noqa: PLC0415
+  from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
   from mm1_jax import sharding as sharding_lib  # noqa: PLC0415
   from mm1_jax.checkpoint import Checkpointer  # noqa: PLC0415
   from mm1_jax.eval import fewshot  # noqa: PLC0415
@@ -160,35 +163,33 @@ def load_run(run: Path) -> LoadedRun:
   params = ckpt.restore_params(step, target)
   ckpt.close()
   ev = fewshot.Evaluator(evaluation, mm1, mesh, mesh_cfg.rules)
-  return LoadedRun(config=config, model=mm1, params=params, step=step, mesh=mesh, rules=mesh_cfg.rules,
-                   evaluator=ev, bench=ev.benchmarks["shapes_vqa"],
-                   side=int(round(config.tokens_per_image ** 0.5)))
 
-
-def analyse(run: Path, progress: bool = True) -> dict:
-  """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from mm1_jax import layers  # noqa: PLC0415
-  from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
-  from mm1_jax.data import corpus  # noqa: PLC0415
-  from mm1_jax.eval import fewshot  # noqa: PLC0415
-  from mm1_jax.model import MM1  # noqa: PLC0415
-
-  loaded = load_run(run)
-  config, mm1, params, step, mesh = loaded.config, loaded.model, loaded.params, loaded.step, loaded.mesh
-  ev, bench, side = loaded.evaluator, loaded.bench, loaded.side
-  evaluation = ev.config
-
+  @jax.jit
   def forward(params, tokens, images, valid):
     cache = decoder_lib.init_cache(config.decoder, tokens.shape[0], tokens.shape[1])
     _, state = mm1.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,
                          mutable=[layers.PROBS_COLLECTION])
     return state
 
-  forward = jax.jit(forward)
+  def sown(tokens, images, valid):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_cfg.rules):
+      return forward(params, tokens, images, valid)
+
+  return LoadedRun(config=config, model=mm1, params=params, step=step, mesh=mesh, rules=mesh_cfg.rules,
+                   evaluator=ev, bench=ev.benchmarks["shapes_vqa"],
+                   side=int(round(config.tokens_per_image ** 0.5)), sown=sown)
+
+
+def analyse(run: Path, progress: bool = True) -> dict:
+  """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from mm1_jax.data import corpus  # noqa: PLC0415
+  from mm1_jax.eval import fewshot  # noqa: PLC0415
+
+  loaded = load_run(run)
+  config, ev, bench, side = loaded.config, loaded.evaluator, loaded.bench, loaded.side
+  evaluation = ev.config
   shares: dict[tuple[str, str], list] = {(k, at): [] for k in TYPES for at in POSITIONS}
   chances: dict[str, list] = {k: [] for k in TYPES}
   after: dict[str, list] = {k: [] for k in TYPES}  # every position after the naming word
@@ -218,8 +219,7 @@ def analyse(run: Path, progress: bool = True) -> dict:
       skipped["word_not_a_token_prefix"] += 1
       continue
     image = ev.images(q)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(loaded.rules):
-      state = forward(params, tokens[None], image[None, None], np.ones((1, len(tokens)), bool))
+    state = loaded.sown(tokens[None], image[None, None], np.ones((1, len(tokens)), bool))
     at_image = np.flatnonzero(tokens == ev.ids.image)
     assert len(at_image) == config.tokens_per_image, (q["id"], len(at_image))
     layer_probs = decoder_sown(state)  # each [1, K, G, T, S]
@@ -231,7 +231,7 @@ def analyse(run: Path, progress: bool = True) -> dict:
                       for row in range(len(upto), len(tokens))])  # [positions, layers, heads, cells]
     after[kind].append(lookup_share(later, owners, asked)[0])  # [positions, layers, heads]
     chances[kind].append(chance)
-  out = {"run": str(run), "step": step, "cells": side * side, "skipped": skipped}
+  out = {"run": str(run), "step": loaded.step, "cells": side * side, "skipped": skipped}
   for kind in TYPES:
     out[kind] = {"questions": len(chances[kind]), "chance": round(float(np.mean(chances[kind])), 4)}
     for at in POSITIONS:
@@ -263,24 +263,32 @@ def main(argv=None) -> int:
   p.add_argument("--json_out", default=None, help="the record, e.g. benchmarks/results/attention_lookup/NAME.json")
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(argv)
-  git = record.git_state()  # the code this run loads
-  result = {**record_header(), "runs": {}}
-  for run in args.run:
-    path = Path(run)
-    if not (path / "config.gin").exists() or not (path / "checkpoints").exists():
-      p.error(f"--run={run}: no config.gin and checkpoints/ there")
-    r = analyse(path, progress=not args.no_progress)
-    result["runs"][path.name] = r
+  def report(name: str, r: dict) -> None:
     for kind in TYPES:
       for at in POSITIONS:
-        print(f"{path.name} {kind} at the {at} position: {r[kind]['questions']} questions, chance "
+        print(f"{name} {kind} at the {at} position: {r[kind]['questions']} questions, chance "
               f"{r[kind]['chance']}, share on the asked shape by layer {r[kind][at]['share_mean_of_heads']}")
-      print(f"{path.name} {kind}, best head at any position after the naming word: "
-            f"{r[kind]['after_named']['best']}")
-  if args.json_out:
-    write_record(Path(args.json_out), result, git=git, benchmark="attention_lookup")
-  return 0
+      print(f"{name} {kind}, best head at any position after the naming word: {r[kind]['after_named']['best']}")
 
+  return analyse_runs(p, args.run, lambda path: analyse(path, progress=not args.no_progress), report,
+                      args.json_out, "attention_lookup")
+
+
+def analyse_runs(parser: argparse.ArgumentParser, runs: list[str], analyse_one, report, json_out: str | None,
+                 benchmark: str) -> int:
+  """Runs `analyse_one(path)` on each finished run folder, prints each result with
+  `report(name, result)` and writes them all as one record of `benchmark` to `json_out`."""
+  git = record.git_state()  # the code this run loads
+  result = {**record_header(), "runs": {}}
+  for run in runs:
+    path = Path(run)
+    if not (path / "config.gin").exists() or not (path / "checkpoints").exists():
+      parser.error(f"--run={run}: no config.gin and checkpoints/ there")
+    result["runs"][path.name] = analyse_one(path)
+    report(path.name, result["runs"][path.name])
+  if json_out:
+    write_record(Path(json_out), result, git=git, benchmark=benchmark)
+  return 0
 
 if __name__ == "__main__":
   sys.exit(main())

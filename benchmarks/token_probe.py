@@ -39,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import attention_lookup, record
-from benchmarks.jobs import record_header, write_record
+from benchmarks import attention_lookup
 
 STREAM_SEED = 9173  # the probe's own scene stream: not a corpus seed
 ATTRIBUTES = ("kind", "colour")
@@ -102,18 +101,13 @@ def cell_labels(shapes, image_size: int, side: int) -> dict[str, np.ndarray]:
 
 def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool = True) -> dict:
   """Loads the run's newest checkpoint and probes every layer's inputs and keys (module docstring)."""
-  import flax.linen as nn  # noqa: PLC0415
-  import jax  # noqa: PLC0415
   from tqdm import tqdm  # noqa: PLC0415
 
-  from mm1_jax import decoder as decoder_lib  # noqa: PLC0415
-  from mm1_jax import layers  # noqa: PLC0415
   from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
   from mm1_jax.eval import fewshot  # noqa: PLC0415
-  from mm1_jax.model import MM1  # noqa: PLC0415
 
   loaded = attention_lookup.load_run(run)
-  config, mm1, ev = loaded.config, loaded.model, loaded.evaluator
+  config, ev = loaded.config, loaded.evaluator
   size = config.encoder.image_size
   q = loaded.bench.test[0]
   tokens = ev._encode(fewshot.build_prompt(loaded.bench.template, [], q, ev.config.chat_template))
@@ -121,14 +115,6 @@ def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool 
   if len(at_image) != config.tokens_per_image:
     raise SystemExit(f"{run}: the prompt holds {len(at_image)} image tokens, not one image's "
                      f"{config.tokens_per_image}")
-
-  def forward(params, tokens, images, valid):
-    cache = decoder_lib.init_cache(config.decoder, tokens.shape[0], tokens.shape[1])
-    _, state = mm1.apply({"params": params}, tokens, images, valid, cache, method=MM1.prefill,
-                         mutable=[layers.PROBS_COLLECTION])
-    return state
-
-  forward = jax.jit(forward)
   feats: dict[str, list] = {"inputs": [], "keys": []}
   labels: dict[str, list] = {a: [] for a in ATTRIBUTES}
   scene_of_cell = []
@@ -141,8 +127,7 @@ def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool 
       drawn.append((shapes, sw.render(shapes, rng, size)))
     images = np.stack([image for _, image in drawn])[:, None]
     toks = np.repeat(tokens[None], len(drawn), 0)
-    with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
-      state = forward(loaded.params, toks, images, np.ones(toks.shape, bool))
+    state = loaded.sown(toks, images, np.ones(toks.shape, bool))
     for name in feats:
       per_layer = attention_lookup.decoder_sown(state, name)  # each [B, T, D] or [B, T, K, H]
       feats[name].append(np.stack([a[:, at_image] for a in per_layer], 1))  # [B, layers, cells, ...]
@@ -181,22 +166,15 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if not 0 < args.train < args.scenes:
     p.error(f"--train={args.train} must be between 0 and --scenes={args.scenes}, exclusive")
-  git = record.git_state()  # the code this run loads
-  result = {**record_header(), "runs": {}}
-  for run in args.run:
-    path = Path(run)
-    if not (path / "config.gin").exists() or not (path / "checkpoints").exists():
-      p.error(f"--run={run}: no config.gin and checkpoints/ there")
-    r = analyse(path, args.scenes, args.train, progress=not args.no_progress)
-    result["runs"][path.name] = r
+  def report(name: str, r: dict) -> None:
     for a in ATTRIBUTES:
       best_keys = [max(h["accuracy"] for h in layer) for layer in r[a]["keys"]]
-      print(f"{path.name} {a} ({r['test_cells']} test cells, majority {r[a]['inputs'][0]['majority']}): "
+      print(f"{name} {a} ({r['test_cells']} test cells, majority {r[a]['inputs'][0]['majority']}): "
             f"inputs by layer {[l['accuracy'] for l in r[a]['inputs']]}, best key head by layer {best_keys}")
-  if args.json_out:
-    write_record(Path(args.json_out), result, git=git, benchmark="token_probe")
-  return 0
 
+  return attention_lookup.analyse_runs(
+      p, args.run, lambda path: analyse(path, args.scenes, args.train, progress=not args.no_progress), report,
+      args.json_out, "token_probe")
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -42,6 +42,28 @@ def tiny_config() -> model.MM1Config:
   return tiny_model_config()
 
 
+def init_apply(module, *args, **kwargs):
+  """(unboxed variables, output): `module` initialised from PRNGKey(0) and applied to `args`,
+  each as one compiled program. Run op by op, an init compiles every primitive it meets on
+  its own, which on CPU takes many times longer than compiling the whole function once."""
+  import functools
+
+  import flax.linen as nn
+  import jax
+
+  variables = nn.meta.unbox(jax.jit(functools.partial(module.init, **kwargs))(jax.random.PRNGKey(0), *args))
+  return variables, jitted(module, **kwargs)(variables, *args)
+
+
+def jitted(module, **kwargs):
+  """`module.apply(variables, *args, **kwargs)` (method=, mutable=, ...) as one compiled program."""
+  import functools
+
+  import jax
+
+  return jax.jit(functools.partial(module.apply, **kwargs))
+
+
 @pytest.fixture
 def clean_gin():
   """gin's global configuration empty before and after the test, with the checkout's gin

@@ -41,7 +41,7 @@ def test_prefix_causal_mask_is_causal_outside_the_prefix_and_full_inside():
 def test_a_prefix_causal_trunk_never_sees_a_later_patch_after_the_prefix():
   model = vit.ViT(ENC)
   images = _images(2)
-  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
   prefix = jnp.array([5, 5])
   out = model.apply({"params": params}, images, prefix)
   # Change patch 9 (row 2, column 1 of the 4 x 4 grid) of every image.
@@ -132,7 +132,7 @@ def test_aim_loss_is_the_pixel_regression_of_the_trunk_and_head():
   config = aim.AIMConfig(encoder=ENC, head=HEAD)
   model = config.build()
   batch = _batch([[3] * 16 + [7, 8, 2], [3] * 16 + [9, 2]], [1, 1], 24)
-  params = model.init(jax.random.PRNGKey(0), batch["tokens"], batch["images"], batch["segment_ids"],
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"], batch["images"], batch["segment_ids"],
                       batch["positions"])["params"]
   assert set(params) == {"encoder", "head"}
   rng = jax.random.PRNGKey(3)
@@ -160,7 +160,7 @@ def test_aimv2_loss_is_caption_cross_entropy_plus_alpha_times_pixel_regression()
   losses = {}
   for alpha in (0.0, 0.5, 2.0):
     model = _aimv2(alpha).build()
-    params = model.init(jax.random.PRNGKey(0), batch["tokens"], batch["images"], batch["segment_ids"],
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["tokens"], batch["images"], batch["segment_ids"],
                         batch["positions"])["params"]
     loss, m = model.apply({"params": params}, batch, rng, method="loss")
     losses[alpha] = float(loss)
@@ -213,7 +213,7 @@ def test_the_aim_head_is_told_where_each_patch_is():
   model = aim.AIMConfig(encoder=ENC, head=HEAD).build()
   batch = _batch([[3] * 16 + [2]], [1], 17)
   args = (batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])
-  params = model.init(jax.random.PRNGKey(0), *args)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), *args)["params"]
 
   def same_features(next_fun, fargs, fkwargs, context):
     out = next_fun(*fargs, **fkwargs)
@@ -232,7 +232,7 @@ def test_aim_trunks_normalise_the_patch_embedding():
   enc = dataclasses.replace(config.encoder, depth=1, image_size=32)
   model = vit.ViT(enc)
   images = _images(2, size=enc.image_size)
-  p = model.init(jax.random.PRNGKey(0), images)["params"]
+  p = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
   # apple/ml-aim: PatchEmbed = convolution (with its bias) then LayerNorm (scale and bias).
   assert set(p["ln_patch"]) == {"scale", "bias"} and "bias" in p["patch_embed"]
   # A norm right after the embedding makes the trunk blind to the embedding's scale.
@@ -334,7 +334,7 @@ def test_model_flops_agree_with_the_compiler(objective):
   model = config.build()
   batch = _batch([[3] * 16 + [7, 8, 9, 2]] * 2, [1, 1], 32)
   args = (batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *args))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *args))["params"]
   prefix = jnp.full((2,), 5, jnp.int32)
   xla = jax.jit(lambda p: model.apply({"params": p}, *args, prefix)).lower(params).cost_analysis()["flops"]
   ours = flops.forward_flops(params, config, flops.executed_work(2, 32, 1, getattr(getattr(config, 'decoder', None), 'attention_chunks', 1)))

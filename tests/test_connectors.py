@@ -18,15 +18,13 @@ import numpy as np
 import pytest
 
 from mm1_jax import connector, gin_files, model
+from conftest import init_apply
 
 NAMES = sorted(connector.CONNECTORS)
 GIN_DIR = gin_files.root() / "gin" / "connectors"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _init_apply(module, *args):
-  variables = nn.meta.unbox(module.init(jax.random.PRNGKey(0), *args))
-  return variables, module.apply(variables, *args)
 
 
 def test_every_connector_has_a_gin_file_and_every_gin_file_a_connector():
@@ -54,7 +52,7 @@ def test_gin_file_swaps_the_connector(name):
   assert type(cfg.connector) is connector.CONNECTORS[name]
   # The token count the decoder's sequences are laid out for is what the module gives.
   feats = jnp.ones((1, cfg.encoder.num_patches, cfg.encoder.width))
-  _, out = _init_apply(cfg.connector.build(out_dim=8), feats)
+  _, out = init_apply(cfg.connector.build(out_dim=8), feats)
   assert out.shape[1] == cfg.tokens_per_image
 
 
@@ -62,7 +60,7 @@ def test_gin_file_swaps_the_connector(name):
 def test_shape_and_each_image_on_its_own(name):
   cfg = connector.CONNECTORS[name]()
   feats = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 32))
-  variables, out = _init_apply(cfg.build(out_dim=24), feats)
+  variables, out = init_apply(cfg.build(out_dim=24), feats)
   assert out.shape == (3, cfg.tokens(16), 24)  # the count the decoder lays sequences out for
   # Each image's tokens depend on that image only.
   out2 = cfg.build(out_dim=24).apply(variables, feats.at[1].set(0.0))
@@ -137,7 +135,7 @@ def test_pixel_shuffle_puts_neighbouring_patches_side_by_side():
   # (and channels) it holds.
   feats = jnp.asarray(np.random.default_rng(0).permutation(n * n * d), jnp.float32).reshape(1, n * n, d)
   module = cfg.build(out_dim=4 * d)
-  variables = nn.meta.unbox(module.init(jax.random.PRNGKey(0), feats))
+  variables = nn.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), feats))
   captured = {}
 
   def take_hidden_input(next_fun, args, kwargs, context):
@@ -172,6 +170,6 @@ def test_mm1_runs_with_each_connector(tiny_config, name):
   images = jnp.zeros((2, 1, 64, 64, 3), jnp.uint8)
   seg = jnp.ones_like(tokens)
   pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  _, logits = _init_apply(m, tokens, images, seg, pos)
+  _, logits = init_apply(m, tokens, images, seg, pos)
   assert logits.shape == (2, q + 6, cfg.decoder.vocab_size)
   assert np.isfinite(np.asarray(logits)).all()

@@ -64,7 +64,7 @@ def test_greedy_decoding_matches_step_by_step_full_forward(tiny_config):
   prompt = np.concatenate([[ids.image] * q, rng.integers(5, 200, 6)]).astype(np.int32)
   images = rng.integers(0, 256, (1, 1, 64, 64, 3)).astype(np.uint8)
   seq = jnp.asarray(prompt)[None]
-  params = nn.meta.unbox(m.init(jax.random.PRNGKey(1), seq, images, jnp.ones_like(seq),
+  params = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(1), seq, images, jnp.ones_like(seq),
                                 jnp.arange(seq.shape[1])[None]))["params"]
   # Reference: re-run the whole sequence for every new token.
   ref = []
@@ -95,7 +95,7 @@ def test_evaluator_reports_every_task_and_shot(tiny_config, tmp_path):
                               train_mixture="mm1_shapes_pretrain")
   evaluator = fewshot.Evaluator(cfg, m, mesh, mesh_cfg.rules)
   dummy = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), dummy, jnp.zeros((1, 1, 64, 64, 3), jnp.uint8),
+  params = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), dummy, jnp.zeros((1, 1, 64, 64, 3), jnp.uint8),
                                 jnp.ones_like(dummy), dummy))["params"]
   results = evaluator.evaluate_and_write(params, 7, tmp_path)
   for key in ("shapes_caption/0shot/cider", "shapes_caption/2shot/cider", "shapes_vqa/0shot/accuracy",

@@ -258,7 +258,7 @@ def test_evaluator_runs_every_benchmark_and_reports_train_overlap(eval_root, tmp
                               data_root=str(eval_root), train_mixture=mixture)
   evaluator = fewshot.Evaluator(cfg, m, mesh, mesh_cfg.rules)
   dummy = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), dummy, jnp.zeros((1, 1, 64, 64, 3), jnp.uint8),
+  params = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), dummy, jnp.zeros((1, 1, 64, 64, 3), jnp.uint8),
                                 jnp.ones_like(dummy), dummy))["params"]
   results = evaluator.evaluate_and_write(params, 3, tmp_path)
   metric = {"coco": "cider", "nocaps": "cider", "textcaps": "cider", "gqa": "exact_match"}

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 
 from mm1_jax import connector, decoder, model, moe, sharding, vit
+from conftest import init_apply, jitted
 
 
-def _init_apply(module, *args, **kwargs):
-  variables = nn.meta.unbox(module.init(jax.random.PRNGKey(0), *args, **kwargs))
-  return variables, module.apply(variables, *args, **kwargs)
 
 
 TRUNKS = {
@@ -30,7 +28,7 @@ TRUNKS = {
 def test_trunks_have_their_parameters(trunk):
   cfg = vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64,
                       scan_layers=False, **TRUNKS[trunk])
-  variables, out = _init_apply(vit.ViT(cfg), jnp.zeros((2, 32, 32, 3), jnp.uint8))
+  variables, out = init_apply(vit.ViT(cfg), jnp.zeros((2, 32, 32, 3), jnp.uint8))
   p = variables["params"]
   assert out.shape == (2, 16, 32) and np.isfinite(np.asarray(out)).all()
   assert ("pos_embed" in p) == (trunk != "aim")  # AIM's sin-cos positions are fixed
@@ -59,7 +57,7 @@ def test_prefix_causal_attention():
                       **TRUNKS["aim"])
   m = vit.ViT(cfg)
   images = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-  variables = nn.meta.unbox(m.init(jax.random.PRNGKey(0), images))
+  variables = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), images))
   prefix = jnp.array([5])
   base = m.apply(variables, images, prefix_lengths=prefix)
   changed = images.copy()
@@ -95,7 +93,7 @@ def test_resize_pos_embed_keeps_cls_and_smooth_grids():
 def test_avg_pool_is_a_mean_over_its_window():
   feats = jnp.arange(16 * 2, dtype=jnp.float32).reshape(1, 16, 2)
   m = connector.AvgPoolConfig(num_tokens=4).build(out_dim=2)
-  variables = nn.meta.unbox(m.init(jax.random.PRNGKey(0), feats))
+  variables = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), feats))
   p = variables["params"]["proj"]
   identity = {"params": {"proj": {"kernel": jnp.eye(2), "bias": jnp.zeros_like(p["bias"])}}}
   out = m.apply(identity, feats)
@@ -106,7 +104,7 @@ def test_avg_pool_is_a_mean_over_its_window():
 
 def test_per_patch_projector_needs_one_token_per_patch():
   with pytest.raises(ValueError, match="num_tokens must be 16"):
-    _init_apply(connector.LinearConfig(num_tokens=4).build(out_dim=8), jnp.ones((1, 16, 8)))
+    init_apply(connector.LinearConfig(num_tokens=4).build(out_dim=8), jnp.ones((1, 16, 8)))
 
 
 # ----------------------------------------------------------------------------- MoE
@@ -161,9 +159,9 @@ def test_padding_takes_no_capacity_and_stays_out_of_the_statistics():
 def test_capacity_and_dropless_agree_without_drops(tiny_config):
   args = _inputs()
   cap = model.MM1(_moe_model(tiny_config, dispatch="capacity", capacity_factor=8.0))
-  variables = nn.meta.unbox(cap.init(jax.random.PRNGKey(0), *args))
-  a, stats = cap.apply(variables, *args, mutable=["moe"])
-  b = model.MM1(_moe_model(tiny_config, dispatch="dropless")).apply(variables, *args)
+  variables = nn.meta.unbox(jax.jit(cap.init)(jax.random.PRNGKey(0), *args))
+  a, stats = jitted(cap, mutable=["moe"])(variables, *args)
+  b = jitted(model.MM1(_moe_model(tiny_config, dispatch="dropless")))(variables, *args)
   np.testing.assert_allclose(a, b, atol=2e-5)
   assert float(moe.summarize_aux(stats["moe"])["drop_rate"]) == 0.0
 
@@ -172,8 +170,8 @@ def test_capacity_and_dropless_agree_without_drops(tiny_config):
 def test_capacity_drops_tokens_and_reports_it(tiny_config):
   args = _inputs(t=16)
   m = model.MM1(_moe_model(tiny_config, capacity_factor=0.25))  # 1 slot per expert for 32 assignments
-  variables = nn.meta.unbox(m.init(jax.random.PRNGKey(0), *args))
-  _, stats = m.apply(variables, *args, mutable=["moe"])
+  variables = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), *args))
+  _, stats = jitted(m, mutable=["moe"])(variables, *args)
   summary = moe.summarize_aux(stats["moe"])
   assert float(summary["drop_rate"]) >= 0.5
   assert set(summary) == {"load_balance", "router_z", "drop_rate"}
@@ -186,7 +184,7 @@ def test_moe_stack_layout_and_cache_decoding(tiny_config, every, scan):
   cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, scan_layers=scan))
   m = model.MM1(cfg)
   tokens, images, seg, pos = _inputs()
-  variables, full = _init_apply(m, tokens, images, seg, pos)
+  variables, full = init_apply(m, tokens, images, seg, pos)
   blocks = variables["params"]["decoder"]["blocks"]
   if every == 2 and scan:
     assert blocks["layers"]["sparse"]["moe"]["gate"].shape == (1, 4, 64, 128)
@@ -194,12 +192,12 @@ def test_moe_stack_layout_and_cache_decoding(tiny_config, every, scan):
   if every == 1:
     assert blocks["layers"]["moe"]["router"].shape == (2, 64, 4)
   cache = decoder.init_cache(cfg.decoder, 2, 12)
-  last, cache = m.apply(variables, tokens[:, :6], images, jnp.ones((2, 6), bool), cache,
-                        method=model.MM1.prefill)
+  last, cache = jitted(m, method=model.MM1.prefill)(variables, tokens[:, :6], images, jnp.ones((2, 6), bool),
+                                                    cache)
   np.testing.assert_allclose(last, full[:, 5], atol=1e-4)
   kv_valid = jnp.zeros((2, 12), bool).at[:, :7].set(True)
-  step, _ = m.apply(variables, tokens[:, 6], pos[:, 6], kv_valid, cache, jnp.int32(6),
-                    method=model.MM1.decode_step)
+  step, _ = jitted(m, method=model.MM1.decode_step)(variables, tokens[:, 6], pos[:, 6], kv_valid, cache,
+                                                    jnp.int32(6))
   np.testing.assert_allclose(step, full[:, 6], atol=1e-4)
 
 
@@ -248,15 +246,14 @@ def test_sliding_window_masks_and_cache(tiny_config):
   cfg = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, sliding_window=4))
   m = model.MM1(cfg)
   tokens, images, seg, pos = _inputs()
-  variables, full = _init_apply(m, tokens, images, seg, pos)
-  _, unwindowed = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
+  variables, full = init_apply(m, tokens, images, seg, pos)
+  _, unwindowed = init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
   assert np.abs(np.asarray(full[:, -1] - unwindowed[:, -1])).max() > 1e-4
   cache = decoder.init_cache(cfg.decoder, 2, 12)
-  _, cache = m.apply(variables, tokens[:, :8], images, jnp.ones((2, 8), bool), cache,
-                     method=model.MM1.prefill)
+  _, cache = jitted(m, method=model.MM1.prefill)(variables, tokens[:, :8], images, jnp.ones((2, 8), bool), cache)
   kv_valid = jnp.zeros((2, 12), bool).at[:, :9].set(True)
-  step, _ = m.apply(variables, tokens[:, 8], pos[:, 8], kv_valid, cache, jnp.int32(8),
-                    method=model.MM1.decode_step)
+  step, _ = jitted(m, method=model.MM1.decode_step)(variables, tokens[:, 8], pos[:, 8], kv_valid, cache,
+                                                    jnp.int32(8))
   np.testing.assert_allclose(step, full[:, 8], atol=1e-4)
 
 

@@ -63,7 +63,7 @@ def test_dropless_moe_through_the_kernels_matches_ragged_dot_under_expert_parall
   x = jax.random.normal(jax.random.PRNGKey(1), (b, t, d), jnp.float32)
   layers = {impl: moe.MoEMLP(moe.MoEConfig(num_experts=4, top_k=2, every=1, dispatch="dropless",
                                            grouped_matmul=impl), mlp_dim=f) for impl in ("xla", "pallas")}
-  params = nn.unbox(layers["xla"].init(jax.random.PRNGKey(2), x, valid)["params"])
+  params = nn.unbox(jax.jit(layers["xla"].init)(jax.random.PRNGKey(2), x, valid)["params"])
   params = dict(params, router=params["router"] * 20.0)
 
   def loss(layer):

@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 
 from mm1_jax import connector, decoder, layers, model, vit
+from conftest import init_apply, jitted
 
 
-def _init_apply(module, *args):
-  variables = module.init(jax.random.PRNGKey(0), *args)
-  return nn.meta.unbox(variables), module.apply(nn.meta.unbox(variables), *args)
 
 
 def test_vit_output_shape_and_uint8_input(tiny_config):
   enc = vit.ViT(tiny_config.encoder)
   images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
-  variables, out = _init_apply(enc, images)
+  variables, out = init_apply(enc, images)
   assert out.shape == (3, tiny_config.encoder.num_patches, tiny_config.encoder.width)
   # uint8 and the same pixels as float in [0, 1] are the same input.
   out_f = enc.apply(variables, images.astype(np.float32) / 255.0)
@@ -29,7 +27,7 @@ def test_vit_output_shape_and_uint8_input(tiny_config):
 def test_vit_with_cls_drops_it():
   cfg = vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
                       use_cls=True)
-  _, out = _init_apply(vit.ViT(cfg), jnp.zeros((2, 32, 32, 3)))
+  _, out = init_apply(vit.ViT(cfg), jnp.zeros((2, 32, 32, 3)))
   assert out.shape == (2, 16, 32)
 
 
@@ -53,10 +51,10 @@ def test_adaptive_pool_matches_reference_bins():
 @pytest.mark.slow
 def test_regnet_block_shapes_and_shortcut():
   x = jnp.ones((2, 4, 4, 8))
-  variables, y = _init_apply(connector.RegNetBlock(16), x)
+  variables, y = init_apply(connector.RegNetBlock(16), x)
   assert y.shape == (2, 4, 4, 16)
   assert "shortcut" in variables["params"]  # 1x1 conv when channels change
-  variables, y = _init_apply(connector.RegNetBlock(8), x)
+  variables, y = init_apply(connector.RegNetBlock(8), x)
   assert "shortcut" not in variables["params"]
   assert variables["params"]["se_reduce"]["kernel"].shape == (8, 2)  # se ratio 0.25 of input
 
@@ -64,7 +62,7 @@ def test_regnet_block_shapes_and_shortcut():
 @pytest.mark.slow
 def test_c_abstractor_output_tokens(tiny_config):
   cfg = connector.CAbstractorConfig(num_tokens=9, hidden=32, depth=2)
-  variables, y = _init_apply(connector.CAbstractor(cfg, out_dim=48), jnp.ones((2, 36, 24)))
+  variables, y = init_apply(connector.CAbstractor(cfg, out_dim=48), jnp.ones((2, 36, 24)))
   assert y.shape == (2, 9, 48)
   assert set(variables["params"]) >= {"pos_embed", "stage1_0", "stage1_1", "stage2_0", "stage2_1",
                                       "readout_1", "readout_2"}
@@ -77,7 +75,7 @@ def test_decoder_shapes_and_gqa(tiny_config):
   x = jnp.ones((2, 10, tiny_config.decoder.width))
   mask = model.segment_causal_mask(jnp.ones((2, 10), jnp.int32))
   pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  variables = dec.init(jax.random.PRNGKey(0), x, mask, pos)
+  variables = jax.jit(dec.init)(jax.random.PRNGKey(0), x, mask, pos)
   (logits, cache) = dec.apply(variables, x, mask, pos)
   assert logits.shape == (2, 10, tiny_config.decoder.vocab_size) and logits.dtype == jnp.float32
   assert cache is None
@@ -128,12 +126,12 @@ def _mm1_inputs(cfg, b=2, t=24, n=2, seed=0):
 def test_mm1_forward_shape_and_image_dependence(tiny_config):
   m = model.MM1(tiny_config)
   tokens, images, seg, pos = _mm1_inputs(tiny_config)
-  variables, logits = _init_apply(m, tokens, images, seg, pos)
+  variables, logits = init_apply(m, tokens, images, seg, pos)
   assert logits.shape == (2, 24, tiny_config.decoder.vocab_size)
   # Changing the second image only changes row 0 after its placeholders (positions >= 10).
   images2 = images.copy()
   images2[0, 1] = 255 - images2[0, 1]
-  logits2 = m.apply(variables, tokens, images2, seg, pos)
+  logits2 = jitted(m)(variables, tokens, images2, seg, pos)
   np.testing.assert_allclose(logits[0, :10], logits2[0, :10], atol=1e-5)
   assert np.abs(logits[0, 10:] - logits2[0, 10:]).max() > 1e-4
   np.testing.assert_allclose(logits[1], logits2[1], atol=1e-5)  # row 1 uses only its first image
@@ -152,18 +150,18 @@ def test_kv_cache_decoding_matches_full_forward(tiny_config, scan):
   tiny_config = tiny_config if scan else _unrolled(tiny_config)
   m = model.MM1(tiny_config)
   tokens, images, seg, pos = _mm1_inputs(tiny_config, t=20)
-  variables, full = _init_apply(m, tokens, images, seg, pos)
+  variables, full = init_apply(m, tokens, images, seg, pos)
   p, s = 14, 24
   cache = decoder.init_cache(tiny_config.decoder, 2, s)
-  last, cache = m.apply(variables, tokens[:, :p], images, np.ones((2, p), bool), cache,
-                        method=model.MM1.prefill)
+  prefill = jax.jit(functools.partial(m.apply, method=model.MM1.prefill))
+  decode_step = jax.jit(functools.partial(m.apply, method=model.MM1.decode_step))
+  last, cache = prefill(variables, tokens[:, :p], images, np.ones((2, p), bool), cache)
   np.testing.assert_allclose(last, full[:, p - 1], atol=1e-4)
   kv_valid = np.zeros((2, s), bool)
   kv_valid[:, :p] = True
   for i in range(p, 20):
     kv_valid[:, i] = True
-    logits, cache = m.apply(variables, tokens[:, i], pos[:, i], kv_valid, cache, jnp.int32(i),
-                            method=model.MM1.decode_step)
+    logits, cache = decode_step(variables, tokens[:, i], pos[:, i], kv_valid, cache, jnp.int32(i))
     np.testing.assert_allclose(logits, full[:, i], atol=1e-4)
 
 
@@ -171,12 +169,12 @@ def test_kv_cache_decoding_matches_full_forward(tiny_config, scan):
 def test_left_padded_prefill_matches_unpadded(tiny_config):
   m = model.MM1(tiny_config)
   tokens, images, seg, pos = _mm1_inputs(tiny_config, b=1, t=12)
-  variables, full = _init_apply(m, tokens, images, seg, pos)
+  variables, full = init_apply(m, tokens, images, seg, pos)
   pad = 5
   padded = np.concatenate([np.zeros((1, pad), np.int32), tokens], axis=1)
   valid = np.concatenate([np.zeros((1, pad), bool), np.ones((1, 12), bool)], axis=1)
   cache = decoder.init_cache(tiny_config.decoder, 1, 20)
-  last, _ = m.apply(variables, padded, images, valid, cache, method=model.MM1.prefill)
+  last, _ = jitted(m, method=model.MM1.prefill)(variables, padded, images, valid, cache)
   np.testing.assert_allclose(last, full[:, -1], atol=1e-4)
 
 
@@ -296,10 +294,10 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_config):
       decoder=dataclasses.replace(tiny_config.decoder, dtype="bfloat16"))
   m = model.MM1(cfg)
   tokens, images, seg, pos = _mm1_inputs(cfg)
-  variables, logits = _init_apply(m, tokens, images, seg, pos)
+  variables, logits = init_apply(m, tokens, images, seg, pos)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-  _, ref = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
+  _, ref = init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
   assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
 
 
@@ -307,13 +305,13 @@ def test_bfloat16_compute_keeps_float32_master_weights(tiny_config):
 def test_scanned_and_unrolled_stacks_compute_the_same_function(tiny_config):
   """Same weights, laid out stacked or per block, give the same logits."""
   tokens, images, seg, pos = _mm1_inputs(tiny_config)
-  scanned, logits = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
+  scanned, logits = init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
   params = jax.tree.map(lambda x: x, scanned["params"])
   for part in ("encoder", "decoder"):
     stacked = params[part].pop("blocks")["layers"]
     depth = jax.tree.leaves(stacked)[0].shape[0]
     params[part]["blocks"] = {f"block_{i}": jax.tree.map(lambda a: a[i], stacked) for i in range(depth)}  # noqa: B023
-  unrolled = model.MM1(_unrolled(tiny_config)).apply({"params": params}, tokens, images, seg, pos)
+  unrolled = jitted(model.MM1(_unrolled(tiny_config)))({"params": params}, tokens, images, seg, pos)
   np.testing.assert_allclose(logits, unrolled, atol=1e-5)
 
 
@@ -324,11 +322,11 @@ def test_remat_policies_keep_gradients(tiny_config, policy):
   cfg = dataclasses.replace(tiny_config, decoder=dataclasses.replace(tiny_config.decoder, remat_policy=policy),
                             encoder=dataclasses.replace(tiny_config.encoder, remat_policy=policy))
   tokens, images, seg, pos = _mm1_inputs(tiny_config)
-  variables, _ = _init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
+  variables, _ = init_apply(model.MM1(tiny_config), tokens, images, seg, pos)
 
   def grads(c):
     f = lambda p: model.MM1(c).apply({"params": p}, tokens, images, seg, pos).sum()  # noqa: E731
-    return jax.grad(f)(variables["params"])
+    return jax.jit(jax.grad(f))(variables["params"])
 
   for a, b in zip(jax.tree.leaves(grads(tiny_config)), jax.tree.leaves(grads(cfg))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -35,7 +35,7 @@ def _layer(dispatch):
 def _inputs(layer, b=B, seed=0):
   kx, kp = jax.random.split(jax.random.PRNGKey(seed))
   x = jax.random.normal(kx, (b, T, D), jnp.float32)
-  params = nn.unbox(layer.init(kp, x, _valid(b))["params"])
+  params = nn.unbox(jax.jit(layer.init)(kp, x, _valid(b))["params"])
   # A larger router spread than the default init: routing depends clearly on the token.
   return x, dict(params, router=params["router"] * 20.0)
 
@@ -169,7 +169,7 @@ def test_sparse_decoder_forward_and_grad_match_one_device(dispatch, shape):
   valid = jnp.asarray(_valid())
   mask = jnp.tril(jnp.ones((T, T), bool))[None, None] & valid[:, None, None, :]
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-  params = nn.unbox(model.init(jax.random.PRNGKey(5), jnp.zeros((B, T, D)), mask, positions,
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(5), jnp.zeros((B, T, D)), mask, positions,
                                valid=valid)["params"])
 
   def loss(p):

@@ -69,7 +69,7 @@ def _run(cfg: moe.MoEConfig, valid=None, seed=0):
   kx, kp = jax.random.split(jax.random.PRNGKey(seed))
   x = jax.random.normal(kx, (B, T, D), jnp.float32)
   layer = moe.MoEMLP(cfg, mlp_dim=F, dtype=jnp.float32)
-  params = nn.unbox(layer.init(kp, x, valid)["params"])
+  params = nn.unbox(jax.jit(layer.init)(kp, x, valid)["params"])
   # A larger router spread than the default init: routing then depends clearly on the token.
   params = dict(params, router=params["router"] * 20.0)
   y, aux = layer.apply({"params": params}, x, valid, mutable=[moe.AUX_COLLECTION])
@@ -169,7 +169,7 @@ def test_dropless_gradients_match_capacity_without_drops():
   x = jax.random.normal(jax.random.PRNGKey(3), (B, T, D), jnp.float32)
   layers = {d: moe.MoEMLP(_config(d, capacity_factor=float(E)), mlp_dim=F, dtype=jnp.float32)
             for d in ("capacity", "dropless")}
-  params = nn.unbox(layers["dropless"].init(jax.random.PRNGKey(4), x, valid)["params"])
+  params = nn.unbox(jax.jit(layers["dropless"].init)(jax.random.PRNGKey(4), x, valid)["params"])
   params = dict(params, router=params["router"] * 20.0)
 
   def grads(layer):

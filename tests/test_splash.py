@@ -119,7 +119,7 @@ def test_mm1_loss_is_the_same_with_splash(tiny_config):
   for impl in ("xla", "splash"):
     cfg = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, attention_impl=impl))
     m = cfg.build()
-    params = nn.unbox(m.init(jax.random.key(0), *(batch[k] for k in ("tokens", "images", "segment_ids",
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(0), *(batch[k] for k in ("tokens", "images", "segment_ids",
                                                                      "positions")))["params"])
     loss = lambda p: train._mm1_loss(p, model=m, batch=batch, z_loss=0.0)[0]  # noqa: E731, B023
     # The scanned layer's attention: a kernel call forward and one backward (a fallback to

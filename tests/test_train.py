@@ -92,7 +92,7 @@ def test_flop_count_matches_xla_for_the_forward_pass(tiny_config, conn):
   m = MM1(tiny_config)
   batch = train.dummy_batch(2, 32, 2, tiny_config)
   args = (batch["tokens"], batch["images"], batch["segment_ids"], batch["positions"])
-  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), *args))["params"]
+  params = nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), *args))["params"]
   # The lowered (pre-optimisation) HLO: the CPU backend hides matmuls in library calls.
   lowered = jax.jit(lambda p: m.apply({"params": p}, *args)).lower(params)
   xla = lowered.cost_analysis()["flops"]

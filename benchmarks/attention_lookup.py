@@ -227,9 +227,10 @@ def analyse(run: Path, progress: bool = True) -> dict:
       probs = np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
       share, chance = lookup_share(probs, owners, asked)  # [layers, heads]
       shares[(kind, at)].append(share)
-    later = np.stack([np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
-                      for row in range(len(upto), len(tokens))])  # [positions, layers, heads, cells]
-    after[kind].append(lookup_share(later, owners, asked)[0])  # [positions, layers, heads]
+    if len(upto) < len(tokens):
+      later = np.stack([np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
+                        for row in range(len(upto), len(tokens))])  # [positions, layers, heads, cells]
+      after[kind].append(lookup_share(later, owners, asked)[0])  # [positions, layers, heads]
     chances[kind].append(chance)
   out = {"run": str(run), "step": loaded.step, "cells": side * side, "skipped": skipped}
   for kind in TYPES:
@@ -244,17 +245,23 @@ def analyse(run: Path, progress: bool = True) -> dict:
           "excess_over_chance_by_head": _rounded(excess.mean(0)),
           "excess_se_by_head": _rounded(excess.std(0, ddof=1) / np.sqrt(len(v))),
       }
-    # Positions after the naming word, counted back from the answer position (questions of a type
-    # may differ in length after the word; the shortest sets how many are compared).
-    n = min(len(a) for a in after[kind])
-    v = np.stack([a[len(a) - n:] for a in after[kind]]).mean(0)  # [positions, layers, heads]
-    best = np.unravel_index(int(v.argmax()), v.shape)
-    out[kind]["after_named"] = {
-        "positions": n, "share_by_position_and_head": _rounded(v),
-        "best": {"share": round(float(v[best]), 4), "from_answer": int(n - 1 - best[0]), "layer": int(best[1]),
-                 "head": int(best[2])},
-    }
+    out[kind]["after_named"] = after_named_summary(after[kind])
   return out
+
+
+def after_named_summary(shares: list[np.ndarray]) -> dict | None:
+  """Per question float[positions, layers, heads], the shares at the positions after the naming
+  word through the answer -> their mean over questions, the positions counted back from the answer
+  (questions may differ in length after the word; the shortest sets how many are compared), and
+  the best head and position (`from_answer`: 0 is the answer position). None without positions."""
+  n = min((len(a) for a in shares), default=0)
+  if n == 0:
+    return None
+  v = np.stack([a[len(a) - n:] for a in shares]).mean(0)  # [positions, layers, heads]
+  best = np.unravel_index(int(v.argmax()), v.shape)
+  return {"positions": n, "share_by_position_and_head": _rounded(v),
+          "best": {"share": round(float(v[best]), 4), "from_answer": int(n - 1 - best[0]), "layer": int(best[1]),
+                   "head": int(best[2])}}
 
 
 def main(argv=None) -> int:
@@ -263,12 +270,14 @@ def main(argv=None) -> int:
   p.add_argument("--json_out", default=None, help="the record, e.g. benchmarks/results/attention_lookup/NAME.json")
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(argv)
+
   def report(name: str, r: dict) -> None:
     for kind in TYPES:
       for at in POSITIONS:
         print(f"{name} {kind} at the {at} position: {r[kind]['questions']} questions, chance "
               f"{r[kind]['chance']}, share on the asked shape by layer {r[kind][at]['share_mean_of_heads']}")
-      print(f"{name} {kind}, best head at any position after the naming word: {r[kind]['after_named']['best']}")
+      best = (r[kind]["after_named"] or {}).get("best")
+      print(f"{name} {kind}, best head at any position after the naming word: {best}")
 
   return analyse_runs(p, args.run, lambda path: analyse(path, progress=not args.no_progress), report,
                       args.json_out, "attention_lookup")
@@ -289,6 +298,7 @@ def analyse_runs(parser: argparse.ArgumentParser, runs: list[str], analyse_one, 
   if json_out:
     write_record(Path(json_out), result, git=git, benchmark=benchmark)
   return 0
+
 
 if __name__ == "__main__":
   sys.exit(main())

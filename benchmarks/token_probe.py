@@ -117,7 +117,6 @@ def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool 
                      f"{config.tokens_per_image}")
   feats: dict[str, list] = {"inputs": [], "keys": []}
   labels: dict[str, list] = {a: [] for a in ATTRIBUTES}
-  scene_of_cell = []
   for start in tqdm(range(0, scenes, batch), desc="scenes", unit="batch", disable=not progress):
     idx = range(start, min(start + batch, scenes))
     drawn = []
@@ -130,11 +129,10 @@ def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool 
     state = loaded.sown(toks, images, np.ones(toks.shape, bool))
     for name in feats:
       per_layer = attention_lookup.decoder_sown(state, name)  # each [B, T, D] or [B, T, K, H]
-      feats[name].append(np.stack([a[:, at_image] for a in per_layer], 1))  # [B, layers, cells, ...]
-    for i, (shapes, _) in zip(idx, drawn):
+      feats[name].append(np.stack([a[:, at_image] for a in per_layer], 1).astype(np.float32))  # [B, layers, cells, ...]
+    for shapes, _ in drawn:
       for a, v in cell_labels(shapes, size, loaded.side).items():
         labels[a].append(v)
-      scene_of_cell.append(np.full(loaded.side ** 2, i))
   x = {name: np.concatenate(v) for name, v in feats.items()}  # [scenes, layers, cells, ...]
   y = {a: np.stack(v) for a, v in labels.items()}  # [scenes, cells]
   owned = y["kind"] >= 0
@@ -166,6 +164,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if not 0 < args.train < args.scenes:
     p.error(f"--train={args.train} must be between 0 and --scenes={args.scenes}, exclusive")
+
   def report(name: str, r: dict) -> None:
     for a in ATTRIBUTES:
       best_keys = [max(h["accuracy"] for h in layer) for layer in r[a]["keys"]]

@@ -77,3 +77,19 @@ def test_the_asked_shape_is_found_by_the_attribute_the_question_names():
   assert al.asked_index("what shape is the green object?", shapes) == ("shape", 2)
   assert al.asked_index("what colour is the circle?", shapes) is None  # two circles
   assert al.asked_index("how many circles are there?", shapes) is None
+
+
+def test_the_positions_after_the_naming_word_line_up_from_the_answer():
+  """Two questions with 3 and 2 positions after the naming word: the last 2 of each are compared
+  (the answer position last), and the best head is named by its layer, head and distance from the
+  answer. Catches positions lined up from the naming word or the best counted from the start."""
+  a = np.full((3, 2, 2), 0.3)
+  a[0, 0, 0] = 1.0  # the first question's extra position: not compared
+  a[1, 1, 0] = 0.9  # one before the answer
+  b = np.full((2, 2, 2), 0.3)
+  b[0, 1, 0] = 0.7
+  r = al.after_named_summary([a, b])
+  assert r["positions"] == 2
+  assert r["best"] == {"share": 0.8, "from_answer": 1, "layer": 1, "head": 0}
+  assert np.array(r["share_by_position_and_head"]).shape == (2, 2, 2)
+  assert al.after_named_summary([]) is None

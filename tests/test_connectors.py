@@ -18,13 +18,11 @@ import numpy as np
 import pytest
 
 from mm1_jax import connector, gin_files, model
-from conftest import init_apply
+from conftest import init_apply, jitted
 
 NAMES = sorted(connector.CONNECTORS)
 GIN_DIR = gin_files.root() / "gin" / "connectors"
 REPO = Path(__file__).resolve().parent.parent
-
-
 
 
 def test_every_connector_has_a_gin_file_and_every_gin_file_a_connector():
@@ -63,7 +61,7 @@ def test_shape_and_each_image_on_its_own(name):
   variables, out = init_apply(cfg.build(out_dim=24), feats)
   assert out.shape == (3, cfg.tokens(16), 24)  # the count the decoder lays sequences out for
   # Each image's tokens depend on that image only.
-  out2 = cfg.build(out_dim=24).apply(variables, feats.at[1].set(0.0))
+  out2 = jitted(cfg.build(out_dim=24))(variables, feats.at[1].set(0.0))
   np.testing.assert_allclose(out[0], out2[0], atol=1e-6)
   assert np.abs(np.asarray(out[1] - out2[1])).max() > 1e-4
 

@@ -13,8 +13,6 @@ from mm1_jax import connector, decoder, model, moe, sharding, vit
 from conftest import init_apply, jitted
 
 
-
-
 TRUNKS = {
     "clip": dict(act="quick_gelu", use_cls=True, pre_norm=True),
     "siglip": dict(patch_bias=True),

@@ -12,15 +12,13 @@ from mm1_jax import connector, decoder, layers, model, vit
 from conftest import init_apply, jitted
 
 
-
-
 def test_vit_output_shape_and_uint8_input(tiny_config):
   enc = vit.ViT(tiny_config.encoder)
   images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
   variables, out = init_apply(enc, images)
   assert out.shape == (3, tiny_config.encoder.num_patches, tiny_config.encoder.width)
   # uint8 and the same pixels as float in [0, 1] are the same input.
-  out_f = enc.apply(variables, images.astype(np.float32) / 255.0)
+  out_f = jitted(enc)(variables, images.astype(np.float32) / 255.0)
   np.testing.assert_allclose(out, out_f, atol=1e-5)
 
 

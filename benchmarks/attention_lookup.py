@@ -24,8 +24,12 @@ stacks are not read in layer order).
 
 `after_named` gives the same share for every position after the naming word through the answer
 position (the question mark, the prompt's answer cue, a chat template's turn tokens), and the
-best head and position of all: a kind-keyed lookup made between the two would show there. (The
-best of many heads and positions is a maximum: it lies above chance even where no head looks.)
+best head and position of all: a kind-keyed lookup made between the two would show there. The
+best of many heads and positions is a maximum, above chance even where no head looks, so
+`after_named_decoy` gives the same for a decoy: another shape of the same scene, drawn at random
+per question, that nothing in the prompt names. Its best excess over its own chance is what the
+maximum reaches without a lookup (a head drawn to large or bright shapes, say); a head that finds
+the asked shape shows as an asked-shape excess well above the decoy's.
 
 What it leaves out: attention weight is not use (the value vectors and the later layers decide
 what is read); heads are reported each and averaged; one prompt format, zero-shot.
@@ -45,6 +49,7 @@ from benchmarks import record, vqa_breakdown
 from benchmarks.jobs import record_header, write_record
 
 MIN_CELL_PIXELS = 16
+DECOY_SEED = 4021  # draws each question's decoy shape (after_named_decoy)
 # Query positions: the last token of the word that names the shape ("triangle", "red") and the
 # last prompt position, which predicts the answer.
 POSITIONS = ("named", "answer")
@@ -78,6 +83,12 @@ def asked_index(question: str, shapes) -> tuple[str, int] | None:
       match = [i for i, s in enumerate(shapes) if getattr(s, field) == m.group(1)]
       return (kind, match[0]) if len(match) == 1 else None
   return None
+
+
+def decoy_index(owners: np.ndarray, asked: int, rng: np.random.Generator) -> int:
+  """A shape other than the asked one that owns cells, drawn uniformly (the null's shape)."""
+  others = np.unique(owners[(owners >= 0) & (owners != asked)])
+  return int(rng.choice(others))
 
 
 def lookup_share(weights: np.ndarray, owners: np.ndarray, asked: int) -> tuple[np.ndarray, float]:
@@ -193,8 +204,12 @@ def analyse(run: Path, progress: bool = True) -> dict:
   shares: dict[tuple[str, str], list] = {(k, at): [] for k in TYPES for at in POSITIONS}
   chances: dict[str, list] = {k: [] for k in TYPES}
   after: dict[str, list] = {k: [] for k in TYPES}  # every position after the naming word
+  decoy: dict[str, list] = {k: [] for k in TYPES}  # the same, on another shape of the scene
+  after_chances: dict[str, list] = {k: [] for k in TYPES}
+  decoy_chances: dict[str, list] = {k: [] for k in TYPES}
   skipped = {"one_shape": 0, "no_cell": 0, "no_other_cell": 0, "word_not_a_token_prefix": 0}
   seed, size = corpus.CorpusSpec().seed, config.encoder.image_size
+  rng = np.random.default_rng(DECOY_SEED)
   for q in tqdm(bench.test, desc="questions", unit="q", disable=not progress):
     shapes = vqa_breakdown.scene_of(q["id"], q["question"], seed, size)
     found = asked_index(q["question"], shapes)
@@ -231,6 +246,10 @@ def analyse(run: Path, progress: bool = True) -> dict:
       later = np.stack([np.stack([p[0, :, :, row].reshape(-1, p.shape[-1])[:, at_image] for p in layer_probs])
                         for row in range(len(upto), len(tokens))])  # [positions, layers, heads, cells]
       after[kind].append(lookup_share(later, owners, asked)[0])  # [positions, layers, heads]
+      after_chances[kind].append(chance)
+      other_share, other_chance = lookup_share(later, owners, decoy_index(owners, asked, rng))
+      decoy[kind].append(other_share)
+      decoy_chances[kind].append(other_chance)
     chances[kind].append(chance)
   out = {"run": str(run), "step": loaded.step, "cells": side * side, "skipped": skipped}
   for kind in TYPES:
@@ -245,23 +264,36 @@ def analyse(run: Path, progress: bool = True) -> dict:
           "excess_over_chance_by_head": _rounded(excess.mean(0)),
           "excess_se_by_head": _rounded(excess.std(0, ddof=1) / np.sqrt(len(v))),
       }
-    out[kind]["after_named"] = after_named_summary(after[kind])
+    out[kind]["after_named"] = after_named_summary(after[kind], after_chances[kind])
+    out[kind]["after_named_decoy"] = after_named_summary(decoy[kind], decoy_chances[kind])
   return out
 
 
-def after_named_summary(shares: list[np.ndarray]) -> dict | None:
+def after_named_summary(shares: list[np.ndarray], chances: list[float] | None = None) -> dict | None:
   """Per question float[positions, layers, heads], the shares at the positions after the naming
   word through the answer -> their mean over questions, the positions counted back from the answer
   (questions may differ in length after the word; the shortest sets how many are compared), and
-  the best head and position (`from_answer`: 0 is the answer position). None without positions."""
+  the best head and position (`from_answer`: 0 is the answer position). With each question's
+  chance, also the best mean excess over it (`best_excess`). None without positions."""
   n = min((len(a) for a in shares), default=0)
   if n == 0:
     return None
-  v = np.stack([a[len(a) - n:] for a in shares]).mean(0)  # [positions, layers, heads]
+  stacked = np.stack([a[len(a) - n:] for a in shares])  # [questions, positions, layers, heads]
+  v = stacked.mean(0)
+
+  def at(best, value: float) -> dict:
+    return {"from_answer": int(n - 1 - best[0]), "layer": int(best[1]), "head": int(best[2]), **value}
+
   best = np.unravel_index(int(v.argmax()), v.shape)
-  return {"positions": n, "share_by_position_and_head": _rounded(v),
-          "best": {"share": round(float(v[best]), 4), "from_answer": int(n - 1 - best[0]), "layer": int(best[1]),
-                   "head": int(best[2])}}
+  out = {"positions": n, "share_by_position_and_head": _rounded(v),
+         "best": at(best, {"share": round(float(v[best]), 4)})}
+  if chances is not None:
+    excess = stacked - np.asarray(chances, np.float64)[:, None, None, None]
+    e = excess.mean(0)
+    top = np.unravel_index(int(e.argmax()), e.shape)
+    out["best_excess"] = at(top, {"excess": round(float(e[top]), 4),
+                                  "se": round(float(excess[(slice(None), *top)].std(ddof=1) / np.sqrt(len(excess))), 4)})
+  return out
 
 
 def main(argv=None) -> int:
@@ -278,6 +310,8 @@ def main(argv=None) -> int:
               f"{r[kind]['chance']}, share on the asked shape by layer {r[kind][at]['share_mean_of_heads']}")
       best = (r[kind]["after_named"] or {}).get("best")
       print(f"{name} {kind}, best head at any position after the naming word: {best}")
+      for key, what in (("after_named", "the asked shape"), ("after_named_decoy", "a decoy shape")):
+        print(f"{name} {kind}, best excess over chance on {what}: {(r[kind][key] or {}).get('best_excess')}")
 
   return analyse_runs(p, args.run, lambda path: analyse(path, progress=not args.no_progress), report,
                       args.json_out, "attention_lookup")

@@ -93,3 +93,26 @@ def test_the_positions_after_the_naming_word_line_up_from_the_answer():
   assert r["best"] == {"share": 0.8, "from_answer": 1, "layer": 1, "head": 0}
   assert np.array(r["share_by_position_and_head"]).shape == (2, 2, 2)
   assert al.after_named_summary([]) is None
+
+
+def test_best_excess_is_over_each_questions_own_chance_with_its_se_over_questions():
+  """Two questions (chance 0.5 and 0.2), one position, two heads: head 1 is best (shares 0.3 and
+  0.7), its excess is (0.3 - 0.5 + 0.7 - 0.2) / 2 with the standard error of those two excesses.
+  Catches an excess left as the share, taken over another question's chance, or an se over heads."""
+  a = np.array([[[0.25, 0.3]]])  # [positions, layers, heads]
+  b = np.array([[[0.6, 0.7]]])
+  r = al.after_named_summary([a, b], [0.5, 0.2])
+  assert r["best"]["head"] == 1 and r["best_excess"]["head"] == 1
+  np.testing.assert_allclose(r["best_excess"]["excess"], 0.15)
+  np.testing.assert_allclose(r["best_excess"]["se"], np.std([-0.2, 0.5], ddof=1) / np.sqrt(2), atol=1e-4)
+  assert "best_excess" not in al.after_named_summary([a, b])
+
+
+def test_the_decoy_is_another_shape_with_cells_drawn_uniformly():
+  """Catches a decoy that can be the asked shape, a shape owning no cell (index 3 here), or always
+  the same other shape."""
+  owners = np.array([0, 0, 1, -1, 2, 2, 2, -1])
+  rng = np.random.default_rng(0)
+  drawn = [al.decoy_index(owners, 1, rng) for _ in range(200)]
+  assert set(drawn) == {0, 2}
+  assert 60 < drawn.count(0) < 140

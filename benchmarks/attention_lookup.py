@@ -13,10 +13,12 @@ cells); a head that finds the asked shape puts more there.
   python -m benchmarks.attention_lookup --run=/tmp/mm1_sft/run [--run=...] \\
       [--json_out=benchmarks/results/attention_lookup/NAME.json]
 
-Each --run is a finished run folder (its config.gin and checkpoints/, newest step); the
-prompt format is the run's own evaluation's (the chat template after SFT). The image tokens
-are the connector's pooled grid in row-major order (the C-Abstractor's and average pooling's,
-side x side over the image); a cell belongs to the shape that covers most of its pixels if
+Each --run is a finished run folder (its config.gin and checkpoints/), read at its newest
+step or, as `--run=FOLDER@N`, at step N; the record holds beside each the run's own zero-shot
+VQA accuracy at that step, where it evaluated then (`run_eval_at_step`). The prompt format is
+the run's own evaluation's (the chat template after SFT). The image tokens are the connector's
+pooled grid in row-major order (the C-Abstractor's and average pooling's, side x side over the
+image); a cell belongs to the shape that covers most of its pixels if
 that is at least MIN_CELL_PIXELS of them. Questions whose shape owns no cell (a small shape
 split over four cells), whose other shapes own none, or whose naming word does not end a
 token of the prompt, are counted and left out. Dense decoders only (a sparse one's grouped
@@ -124,7 +126,7 @@ def _rounded(a: np.ndarray) -> list:
 
 @dataclasses.dataclass
 class LoadedRun:
-  """A finished run's model, newest parameters and zero-shot VQA evaluator (`load_run`)."""
+  """A finished run's model, parameters at one step and zero-shot VQA evaluator (`load_run`)."""
   config: object  # MM1Config
   model: object  # MM1
   params: object
@@ -137,8 +139,9 @@ class LoadedRun:
   sown: object  # (tokens, images, valid) -> what the prefill sowed (`layers.PROBS_COLLECTION`), jitted
 
 
-def load_run(run: Path) -> LoadedRun:
-  """Loads the run's config.gin and newest checkpoint (dense decoders with a pooled-grid connector)."""
+def load_run(run: Path, step: int | None = None) -> LoadedRun:
+  """Loads the run's config.gin and its checkpoint at `step` (default the newest; dense decoders
+  with a pooled-grid connector)."""
   import flax.linen as nn  # noqa: PLC0415
   import gin  # noqa: PLC0415
   import jax  # noqa: PLC0415
@@ -170,7 +173,12 @@ def load_run(run: Path) -> LoadedRun:
   abstract, shardings = init_param_shardings(mm1, dummy_batch(1, 8, 1, config), mesh, mesh_cfg.rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   ckpt = Checkpointer(run / "checkpoints")
-  step = ckpt.all_steps()[-1]
+  steps = ckpt.all_steps()
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    ckpt.close()
+    raise SystemExit(f"{run}: no checkpoint at step {step} (it has {', '.join(map(str, steps))})")
   params = ckpt.restore_params(step, target)
   ckpt.close()
   ev = fewshot.Evaluator(evaluation, mm1, mesh, mesh_cfg.rules)
@@ -191,14 +199,14 @@ def load_run(run: Path) -> LoadedRun:
                    side=int(round(config.tokens_per_image ** 0.5)), sown=sown)
 
 
-def analyse(run: Path, progress: bool = True) -> dict:
+def analyse(run: Path, progress: bool = True, step: int | None = None) -> dict:
   """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
   from tqdm import tqdm  # noqa: PLC0415
 
   from mm1_jax.data import corpus  # noqa: PLC0415
   from mm1_jax.eval import fewshot  # noqa: PLC0415
 
-  loaded = load_run(run)
+  loaded = load_run(run, step)
   config, ev, bench, side = loaded.config, loaded.evaluator, loaded.bench, loaded.side
   evaluation = ev.config
   shares: dict[tuple[str, str], list] = {(k, at): [] for k in TYPES for at in POSITIONS}
@@ -251,7 +259,8 @@ def analyse(run: Path, progress: bool = True) -> dict:
       decoy[kind].append(other_share)
       decoy_chances[kind].append(other_chance)
     chances[kind].append(chance)
-  out = {"run": str(run), "step": loaded.step, "cells": side * side, "skipped": skipped}
+  out = {"run": str(run), "step": loaded.step, "cells": side * side, "skipped": skipped,
+         "run_eval_at_step": run_eval(run, loaded.step)}
   for kind in TYPES:
     out[kind] = {"questions": len(chances[kind]), "chance": round(float(np.mean(chances[kind])), 4)}
     for at in POSITIONS:
@@ -291,14 +300,16 @@ def after_named_summary(shares: list[np.ndarray], chances: list[float] | None = 
     excess = stacked - np.asarray(chances, np.float64)[:, None, None, None]
     e = excess.mean(0)
     top = np.unravel_index(int(e.argmax()), e.shape)
+    at_top = excess[(slice(None), *top)]  # [questions]
     out["best_excess"] = at(top, {"excess": round(float(e[top]), 4),
-                                  "se": round(float(excess[(slice(None), *top)].std(ddof=1) / np.sqrt(len(excess))), 4)})
+                                  "se": round(float(at_top.std(ddof=1) / np.sqrt(len(at_top))), 4)})
   return out
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--run", action="append", required=True, help="a finished run folder (repeatable)")
+  p.add_argument("--run", action="append", required=True,
+                 help="a finished run folder, FOLDER@STEP for a step other than its newest (repeatable)")
   p.add_argument("--json_out", default=None, help="the record, e.g. benchmarks/results/attention_lookup/NAME.json")
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(argv)
@@ -313,22 +324,46 @@ def main(argv=None) -> int:
       for key, what in (("after_named", "the asked shape"), ("after_named_decoy", "a decoy shape")):
         print(f"{name} {kind}, best excess over chance on {what}: {(r[kind][key] or {}).get('best_excess')}")
 
-  return analyse_runs(p, args.run, lambda path: analyse(path, progress=not args.no_progress), report,
+  return analyse_runs(p, args.run, lambda path, step: analyse(path, progress=not args.no_progress, step=step), report,
                       args.json_out, "attention_lookup")
+
+
+def run_eval(run: Path, step: int) -> dict | None:
+  """The run's own zero-shot VQA accuracy (overall and per answer type) from its evaluation at
+  `step` (eval/step_<step>.json, as mm1-train writes it), None where it made none then."""
+  import json  # noqa: PLC0415
+
+  path = run / "eval" / f"step_{step}.json"
+  if not path.exists():
+    return None
+  prefix = "shapes_vqa/0shot/accuracy"  # mm1-train's flat keys: ".../accuracy", ".../accuracy/colour", ...
+  results = json.loads(path.read_text()).get("results", {})
+  acc = {k[len(prefix):].lstrip("/") or "all": v for k, v in results.items() if k.startswith(prefix)}
+  return {"shapes_vqa_0shot_accuracy": acc, "source": str(path)} if acc else None
+
+
+def parse_run(spec: str) -> tuple[Path, int | None]:
+  """--run's value: FOLDER (its newest step) or FOLDER@STEP."""
+  folder, at, step = spec.rpartition("@")
+  if at and step.isdigit():
+    return Path(folder), int(step)
+  return Path(spec), None
 
 
 def analyse_runs(parser: argparse.ArgumentParser, runs: list[str], analyse_one, report, json_out: str | None,
                  benchmark: str) -> int:
-  """Runs `analyse_one(path)` on each finished run folder, prints each result with
-  `report(name, result)` and writes them all as one record of `benchmark` to `json_out`."""
+  """Runs `analyse_one(path, step)` on each --run (a finished run folder, FOLDER@STEP for a step
+  other than the newest), prints each result with `report(name, result)` and writes them all as
+  one record of `benchmark` to `json_out`, keyed by the folder's name (with @STEP when given)."""
   git = record.git_state()  # the code this run loads
   result = {**record_header(), "runs": {}}
-  for run in runs:
-    path = Path(run)
+  for spec in runs:
+    path, step = parse_run(spec)
     if not (path / "config.gin").exists() or not (path / "checkpoints").exists():
-      parser.error(f"--run={run}: no config.gin and checkpoints/ there")
-    result["runs"][path.name] = analyse_one(path)
-    report(path.name, result["runs"][path.name])
+      parser.error(f"--run={spec}: no config.gin and checkpoints/ there")
+    name = path.name if step is None else f"{path.name}@{step}"
+    result["runs"][name] = analyse_one(path, step)
+    report(name, result["runs"][name])
   if json_out:
     write_record(Path(json_out), result, git=git, benchmark=benchmark)
   return 0

@@ -111,14 +111,15 @@ def cell_labels(shapes, image_size: int, side: int) -> dict[str, np.ndarray]:
           for a in ATTRIBUTES}
 
 
-def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool = True) -> dict:
+def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool = True,
+            step: int | None = None) -> dict:
   """Loads the run's newest checkpoint and probes every layer's inputs and keys (module docstring)."""
   from tqdm import tqdm  # noqa: PLC0415
 
   from mm1_jax.data import shapes_world as sw  # noqa: PLC0415
   from mm1_jax.eval import fewshot  # noqa: PLC0415
 
-  loaded = attention_lookup.load_run(run)
+  loaded = attention_lookup.load_run(run, step)
   config, ev = loaded.config, loaded.evaluator
   size = config.encoder.image_size
   q = loaded.bench.test[0]
@@ -168,7 +169,8 @@ def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--run", action="append", required=True, help="a finished run folder (repeatable)")
+  p.add_argument("--run", action="append", required=True,
+                 help="a finished run folder, FOLDER@STEP for a step other than its newest (repeatable)")
   p.add_argument("--scenes", type=int, default=600, help="scenes drawn (default 600)")
   p.add_argument("--train", type=int, default=400, help="of which the first N fit the probes (default 400)")
   p.add_argument("--json_out", default=None, help="the record, e.g. benchmarks/results/token_probe/NAME.json")
@@ -184,7 +186,8 @@ def main(argv=None) -> int:
             f"inputs by layer {[l['accuracy'] for l in r[a]['inputs']]}, best key head by layer {best_keys}")
 
   return attention_lookup.analyse_runs(
-      p, args.run, lambda path: analyse(path, args.scenes, args.train, progress=not args.no_progress), report,
+      p, args.run, lambda path, step: analyse(path, args.scenes, args.train, progress=not args.no_progress,
+                                       step=step), report,
       args.json_out, "token_probe")
 
 if __name__ == "__main__":

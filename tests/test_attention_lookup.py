@@ -1,6 +1,8 @@
 """benchmarks/attention_lookup.py: the sown attention weights and the cell arithmetic."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +118,17 @@ def test_the_decoy_is_another_shape_with_cells_drawn_uniformly():
   drawn = [al.decoy_index(owners, 1, rng) for _ in range(200)]
   assert set(drawn) == {0, 2}
   assert 60 < drawn.count(0) < 140
+
+
+def test_a_run_is_read_at_its_newest_step_or_the_one_named(tmp_path):
+  """FOLDER@STEP names a step; a folder whose name holds '@' but no step after it stays a folder.
+  The run's own evaluation at a step is read from eval/step_<N>.json, None where there is none."""
+  assert al.parse_run("/w/sft@750") == (Path("/w/sft"), 750)
+  assert al.parse_run("/w/sft") == (Path("/w/sft"), None)
+  assert al.parse_run("/w/a@b") == (Path("/w/a@b"), None)
+  (tmp_path / "eval").mkdir()
+  results = {"shapes_vqa/0shot/accuracy": 0.5, "shapes_vqa/0shot/accuracy/colour": 0.25,
+             "shapes_vqa/0shot/decode_tokens_per_s": 900.0, "shapes_caption/0shot/cider": 5.0}
+  (tmp_path / "eval" / "step_750.json").write_text(json.dumps({"results": results}))  # as mm1-train writes it
+  assert al.run_eval(tmp_path, 750)["shapes_vqa_0shot_accuracy"] == {"all": 0.5, "colour": 0.25}
+  assert al.run_eval(tmp_path, 500) is None

@@ -15,7 +15,8 @@ cells); a head that finds the asked shape puts more there.
 
 Each --run is a finished run folder (its config.gin and checkpoints/), read at its newest
 step or, as `--run=FOLDER@N`, at step N; the record holds beside each the run's own zero-shot
-VQA accuracy at that step, where it evaluated then (`run_eval_at_step`). The prompt format is
+VQA accuracy at that step, where it evaluated then (`run_eval_at_step`, with the number of
+questions that evaluation asked: a pre-training run's own may ask a subset). The prompt format is
 the run's own evaluation's (the chat template after SFT). The image tokens are the connector's
 pooled grid in row-major order (the C-Abstractor's and average pooling's, side x side over the
 image); a cell belongs to the shape that covers most of its pixels if
@@ -137,6 +138,7 @@ class LoadedRun:
   bench: object  # the evaluator's shapes_vqa benchmark
   side: int  # the pooled grid's side: tokens_per_image = side * side
   sown: object  # (tokens, images, valid) -> what the prefill sowed (`layers.PROBS_COLLECTION`), jitted
+  own_num_queries: int | None  # the run's own evaluation's queries per benchmark (None: the whole split)
 
 
 def load_run(run: Path, step: int | None = None) -> LoadedRun:
@@ -166,6 +168,7 @@ def load_run(run: Path, step: int | None = None) -> LoadedRun:
     raise SystemExit(f"{run}: a sparse decoder's grouped stacks are not read in layer order here")
   if not isinstance(config.connector, (connector.CAbstractorConfig, connector.AvgPoolConfig)):
     raise SystemExit(f"{run}: the image tokens of a {type(config.connector).__name__} are not a pooled grid")
+  own_num_queries = evaluation.num_queries
   evaluation = dataclasses.replace(evaluation, benchmarks=("shapes_vqa",), shots=(0,), train_mixture=None,
                                    num_queries=None)
   mm1 = MM1(config)
@@ -196,11 +199,13 @@ def load_run(run: Path, step: int | None = None) -> LoadedRun:
 
   return LoadedRun(config=config, model=mm1, params=params, step=step, mesh=mesh, rules=mesh_cfg.rules,
                    evaluator=ev, bench=ev.benchmarks["shapes_vqa"],
-                   side=int(round(config.tokens_per_image ** 0.5)), sown=sown)
+                   side=int(round(config.tokens_per_image ** 0.5)), sown=sown,
+                   own_num_queries=own_num_queries)
 
 
 def analyse(run: Path, progress: bool = True, step: int | None = None) -> dict:
-  """Loads the run's newest checkpoint and measures every colour and shape question (module docstring)."""
+  """Loads the run's checkpoint at `step` (default the newest) and measures every colour and shape
+  question (module docstring)."""
   from tqdm import tqdm  # noqa: PLC0415
 
   from mm1_jax.data import corpus  # noqa: PLC0415
@@ -260,7 +265,7 @@ def analyse(run: Path, progress: bool = True, step: int | None = None) -> dict:
       decoy_chances[kind].append(other_chance)
     chances[kind].append(chance)
   out = {"run": str(run), "step": loaded.step, "cells": side * side, "skipped": skipped,
-         "run_eval_at_step": run_eval(run, loaded.step)}
+         "run_eval_at_step": run_eval(run, loaded.step, loaded.own_num_queries)}
   for kind in TYPES:
     out[kind] = {"questions": len(chances[kind]), "chance": round(float(np.mean(chances[kind])), 4)}
     for at in POSITIONS:
@@ -290,7 +295,7 @@ def after_named_summary(shares: list[np.ndarray], chances: list[float] | None = 
   stacked = np.stack([a[len(a) - n:] for a in shares])  # [questions, positions, layers, heads]
   v = stacked.mean(0)
 
-  def at(best, value: float) -> dict:
+  def at(best, value: dict) -> dict:
     return {"from_answer": int(n - 1 - best[0]), "layer": int(best[1]), "head": int(best[2]), **value}
 
   best = np.unravel_index(int(v.argmax()), v.shape)
@@ -301,8 +306,8 @@ def after_named_summary(shares: list[np.ndarray], chances: list[float] | None = 
     e = excess.mean(0)
     top = np.unravel_index(int(e.argmax()), e.shape)
     at_top = excess[(slice(None), *top)]  # [questions]
-    out["best_excess"] = at(top, {"excess": round(float(e[top]), 4),
-                                  "se": round(float(at_top.std(ddof=1) / np.sqrt(len(at_top))), 4)})
+    se = round(float(at_top.std(ddof=1) / np.sqrt(len(at_top))), 4) if len(at_top) > 1 else None
+    out["best_excess"] = at(top, {"excess": round(float(e[top]), 4), "se": se})
   return out
 
 
@@ -328,9 +333,10 @@ def main(argv=None) -> int:
                       args.json_out, "attention_lookup")
 
 
-def run_eval(run: Path, step: int) -> dict | None:
+def run_eval(run: Path, step: int, num_queries: int | None = None) -> dict | None:
   """The run's own zero-shot VQA accuracy (overall and per answer type) from its evaluation at
-  `step` (eval/step_<step>.json, as mm1-train writes it), None where it made none then."""
+  `step` (eval/step_<step>.json, as mm1-train writes it), None where it made none then.
+  `num_queries`: the questions that evaluation asked (its config's; None: the whole split)."""
   import json  # noqa: PLC0415
 
   path = run / "eval" / f"step_{step}.json"
@@ -338,13 +344,15 @@ def run_eval(run: Path, step: int) -> dict | None:
     return None
   prefix = "shapes_vqa/0shot/accuracy"  # mm1-train's flat keys: ".../accuracy", ".../accuracy/colour", ...
   results = json.loads(path.read_text()).get("results", {})
-  acc = {k[len(prefix):].lstrip("/") or "all": v for k, v in results.items() if k.startswith(prefix)}
-  return {"shapes_vqa_0shot_accuracy": acc, "source": str(path)} if acc else None
+  acc = {(k[len(prefix) + 1:] or "all"): v for k, v in results.items() if k == prefix or k.startswith(prefix + "/")}
+  if not acc:
+    return None
+  return {"shapes_vqa_0shot_accuracy": acc, "num_queries": num_queries or "all", "source": str(path)}
 
 
 def parse_run(spec: str) -> tuple[Path, int | None]:
   """--run's value: FOLDER (its newest step) or FOLDER@STEP."""
-  folder, at, step = spec.rpartition("@")
+  folder, at, step = spec.rstrip("/").rpartition("@")
   if at and step.isdigit():
     return Path(folder), int(step)
   return Path(spec), None
@@ -357,10 +365,13 @@ def analyse_runs(parser: argparse.ArgumentParser, runs: list[str], analyse_one, 
   one record of `benchmark` to `json_out`, keyed by the folder's name (with @STEP when given)."""
   git = record.git_state()  # the code this run loads
   result = {**record_header(), "runs": {}}
-  for spec in runs:
-    path, step = parse_run(spec)
+  parsed = [(spec, *parse_run(spec)) for spec in runs]
+  for spec, path, step in parsed:  # every --run checked before any is read
     if not (path / "config.gin").exists() or not (path / "checkpoints").exists():
       parser.error(f"--run={spec}: no config.gin and checkpoints/ there")
+    if step is not None and not (path / "checkpoints" / str(step)).is_dir():
+      parser.error(f"--run={spec}: no checkpoint at step {step} in {path / 'checkpoints'}")
+  for spec, path, step in parsed:
     name = path.name if step is None else f"{path.name}@{step}"
     result["runs"][name] = analyse_one(path, step)
     report(name, result["runs"][name])

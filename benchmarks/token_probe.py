@@ -67,7 +67,8 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
 @functools.lru_cache(maxsize=None)
 def _fitter():
   """The probe's fit as one compiled program, `steps` full-batch Adam steps inside it: compiled
-  once per feature width and class count rather than once per probe, with no dispatch per step."""
+  once per shape of the training features and class count (a run's probes share the cells, so
+  once per feature width) rather than once per probe, with no dispatch per step."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import optax  # noqa: PLC0415
@@ -113,7 +114,8 @@ def cell_labels(shapes, image_size: int, side: int) -> dict[str, np.ndarray]:
 
 def analyse(run: Path, scenes: int, train: int, batch: int = 16, progress: bool = True,
             step: int | None = None) -> dict:
-  """Loads the run's newest checkpoint and probes every layer's inputs and keys (module docstring)."""
+  """Loads the run's checkpoint at `step` (default the newest) and probes every layer's inputs and
+  keys (module docstring)."""
   from tqdm import tqdm  # noqa: PLC0415
 
   from mm1_jax.data import shapes_world as sw  # noqa: PLC0415

@@ -99,36 +99,65 @@ def test_the_positions_after_the_naming_word_line_up_from_the_answer():
 
 def test_best_excess_is_over_each_questions_own_chance_with_its_se_over_questions():
   """Two questions (chance 0.5 and 0.2), one position, two heads: head 1 is best (shares 0.3 and
-  0.7), its excess is (0.3 - 0.5 + 0.7 - 0.2) / 2 with the standard error of those two excesses.
-  Catches an excess left as the share, taken over another question's chance, or an se over heads."""
+  0.7); its excess over each question's own chance is -0.2 and +0.5, mean 0.15, standard error
+  0.35 over the two questions. Catches an excess left as the share, the chances swapped between
+  questions (the mean stays 0.15, the se becomes 0.05), an se over heads or positions, and a NaN
+  se from a single question."""
   a = np.array([[[0.25, 0.3]]])  # [positions, layers, heads]
   b = np.array([[[0.6, 0.7]]])
   r = al.after_named_summary([a, b], [0.5, 0.2])
-  assert r["best"]["head"] == 1 and r["best_excess"]["head"] == 1
   np.testing.assert_allclose(r["best_excess"]["excess"], 0.15)
-  np.testing.assert_allclose(r["best_excess"]["se"], np.std([-0.2, 0.5], ddof=1) / np.sqrt(2), atol=1e-4)
+  np.testing.assert_allclose(r["best_excess"]["se"], 0.35)
   assert "best_excess" not in al.after_named_summary([a, b])
+  assert al.after_named_summary([a], [0.5])["best_excess"]["se"] is None
 
 
-def test_the_decoy_is_another_shape_with_cells_drawn_uniformly():
-  """Catches a decoy that can be the asked shape, a shape owning no cell (index 3 here), or always
-  the same other shape."""
-  owners = np.array([0, 0, 1, -1, 2, 2, 2, -1])
+def test_the_decoy_is_another_shape_with_cells_drawn_uniformly_over_shapes():
+  """Shape 0 owns seven cells, shape 2 one, shape 1 is asked: the decoy is 0 or 2, each about half
+  the time. Catches the asked shape or the background drawn, and a draw over cells (shape 0
+  seven times in eight)."""
+  owners = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, -1, 2, -1])
   rng = np.random.default_rng(0)
-  drawn = [al.decoy_index(owners, 1, rng) for _ in range(200)]
+  drawn = [al.decoy_index(owners, 1, rng) for _ in range(400)]
   assert set(drawn) == {0, 2}
-  assert 60 < drawn.count(0) < 140
+  assert 150 < drawn.count(0) < 250
 
 
 def test_a_run_is_read_at_its_newest_step_or_the_one_named(tmp_path):
   """FOLDER@STEP names a step; a folder whose name holds '@' but no step after it stays a folder.
-  The run's own evaluation at a step is read from eval/step_<N>.json, None where there is none."""
+  The run's own zero-shot evaluation at a step is read from eval/step_<N>.json (not the 4-shot's,
+  nor other metrics), None where there is none."""
   assert al.parse_run("/w/sft@750") == (Path("/w/sft"), 750)
+  assert al.parse_run("/w/sft@750/") == (Path("/w/sft"), 750)
   assert al.parse_run("/w/sft") == (Path("/w/sft"), None)
   assert al.parse_run("/w/a@b") == (Path("/w/a@b"), None)
   (tmp_path / "eval").mkdir()
   results = {"shapes_vqa/0shot/accuracy": 0.5, "shapes_vqa/0shot/accuracy/colour": 0.25,
-             "shapes_vqa/0shot/decode_tokens_per_s": 900.0, "shapes_caption/0shot/cider": 5.0}
+             "shapes_vqa/0shot/decode_tokens_per_s": 900.0, "shapes_vqa/4shot/accuracy": 0.75,
+             "shapes_vqa/4shot/accuracy/colour": 0.8, "shapes_caption/0shot/cider": 5.0}
   (tmp_path / "eval" / "step_750.json").write_text(json.dumps({"results": results}))  # as mm1-train writes it
-  assert al.run_eval(tmp_path, 750)["shapes_vqa_0shot_accuracy"] == {"all": 0.5, "colour": 0.25}
+  got = al.run_eval(tmp_path, 750, 96)
+  assert got["shapes_vqa_0shot_accuracy"] == {"all": 0.5, "colour": 0.25} and got["num_queries"] == 96
   assert al.run_eval(tmp_path, 500) is None
+
+
+def test_runs_are_checked_before_any_is_read_and_keyed_by_their_step(tmp_path):
+  """Each --run reaches the analysis with its own step and is keyed FOLDER@STEP (the newest:
+  FOLDER); a step with no checkpoint stops the command before any run is read."""
+  import argparse
+
+  for name in ("pre", "sft"):
+    (tmp_path / name / "checkpoints" / "500").mkdir(parents=True)
+    (tmp_path / name / "config.gin").write_text("")
+  calls = []
+  seen = {}
+  specs = [str(tmp_path / "pre"), f"{tmp_path / 'sft'}@500"]
+  al.analyse_runs(argparse.ArgumentParser(), specs, lambda path, step: calls.append((path.name, step)) or {"s": step},
+                  lambda name, r: seen.update({name: r}), None, "attention_lookup")
+  assert calls == [("pre", None), ("sft", 500)]
+  assert seen == {"pre": {"s": None}, "sft@500": {"s": 500}}
+  calls.clear()
+  with pytest.raises(SystemExit):
+    al.analyse_runs(argparse.ArgumentParser(), [str(tmp_path / "pre"), f"{tmp_path / 'sft'}@750"],
+                    lambda path, step: calls.append(path.name), lambda *a: None, None, "attention_lookup")
+  assert calls == []
